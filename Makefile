@@ -1,0 +1,35 @@
+# Two entry points: `make train` (the main job) and `make test`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test space bench experiments clean
+
+setup: $(STAMP)
+
+# torch goes in first, on its own, so that nothing later pulls a different (CUDA) build;
+# constraints.txt keeps every later resolution on that exact version.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -c constraints.txt -e ".[all]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
+	$(VENV)/bin/accelerate launch --num_processes 1 train.py --config hub_configs/synthetic-tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+space: $(STAMP)
+	$(PY) space_app/app.py
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) outputs data/synthetic

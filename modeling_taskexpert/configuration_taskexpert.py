@@ -1,0 +1,265 @@
+"""TaskExpert model configuration."""
+
+from typing import Optional, Union
+
+from transformers import AutoConfig, PretrainedConfig, ViTConfig
+
+from .task_definitions import check_task_name
+
+# Class names of the PASCAL-Context multi-task benchmark (21 VOC classes, 6 parts + background).
+PASCAL_SEMSEG_LABELS = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+PASCAL_HUMAN_PARTS_LABELS = ["background", "head", "torso", "uarm", "larm", "uleg", "lleg"]
+
+# Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
+PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
+
+_CHOICES = {
+    "expert_type": ("mlp", "conv"),
+    "gating": ("dynamic", "uniform"),
+    "gate_granularity": ("token", "image"),
+    "memory_init": ("projection", "zeros"),
+    "memory_update": ("replace", "residual", "ema"),
+    "head_norm": ("group", "batch", "none"),
+    "depth_activation": ("none", "softplus", "exp"),
+}
+
+
+class TaskExpertConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`TaskExpertModel`] / [`TaskExpertForDensePrediction`]: a ViT-style backbone with Memorial
+    Mixture-of-Experts (MMoE) layers after chosen backbone layers and one light dense head per task (TaskExpert,
+    Ye & Xu, ICCV 2023, arXiv 2307.15324).
+
+    The authors did not release code. Fields marked *(interpretation)* are choices this implementation makes where
+    the paper leaves room; their defaults are the reading closest to the paper, and the alternatives exist for
+    ablations. The defaults describe the paper's PASCAL-Context setting with a ViT-L/16 backbone at 512x512.
+
+    Args:
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            Configuration of the backbone. A `ViTConfig` (the default, ViT-L/16 at 512x512) is run as a `ViTModel`
+            and tapped at every layer; any other type is built with `AutoBackbone` (DINOv2, Swin, ...) with
+            `out_indices = mmoe_layers`. A dict must carry `model_type`.
+        backbone_checkpoint (`str`, *optional*):
+            Hub id or local folder of pretrained backbone weights (safetensors), loaded by
+            [`TaskExpertPreTrainedModel.load_pretrained_backbone`] when training starts from scratch. Ignored by
+            `from_pretrained`, whose checkpoint already holds the backbone.
+        tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
+            Tasks predicted by the model, from `semseg`, `human_parts`, `saliency`, `normals`, `edge`, `depth`.
+        task_id2label (`dict[str, dict[int, str]]`, *optional*):
+            Class names of every segmentation task (`semseg`, `human_parts`); the number of output channels of
+            those heads is the number of names. Defaults to the PASCAL-Context names for the tasks present.
+        mmoe_layers (`list[int]`, *optional*, defaults to `[6, 12, 18, 24]`):
+            1-based indices of the backbone layers after which an MMoE layer sits (every quarter of the depth).
+        num_experts (`int`, *optional*, defaults to 8):
+            Number of expert networks E per MMoE layer. *(interpretation: the count is a hyper-parameter)*
+        expert_hidden_size (`int`, *optional*, defaults to 256):
+            Width D of the task-generic expert features and of the multi-task memory. *(interpretation)*
+        expert_type (`str`, *optional*, defaults to `"mlp"`):
+            `"mlp"`: Linear(C, D), LayerNorm, GELU, Linear(D, D) per expert. `"conv"` adds a depthwise 3x3 conv after
+            the first linear layer (the convolutional experts named as future work in the paper).
+            *(interpretation)*
+        gating (`str`, *optional*, defaults to `"dynamic"`):
+            `"dynamic"`: task-specific, sample-dependent gates (the paper). `"uniform"`: every candidate weighted
+            equally (static-gate ablation).
+        gate_granularity (`str`, *optional*, defaults to `"token"`):
+            `"token"`: one weight vector per token; `"image"`: one per sample, from the global context only.
+            *(interpretation)*
+        gate_use_context (`bool`, *optional*, defaults to `True`):
+            Whether a token gate also reads the mean token of the image ("context-aware" gating). *(interpretation)*
+        gate_top_k (`int`, *optional*):
+            Keep only the k largest gate weights (renormalised). `None` keeps the gates dense, as in the paper.
+        use_memory (`bool`, *optional*, defaults to `True`):
+            Whether the multi-task feature memory is read (as an extra expert) and written at every MMoE layer.
+            `False` is the no-memory ablation: heads decode the last layer's task features.
+        memory_init (`str`, *optional*, defaults to `"projection"`):
+            Memory before the first MMoE layer: a per-task linear map of that layer's tokens, or `"zeros"`.
+            *(interpretation)*
+        memory_update (`str`, *optional*, defaults to `"replace"`):
+            Memory write. `"replace"`: M_k = LN(F_k) (the gate, which reads the old memory as a candidate, decides
+            how much of the past is kept); `"residual"`: M_k = M_{k-1} + LN(F_k); `"ema"`:
+            M_k = m M_{k-1} + (1 - m) LN(F_k). *(interpretation)*
+        memory_ema_momentum (`float`, *optional*, defaults to 0.5):
+            m of the `"ema"` memory update.
+        head_hidden_size (`int`, *optional*, defaults to 256):
+            Channels of the light per-task heads.
+        head_uses_all_layers (`bool`, *optional*, defaults to `False`):
+            Whether heads read the concatenated task features of all MMoE layers (multi-scale) instead of the final
+            memory only.
+        head_norm (`str`, *optional*, defaults to `"group"`):
+            Normalisation in the heads: `"group"` (batch-size independent), `"batch"` or `"none"`. *(interpretation)*
+        depth_activation (`str`, *optional*, defaults to `"none"`):
+            Output activation of the depth head. The protocol uses the raw output and clamps it at 0 when
+            post-processing (`"none"`); `"softplus"` and `"exp"` make it positive by construction.
+        loss_weights (`dict[str, float]`, *optional*):
+            Weight of each task loss in the total; defaults to the benchmark protocol's weights.
+        edge_positive_weight (`float`, *optional*, defaults to 0.95):
+            Weight of boundary pixels in the weighted binary cross-entropy of the `edge` task (non-boundary pixels
+            get 1 minus it).
+        gate_balance_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of an optional regulariser that keeps the average gate of each task close to uniform over the
+            candidates (load balance). Off in the paper's setting.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of the MMoE and head weights.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the MMoE layer norms.
+
+    Example:
+
+    ```python
+    >>> from modeling_taskexpert import TaskExpertConfig, TaskExpertForDensePrediction
+    >>> config = TaskExpertConfig(tasks=["semseg", "depth"], task_id2label={"semseg": {0: "floor", 1: "wall"}})
+    >>> model = TaskExpertForDensePrediction(config)
+    ```
+    """
+
+    model_type = "taskexpert"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config: Optional[Union[PretrainedConfig, dict]] = None,
+        backbone_checkpoint: Optional[str] = None,
+        tasks: Optional[list[str]] = None,
+        task_id2label: Optional[dict[str, dict[int, str]]] = None,
+        mmoe_layers: Optional[list[int]] = None,
+        num_experts: int = 8,
+        expert_hidden_size: int = 256,
+        expert_type: str = "mlp",
+        gating: str = "dynamic",
+        gate_granularity: str = "token",
+        gate_use_context: bool = True,
+        gate_top_k: Optional[int] = None,
+        use_memory: bool = True,
+        memory_init: str = "projection",
+        memory_update: str = "replace",
+        memory_ema_momentum: float = 0.5,
+        head_hidden_size: int = 256,
+        head_uses_all_layers: bool = False,
+        head_norm: str = "group",
+        depth_activation: str = "none",
+        loss_weights: Optional[dict[str, float]] = None,
+        edge_positive_weight: float = 0.95,
+        gate_balance_loss_weight: float = 0.0,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-6,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = ViTConfig(
+                hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                image_size=512, patch_size=16, layer_norm_eps=1e-6, qkv_bias=True,
+            )  # fmt: skip
+        elif isinstance(backbone_config, dict):
+            if "model_type" not in backbone_config:
+                raise ValueError("`backbone_config` given as a dict needs a 'model_type' key (e.g. 'vit', 'dinov2').")
+            backbone_config = AutoConfig.for_model(**backbone_config)
+        elif not isinstance(backbone_config, PretrainedConfig):
+            raise TypeError(f"`backbone_config` must be a PretrainedConfig or a dict, got {type(backbone_config).__name__}.")
+        self.backbone_config = backbone_config
+        self.backbone_checkpoint = backbone_checkpoint
+
+        self.tasks = list(tasks) if tasks is not None else ["semseg", "human_parts", "saliency", "normals", "edge"]
+        if task_id2label is None:
+            defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
+            task_id2label = {t: dict(enumerate(defaults[t])) for t in self.tasks if t in defaults}
+        # JSON turns integer keys into strings; store them as ints again.
+        self.task_id2label = {
+            task: {int(index): str(name) for index, name in labels.items()} for task, labels in task_id2label.items()
+        }
+        self.mmoe_layers = list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
+        self.num_experts = num_experts
+        self.expert_hidden_size = expert_hidden_size
+        self.expert_type = expert_type
+        self.gating = gating
+        self.gate_granularity = gate_granularity
+        self.gate_use_context = gate_use_context
+        self.gate_top_k = gate_top_k
+        self.use_memory = use_memory
+        self.memory_init = memory_init
+        self.memory_update = memory_update
+        self.memory_ema_momentum = memory_ema_momentum
+        self.head_hidden_size = head_hidden_size
+        self.head_uses_all_layers = head_uses_all_layers
+        self.head_norm = head_norm
+        self.depth_activation = depth_activation
+        for task in loss_weights or {}:
+            check_task_name(task, where="task in `loss_weights`")
+        weights = dict(PROTOCOL_LOSS_WEIGHTS)
+        weights.update(loss_weights or {})
+        self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}  # unknown tasks fail below
+        self.edge_positive_weight = edge_positive_weight
+        self.gate_balance_loss_weight = gate_balance_loss_weight
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        super().__init__(**kwargs)
+        self.validate_taskexpert()
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def backbone_num_layers(self) -> int:
+        """Number of layers (or stages) of the backbone that `mmoe_layers` may index."""
+        backbone = self.backbone_config
+        if getattr(backbone, "stage_names", None) and backbone.model_type != "vit":
+            return len(backbone.stage_names) - 1  # stage_names[0] is the stem
+        return backbone.num_hidden_layers
+
+    def num_labels_of(self, task: str) -> Optional[int]:
+        """Number of classes of a segmentation task, None for other tasks."""
+        return len(self.task_id2label[task]) if task in self.task_id2label else None
+
+    def validate_taskexpert(self) -> None:
+        """Check every field; raise a ValueError naming the field and what was expected."""
+        if not self.tasks:
+            raise ValueError("`tasks` must name at least one task.")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"`tasks` has duplicates: {self.tasks}.")
+        for task in self.tasks:
+            info = check_task_name(task, where="task in `tasks`")
+            if info.kind == "segmentation":
+                labels = self.task_id2label.get(task)
+                if not labels or len(labels) < 2:
+                    raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
+                if sorted(labels) != list(range(len(labels))):
+                    raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
+        for task in self.task_id2label:
+            if task not in self.tasks:
+                raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {self.tasks}.")
+        for field, choices in _CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
+        for field in ("num_experts", "expert_hidden_size", "head_hidden_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+        num_layers = self.backbone_num_layers
+        if not self.mmoe_layers:
+            raise ValueError("`mmoe_layers` must name at least one backbone layer.")
+        for layer in self.mmoe_layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= num_layers:
+                raise ValueError(f"`mmoe_layers` entry {layer!r} is out of range: the backbone has layers 1..{num_layers}.")
+        if list(self.mmoe_layers) != sorted(set(self.mmoe_layers)):
+            raise ValueError(f"`mmoe_layers` must be strictly increasing, got {self.mmoe_layers}.")
+        num_candidates = self.num_experts + int(self.use_memory)
+        if self.gate_top_k is not None and not (isinstance(self.gate_top_k, int) and 1 <= self.gate_top_k <= num_candidates):
+            raise ValueError(f"`gate_top_k` must be None or an integer in 1..{num_candidates}, got {self.gate_top_k!r}.")
+        if not 0.0 <= self.memory_ema_momentum <= 1.0:
+            raise ValueError(f"`memory_ema_momentum` must be in [0, 1], got {self.memory_ema_momentum}.")
+        if not 0.0 < self.edge_positive_weight < 1.0:
+            raise ValueError(f"`edge_positive_weight` must be in (0, 1), got {self.edge_positive_weight}.")
+        for task, weight in self.loss_weights.items():
+            if weight < 0:
+                raise ValueError(f"`loss_weights[{task!r}]` must be >= 0, got {weight}.")
+        if self.backbone_config.model_type == "vit" and self.backbone_config.num_channels != 3:
+            raise ValueError("The ViT backbone must take 3-channel RGB input (`backbone_config.num_channels=3`).")
+
+    @property
+    def patch_size(self) -> int:
+        """Stride of the backbone's finest token grid (the ViT patch size)."""
+        patch = getattr(self.backbone_config, "patch_size", 16)
+        return patch[0] if isinstance(patch, (list, tuple)) else int(patch)
+
+
+__all__ = ["TaskExpertConfig"]

@@ -1,0 +1,35 @@
+"""Light dense prediction heads, shared by every model type of this package."""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def make_norm2d(kind: str, channels: int) -> nn.Module:
+    """A 2-D normalisation layer: "group" (32 groups or fewer), "batch", or "none" (identity)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+class DenseTaskHead(nn.Module):
+    """Token map -> task map: 3x3 conv, norm, GELU at token resolution, bilinear up to 1/4 of the input,
+    1x1 conv to the task's channels, bilinear up to the input size."""
+
+    def __init__(self, in_channels: int, hidden_size: int, out_channels: int, norm: str = "group"):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, hidden_size, kernel_size=3, padding=1, bias=norm == "none")
+        self.norm = make_norm2d(norm, hidden_size)
+        self.classifier = nn.Conv2d(hidden_size, out_channels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        hidden = F.gelu(self.norm(self.conv(features)))
+        quarter = (max(output_size[0] // 4, 1), max(output_size[1] // 4, 1))
+        if hidden.shape[-2:] != quarter:
+            hidden = F.interpolate(hidden, size=quarter, mode="bilinear", align_corners=False)
+        logits = self.classifier(hidden)
+        return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)

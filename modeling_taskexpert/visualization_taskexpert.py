@@ -1,0 +1,74 @@
+"""Colour maps that turn post-processed predictions into RGB images (numpy only).
+
+The one place where the package's colours live: the pipeline, the Space demo and the reports use these functions.
+"""
+
+from typing import Optional
+
+import numpy as np
+
+from .task_definitions import TASKS
+
+# Anchor colours of matplotlib's "viridis" (sampled at 9 evenly spaced points), linearly interpolated between them.
+_VIRIDIS_ANCHORS = np.array(
+    [
+        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
+    ],
+    dtype=np.float64,
+)  # fmt: skip
+
+
+def label_palette(num_classes: int) -> np.ndarray:
+    """The PASCAL VOC colour of every class id (bit-interleaved RGB), as uint8 (num_classes, 3)."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for class_id in range(num_classes):
+        value, red, green, blue = class_id, 0, 0, 0
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[class_id] = (red, green, blue)
+    return palette
+
+
+def colorize_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class-id map (H, W) -> RGB uint8 (H, W, 3); ids outside [0, num_classes) are drawn black."""
+    palette = np.concatenate([label_palette(num_classes), np.zeros((1, 3), dtype=np.uint8)])
+    labels = np.asarray(labels).astype(np.int64)
+    return palette[np.where((labels >= 0) & (labels < num_classes), labels, num_classes)]
+
+
+def colorize_scalar(values: np.ndarray, vmin: Optional[float] = None, vmax: Optional[float] = None) -> np.ndarray:
+    """Scalar map (H, W) -> RGB uint8 with the viridis colour map over [vmin, vmax] (default: the map's range)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    vmin = float(finite.min()) if vmin is None and finite.size else (0.0 if vmin is None else vmin)
+    vmax = float(finite.max()) if vmax is None and finite.size else (1.0 if vmax is None else vmax)
+    scaled = np.clip((np.nan_to_num(values, nan=vmin) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    position = scaled * (len(_VIRIDIS_ANCHORS) - 1)
+    low = np.floor(position).astype(np.int64).clip(0, len(_VIRIDIS_ANCHORS) - 2)
+    fraction = (position - low)[..., None]
+    rgb = _VIRIDIS_ANCHORS[low] * (1 - fraction) + _VIRIDIS_ANCHORS[low + 1] * fraction
+    return np.round(rgb).astype(np.uint8)
+
+
+def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
+    """Unit normals (3, H, W) -> RGB uint8 (H, W, 3) with the usual (n + 1) / 2 encoding."""
+    normals = np.asarray(normals, dtype=np.float64)
+    return np.round((np.clip(normals, -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def visualize_prediction(task: str, prediction: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
+    """Post-processed prediction of `task` (task_definitions conventions, no batch dim) -> RGB uint8 (H, W, 3)."""
+    kind = TASKS[task].kind
+    if kind == "segmentation":
+        if num_classes is None:
+            raise ValueError(f"visualize_prediction({task!r}) needs num_classes.")
+        return colorize_labels(prediction, num_classes)
+    if kind == "normals":
+        return normals_to_rgb(prediction)
+    if kind == "depth":
+        return colorize_scalar(prediction)
+    return colorize_scalar(prediction, 0.0, 1.0)  # saliency and boundary probabilities

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny TaskExpert configs and label batches made here, offline."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge", "depth"]
+
+
+def tiny_config(**overrides):
+    from modeling_taskexpert import TaskExpertConfig
+
+    kwargs = dict(
+        backbone_config={
+            "model_type": "vit", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "intermediate_size": 64, "image_size": 32, "patch_size": 8,
+        },
+        tasks=ALL_TASKS,
+        task_id2label={"semseg": {0: "floor", 1: "wall", 2: "box"}, "human_parts": {0: "background", 1: "head", 2: "torso"}},
+        mmoe_layers=[2, 4],
+        num_experts=3,
+        expert_hidden_size=16,
+        head_hidden_size=16,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return TaskExpertConfig(**kwargs)
+
+
+def make_labels(batch: int, height: int, width: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random but valid labels for every task (task_definitions conventions)."""
+    normals = torch.nn.functional.normalize(torch.randn(batch, 3, height, width, generator=generator), dim=1)
+    return {
+        "semseg": torch.randint(0, 3, (batch, height, width), generator=generator),
+        "human_parts": torch.randint(0, 3, (batch, height, width), generator=generator),
+        "saliency": torch.randint(0, 2, (batch, height, width), generator=generator).float(),
+        "edge": torch.randint(0, 2, (batch, height, width), generator=generator).float(),
+        "normals": normals,
+        "depth": torch.rand(batch, height, width, generator=generator) * 5 + 0.5,
+    }
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)
