@@ -1,0 +1,95 @@
+"""Command line: `python -m modeling_taskexpert.data {pascal-context,nyud,synthetic,push} ...`."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .nyud import convert_nyud
+from .pascal_context import convert_pascal_context
+from .schema import METADATA_FILENAME, DatasetNotAvailableError, load_dataset_metadata, push_dataset_to_hub
+from .synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE, generate_synthetic_dataset
+from .writer import ON_ERROR_CHOICES, DatasetConversionError
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", required=True, type=Path, help="dataset folder to create")
+    parser.add_argument("--num-workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def _add_converter(subparsers, name: str, archive: str) -> None:
+    parser = subparsers.add_parser(name, help=f"convert the extracted {archive} archive")
+    parser.add_argument("--raw-dir", required=True, type=Path, help=f"the extracted {archive} folder (or its parent)")
+    _add_output_options(parser)
+    parser.add_argument(
+        "--on-error", choices=ON_ERROR_CHOICES, default="stop",
+        help="on a missing or corrupt raw file: stop (default, nothing is written) or skip the sample",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_taskexpert.data",
+        description="Create multi-task dense datasets in the Hub's dataset layout, or push one to the Hub.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_converter(subparsers, "pascal-context", "PASCALContext")
+    _add_converter(subparsers, "nyud", "NYUDv2")
+
+    synthetic = subparsers.add_parser("synthetic", help="generate the embedded synthetic benchmark (no download)")
+    _add_output_options(synthetic)
+    synthetic.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE, help="train samples")
+    synthetic.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="validation samples")
+    synthetic.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="side of the square images")
+    synthetic.add_argument("--seed", type=int, default=0, help="dataset seed")
+    synthetic.add_argument(
+        "--skip-if-exists", action="store_true", help="do nothing if a complete dataset is already at --output-dir"
+    )
+
+    push = subparsers.add_parser("push", help="upload a dataset folder to a Hub dataset repository")
+    push.add_argument("folder", type=Path, help="dataset folder")
+    push.add_argument("--repo-id", required=True, help="Hub dataset repository, user/name")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", default=None, help="Hub token (default: the stored login)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """Execute a parsed command; return a one-line summary."""
+    if args.command == "push":
+        url = push_dataset_to_hub(args.folder, args.repo_id, private=args.private, token=args.token)
+        return f"Pushed {args.folder} to {url}"
+    if args.command == "synthetic":
+        if args.skip_if_exists and (args.output_dir / METADATA_FILENAME).is_file():
+            splits = load_dataset_metadata(args.output_dir)["splits"]
+            return f"{args.output_dir} already holds a dataset ({splits}); nothing to do."
+        generate_synthetic_dataset(
+            args.output_dir, train_size=args.train_size, val_size=args.val_size, image_size=args.image_size,
+            seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite,
+        )  # fmt: skip
+    else:
+        convert = convert_pascal_context if args.command == "pascal-context" else convert_nyud
+        convert(args.raw_dir, args.output_dir, num_workers=args.num_workers, on_error=args.on_error, overwrite=args.overwrite)
+    splits = load_dataset_metadata(args.output_dir)["splits"]
+    return f"Wrote {args.output_dir} ({', '.join(f'{split}: {count}' for split, count in splits.items())})"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        print(run(args))
+    except KeyboardInterrupt:
+        written = "" if args.command == "push" else "; the output folder was not created or changed"
+        print(f"Interrupted{written}.", file=sys.stderr)
+        return 130
+    except (DatasetConversionError, DatasetNotAvailableError, FileNotFoundError, FileExistsError, ValueError,
+            ConnectionError) as error:  # fmt: skip
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Training and evaluation transforms of the benchmark protocol, and the batch collate.
+
+Implemented on numpy and torch only. `build_transforms` returns a function for
+`datasets.Dataset.with_transform` / `set_transform`; it turns a batch of stored rows into samples
+
+    {"pixel_values": float32 (3, H, W), "labels": {task: tensor or None}, "id": str,
+     "original_size": (h, w), "pad_offset": (top, left)}
+
+with labels in the conventions of `task_definitions` (no batch dimension; None where the sample
+has no label for the task), and `collate_dense_batch` stacks such samples into the batch format of
+`docs/architecture.md`. Random draws use torch's global generator, so `torch.manual_seed` makes
+them reproducible and DataLoader workers get different streams.
+"""
+
+import hashlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..task_definitions import IGNORE_INDEX, TASKS, check_task_name
+from .labels import decode_label, resize_nearest
+
+# ImageNet statistics of the protocol, on [0, 1] RGB values: transformers' constants, which the image processor
+# (TaskExpertImageProcessor) reads too.
+IMAGE_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGE_STD = tuple(IMAGENET_DEFAULT_STD)
+
+SCALE_RANGE = (0.5, 2.0)
+CROP_TRIES = 10
+CROP_MAX_CLASS_RATIO = 0.75
+FLIP_PROBABILITY = 0.5
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # OpenCV hue units (degrees / 2)
+
+# Fill values of the padding (step 6) before the ignore step: image 0 after normalisation,
+# maps 255, depth 0 (invalid, then 255), normals the zero vector (invalid, then 255).
+_PAD_VALUES = {"semseg": IGNORE_INDEX, "human_parts": IGNORE_INDEX, "saliency": IGNORE_INDEX,
+               "edge": IGNORE_INDEX, "depth": 0.0, "normals": 0.0}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float (H, W, C) array to (height, width), OpenCV INTER_LINEAR sampling.
+
+    Pixel centres are aligned (source x = (x + 0.5) * src / dst - 0.5, clamped at the borders)
+    and there is no antialiasing, as in OpenCV.
+    """
+    height, width = size
+
+    def weights(dst, src):
+        position = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0, src - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, src - 1)
+        return low, high, (position - low).astype(np.float32)
+
+    top, bottom, wy = weights(height, image.shape[0])
+    left, right, wx = weights(width, image.shape[1])
+    rows = image[top] * (1 - wy)[:, None, None] + image[bottom] * wy[:, None, None]
+    return rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
+
+
+def pad_centered(array: np.ndarray, size: tuple[int, int], value) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad (H, W[, C]) to `size` with the content centred (offset floor(delta / 2)); return it and (top, left)."""
+    height, width = array.shape[:2]
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    canvas = np.full((size[0], size[1]) + array.shape[2:], value, dtype=array.dtype)
+    canvas[top : top + height, left : left + width] = array
+    return canvas, (top, left)
+
+
+# ----------------------------------------------------------------------------- colour
+
+
+def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> uint8 HSV with OpenCV's 8-bit ranges (H in [0, 180), S and V in [0, 255])."""
+    rgb = image.astype(np.float32)
+    value = rgb.max(axis=-1)
+    delta = value - rgb.min(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        saturation = np.where(value > 0, 255.0 * delta / value, 0.0)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        hue = np.where(value == r, 60.0 * (g - b) / delta,
+                       np.where(value == g, 120.0 + 60.0 * (b - r) / delta, 240.0 + 60.0 * (r - g) / delta))  # fmt: skip
+    hue = np.where(delta > 0, hue, 0.0) % 360.0
+    hue = np.rint(hue / 2.0) % 180
+    return np.stack([hue, np.rint(saturation), value], axis=-1).astype(np.uint8)
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """uint8 HSV (OpenCV 8-bit ranges) -> uint8 RGB."""
+    hue = hsv[..., 0].astype(np.float32) * 2.0 / 60.0
+    saturation = hsv[..., 1].astype(np.float32) / 255.0
+    value = hsv[..., 2].astype(np.float32)
+    sector = np.floor(hue).astype(np.int64) % 6
+    fraction = hue - np.floor(hue)
+    p = value * (1 - saturation)
+    q = value * (1 - saturation * fraction)
+    t = value * (1 - saturation * (1 - fraction))
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    rgb = np.zeros(hsv.shape, dtype=np.float32)
+    for index, channels in enumerate(choices):
+        mask = sector == index
+        for channel in range(3):
+            rgb[..., channel][mask] = channels[channel][mask]
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The protocol's photometric distortion of a uint8 RGB image (each step with p = 0.5).
+
+    Brightness, then contrast either first or last, saturation and hue in HSV. The reference
+    runs an OpenCV BGR->HSV conversion on RGB data, which mirrors the direction of its hue
+    shift; drawing the shift from the same range gives the same distribution up to the one-unit
+    asymmetry of that range.
+    """
+    if rng.random() < 0.5:
+        image = _convert(image, beta=rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA))
+    contrast_first = rng.random() < 0.5
+
+    def contrast(image):
+        return _convert(image, alpha=rng.uniform(*CONTRAST_RANGE)) if rng.random() < 0.5 else image
+
+    if contrast_first:
+        image = contrast(image)
+    apply_saturation, apply_hue = rng.random() < 0.5, rng.random() < 0.5
+    if apply_saturation or apply_hue:
+        hsv = rgb_to_hsv(image)
+        if apply_saturation:
+            hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*SATURATION_RANGE))
+        if apply_hue:
+            hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-HUE_DELTA, HUE_DELTA)) % 180
+        image = hsv_to_rgb(hsv)
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _crop_is_balanced(semseg: np.ndarray) -> bool:
+    _, counts = np.unique(semseg[semseg != IGNORE_INDEX], return_counts=True)
+    return len(counts) > 1 and counts.max() / counts.sum() < CROP_MAX_CLASS_RATIO
+
+
+def _random_crop_box(shape, crop_size, semseg, rng) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop, preferring crops with balanced classes."""
+    height, width = min(shape[0], crop_size[0]), min(shape[1], crop_size[1])
+
+    def draw():
+        return int(rng.integers(0, shape[0] - height + 1)), int(rng.integers(0, shape[1] - width + 1))
+
+    if semseg is not None:
+        for _ in range(CROP_TRIES):
+            top, left = draw()
+            if _crop_is_balanced(semseg[top : top + height, left : left + width]):
+                return top, left, height, width
+    top, left = draw()
+    return top, left, height, width
+
+
+def _to_label_tensor(task: str, label: np.ndarray) -> torch.Tensor:
+    """Protocol step 7 (ignore regions) and step 8 (tensor in the task's convention)."""
+    if task in ("semseg", "human_parts"):
+        if task == "human_parts" and np.isin(label, (0, IGNORE_INDEX)).all():
+            label = np.full_like(label, IGNORE_INDEX)  # no part pixel at all: the whole map is ignored
+        return torch.from_numpy(label.astype(np.int64))
+    if task == "normals":
+        label = label.copy()
+        label[(label == 0).all(axis=-1)] = IGNORE_INDEX
+        return torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1), dtype=np.float32))
+    if task == "depth":
+        label = np.where(label == 0, np.float32(IGNORE_INDEX), label)
+    return torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))
+
+
+class DenseTransform:
+    """Turns stored rows into model inputs (picklable, for DataLoader workers).
+
+    Args:
+        tasks: the tasks whose labels are produced.
+        train: training augmentation (protocol steps 1-8) or evaluation (normalise, pad).
+        size: (height, width) of the output canvas: the crop size in training, the padded size
+            in evaluation.
+        seed: when given, the augmentation of a sample is a function of (seed, epoch, sample id) alone,
+            whatever the worker, the batch order or the samples skipped before it, which makes resumed
+            training reproduce an uninterrupted run exactly (see `set_epoch`). Without it, random draws
+            come from torch's global generator.
+    """
+
+    def __init__(self, tasks: Sequence[str], train: bool, size: tuple[int, int], seed: Optional[int] = None):
+        self.tasks = list(tasks)
+        self.train = train
+        self.size = (int(size[0]), int(size[1]))
+        self.seed = seed
+        self.epoch = 0
+        self.mean = np.array(IMAGE_MEAN, dtype=np.float32) * 255.0
+        self.std = np.array(IMAGE_STD, dtype=np.float32) * 255.0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentations (with a seed); DataLoader workers copy the transform per epoch."""
+        self.epoch = int(epoch)
+
+    def _generator(self, sample_id: str) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        id_key = int.from_bytes(hashlib.blake2b(str(sample_id).encode(), digest_size=8).digest(), "little")
+        return np.random.default_rng([self.seed, self.epoch, id_key])
+
+    def __call__(self, batch: dict) -> dict:
+        outputs = {key: [] for key in ("pixel_values", "labels", "id", "original_size", "pad_offset")}
+        for index in range(len(batch["image"])):
+            sample = self.transform_sample({key: batch[key][index] for key in ("id", "image", *self.tasks)})
+            for key, value in sample.items():
+                outputs[key].append(value)
+        return outputs
+
+    def transform_sample(self, row: dict) -> dict:
+        """Transform one decoded row ({"id", "image": PIL, task: PIL or None})."""
+        image = np.asarray(row["image"].convert("RGB"))
+        labels = {}
+        for task in self.tasks:
+            value = row.get(task)
+            if value is None:
+                labels[task] = None
+                continue
+            labels[task] = decode_label(task, value)
+            if labels[task].shape[:2] != image.shape[:2]:
+                raise ValueError(
+                    f"Sample {row['id']!r}: the {task} label is {labels[task].shape[:2]} but the image is {image.shape[:2]}."
+                )
+        if self.train:
+            image, labels = self._augment(image, labels, self._generator(row["id"]))
+        elif image.shape[0] > self.size[0] or image.shape[1] > self.size[1]:
+            raise ValueError(
+                f"Sample {row['id']!r}: the image is {image.shape[0]}x{image.shape[1]}, larger than the evaluation size "
+                f"{self.size[0]}x{self.size[1]}; evaluation pads and never resizes. Use a larger size (the dataset's "
+                "eval_size) or resize the dataset."
+            )
+        original_size = image.shape[:2]
+        pixels = (image.astype(np.float32) - self.mean) / self.std
+        pixels, offset = pad_centered(pixels, self.size, 0.0)
+        tensors = {}
+        for task, label in labels.items():
+            if label is None:
+                tensors[task] = None
+                continue
+            label, _ = pad_centered(label, self.size, _PAD_VALUES[task])
+            tensors[task] = _to_label_tensor(task, label)
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
+            "labels": tensors,
+            "id": row["id"],
+            "original_size": tuple(int(v) for v in original_size),
+            "pad_offset": offset,
+        }
+
+    def _augment(self, image: np.ndarray, labels: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """Protocol steps 1-4: random scale, balanced random crop, flip, photometric distortion."""
+        image, labels = rescale(image, labels, rng.uniform(*SCALE_RANGE))
+        top, left, height, width = _random_crop_box(image.shape, self.size, labels.get("semseg"), rng)
+        image = image[top : top + height, left : left + width]
+        labels = {task: None if label is None else label[top : top + height, left : left + width] for task, label in labels.items()}
+        if rng.random() < FLIP_PROBABILITY:
+            image, labels = flip_horizontal(image, labels)
+        image = photometric_distortion(np.clip(image, 0, 255).astype(np.uint8), rng)
+        return image, labels
+
+
+def rescale(image: np.ndarray, labels: dict, scale: float) -> tuple[np.ndarray, dict]:
+    """Resize to int(H * scale) x int(W * scale): image bilinear (float32), labels nearest; depth / scale."""
+    new_size = (int(image.shape[0] * scale), int(image.shape[1] * scale))
+    image = resize_bilinear(image.astype(np.float32), new_size)
+    resized = {}
+    for task, label in labels.items():
+        if label is not None:
+            label = resize_nearest(label, new_size)
+            if task == "depth":
+                label = label / np.float32(scale)  # the scene looks closer when the image is enlarged
+        resized[task] = label
+    return image, resized
+
+
+def flip_horizontal(image: np.ndarray, labels: dict) -> tuple[np.ndarray, dict]:
+    """Mirror the image and every label left-right; the x component of normals changes sign."""
+    flipped = {task: None if label is None else label[:, ::-1].copy() for task, label in labels.items()}
+    if flipped.get("normals") is not None:
+        flipped["normals"][..., 0] *= -1
+    return image[:, ::-1].copy(), flipped
+
+
+def build_transforms(
+    metadata: dict, train: bool, tasks: Optional[Sequence[str]] = None, size=None, seed: Optional[int] = None
+) -> DenseTransform:
+    """The transform of a dataset for `with_transform`/`set_transform`.
+
+    Args:
+        metadata: the dataset metadata (`load_dataset_metadata`).
+        train: protocol training augmentation, or evaluation (normalise and centred pad only).
+        tasks: tasks whose labels are produced (default: all of the dataset).
+        size: (height, width) overriding the metadata's train_size (training) / eval_size (evaluation).
+        seed: makes the training augmentations a function of (seed, epoch, sample id); see `DenseTransform`.
+    """
+    available = list(metadata["tasks"])
+    tasks = available if tasks is None else list(tasks)
+    for task in tasks:
+        check_task_name(task)
+        if task not in available:
+            raise ValueError(f"Task {task!r} is not in the dataset {metadata.get('name')!r} (it has {available}).")
+    if size is None:
+        size = metadata["train_size" if train else "eval_size"]
+    elif isinstance(size, int):
+        size = (size, size)
+    return DenseTransform([task for task in TASKS if task in tasks], train=train, size=tuple(size), seed=seed)
+
+
+def collate_dense_batch(samples: Sequence[dict]) -> dict:
+    """Stack transformed samples into a batch; a missing label becomes an all-255 map."""
+    if not samples:
+        raise ValueError("Cannot collate an empty list of samples.")
+    pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
+    height, width = pixel_values.shape[-2:]
+    tasks = [task for task in TASKS if any(task in sample["labels"] for sample in samples)]
+    labels = {}
+    for task in tasks:
+        channels = TASKS[task].label_channels
+        dtype = torch.int64 if TASKS[task].kind == "segmentation" else torch.float32
+        shape = (channels, height, width) if channels else (height, width)
+        labels[task] = torch.stack([
+            sample["labels"].get(task) if sample["labels"].get(task) is not None
+            else torch.full(shape, IGNORE_INDEX, dtype=dtype)
+            for sample in samples
+        ])  # fmt: skip
+    return {
+        "pixel_values": pixel_values,
+        "labels": labels,
+        "ids": [sample["id"] for sample in samples],
+        "original_sizes": torch.tensor([sample["original_size"] for sample in samples], dtype=torch.int64),
+        "pad_offsets": torch.tensor([sample["pad_offset"] for sample in samples], dtype=torch.int64),
+    }

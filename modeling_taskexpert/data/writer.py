@@ -1,0 +1,202 @@
+"""Writing a dataset folder: parallel sample conversion, error policy, sharded parquet, atomic rename.
+
+Every source (the converters and the synthetic generator) describes its samples as a list of
+ids per split and a picklable function `make_row(split, sample_id) -> row`; `write_dataset` runs
+it over worker processes with a progress bar and writes the folder of the schema. The folder is
+built under a hidden temporary name next to the destination and renamed at the very end, so an
+interrupted or failed run never leaves a partial dataset at the destination.
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import datasets
+from tqdm.auto import tqdm
+
+from .schema import CARD_FILENAME, DATA_DIRNAME, METADATA_FILENAME, SPLITS, build_features
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_CHOICES = ("stop", "skip")
+# Rows per parquet shard: a few hundred MB for full-size PASCAL-Context samples.
+ROWS_PER_SHARD = 1000
+
+
+class RawDataError(ValueError):
+    """A raw file of one sample is missing or unreadable."""
+
+    def __init__(self, path, sample_id: str, reason: str):
+        super().__init__(str(path), sample_id, reason)
+        self.path, self.sample_id, self.reason = str(path), sample_id, reason
+
+    def __str__(self):
+        return f"{self.path} (sample {self.sample_id!r}): {self.reason}"
+
+
+class DatasetConversionError(RuntimeError):
+    """A conversion stopped; nothing was written at the destination."""
+
+
+def read_raw(path, sample_id: str, reader: Callable, what: str):
+    """Run `reader(path)`, turning a missing or corrupt file into a `RawDataError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RawDataError(path, sample_id, f"missing {what} file")
+    try:
+        return reader(path)
+    except RawDataError:
+        raise
+    except Exception as error:  # any decoder failure means a corrupt or unexpected file
+        raise RawDataError(path, sample_id, f"cannot read the {what} file ({type(error).__name__}: {error})") from error
+
+
+def _call(make_row, split, sample_id):
+    try:
+        return make_row(split, sample_id)
+    except RawDataError as error:
+        return error
+
+
+def _resolve_workers(num_workers: Optional[int], num_samples: int) -> int:
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
+    return max(0, min(num_workers, num_samples))
+
+
+def _rows(make_row, split, ids, num_workers):
+    """Yield the result of `make_row` (a row or a `RawDataError`) for every id, in order."""
+    if num_workers <= 1:
+        for sample_id in ids:
+            yield _call(make_row, split, sample_id)
+        return
+    with multiprocessing.get_context().Pool(num_workers) as pool:
+        tasks = [(make_row, split, sample_id) for sample_id in ids]
+        yield from pool.imap(_star_call, tasks, chunksize=4)
+
+
+def _star_call(arguments):
+    return _call(*arguments)
+
+
+def _write_split(folder: Path, split: str, features, rows, rows_per_shard: int) -> int:
+    """Write `rows` as `data/<split>-XXXXX-of-YYYYY.parquet` shards; return the number of rows."""
+    data_dir = folder / DATA_DIRNAME
+    data_dir.mkdir(exist_ok=True)
+    shard_paths, buffer, count = [], [], 0
+
+    def flush():
+        path = data_dir / f".{split}-{len(shard_paths):05d}.parquet"
+        datasets.Dataset.from_list(buffer, features=features).to_parquet(str(path))
+        shard_paths.append(path)
+        buffer.clear()
+
+    for row in rows:
+        buffer.append(row)
+        count += 1
+        if len(buffer) == rows_per_shard:
+            flush()
+    if buffer:
+        flush()
+    for index, path in enumerate(shard_paths):
+        path.rename(data_dir / f"{split}-{index:05d}-of-{len(shard_paths):05d}.parquet")
+    return count
+
+
+def prepare_output_dir(output_dir, overwrite: bool) -> Path:
+    """Check the destination before any work: it must not exist unless `overwrite` is set."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass --overwrite (overwrite=True) to replace it.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder.")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def write_dataset(
+    output_dir,
+    split_ids: dict[str, list[str]],
+    make_row: Callable,
+    tasks,
+    finalize: Callable[[dict], tuple[dict, str]],
+    num_workers: Optional[int] = None,
+    on_error: str = "stop",
+    overwrite: bool = False,
+    description: str = "samples",
+    rows_per_shard: int = ROWS_PER_SHARD,
+) -> Path:
+    """Convert every sample and write the dataset folder atomically at `output_dir`.
+
+    Args:
+        split_ids: sample ids per split, in the order they are stored.
+        make_row: picklable `(split, sample_id) -> row dict` of the schema's columns; raises
+            `RawDataError` for a bad raw file.
+        tasks: the task columns of the dataset.
+        finalize: `split_sizes -> (metadata, card_text)`, called once every split is written.
+        num_workers: worker processes (None = all cores, 0 or 1 = in this process). The output
+            does not depend on it.
+        on_error: "stop" raises `DatasetConversionError` at the first bad sample, "skip" leaves
+            bad samples out and reports how many.
+    """
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
+    unknown = [split for split in split_ids if split not in SPLITS]
+    if unknown:
+        raise ValueError(f"Unknown splits {unknown}; the schema has {list(SPLITS)}.")
+    output_dir = prepare_output_dir(output_dir, overwrite)
+    features = build_features(tasks)
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
+    try:
+        split_sizes, skipped = {}, []
+        for split, ids in split_ids.items():
+            workers = _resolve_workers(num_workers, len(ids))
+            progress = tqdm(total=len(ids), desc=f"{description} ({split})", unit="sample")
+
+            def accepted_rows(split=split, ids=ids, workers=workers, progress=progress):
+                for result in _rows(make_row, split, ids, workers):
+                    progress.update()
+                    if isinstance(result, RawDataError):
+                        if on_error == "stop":
+                            raise DatasetConversionError(
+                                f"Bad raw input: {result}. Nothing was written to {output_dir}; fix or remove the "
+                                "file, or pass --on-error skip (on_error='skip') to leave such samples out."
+                            )
+                        logger.warning("Skipping %s", result)
+                        skipped.append(result)
+                        continue
+                    yield result
+
+            try:
+                split_sizes[split] = _write_split(temp_dir, split, features, accepted_rows(), rows_per_shard)
+            finally:
+                progress.close()
+            if split_sizes[split] == 0:
+                raise DatasetConversionError(f"No sample of the {split!r} split could be converted; nothing was written.")
+        metadata, card = finalize(split_sizes)
+        (temp_dir / CARD_FILENAME).write_text(card, encoding="utf-8")
+        (temp_dir / METADATA_FILENAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(temp_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    if skipped:
+        logger.warning("Skipped %d bad samples (see the warnings above); %s holds the others.", len(skipped), output_dir)
+    return output_dir
+
+
+def _replace_dir(new_dir: Path, output_dir: Path) -> None:
+    """Move `new_dir` to `output_dir`, replacing an existing folder with as short a gap as possible."""
+    if output_dir.exists():
+        old_dir = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(old_dir)
+        new_dir.rename(output_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    else:
+        new_dir.rename(output_dir)
+

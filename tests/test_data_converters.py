@@ -1,0 +1,302 @@
+"""PASCAL-Context and NYUD-v2 converters on tiny raw fixtures: exact values, error policy, atomicity."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+from skimage.morphology import thin
+
+from modeling_taskexpert.data import (
+    DatasetConversionError,
+    convert_nyud,
+    convert_pascal_context,
+    load_dataset_metadata,
+    load_multitask_dataset,
+)
+from modeling_taskexpert.data import pascal_context
+from modeling_taskexpert.data.__main__ import main
+
+# A few Context ids from the protocol's list of classes with valid normals, and a few outside it.
+VALID_NORMAL_IDS = [3, 4, 427]
+INVALID_NORMAL_IDS = [0, 1, 2, 5]
+PART_IDS = {"head": 1, "hair": 1, "neck": 2, "torso": 2, "luarm": 3, "rlarm": 4, "rhand": 4, "luleg": 5, "lfoot": 6}
+
+
+def _png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _parts_struct(objects, image_name):
+    """A PASCAL-Part `anno` struct: objects given as (class name, class index, mask, [(part, mask)])."""
+    part_dtype = [("part_name", "O"), ("mask", "O")]
+    object_dtype = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
+    records = np.zeros((1, len(objects)), dtype=object_dtype)
+    for i, (name, index, mask, parts) in enumerate(objects):
+        if parts:
+            part_records = np.zeros((1, len(parts)), dtype=part_dtype)
+            for j, (part_name, part_mask) in enumerate(parts):
+                part_records[0, j] = (part_name, part_mask.astype(np.uint8))
+        else:
+            part_records = np.zeros((0, 0))
+        records[0, i] = (name, np.array([[index]], dtype=np.uint8), mask.astype(np.uint8), part_records)
+    anno = np.zeros((1, 1), dtype=[("imname", "O"), ("objects", "O")])
+    anno[0, 0] = (image_name, records)
+    return {"anno": anno}
+
+
+def _write_pascal_sample(root, sample_id, rng, shape, person, semseg_folder="VOC12"):
+    """Write the six raw files of one sample; return the raw arrays to derive expectations from."""
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=90)
+    semseg = rng.choice(np.array([0, 7, 15, 20, 255], dtype=np.uint8), size=shape)
+    _png(root / "semseg" / semseg_folder / f"{sample_id}.png", semseg)
+    label_map = np.zeros(shape, dtype=np.uint16)
+    label_map[:, : shape[1] // 2] = 3
+    label_map[shape[0] // 3 :, shape[1] // 3 :] = 427
+    label_map[shape[0] // 2 :, : shape[1] // 4] = 5
+    label_map[2:4, 2:4] = 2
+    label_map[-3:, -3:] = 4
+    (root / "pascal-context" / "trainval").mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": label_map})
+    normals = rng.integers(1, 256, (*shape, 3), dtype=np.uint8)
+    _png(root / "normals_distill" / f"{sample_id}.png", normals)
+    saliency = rng.integers(0, 256, shape, dtype=np.uint8)
+    saliency[0, :3] = (127, 128, 129)
+    _png(root / "sal_distill" / f"{sample_id}.png", saliency)
+
+    full = np.ones(shape, dtype=bool)
+    objects = []
+    if person:
+        head, torso, arm, foot, hair = (np.zeros(shape, dtype=bool) for _ in range(5))
+        head[1:4, 1:5] = True
+        hair[1:2, 1:6] = True  # overlaps the head; painted later, same group
+        torso[4:9, 2:6] = True
+        arm[5:8, 5:8] = True  # overlaps the torso; painted later, wins
+        foot[-2:, 1:3] = True
+        second_torso = np.zeros(shape, dtype=bool)
+        second_torso[2:6, -4:] = True
+        objects = [
+            ("cat", 8, full, [("head", head)]),  # another category's parts are ignored
+            ("person", 15, full, [("head", head), ("hair", hair), ("torso", torso), ("rlarm", arm)]),
+            ("person", 15, full, []),  # a person without part annotations
+            ("person", 15, full, [("neck", second_torso), ("lfoot", foot)]),
+        ]
+    else:
+        objects = [("dog", 12, full, [("head", full)])]
+    parts_dir = root / "human_parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(parts_dir / f"{sample_id}.mat", _parts_struct(objects, sample_id))
+    return {"semseg": semseg, "label_map": label_map, "normals": normals, "saliency": saliency, "objects": objects}
+
+
+@pytest.fixture()
+def pascal_raw(tmp_path):
+    root = tmp_path / "PASCALContext"
+    rng = np.random.default_rng(0)
+    samples = {
+        "2008_000001": _write_pascal_sample(root, "2008_000001", rng, (14, 17), person=True),
+        "2008_000002": _write_pascal_sample(root, "2008_000002", rng, (12, 10), person=False, semseg_folder="pascal-context"),
+        "2008_000003": _write_pascal_sample(root, "2008_000003", rng, (16, 12), person=True),
+    }
+    (root / "ImageSets" / "Context").mkdir(parents=True)
+    (root / "ImageSets" / "Context" / "train.txt").write_text("2008_000001\n2008_000002\n")
+    (root / "ImageSets" / "Context" / "val.txt").write_text("2008_000003\n")
+    return tmp_path, root, samples
+
+
+def _expected_edges(label_map):
+    """Four-neighbour Laplacian with reflect-101 borders (numpy 'reflect'), non-zero, thinned."""
+    padded = np.pad(label_map.astype(np.float64), 1, mode="reflect")
+    center = padded[1:-1, 1:-1]
+    laplacian = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:] - 4 * center
+    return thin(laplacian != 0).astype(np.uint8)
+
+
+def _expected_parts(objects, shape):
+    parts = np.zeros(shape, dtype=np.uint8)
+    for _, index, _, object_parts in objects:
+        if index == 15:
+            for name, mask in object_parts:
+                parts[mask] = PART_IDS[name]
+    return parts if parts.any() else None
+
+
+def test_pascal_context_values_are_exact(pascal_raw, tmp_path):
+    raw_dir, root, samples = pascal_raw
+    output = convert_pascal_context(raw_dir, tmp_path / "out", num_workers=2)
+    metadata = load_dataset_metadata(output)
+    assert metadata["splits"] == {"train": 2, "validation": 1}
+    assert metadata["train_size"] == [512, 512] and metadata["boundary_tolerance"] == 0.0075
+    assert len(metadata["tasks"]["semseg"]["id2label"]) == 21 and metadata["tasks"]["semseg"]["id2label"]["15"] == "person"
+    assert list(metadata["tasks"]) == ["semseg", "human_parts", "saliency", "edge", "normals"]
+
+    rows = [*load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache")),
+            *load_multitask_dataset(output, "validation", cache_dir=str(tmp_path / "cache"))]  # fmt: skip
+    assert [row["id"] for row in rows] == ["2008_000001", "2008_000002", "2008_000003"]
+    for row in rows:
+        raw = samples[row["id"]]
+        jpeg = (root / "JPEGImages" / f"{row['id']}.jpg").read_bytes()
+        np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(Image.open(io.BytesIO(jpeg))))
+        np.testing.assert_array_equal(np.asarray(row["semseg"]), raw["semseg"])
+        expected_saliency = (raw["saliency"] >= 128).astype(np.uint8)  # v / 255 > 0.5
+        assert list(expected_saliency[0, :3]) == [0, 1, 1]
+        np.testing.assert_array_equal(np.asarray(row["saliency"]), expected_saliency)
+        valid = np.isin(raw["label_map"], VALID_NORMAL_IDS)
+        assert valid.any() and (~valid).any()
+        np.testing.assert_array_equal(np.asarray(row["normals"]), np.where(valid[..., None], raw["normals"], 0))
+        np.testing.assert_array_equal(np.asarray(row["edge"]), _expected_edges(raw["label_map"]))
+        expected_parts = _expected_parts(raw["objects"], raw["semseg"].shape)
+        if expected_parts is None:
+            assert row["human_parts"] is None
+        else:
+            np.testing.assert_array_equal(np.asarray(row["human_parts"]), expected_parts)
+    assert rows[0]["human_parts"] is not None and rows[1]["human_parts"] is None
+    # The JPEG is stored byte for byte.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(next((output / "data").glob("train-*.parquet")))
+    assert table.column("image")[0].as_py()["bytes"] == (root / "JPEGImages" / "2008_000001.jpg").read_bytes()
+
+
+def test_pascal_missing_file_stops_with_path_and_id(pascal_raw, tmp_path):
+    raw_dir, root, _ = pascal_raw
+    missing = root / "sal_distill" / "2008_000002.png"
+    missing.unlink()
+    with pytest.raises(DatasetConversionError) as error:
+        convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
+    assert str(missing) in str(error.value) and "2008_000002" in str(error.value) and "missing saliency" in str(error.value)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # temporary folder removed
+
+
+def test_pascal_corrupt_file_is_skipped_and_counted(pascal_raw, tmp_path, caplog):
+    raw_dir, root, _ = pascal_raw
+    corrupt = root / "JPEGImages" / "2008_000001.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    with caplog.at_level(logging.WARNING):
+        output = convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0, on_error="skip")
+    assert load_dataset_metadata(output)["splits"] == {"train": 1, "validation": 1}
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert str(corrupt) in messages and "2008_000001" in messages and "Skipped 1 bad samples" in messages
+
+
+def test_pascal_unknown_part_name_is_reported(pascal_raw, tmp_path):
+    raw_dir, root, _ = pascal_raw
+    mask = np.ones((16, 12), dtype=bool)
+    scipy.io.savemat(root / "human_parts" / "2008_000003.mat",
+                     _parts_struct([("person", 15, mask, [("tail", mask)])], "2008_000003"))  # fmt: skip
+    with pytest.raises(DatasetConversionError, match="unknown person part name 'tail'"):
+        convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
+
+
+def test_interrupted_conversion_leaves_nothing(pascal_raw, tmp_path, monkeypatch):
+    raw_dir, _, _ = pascal_raw
+    real_make_row = pascal_context.make_row
+    calls = []
+
+    def interrupted(root, split, sample_id):
+        calls.append(sample_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_make_row(root, split, sample_id)
+
+    monkeypatch.setattr(pascal_context, "make_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PASCALContext"]
+
+
+def test_cli_reports_bad_raw_dir_and_bad_input(pascal_raw, tmp_path, capsys):
+    raw_dir, root, _ = pascal_raw
+    assert main(["pascal-context", "--raw-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")]) == 1
+    assert "not an extracted PASCALContext archive" in capsys.readouterr().err
+    (root / "pascal-context" / "trainval" / "2008_000003.mat").write_bytes(b"not a mat file")
+    args = ["pascal-context", "--raw-dir", str(raw_dir), "--output-dir", str(tmp_path / "o"), "--num-workers", "0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "2008_000003.mat" in err and "'2008_000003'" in err and "Context label map" in err
+    assert not (tmp_path / "o").exists()
+    assert main(args + ["--on-error", "skip"]) == 1  # the only validation sample is bad: nothing is written
+    assert "No sample of the 'validation' split" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- NYUD-v2
+
+
+@pytest.fixture()
+def nyud_raw(tmp_path):
+    root = tmp_path / "NYUDv2"
+    rng = np.random.default_rng(1)
+    samples = {}
+    for sample_id, shape in (("0001", (9, 12)), ("0002", (10, 8)), ("0003", (7, 7))):
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        semseg = rng.integers(0, 41, shape, dtype=np.uint8)
+        semseg[0, :3] = (0, 1, 40)
+        depth = rng.uniform(0.5, 9.0, shape).astype(np.float32)
+        depth[1, 1] = 0.0
+        normals = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        edge = (rng.random(shape) < 0.2).astype(np.uint8) * 255
+        _png(root / "images" / f"{sample_id}.png", image)
+        _png(root / "segmentation" / f"{sample_id}.png", semseg)
+        _png(root / "normals" / f"{sample_id}.png", normals)
+        _png(root / "edge" / f"{sample_id}.png", edge)
+        (root / "depth").mkdir(exist_ok=True)
+        np.save(root / "depth" / f"{sample_id}.npy", depth[..., None] if sample_id == "0002" else depth)
+        samples[sample_id] = {"image": image, "semseg": semseg, "depth": depth, "normals": normals, "edge": edge}
+    (root / "gt_sets").mkdir()
+    (root / "gt_sets" / "train.txt").write_text("0001\n0002\n")
+    (root / "gt_sets" / "val.txt").write_text("0003\n")
+    return tmp_path, root, samples
+
+
+def test_nyud_values_are_exact(nyud_raw, tmp_path):
+    raw_dir, _, samples = nyud_raw
+    output = convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
+    metadata = load_dataset_metadata(output)
+    assert metadata["splits"] == {"train": 2, "validation": 1} and metadata["eval_size"] == [448, 576]
+    assert metadata["tasks"]["semseg"]["id2label"]["0"] == "wall" and len(metadata["tasks"]["semseg"]["id2label"]) == 40
+    assert "human_parts" not in metadata["tasks"]
+    rows = [*load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache")),
+            *load_multitask_dataset(output, "validation", cache_dir=str(tmp_path / "cache"))]  # fmt: skip
+    for row in rows:
+        raw = samples[row["id"]]
+        np.testing.assert_array_equal(np.asarray(row["image"]), raw["image"])
+        expected_semseg = raw["semseg"].astype(np.int64) - 1
+        expected_semseg[expected_semseg == -1] = 255
+        np.testing.assert_array_equal(np.asarray(row["semseg"]), expected_semseg)
+        assert row["depth"].mode == "F"
+        depth = np.asarray(row["depth"])
+        assert depth.dtype == np.float32 and np.array_equal(depth, raw["depth"])  # bit-exact metres
+        np.testing.assert_array_equal(np.asarray(row["normals"]), raw["normals"])
+        np.testing.assert_array_equal(np.asarray(row["edge"]), raw["edge"] / 255)
+    assert list(np.asarray(rows[0]["semseg"])[0, :3]) == [255, 0, 39]
+
+
+def test_nyud_bad_values_name_file_and_sample(nyud_raw, tmp_path):
+    raw_dir, root, _ = nyud_raw
+    np.save(root / "depth" / "0002.npy", np.full((10, 8), np.nan, dtype=np.float32))
+    with pytest.raises(DatasetConversionError) as error:
+        convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
+    assert "0002.npy" in str(error.value) and "'0002'" in str(error.value) and "finite" in str(error.value)
+    np.save(root / "depth" / "0002.npy", np.ones((10, 8), dtype=np.float32))
+    _png(root / "edge" / "0001.png", np.full((9, 12), 7, dtype=np.uint8))
+    with pytest.raises(DatasetConversionError, match=r"0001\.png.*'0001'.*only 0 and 255"):
+        convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
+    output = convert_nyud(raw_dir, tmp_path / "out", num_workers=0, on_error="skip")
+    assert load_dataset_metadata(output)["splits"] == {"train": 1, "validation": 1}
+
+
+def test_existing_output_needs_overwrite(nyud_raw, tmp_path):
+    raw_dir, _, _ = nyud_raw
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    convert_nyud(raw_dir, tmp_path / "out", num_workers=0, overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "taskexpert_dataset.json").is_file()

@@ -1,0 +1,72 @@
+"""Dataset metadata loading, Hub access in offline mode, and pushing guards."""
+
+import json
+
+import huggingface_hub.constants
+import pytest
+
+from modeling_taskexpert.data import (
+    DatasetNotAvailableError,
+    load_dataset_metadata,
+    load_multitask_dataset,
+    push_dataset_to_hub,
+)
+from modeling_taskexpert.data.__main__ import main
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def _metadata_folder(tmp_path, **changes):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    metadata = {"name": "x", "tasks": {"semseg": {"id2label": {"0": "a", "1": "b"}}}, "train_size": [8, 8],
+                "eval_size": [8, 8], "boundary_tolerance": 0.01, "splits": {"train": 1}}  # fmt: skip
+    metadata.update(changes)
+    (folder / "taskexpert_dataset.json").write_text(json.dumps(metadata))
+    return folder
+
+
+def test_hub_id_offline_says_to_convert_first(offline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(DatasetNotAvailableError, match=r"(?s)'someone/some-dataset'.*offline mode.*Convert or generate"):
+        load_dataset_metadata("someone/some-dataset")
+
+
+def test_missing_folder_or_metadata_is_explained(tmp_path):
+    with pytest.raises(DatasetNotAvailableError, match="neither an existing dataset folder nor a Hub repository id"):
+        load_dataset_metadata(tmp_path / "missing" / "deeper")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotAvailableError, match="taskexpert_dataset.json is missing"):
+        load_dataset_metadata(tmp_path / "empty")
+
+
+def test_malformed_metadata_names_the_field(tmp_path):
+    folder = _metadata_folder(tmp_path, train_size=[8])
+    with pytest.raises(ValueError, match="'train_size' must be \\[height, width\\]"):
+        load_dataset_metadata(folder)
+    (folder / "taskexpert_dataset.json").write_text(json.dumps({"name": "x", "tasks": {"depht": {}}}))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        load_dataset_metadata(folder)
+
+
+def test_unknown_split_is_rejected(tmp_path):
+    folder = _metadata_folder(tmp_path)
+    with pytest.raises(ValueError, match="Unknown split 'test'"):
+        load_multitask_dataset(folder, "test")
+    with pytest.raises(ValueError, match="has no 'validation' split"):
+        load_multitask_dataset(folder, "validation")
+
+
+def test_push_offline_fails_before_uploading(offline, tmp_path, capsys):
+    folder = _metadata_folder(tmp_path)
+    with pytest.raises(DatasetNotAvailableError, match="no dataset card"):
+        push_dataset_to_hub(folder, "someone/x")
+    (folder / "README.md").write_text("---\n---\n")
+    with pytest.raises(ConnectionError, match="offline mode"):
+        push_dataset_to_hub(folder, "someone/x")
+    assert main(["push", str(folder), "--repo-id", "someone/x"]) == 1
+    assert "offline mode" in capsys.readouterr().err
