@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test space bench experiments clean
+.PHONY: setup train test browser space bench experiments clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,17 @@ train: $(STAMP)
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
 	$(VENV)/bin/accelerate launch --num_processes 1 train.py --config hub_configs/synthetic-tiny.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest tests -q
+
+# Debian's chromium, which the Space's browser test drives through Playwright (never `playwright install`);
+# installed only when missing. Playwright itself comes with the `test` extra.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
 
 space: $(STAMP)
 	$(PY) space_app/app.py

@@ -54,6 +54,13 @@ def colorize_scalar(values: np.ndarray, vmin: Optional[float] = None, vmax: Opti
     return np.round(rgb).astype(np.uint8)
 
 
+def colorbar(length: int, thickness: int) -> np.ndarray:
+    """Horizontal legend strip of the `colorize_scalar` colour map, low values on the left: RGB uint8
+    (thickness, length, 3)."""
+    ramp = np.broadcast_to(np.linspace(0.0, 1.0, length), (thickness, length))
+    return colorize_scalar(ramp, 0.0, 1.0)
+
+
 def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
     """Unit normals (3, H, W) -> RGB uint8 (H, W, 3) with the usual (n + 1) / 2 encoding."""
     normals = np.asarray(normals, dtype=np.float64)

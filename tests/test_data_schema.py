@@ -70,3 +70,14 @@ def test_push_offline_fails_before_uploading(offline, tmp_path, capsys):
         push_dataset_to_hub(folder, "someone/x")
     assert main(["push", str(folder), "--repo-id", "someone/x"]) == 1
     assert "offline mode" in capsys.readouterr().err
+
+
+def test_two_folders_with_the_same_name_never_share_a_cache(tmp_path):
+    """`datasets` caches local folders by name; loading must still return each folder's own rows."""
+    from modeling_taskexpert.data import generate_synthetic_dataset, load_multitask_dataset
+
+    first, second = tmp_path / "a" / "synthetic", tmp_path / "b" / "synthetic"
+    generate_synthetic_dataset(first, train_size=2, val_size=1, image_size=32, num_workers=0)
+    generate_synthetic_dataset(second, train_size=3, val_size=1, image_size=32, num_workers=0)
+    assert len(load_multitask_dataset(first, "train")) == 2
+    assert len(load_multitask_dataset(second, "train")) == 3

@@ -6,6 +6,7 @@ file `taskexpert_dataset.json` (tasks, class names, input sizes, split sizes). T
 loads with `datasets.load_dataset(folder)` and can be pushed to the Hub as it is.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -122,6 +123,15 @@ def load_dataset_metadata(path_or_repo_id) -> dict:
     return validate_metadata(metadata, str(metadata_path))
 
 
+def _folder_fingerprint(folder: Path) -> str:
+    """A hash of the absolute path, size and modification time of every shard of a dataset folder."""
+    digest = hashlib.sha256()
+    for shard in sorted(folder.resolve().glob("data/*.parquet")):
+        stat = shard.stat()
+        digest.update(f"{shard}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
     """Load one split (`train` or `validation`) of a dataset folder or Hub dataset repository.
 
@@ -132,6 +142,11 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     metadata = load_dataset_metadata(path_or_repo_id)
     if split not in metadata["splits"]:
         raise ValueError(f"{path_or_repo_id}: the dataset has no {split!r} split (it has {list(metadata['splits'])}).")
+    local = Path(str(path_or_repo_id))
+    if cache_dir is None and local.is_dir():
+        # `datasets` keys the cache of a local parquet folder by the folder's name only, so two folders named alike
+        # (or a folder rewritten in place) would share a stale cache. Key it by the shards' identity instead.
+        cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "taskexpert" / _folder_fingerprint(local))
     try:
         dataset = datasets.load_dataset(str(path_or_repo_id), split=split, cache_dir=cache_dir)
     except Exception as error:
