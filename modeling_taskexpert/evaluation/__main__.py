@@ -1,0 +1,195 @@
+"""Evaluate a saved model on a converted dataset folder with the benchmark metrics.
+
+    python -m modeling_taskexpert.evaluation --model PATH --dataset FOLDER --split validation --output metrics.json
+
+Data-parallel: `accelerate launch --num_processes N -m modeling_taskexpert.evaluation ...` (each process
+scores its share of the split and the metric states are summed). The JSON holds "metrics" (the
+results, keyed "<task>/<metric>") and "settings" (the modes and tolerances behind them); it is written
+to a temporary file and renamed, so an existing output is never left half-written.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+from ..task_definitions import TASKS
+from .boundary import BOUNDARY_MODES
+from .metrics import SALIENCY_MAXF_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_taskexpert.evaluation",
+        description="Evaluate a saved multi-task dense model on a converted dataset with the benchmark metrics.",
+    )
+    parser.add_argument("--model", required=True, help="Folder (or Hub id) of a model saved with save_pretrained.")
+    parser.add_argument("--dataset", required=True, help="Converted dataset folder (or Hub dataset id).")
+    parser.add_argument("--split", default="validation", choices=["train", "validation"])
+    parser.add_argument("--output", required=True, help="Where to write the metrics JSON.")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(TASKS), help="Tasks to score (default: the model's tasks the dataset has)."
+    )
+    parser.add_argument("--batch-size", type=int, default=6, help="Evaluation batch size per process (protocol: 6).")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument(
+        "--cache-dir", help="Cache folder of `datasets` for the prepared split (default: its usual cache)."
+    )
+    parser.add_argument("--max-samples", type=int, help="Score only the first N samples of the split (quick checks).")
+    parser.add_argument(
+        "--edge-mode",
+        choices=BOUNDARY_MODES,
+        default="exact",
+        help="Boundary scoring: the protocol's 'exact' one (needs pyEdgeEval) or the fast 'approximate' one.",
+    )
+    parser.add_argument(
+        "--edge-workers",
+        type=int,
+        default=0,
+        help="Processes scoring boundaries in the background (the exact mode takes tens of seconds per image).",
+    )
+    parser.add_argument(
+        "--saliency-maxf-mode",
+        choices=SALIENCY_MAXF_MODES,
+        help="Saliency maxF: 'reference' (as published PASCAL-Context numbers) or 'standard' (default: by dataset).",
+    )
+    parser.add_argument("--baselines", help="JSON of single-task baseline metrics, for the multi-task gain delta_m.")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Allow running the checkpoint's own model code."
+    )
+    parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when an accelerator is available.")
+    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    return parser
+
+
+def format_table(results: dict[str, float]) -> str:
+    """Aligned `metric  value` lines of the headline metrics (per-class IoU is left to the JSON)."""
+    rows = [(key, value) for key, value in results.items() if "/IoU/" not in key]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value:10.4f}" for key, value in rows)
+
+
+def write_json_atomically(path: str, payload: dict) -> None:
+    """Write `payload` to a temporary file beside `path`, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".metrics-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _resolve_tasks(
+    requested: Optional[Sequence[str]], model_tasks: Sequence[str], dataset_tasks: Sequence[str], dataset: str
+):
+    if requested is None:
+        tasks = [task for task in model_tasks if task in dataset_tasks]
+        if not tasks:
+            raise ValueError(
+                f"The model predicts {list(model_tasks)} but the dataset {dataset} has none of them "
+                f"({list(dataset_tasks)})."
+            )
+        return tasks
+    for task in requested:
+        if task not in model_tasks:
+            raise ValueError(f"--tasks: the model does not predict {task!r} (it predicts {list(model_tasks)}).")
+        if task not in dataset_tasks:
+            raise ValueError(f"--tasks: the dataset {dataset} has no {task!r} labels (it has {list(dataset_tasks)}).")
+    return list(requested)
+
+
+def _check_classes(model_config, metadata: dict, tasks: Sequence[str]) -> None:
+    """The model's segmentation classes must be the dataset's, or class ids would be compared across label sets."""
+    for task in tasks:
+        if TASKS[task].kind != "segmentation" or not hasattr(model_config, "num_labels_of"):
+            continue
+        model_classes = model_config.num_labels_of(task)
+        dataset_classes = len(metadata["tasks"][task]["id2label"])
+        if model_classes != dataset_classes:
+            raise ValueError(
+                f"The model predicts {model_classes} classes for {task!r} but the dataset has {dataset_classes}."
+            )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as the command line does and return the JSON payload (also written to `args.output`)."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import AutoModel
+
+    from .. import TaskExpertForDensePrediction  # noqa: F401  (registers the model with the Auto classes)
+    from ..data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+    from .evaluator import DenseMultiTaskEvaluator
+    from .loop import evaluate_model
+
+    for name, minimum in (("batch_size", 1), ("max_samples", 1), ("edge_workers", 0), ("num_workers", 0)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
+    metadata = load_dataset_metadata(args.dataset)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model_tasks = list(getattr(model.config, "tasks", []))
+    tasks = _resolve_tasks(args.tasks, model_tasks, list(metadata["tasks"]), args.dataset)
+    _check_classes(model.config, metadata, tasks)
+    evaluator = DenseMultiTaskEvaluator.from_metadata(
+        metadata,
+        tasks=tasks,
+        edge_mode=args.edge_mode,
+        saliency_maxf_mode=args.saliency_maxf_mode,
+        single_task_baselines=args.baselines,
+        edge_workers=args.edge_workers,
+    )
+
+    dataset = load_multitask_dataset(args.dataset, args.split, cache_dir=args.cache_dir)
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset.set_transform(build_transforms(metadata, train=False, tasks=tasks))
+    dataloader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=collate_dense_batch,
+    )
+    accelerator = Accelerator(cpu=args.cpu)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    dataloader = accelerator.prepare_data_loader(dataloader)
+    try:
+        results = evaluate_model(model, dataloader, evaluator, accelerator=accelerator, progress=not args.no_progress)
+    finally:
+        evaluator.close()
+    payload = {
+        "metrics": results,
+        "settings": evaluator.settings,
+        "model": args.model,
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_samples": len(dataset),
+    }
+    if accelerator.is_main_process:
+        write_json_atomically(args.output, payload)
+        print(format_table(results))
+        print(f"Metrics of {len(dataset)} samples ({args.split}) written to {args.output}")
+    return payload
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

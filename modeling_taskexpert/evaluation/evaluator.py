@@ -1,0 +1,364 @@
+"""`DenseMultiTaskEvaluator`: the benchmark metrics of several dense tasks, streamed batch by batch."""
+
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..data import nyud, pascal_context
+from ..task_definitions import TASKS, check_task_name
+from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS
+from .delta_m import compute_delta_m, load_baselines
+from .metrics import (
+    NORMALS_HISTOGRAM_RESOLUTION,
+    BoundaryMeter,
+    DepthMeter,
+    EmptyEvaluationError,
+    Meter,
+    NormalsMeter,
+    SaliencyMeter,
+    SegmentationMeter,
+)
+
+# Boundary tolerance of the benchmark datasets (fraction of the image diagonal), keyed by dataset name.
+PROTOCOL_BOUNDARY_TOLERANCES = {
+    pascal_context.NAME: pascal_context.BOUNDARY_TOLERANCE,
+    nyud.NAME: nyud.BOUNDARY_TOLERANCE,
+}
+
+
+def sum_across_processes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Element-wise sums of `tensors` over all processes of the initialised torch.distributed group.
+
+    Returns new tensors (the inputs are left untouched, so a local state can be reduced again);
+    without a process group, or with a single process, these are plain copies.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [tensor.clone() for tensor in tensors]
+    if torch.distributed.get_world_size() == 1:
+        return [tensor.clone() for tensor in tensors]
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    reduced = []
+    for tensor in tensors:
+        buffer = tensor.to(device, copy=True)
+        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+        reduced.append(buffer.cpu())
+    return reduced
+
+
+class DenseMultiTaskEvaluator:
+    """Streams the dense benchmark metrics (protocol section 4) over batches, exact under accumulation.
+
+    Example:
+
+    ```python
+    evaluator = DenseMultiTaskEvaluator(tasks=["semseg", "depth"], num_classes={"semseg": 40}, dataset="nyud")
+    for batch in dataloader:
+        evaluator.update(predictions, batch["labels"], meta=batch)
+    results = evaluator.compute()  # {"semseg/mIoU": ..., "depth/RMSE": ..., ...}
+    ```
+
+    Inputs follow `task_definitions`: post-processed predictions (class ids; saliency and boundary
+    probabilities in [0, 1]; unit normals (B, 3, H, W); depth in metres) and labels with
+    `IGNORE_INDEX` (255) wherever there is no supervision, including the padding of the canvas.
+    Padding therefore drops out of every pixel metric by itself. The boundary metric works per
+    image on the image region (the reference crops the padding before scoring): pass the batch as
+    `meta` so its `pad_offsets` and `original_sizes` give that region, or else the bounding box of
+    the non-255 label pixels is used.
+
+    Results, keyed "<task>/<metric>": mIoU, per-class "IoU/<name>" and pixel accuracy in % for
+    semseg and human_parts (human_parts only on samples that carry parts); saliency maxF (β² = 0.3),
+    maxF_reference, maxF_standard and mIoU in %; normals mean, median, rmse (degrees) and
+    within_11.25 / within_22.5 / within_30 (%); depth RMSE, log_RMSE (metres, log), abs_rel,
+    sq_rel, log10 and delta_1..3 (%); edge odsF and oisF in % (or odsF_approx / oisF_approx); and
+    "multi_task/delta_m" (%) when single-task baselines are given.
+
+    Data-parallel evaluation: every process updates with its own samples only and `compute()` sums
+    the states over the torch.distributed group (as set up by `accelerate`), so the result equals a
+    single-process run. Never feed samples that a sampler duplicated to even out the last batch
+    (`evaluate_model` drops them); since states are summed rather than predictions gathered,
+    `gather_for_metrics` is not involved.
+
+    Args:
+        tasks: tasks to evaluate (names from `task_definitions.TASKS`).
+        num_classes: number of classes of each segmentation task, e.g. `{"semseg": 21, "human_parts": 7}`.
+        dataset: dataset name ("pascal-context", "nyud", "synthetic", ...). For the two benchmark
+            datasets it sets the protocol's boundary tolerance and the saliency maxF mode.
+        class_names: optional class names per segmentation task (a list, or an id2label dict), used in
+            the per-class keys; the class ids are used otherwise.
+        boundary_tolerance: boundary matching distance as a fraction of the image diagonal; defaults to
+            the protocol's value of `dataset` (0.0075 PASCAL-Context, 0.011 NYUD), required otherwise.
+        edge_mode: "exact" (the protocol's NMS + thinning + one-to-one matching over 101 thresholds; needs
+            `pyEdgeEval`) or "approximate" (fast, for periodic evaluation during training, reported as
+            "edge/odsF_approx").
+        saliency_maxf_mode: "reference" thresholds sigmoid(p), the quirk of the InvPT/TaskPrompter meter
+            that every published maxF on PASCAL-Context was computed with (so it is the default for
+            dataset="pascal-context", where numbers are compared with those tables); "standard"
+            thresholds p itself, the textbook maxF (the default for every other dataset).
+        single_task_baselines: baseline metrics (a dict keyed like the results, or a JSON file) for Δm.
+        edge_workers: processes that score boundary images in the background (0: score in `update`). The
+            exact mode takes tens of seconds per full-size image on one core, so use as many as there are
+            free cores for full benchmark runs; call `close()` when done to stop them.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        num_classes: Optional[Mapping[str, int]] = None,
+        dataset: Optional[str] = None,
+        class_names: Optional[Mapping[str, Union[Sequence[str], Mapping[Any, str]]]] = None,
+        boundary_tolerance: Optional[float] = None,
+        edge_mode: str = "exact",
+        saliency_maxf_mode: Optional[str] = None,
+        single_task_baselines: Optional[Union[Mapping[str, float], str, os.PathLike]] = None,
+        edge_workers: int = 0,
+    ):
+        if isinstance(tasks, str) or not tasks:
+            raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}.")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks lists a task more than once: {list(tasks)}.")
+        for task in tasks:
+            check_task_name(task)
+        if edge_mode not in BOUNDARY_MODES:
+            raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, got {edge_mode!r}.")
+        self.tasks = list(tasks)
+        self.dataset = dataset
+        num_classes = dict(num_classes or {})
+        class_names = dict(class_names or {})
+
+        if "edge" in self.tasks and boundary_tolerance is None:
+            boundary_tolerance = PROTOCOL_BOUNDARY_TOLERANCES.get(dataset)
+            if boundary_tolerance is None:
+                raise ValueError(
+                    f"Evaluating 'edge' on dataset {dataset!r} needs boundary_tolerance (a fraction of the image "
+                    f"diagonal); the protocol defines it only for {sorted(PROTOCOL_BOUNDARY_TOLERANCES)}."
+                )
+        if saliency_maxf_mode is None:
+            saliency_maxf_mode = "reference" if dataset == pascal_context.NAME else "standard"
+        self.boundary_tolerance = boundary_tolerance
+        self.edge_mode = edge_mode
+        self.saliency_maxf_mode = saliency_maxf_mode
+        self.single_task_baselines = None
+        if single_task_baselines is not None:
+            self.single_task_baselines = load_baselines(single_task_baselines)
+
+        self.meters: dict[str, Meter] = {}
+        for task in self.tasks:
+            kind = TASKS[task].kind
+            if kind == "segmentation":
+                if task not in num_classes:
+                    raise ValueError(f"Segmentation task {task!r} needs num_classes[{task!r}].")
+                self.meters[task] = SegmentationMeter(
+                    task,
+                    num_classes[task],
+                    _class_name_list(class_names.get(task), num_classes[task], task),
+                    skip_background_only_samples=task == "human_parts",
+                )
+            elif kind == "saliency":
+                self.meters[task] = SaliencyMeter(task, saliency_maxf_mode)
+            elif kind == "normals":
+                self.meters[task] = NormalsMeter(task)
+            elif kind == "depth":
+                self.meters[task] = DepthMeter(task)
+            else:
+                self.meters[task] = BoundaryMeter(task, boundary_tolerance, edge_mode, workers=edge_workers)
+        self.num_samples = torch.zeros(1, dtype=torch.int64)
+
+    @classmethod
+    def from_metadata(
+        cls, metadata: Mapping, tasks: Optional[Sequence[str]] = None, **kwargs
+    ) -> "DenseMultiTaskEvaluator":
+        """An evaluator for a dataset described by its `taskexpert_dataset.json` metadata.
+
+        Tasks default to all of the dataset's; classes, class names, dataset name and boundary tolerance
+        come from the metadata unless given in `kwargs`.
+        """
+        if not isinstance(metadata, Mapping) or not isinstance(metadata.get("tasks"), Mapping):
+            raise ValueError("metadata must be the dict of taskexpert_dataset.json, with a 'tasks' mapping.")
+        available = metadata["tasks"]
+        tasks = [task for task in TASKS if task in available] if tasks is None else list(tasks)
+        for task in tasks:
+            if task not in available:
+                raise ValueError(
+                    f"Task {task!r} is not in the dataset {metadata.get('name')!r} (it has {list(available)})."
+                )
+        num_classes, class_names = {}, {}
+        for task in tasks:
+            if TASKS[task].kind == "segmentation":
+                id2label = (available[task] or {}).get("id2label")
+                if not id2label:
+                    raise ValueError(f"The metadata of {metadata.get('name')!r} has no tasks.{task}.id2label.")
+                num_classes[task] = len(id2label)
+                class_names[task] = id2label
+        kwargs.setdefault("num_classes", num_classes)
+        kwargs.setdefault("class_names", class_names)
+        kwargs.setdefault("dataset", metadata.get("name"))
+        if metadata.get("boundary_tolerance") is not None:
+            kwargs.setdefault("boundary_tolerance", metadata["boundary_tolerance"])
+        return cls(tasks=tasks, **kwargs)
+
+    @property
+    def settings(self) -> dict:
+        """The choices behind the numbers, to store next to them."""
+        settings = {"dataset": self.dataset, "tasks": list(self.tasks)}
+        if "saliency" in self.tasks:
+            settings["saliency_maxf_mode"] = self.saliency_maxf_mode
+        if "edge" in self.tasks:
+            settings.update(
+                edge_mode=self.edge_mode,
+                boundary_tolerance=self.boundary_tolerance,
+                boundary_thresholds=len(BOUNDARY_THRESHOLDS),
+            )
+        if "normals" in self.tasks:
+            settings["normals_median_resolution_degrees"] = NORMALS_HISTOGRAM_RESOLUTION
+        return settings
+
+    def reset(self) -> None:
+        """Forget every sample seen so far."""
+        for meter in self.meters.values():
+            meter.reset()
+        self.num_samples.zero_()
+
+    def close(self) -> None:
+        """Stop the boundary worker processes, if any (see `edge_workers`)."""
+        for meter in self.meters.values():
+            if isinstance(meter, BoundaryMeter):
+                meter.close()
+
+    def update(
+        self,
+        predictions: Mapping[str, Union[torch.Tensor, np.ndarray]],
+        labels: Mapping[str, Union[torch.Tensor, np.ndarray]],
+        meta: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Add one batch.
+
+        Args:
+            predictions: task -> post-processed prediction batch (extra tasks are ignored).
+            labels: task -> label batch, as the collate makes them.
+            meta: optional batch dict with "original_sizes" and "pad_offsets" (B, 2); only the boundary
+                metric uses them, to crop each sample to its image region.
+        """
+        batch_size = None
+        checked = {}
+        for task in self.tasks:
+            for name, mapping in (("predictions", predictions), ("labels", labels)):
+                if task not in mapping:
+                    raise ValueError(f"{name} has no entry for task {task!r} (it has {sorted(mapping)}).")
+            prediction, label = _check_pair(task, predictions[task], labels[task])
+            if batch_size is None:
+                batch_size = len(label)
+            elif len(label) != batch_size:
+                raise ValueError(f"Task {task!r} has a batch of {len(label)} samples, the other tasks {batch_size}.")
+            checked[task] = prediction, label
+        crops = _crops_from_meta(meta, batch_size) if meta is not None and "edge" in self.tasks else None
+        for task, (prediction, label) in checked.items():
+            if task == "edge":
+                self.meters[task].update(prediction, label, crops=crops)
+            else:
+                self.meters[task].update(prediction, label)
+        self.num_samples += batch_size
+
+    def compute(self, sync: bool = True) -> dict[str, float]:
+        """The metrics over every sample seen (summed over all processes when `sync` and distributed).
+
+        Does not change the state: more batches can be added and `compute` called again.
+        """
+        for meter in self.meters.values():
+            meter.flush()
+        names = [(task, key) for task, meter in self.meters.items() for key in meter.state]
+        local = [self.meters[task].state[key] for task, key in names] + [self.num_samples]
+        totals = sum_across_processes(local) if sync else [tensor.clone() for tensor in local]
+        if int(totals[-1]) == 0:
+            raise EmptyEvaluationError("compute() was called before any sample was added with update().")
+        states = {task: {} for task in self.meters}
+        for (task, key), tensor in zip(names, totals):
+            states[task][key] = tensor
+        results = {}
+        for task, meter in self.meters.items():
+            results.update({f"{task}/{key}": value for key, value in meter.summarise(states[task]).items()})
+        if self.single_task_baselines is not None:
+            results["multi_task/delta_m"] = compute_delta_m(results, self.single_task_baselines, self.tasks)
+        return results
+
+
+def _expected_ndim(task: str) -> int:
+    """Label and prediction dimensions: (B, H, W), or (B, 3, H, W) for normals."""
+    return 4 if TASKS[task].label_channels else 3
+
+
+def _as_tensor(value, task: str, name: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"The {name} of task {task!r} must be a torch tensor or numpy array, got {type(value).__name__}."
+        )
+    return value.detach()
+
+
+def _check_pair(task: str, prediction, label) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes, dtypes and finiteness of one task's prediction and label batches."""
+    prediction = _as_tensor(prediction, task, "prediction")
+    label = _as_tensor(label, task, "label")
+    ndim = _expected_ndim(task)
+    layout = "(B, 3, H, W)" if ndim == 4 else "(B, H, W)"
+    for name, tensor in (("prediction", prediction), ("label", label)):
+        if tensor.dim() != ndim or (ndim == 4 and tensor.shape[1] != 3):
+            raise ValueError(f"The {name} of task {task!r} must have shape {layout}, got {tuple(tensor.shape)}.")
+    if prediction.shape != label.shape:
+        raise ValueError(
+            f"Task {task!r}: prediction shape {tuple(prediction.shape)} differs from label shape {tuple(label.shape)}."
+        )
+    if label.shape[0] == 0 or label[0].numel() == 0:
+        raise ValueError(f"Task {task!r}: the batch is empty (shape {tuple(label.shape)}).")
+    integer = TASKS[task].kind == "segmentation"
+    for name, tensor in (("prediction", prediction), ("label", label)):
+        if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+            raise TypeError(
+                f"The {name} of segmentation task {task!r} must hold integer class ids, got {tensor.dtype}."
+            )
+        if not integer and not tensor.is_floating_point():
+            raise TypeError(f"The {name} of task {task!r} must be a floating-point tensor, got {tensor.dtype}.")
+        if not integer and not bool(torch.isfinite(tensor).all()):
+            sample = int((~torch.isfinite(tensor)).flatten(1).any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"The {name} of task {task!r} holds NaN or infinite values (sample {sample} of the batch)."
+            )
+    if integer:
+        prediction, label = prediction.long(), label.long()
+    return prediction, label.to(prediction.device)
+
+
+def _crops_from_meta(meta: Mapping[str, Any], batch_size: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) of each sample's image inside the padded canvas."""
+    try:
+        offsets = torch.as_tensor(meta["pad_offsets"]).reshape(-1, 2).tolist()
+        sizes = torch.as_tensor(meta["original_sizes"]).reshape(-1, 2).tolist()
+    except KeyError as error:
+        raise ValueError(f"meta must hold 'pad_offsets' and 'original_sizes' (B, 2); it lacks {error}.") from None
+    if len(offsets) != batch_size or len(sizes) != batch_size:
+        raise ValueError(
+            f"meta gives {len(offsets)} pad_offsets and {len(sizes)} original_sizes for a batch of "
+            f"{batch_size} samples."
+        )
+    return [(int(top), int(left), int(height), int(width)) for (top, left), (height, width) in zip(offsets, sizes)]
+
+
+def _class_name_list(names, num_classes: int, task: str) -> Optional[list[str]]:
+    """Class names as a list ordered by id, from a list or an id2label mapping (string or int keys)."""
+    if names is None:
+        return None
+    if isinstance(names, Mapping):
+        try:
+            by_id = {int(key): value for key, value in names.items()}
+        except ValueError:
+            raise ValueError(
+                f"The id2label of {task!r} must have integer ids as keys, got {list(names)[:5]}."
+            ) from None
+        if sorted(by_id) != list(range(num_classes)):
+            raise ValueError(f"The id2label of {task!r} must cover ids 0..{num_classes - 1} exactly.")
+        return [by_id[index] for index in range(num_classes)]
+    return list(names)

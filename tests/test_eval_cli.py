@@ -1,0 +1,111 @@
+"""`python -m modeling_taskexpert.evaluation`: a saved model on a converted (synthetic) dataset folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from modeling_taskexpert import TaskExpertForDensePrediction
+from modeling_taskexpert.data import (
+    build_transforms,
+    collate_dense_batch,
+    generate_synthetic_dataset,
+    load_dataset_metadata,
+    load_multitask_dataset,
+)
+from modeling_taskexpert.data.synthetic import HUMAN_PART_CLASSES, SEMSEG_CLASSES
+from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator
+from modeling_taskexpert.evaluation.__main__ import main
+from modeling_taskexpert.image_processing_taskexpert import logits_to_predictions
+
+VAL_SIZE = 5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_cli")
+    generate_synthetic_dataset(root / "data", train_size=1, val_size=VAL_SIZE, image_size=32, seed=0, num_workers=0)
+    torch.manual_seed(0)
+    config = tiny_config(
+        task_id2label={"semseg": dict(enumerate(SEMSEG_CLASSES)), "human_parts": dict(enumerate(HUMAN_PART_CLASSES))}
+    )
+    TaskExpertForDensePrediction(config).eval().save_pretrained(root / "model")
+    return root
+
+
+def cli(workspace, output, *extra):
+    return main([
+        "--model", str(workspace / "model"), "--dataset", str(workspace / "data"), "--output", str(output),
+        "--batch-size", "2", "--cache-dir", str(workspace / "cache"), "--no-progress", *extra,
+    ])  # fmt: skip
+
+
+def direct_results(workspace, tasks, **kwargs):
+    """The same evaluation written out by hand: model, transforms and evaluator, no command line."""
+    model = TaskExpertForDensePrediction.from_pretrained(workspace / "model").eval()
+    metadata = load_dataset_metadata(workspace / "data")
+    dataset = load_multitask_dataset(workspace / "data", "validation", cache_dir=str(workspace / "cache"))
+    dataset.set_transform(build_transforms(metadata, train=False, tasks=tasks))
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=tasks, **kwargs)
+    for start in range(0, len(dataset), 3):
+        batch = collate_dense_batch([dataset[i] for i in range(start, min(start + 3, len(dataset)))])
+        with torch.no_grad():
+            logits = model(pixel_values=batch["pixel_values"], tasks=tasks).logits
+        evaluator.update(logits_to_predictions(logits), batch["labels"], meta=batch)
+    return evaluator.compute()
+
+
+def test_cli_writes_the_metrics_of_a_saved_model(workspace, tmp_path, capsys):
+    output = tmp_path / "out" / "metrics.json"
+    assert cli(workspace, output) == 0
+    payload = json.loads(output.read_text())
+    tasks = ["semseg", "human_parts", "saliency", "normals", "edge", "depth"]
+    assert payload["settings"]["tasks"] == tasks
+    assert payload["settings"]["edge_mode"] == "exact"
+    assert payload["settings"]["saliency_maxf_mode"] == "standard"  # synthetic data
+    assert payload["num_samples"] == VAL_SIZE and payload["split"] == "validation"
+    expected = direct_results(workspace, tasks)
+    assert payload["metrics"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert payload["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    assert [path.name for path in output.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
+    printed = capsys.readouterr().out
+    assert "semseg/mIoU" in printed and "semseg/IoU/floor" not in printed  # per-class values stay in the JSON
+
+
+def test_cli_task_selection_modes_and_baselines(workspace, tmp_path):
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(json.dumps({"depth/RMSE": 1.0, "edge/odsF_approx": 10.0}))
+    output = tmp_path / "metrics.json"
+    code = cli(
+        workspace, output, "--tasks", "depth", "edge", "--edge-mode", "approximate", "--baselines", str(baselines)
+    )
+    assert code == 0
+    metrics = json.loads(output.read_text())["metrics"]
+    assert "edge/odsF_approx" in metrics and "edge/odsF" not in metrics and "semseg/mIoU" not in metrics
+    expected_delta = 50 * ((1.0 - metrics["depth/RMSE"]) / 1.0 + (metrics["edge/odsF_approx"] - 10.0) / 10.0)
+    assert metrics["multi_task/delta_m"] == pytest.approx(expected_delta)
+
+
+def test_cli_reports_bad_input_without_a_traceback(workspace, tmp_path, capsys):
+    output = tmp_path / "metrics.json"
+    assert (
+        main(["--model", str(workspace / "model"), "--dataset", str(tmp_path / "nowhere"), "--output", str(output)])
+        == 1
+    )
+    assert "error:" in capsys.readouterr().err
+    assert cli(workspace, output, "--batch-size", "0") == 1
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_module_entry_point_help():
+    completed = subprocess.run(
+        [sys.executable, "-m", "modeling_taskexpert.evaluation", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0
+    assert "--trust-remote-code" in completed.stdout and "--edge-mode" in completed.stdout
