@@ -8,8 +8,16 @@ code files and `auto_map` a fresh environment needs to load a checkpoint with `t
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .configuration_modsquad import ModSquadConfig
 from .configuration_taskexpert import TaskExpertConfig
 from .image_processing_taskexpert import TaskExpertImageProcessor, logits_to_predictions
+from .modeling_modsquad import (
+    ModSquadForDensePrediction,
+    ModSquadModel,
+    ModSquadModelOutput,
+    ModSquadOutput,
+    ModSquadPreTrainedModel,
+)
 from .modeling_taskexpert import (
     TaskExpertForDensePrediction,
     TaskExpertModel,
@@ -27,6 +35,11 @@ AutoImageProcessor.register(TaskExpertConfig, image_processor_classes={"pil": Ta
 TaskExpertConfig.register_for_auto_class()
 TaskExpertForDensePrediction.register_for_auto_class("AutoModel")
 TaskExpertImageProcessor.register_for_auto_class("AutoImageProcessor")
+AutoConfig.register(ModSquadConfig.model_type, ModSquadConfig, exist_ok=True)
+AutoModel.register(ModSquadConfig, ModSquadForDensePrediction, exist_ok=True)
+AutoImageProcessor.register(ModSquadConfig, image_processor_classes={"pil": TaskExpertImageProcessor}, exist_ok=True)
+ModSquadConfig.register_for_auto_class()
+ModSquadForDensePrediction.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(
     PIPELINE_TASK, pipeline_class=MultiTaskDensePredictionPipeline, pt_model=AutoModel, type="image"
 )
@@ -35,6 +48,12 @@ __all__ = [
     "IGNORE_INDEX",
     "PIPELINE_TASK",
     "TASKS",
+    "ModSquadConfig",
+    "ModSquadForDensePrediction",
+    "ModSquadModel",
+    "ModSquadModelOutput",
+    "ModSquadOutput",
+    "ModSquadPreTrainedModel",
     "MultiTaskDensePredictionPipeline",
     "TaskExpertConfig",
     "TaskExpertForDensePrediction",

@@ -10,9 +10,7 @@ Data flow for one image and T tasks (see the config docstring for every option):
     heads             ->  one light dense head per task on the final memory
 """
 
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -26,14 +24,8 @@ from transformers.utils import ModelOutput
 from .configuration_taskexpert import TaskExpertConfig
 from .dense_heads import DenseTaskHead
 from .dense_losses import dense_task_losses
-from .task_definitions import PIPELINE_TASK, TASKS, output_channels
-
-# The pipeline's remote code, copied beside the weights by `save_pretrained`. It is not imported here because it
-# needs PIL, which a transformers + torch environment may lack.
-PIPELINE_FILES = ("pipeline_taskexpert.py", "visualization_taskexpert.py")
-CUSTOM_PIPELINES = {
-    PIPELINE_TASK: {"impl": "pipeline_taskexpert.MultiTaskDensePredictionPipeline", "pt": ["AutoModel"], "type": "image"}
-}
+from .dense_model_utils import RemotePipelineSaveMixin, activate_output, check_pixel_values, resolve_tasks
+from .task_definitions import output_channels
 
 
 @dataclass
@@ -71,6 +63,8 @@ class TaskExpertOutput(ModelOutput):
             Weighted sum of the task losses (and the optional gate regulariser), when `labels` are given.
         task_losses (`dict[str, torch.FloatTensor]`, *optional*):
             Unweighted loss of every task that had labels.
+        aux_loss (`torch.FloatTensor`, *optional*):
+            The weighted auxiliary term included in `loss` (the gate load-balance regulariser), when enabled.
         logits (`dict[str, torch.FloatTensor]`):
             Per task, raw predictions (B, C, H, W) at the input resolution: class logits for `semseg` and
             `human_parts`, one logit for `saliency` and `edge`, unnormalised xyz for `normals`, metres for `depth`.
@@ -82,6 +76,7 @@ class TaskExpertOutput(ModelOutput):
 
     loss: Optional[torch.FloatTensor] = None
     task_losses: Optional[dict[str, torch.FloatTensor]] = None
+    aux_loss: Optional[torch.FloatTensor] = None
     logits: Optional[dict[str, torch.FloatTensor]] = None
     gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
@@ -308,7 +303,7 @@ class TaskExpertMMoELayer(GradientCheckpointingLayer):
         return features, written, gates
 
 
-class TaskExpertPreTrainedModel(PreTrainedModel):
+class TaskExpertPreTrainedModel(RemotePipelineSaveMixin, PreTrainedModel):
     config_class = TaskExpertConfig
     config: TaskExpertConfig
     base_model_prefix = "taskexpert"
@@ -343,18 +338,6 @@ class TaskExpertPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; when the class is registered for remote code, also declare and copy the pipeline so that
-        `pipeline(..., trust_remote_code=True)` works from the saved folder."""
-        if self._auto_class is not None:
-            self.config.custom_pipelines = CUSTOM_PIPELINES
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if self._auto_class is not None:
-            here = Path(__file__).parent
-            for name in PIPELINE_FILES:
-                if (here / name).exists():
-                    shutil.copyfile(here / name, Path(save_directory) / name)
 
     def load_pretrained_backbone(self, checkpoint: Optional[str] = None, **hub_kwargs) -> None:
         """Load pretrained backbone weights (safetensors only) from a Hub id or a local folder.
@@ -397,31 +380,11 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
 
     def resolve_tasks(self, tasks: Optional[list[str]]) -> list[str]:
         """The requested tasks in config order; a clear error for names the model does not predict."""
-        if tasks is None:
-            return list(self.config.tasks)
-        if isinstance(tasks, str):
-            tasks = [tasks]
-        unknown = [task for task in tasks if task not in self.config.tasks]
-        if unknown or not tasks:
-            raise ValueError(f"Unknown task(s) {unknown or tasks}; this model predicts {self.config.tasks}.")
-        return [task for task in self.config.tasks if task in tasks]
+        return resolve_tasks(self.config.tasks, tasks)
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}.")
         channels = getattr(self.config.backbone_config, "num_channels", 3)
-        if pixel_values.shape[1] != channels:
-            raise ValueError(f"pixel_values must have {channels} channels (RGB), got shape {tuple(pixel_values.shape)}.")
-        if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a float tensor (normalised image), got {pixel_values.dtype}.")
-        patch = self.config.patch_size
-        height, width = pixel_values.shape[-2:]
-        if height % patch or width % patch or height < patch or width < patch:
-            raise ValueError(
-                f"Image size {height}x{width} is not a positive multiple of the patch size {patch}; pad or resize it "
-                f"(TaskExpertImageProcessor does this)."
-            )
+        check_pixel_values(pixel_values, channels, self.config.patch_size)
 
     def forward(
         self,
@@ -530,15 +493,17 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
             task: self._activate(task, self.heads[task](outputs.task_features[:, i], size)) for i, task in enumerate(tasks)
         }
 
-        loss, task_losses = None, None
+        loss, task_losses, aux_loss = None, None, None
         if labels is not None:
             task_losses = dense_task_losses(logits, labels, edge_positive_weight=self.config.edge_positive_weight)
             loss = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), pixel_values.new_zeros(()))
             if self._needs_gates(labels):
-                loss = loss + self.config.gate_balance_loss_weight * gate_balance_loss(outputs.gates)
+                aux_loss = self.config.gate_balance_loss_weight * gate_balance_loss(outputs.gates)
+                loss = loss + aux_loss
         output = TaskExpertOutput(
             loss=loss,
             task_losses=task_losses,
+            aux_loss=aux_loss,
             logits=logits,
             gates=outputs.gates if output_gates else None,
             hidden_states=outputs.hidden_states,
@@ -549,12 +514,7 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
         return labels is not None and self.config.gate_balance_loss_weight > 0 and self.config.gating == "dynamic"
 
     def _activate(self, task: str, logits: torch.Tensor) -> torch.Tensor:
-        if TASKS[task].kind == "depth":
-            if self.config.depth_activation == "softplus":
-                return F.softplus(logits)
-            if self.config.depth_activation == "exp":
-                return logits.exp()
-        return logits
+        return activate_output(task, logits, self.config.depth_activation)
 
 
 def gate_balance_loss(gates: tuple[dict[str, torch.Tensor], ...]) -> torch.Tensor:
