@@ -52,3 +52,13 @@ def config():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A small synthetic dataset folder (64 px), generated once per test session."""
+    from modeling_taskexpert.data import generate_synthetic_dataset
+
+    folder = tmp_path_factory.mktemp("data") / "synthetic"
+    generate_synthetic_dataset(folder, train_size=24, val_size=8, image_size=64, seed=0, num_workers=0)
+    return folder

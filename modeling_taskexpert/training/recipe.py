@@ -1,0 +1,221 @@
+"""Training recipes: one dataclass, loaded from YAML, overridable from the command line."""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+LOSS_WEIGHTINGS = ("fixed", "uncertainty", "dwa")
+OPTIMIZERS = ("adamw", "adam")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that cannot be used; the message names the field and what was expected."""
+
+
+@dataclass
+class TrainingRecipe:
+    """Everything a training run needs. Paths are relative to the working directory.
+
+    Model
+        model_config: JSON file of the model config (`hub_configs/models/*.json`), any registered model type.
+        model_overrides: fields of the model config to change (e.g. `{num_experts: 4, use_memory: false}`).
+        tasks: tasks to train (default: every task of the dataset that the model type supports).
+    Data
+        dataset: a dataset folder in the package's schema, or a Hub dataset id.
+        crop_size: training crop [height, width] (default: the dataset's `train_size`).
+        num_workers: DataLoader worker processes.
+        max_eval_samples: evaluate on at most this many validation samples (default: all).
+    Optimisation
+        optimizer: "adamw" (decoupled weight decay) or "adam" (L2 penalty, as the protocol's reference code).
+        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon: optimiser settings.
+        warmup_steps: linear warm-up steps, then poly decay lr = base (1 - t / T)^poly_power.
+        max_steps: optimiser steps in total (T).
+        per_device_train_batch_size, per_device_eval_batch_size, gradient_accumulation_steps.
+        max_grad_norm: gradient clipping by global L2 norm (0 disables).
+        mixed_precision: "no", "bf16" or "fp16".
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        loss_weighting: "fixed" (the model config's `loss_weights`), "uncertainty" (learned homoscedastic
+            uncertainty, Kendall et al. 2018) or "dwa" (dynamic weight average, Liu et al. 2019).
+        dwa_temperature, dwa_window: DWA temperature and the number of steps over which loss ratios are averaged.
+        seed: seed of the model initialisation, the data order and the augmentations.
+    Evaluation, checkpoints, output
+        eval_steps: evaluate every N steps (0: only at the end). boundary_mode: "approximate" or "exact" odsF.
+        save_steps: checkpoint every N steps (0: never); save_total_limit: checkpoints kept.
+        logging_steps: log the training loss every N steps.
+        output_dir: where checkpoints, the final model, its card, curves and metrics go.
+        resume_from_checkpoint: None, "latest", or a checkpoint folder.
+        report_to: trackers besides the JSON-lines log: "tensorboard", "trackio" (used when installed).
+        single_task_baselines: JSON of single-task metrics for the multi-task gain (Delta m).
+        push_to_hub, hub_model_id, hub_private: upload the final folder to the Hub.
+    """
+
+    model_config: str = "hub_configs/models/taskexpert-tiny.json"
+    model_overrides: dict = field(default_factory=dict)
+    tasks: Optional[list] = None
+    dataset: str = "data/synthetic"
+    crop_size: Optional[list] = None
+    num_workers: int = 0
+    max_eval_samples: Optional[int] = None
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+    max_steps: int = 1000
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 10.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    loss_weighting: str = "fixed"
+    dwa_temperature: float = 2.0
+    dwa_window: int = 50
+    seed: int = 0
+    eval_steps: int = 0
+    boundary_mode: str = "approximate"
+    save_steps: int = 0
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    output_dir: str = "outputs/run"
+    resume_from_checkpoint: Optional[str] = None
+    report_to: list = field(default_factory=list)
+    single_task_baselines: Optional[str] = None
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = False
+
+    def validate(self) -> "TrainingRecipe":
+        choices = {"optimizer": OPTIMIZERS, "loss_weighting": LOSS_WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
+                   "boundary_mode": ("approximate", "exact")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise RecipeError(f"Recipe field `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "save_total_limit", "dwa_window")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise RecipeError(f"Recipe field `{name}` must be >= 1, got {getattr(self, name)!r}.")
+        for name in ("eval_steps", "save_steps", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"Recipe field `{name}` must be >= 0, got {getattr(self, name)!r}.")
+        if self.learning_rate <= 0:
+            raise RecipeError(f"Recipe field `learning_rate` must be > 0, got {self.learning_rate}.")
+        if self.warmup_steps >= self.max_steps:
+            raise RecipeError(f"`warmup_steps` ({self.warmup_steps}) must be smaller than `max_steps` ({self.max_steps}).")
+        if self.crop_size is not None and (len(self.crop_size) != 2 or min(self.crop_size) < 1):
+            raise RecipeError(f"`crop_size` must be [height, width], got {self.crop_size!r}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise RecipeError("`push_to_hub` needs `hub_model_id` (e.g. user/taskexpert-pascal).")
+        if not Path(self.model_config).is_file():
+            raise RecipeError(f"Recipe field `model_config`: no such file {self.model_config!r}.")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(TrainingRecipe)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a value against the recipe field's type; strings from the command line are parsed as YAML."""
+    fields = _field_types()
+    if name not in fields:
+        raise RecipeError(f"Unknown recipe field {name!r} in {source}. Valid fields: {', '.join(sorted(fields))}.")
+    default = fields[name].default if fields[name].default is not dataclasses.MISSING else fields[name].default_factory()
+    if isinstance(value, str) and not isinstance(default, str) and not (default is None and name in _STRING_OR_NONE):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise RecipeError(f"Recipe field `{name}` in {source}: cannot parse {value!r} ({error}).") from None
+    if value is None:
+        return None
+    expected = type(default) if default is not None else _OPTIONAL_TYPES.get(name, str)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise RecipeError(
+            f"Recipe field `{name}` in {source} must be of type {expected.__name__}, got {type(value).__name__} ({value!r})."
+        )
+    return value
+
+
+_STRING_OR_NONE = {"resume_from_checkpoint", "single_task_baselines", "hub_model_id"}
+_OPTIONAL_TYPES = {"tasks": list, "crop_size": list, "max_eval_samples": int}
+
+
+def _read_recipe_file(path: Path, seen: tuple = ()) -> dict[str, Any]:
+    """Fields of a YAML recipe. A `base: other.yaml` key (relative to the file) inherits that recipe's fields;
+    `model_overrides` mappings are merged, every other field is replaced."""
+    if path.resolve() in seen:
+        raise RecipeError(f"Recipe {path} inherits from itself through `base`.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"Recipe file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"Recipe file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"Recipe file {path} must hold a mapping of field: value, got {type(loaded).__name__}.")
+    values: dict[str, Any] = {}
+    base = loaded.pop("base", None)
+    if base is not None:
+        values = _read_recipe_file(path.parent / str(base), seen + (path.resolve(),))
+    for key, value in loaded.items():
+        value = _coerce(key, value, str(path))
+        if key == "model_overrides" and isinstance(value, dict):
+            value = {**values.get("model_overrides", {}), **value}
+        values[key] = value
+    return values
+
+
+def load_recipe(path: Optional[str], overrides: Optional[dict] = None) -> TrainingRecipe:
+    """Read a YAML recipe (or start from the defaults) and apply overrides; validate everything."""
+    values: dict[str, Any] = _read_recipe_file(Path(path)) if path is not None else {}
+    for key, value in (overrides or {}).items():
+        value = _coerce(key, value, "the command line")
+        if key == "model_overrides" and isinstance(value, dict):
+            value = {**values.get("model_overrides", {}), **value}
+        values[key] = value
+    return TrainingRecipe(**values).validate()
+
+
+def parse_command_line(argv: Optional[list[str]] = None) -> TrainingRecipe:
+    """`--config FILE` plus any `--field value` (or `--field=value`) override."""
+    parser = argparse.ArgumentParser(description="Train a dense multi-task model.", add_help=True)
+    parser.add_argument("--config", help="YAML recipe (see hub_configs/)")
+    known, rest = parser.parse_known_args(argv)
+    overrides, index = {}, 0
+    while index < len(rest):
+        token = rest[index]
+        if not token.startswith("--"):
+            raise RecipeError(f"Unexpected argument {token!r}; overrides are written --field value.")
+        name = token[2:]
+        if "=" in name:
+            name, value = name.split("=", 1)
+            index += 1
+        elif index + 1 < len(rest) and not rest[index + 1].startswith("--"):
+            value = rest[index + 1]
+            index += 2
+        else:
+            value = "true"  # a bare flag, e.g. --push_to_hub
+            index += 1
+        overrides[name.replace("-", "_")] = value
+    return load_recipe(known.config, overrides)
+
+
+def dump_recipe(recipe: TrainingRecipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False))

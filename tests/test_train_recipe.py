@@ -1,0 +1,91 @@
+"""Recipes: YAML, inheritance, command-line overrides and their errors."""
+
+import pytest
+
+
+from modeling_taskexpert.training import LossWeighting, RecipeError, load_recipe, parse_command_line, poly_schedule
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted(Path("hub_configs").rglob("*.yaml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        recipe = load_recipe(str(path))
+        assert Path(recipe.model_config).is_file(), path
+
+
+def test_overrides_and_inheritance():
+    recipe = parse_command_line(
+        ["--config", "hub_configs/ablations/synthetic-small-no-memory.yaml", "--max_steps", "7", "--warmup_steps", "0", "--tasks=[depth, semseg]",
+         "--model_overrides", "{num_experts: 3}", "--push_to_hub", "--hub_model_id", "me/x"]
+    )  # fmt: skip
+    assert recipe.max_steps == 7 and recipe.tasks == ["depth", "semseg"] and recipe.push_to_hub
+    # The ablation's own override survives the command-line one (mappings are merged) ...
+    assert recipe.model_overrides == {"use_memory": False, "num_experts": 3}
+    # ... and fields come from the base chain: synthetic-small -> synthetic-tiny.
+    assert recipe.model_config == "hub_configs/models/taskexpert-small.json"
+    assert recipe.per_device_train_batch_size == 8 and recipe.learning_rate == 1.0e-3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max_step", "3"], "Unknown recipe field 'max_step' in the command line. Valid fields:"),
+        (["--max_steps", "three"], "`max_steps` in the command line must be of type int"),
+        (["--optimizer", "sgd"], "`optimizer` must be one of"),
+        (["--max_steps", "0"], "`max_steps` must be >= 1"),
+        (["--push_to_hub"], "needs `hub_model_id`"),
+        (["--model_config", "nowhere.json"], "no such file"),
+        (["stray"], "Unexpected argument 'stray'"),
+    ],
+)
+def test_bad_overrides(argv, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("`", "`")):
+        parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", *argv])
+
+
+def test_bad_recipe_files(tmp_path):
+    (tmp_path / "unknown.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(RecipeError, match="Unknown recipe field 'learning_rat'"):
+        load_recipe(str(tmp_path / "unknown.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="must hold a mapping"):
+        load_recipe(str(tmp_path / "list.yaml"))
+    (tmp_path / "type.yaml").write_text("tasks: semseg\n")
+    with pytest.raises(RecipeError, match="`tasks` .* must be of type list"):
+        load_recipe(str(tmp_path / "type.yaml"))
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="inherits from itself"):
+        load_recipe(str(tmp_path / "loop.yaml"))
+    (tmp_path / "broken.yaml").write_text("a: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(tmp_path / "broken.yaml"))
+    with pytest.raises(RecipeError, match="Recipe file not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_poly_schedule_with_warmup():
+    factor = poly_schedule(warmup_steps=4, max_steps=20, power=0.9)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(10) == pytest.approx(0.5**0.9)
+    assert factor(20) == 0.0
+
+
+def test_loss_weighting_strategies():
+    import torch
+
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
+    fixed = LossWeighting(["a", "b"], {"a": 1.0, "b": 10.0})
+    assert fixed(losses).item() == pytest.approx(32.0)
+    uncertainty = LossWeighting(["a", "b"], {"a": 1.0, "b": 10.0}, strategy="uncertainty")
+    with torch.no_grad():
+        uncertainty.log_variances.copy_(torch.tensor([0.0, 1.0]))
+    # w (exp(-s) L + s): 1 * (2 + 0) + 10 * (exp(-1) * 3 + 1)
+    assert uncertainty(losses).item() == pytest.approx(2.0 + 10 * (3 * torch.exp(torch.tensor(-1.0)).item() + 1))
+    dwa = LossWeighting(["a", "b"], {"a": 1.0, "b": 1.0}, strategy="dwa", dwa_temperature=2.0, dwa_window=1)
+    dwa({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
+    dwa({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})  # b's loss doubled: ratios (1, 2)
+    expected = torch.softmax(torch.tensor([1.0, 2.0]) / 2.0, 0) * 2
+    torch.testing.assert_close(dwa.current_weights(), expected)

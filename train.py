@@ -1,0 +1,325 @@
+"""Train a dense multi-task model (TaskExpert, Mod-Squad) with Accelerate.
+
+    accelerate launch train.py --config hub_configs/synthetic-tiny.yaml
+    accelerate launch --multi_gpu --num_processes 2 train.py --config hub_configs/pascal-context-vitl.yaml --max_steps 40000
+    accelerate launch train.py --config ... --resume_from_checkpoint latest
+    accelerate launch train.py --config ... --push_to_hub --hub_model_id user/taskexpert-pascal
+
+Any recipe field (see `modeling_taskexpert/training/recipe.py`) can be overridden with `--field value`. The run
+writes to `output_dir`: `checkpoints/step_*` (resumable state), `train_log.jsonl`, and at the end the model
+(safetensors, config, processor, remote code), `README.md` (model card with a model-index), `metrics.json`,
+`training_curves.png` and `recipe.yaml`.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel
+
+import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
+from modeling_taskexpert import TaskExpertImageProcessor
+from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, evaluate_model
+from modeling_taskexpert.task_definitions import TASKS
+from modeling_taskexpert.training import (
+    JsonLinesLogger,
+    LossWeighting,
+    RecipeError,
+    build_model_card,
+    dump_recipe,
+    parse_command_line,
+    plot_training_curves,
+    poly_schedule,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+
+
+def build_model_config(recipe, metadata):
+    """The model config of the recipe, with the tasks and class names of the dataset."""
+    try:
+        settings = json.loads(Path(recipe.model_config).read_text())
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"Model config {recipe.model_config} is not valid JSON: {error}") from None
+    if "model_type" not in settings:
+        raise RecipeError(f"Model config {recipe.model_config} has no 'model_type'.")
+    settings.update(recipe.model_overrides)
+    available = [task for task in TASKS if task in metadata["tasks"]]
+    tasks = recipe.tasks or available
+    missing = [task for task in tasks if task not in available]
+    if missing:
+        raise RecipeError(f"Recipe tasks {missing} are not in dataset {recipe.dataset!r}, which has {available}.")
+    settings["tasks"] = tasks
+    settings["task_id2label"] = {
+        task: metadata["tasks"][task]["id2label"] for task in tasks if TASKS[task].kind == "segmentation"
+    }
+    return AutoConfig.for_model(**settings)
+
+
+def check_output_dir(output_dir: str, min_free_bytes: int) -> None:
+    """Fail before any training time is spent when the output folder is not writable or the disk is nearly full."""
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as error:
+        raise RecipeError(f"Output folder {output_dir!r} is not writable: {error}") from None
+    free = shutil.disk_usage(path).free
+    if free < min_free_bytes:
+        raise RecipeError(
+            f"Only {free / 2**20:.0f} MiB free under {output_dir!r}; this run needs about {min_free_bytes / 2**20:.0f} MiB "
+            "for its checkpoints and final model."
+        )
+
+
+def check_hub_access(recipe) -> None:
+    """`--push_to_hub` must be possible before training starts: online, with a token that can write."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise RecipeError("--push_to_hub was requested but the Hub is offline (HF_HUB_OFFLINE=1); unset it or drop --push_to_hub.")
+    try:
+        HfApi().whoami()
+    except Exception as error:  # no token, no network, or a revoked token: all mean the upload would fail later
+        raise RecipeError(f"--push_to_hub: cannot reach the Hub as a logged-in user ({type(error).__name__}: {error}).") from None
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=num_workers,
+        collate_fn=collate_dense_batch, persistent_workers=False,
+    )  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    recipe = parse_command_line(argv)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # CPU data-parallel needs gloo, which `cpu=True` selects
+        mixed_precision=recipe.mixed_precision,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        log_with=[t for t in recipe.report_to if _tracker_installed(t)] or None,
+        project_dir=recipe.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+    )
+    if recipe.push_to_hub and accelerator.is_main_process:
+        check_hub_access(recipe)
+    set_seed(recipe.seed)
+
+    # ---- data and model ------------------------------------------------------------------------------------
+    metadata = load_dataset_metadata(recipe.dataset)
+    config = build_model_config(recipe, metadata)
+    tasks = list(config.tasks)
+    model = AutoModel.from_config(config)
+    if getattr(config, "backbone_checkpoint", None):
+        model.load_pretrained_backbone()
+    if recipe.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    num_parameters = sum(p.numel() for p in model.parameters())
+    if accelerator.is_main_process:
+        check_output_dir(recipe.output_dir, min_free_bytes=num_parameters * 4 * 3 * (recipe.save_total_limit + 2))
+    eval_size = tuple(metadata["eval_size"])
+    processor = TaskExpertImageProcessor(size={"height": eval_size[0], "width": eval_size[1]}, size_divisor=config.patch_size)
+
+    train_transform = build_transforms(metadata, train=True, tasks=tasks, size=recipe.crop_size, seed=recipe.seed)
+    train_dataset = load_multitask_dataset(recipe.dataset, "train").with_transform(train_transform)
+    eval_dataset = load_multitask_dataset(recipe.dataset, "validation")
+    if recipe.max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(recipe.max_eval_samples, len(eval_dataset))))
+    eval_dataset = eval_dataset.with_transform(build_transforms(metadata, train=False, tasks=tasks))
+    train_loader = make_loader(train_dataset, recipe.per_device_train_batch_size, True, recipe.num_workers)
+    eval_loader = make_loader(eval_dataset, recipe.per_device_eval_batch_size, False, recipe.num_workers)
+    evaluator = DenseMultiTaskEvaluator.from_metadata(
+        metadata, tasks=tasks, edge_mode=recipe.boundary_mode, single_task_baselines=recipe.single_task_baselines
+    )
+
+    # ---- optimisation --------------------------------------------------------------------------------------
+    weighting = LossWeighting(tasks, config.loss_weights, recipe.loss_weighting, recipe.dwa_temperature, recipe.dwa_window)
+    parameters = list(model.parameters()) + list(weighting.parameters())
+    betas = (recipe.adam_beta1, recipe.adam_beta2)
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay)
+    # Stepped by hand once per optimiser step (a prepared scheduler would step once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(recipe.warmup_steps, recipe.max_steps, recipe.poly_power))
+
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    weighting = weighting.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler, weighting)
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    completed_steps = 0
+    checkpoint = resolve_checkpoint(recipe.output_dir, recipe.resume_from_checkpoint)
+    if recipe.resume_from_checkpoint == "latest" and checkpoint is None:
+        accelerator.print(f"No checkpoint under {recipe.output_dir}; starting from scratch.")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        completed_steps = read_state(checkpoint)["step"]
+        accelerator.print(f"Resumed from {checkpoint} at step {completed_steps}.")
+    log = JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if checkpoint else None) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        dump_recipe(recipe, Path(recipe.output_dir) / "recipe.yaml")
+    accelerator.init_trackers("taskexpert", config=_scalar_items(recipe.to_dict()))
+
+    steps_per_epoch = len(train_loader) // recipe.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise RecipeError(
+            f"The training split has too few samples for one step ({len(train_dataset)} samples, batch "
+            f"{recipe.per_device_train_batch_size} x {accelerator.num_processes} processes x {recipe.gradient_accumulation_steps} accumulation)."
+        )
+    accelerator.print(
+        f"Training {config.model_type} ({num_parameters / 1e6:.2f} M parameters) on {len(train_dataset)} samples, "
+        f"tasks {tasks}, {accelerator.num_processes} process(es), {recipe.max_steps} steps."
+    )
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    metrics: dict = {}
+    progress = tqdm(total=recipe.max_steps, initial=completed_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    running, window_start, window_steps = {}, time.perf_counter(), 0
+    epoch = completed_steps // steps_per_epoch
+    skip_batches = (completed_steps % steps_per_epoch) * recipe.gradient_accumulation_steps
+    model.train()
+    while completed_steps < recipe.max_steps:
+        train_loader.set_epoch(epoch)
+        train_transform.set_epoch(epoch)  # augmentations are a function of (seed, epoch, sample id)
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                loss = weighting(outputs.task_losses)
+                if outputs.aux_loss is not None:
+                    loss = loss + outputs.aux_loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    weighting.synchronize_gradients(accelerator)
+                    if recipe.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(parameters, recipe.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            _accumulate(running, loss, {**outputs.task_losses, **(getattr(outputs, "aux_losses", None) or {})}, accelerator)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            completed_steps += 1
+            window_steps += 1
+            progress.update(1)
+
+            if completed_steps % recipe.logging_steps == 0 or completed_steps == recipe.max_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {key: value / running["count"] for key, value in running.items() if key != "count"}
+                record.update(step=completed_steps, kind="train", lr=scheduler.get_last_lr()[0], epoch=epoch,
+                              world_size=accelerator.num_processes,
+                              images_per_second=window_steps * recipe.per_device_train_batch_size
+                              * recipe.gradient_accumulation_steps * accelerator.num_processes / max(elapsed, 1e-9))  # fmt: skip
+                record.update(weighting.describe())
+                progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}")
+                accelerator.log({k: v for k, v in record.items() if k != "kind"}, step=completed_steps)
+                if log is not None:
+                    log.log(record)
+                running, window_start, window_steps = {}, time.perf_counter(), 0
+
+            if recipe.eval_steps and completed_steps % recipe.eval_steps == 0 and completed_steps < recipe.max_steps:
+                metrics = _evaluate(model, eval_loader, evaluator, accelerator, log, completed_steps)
+            if recipe.save_steps and completed_steps % recipe.save_steps == 0:
+                save_checkpoint(accelerator, recipe.output_dir, completed_steps, {"step": completed_steps, "epoch": epoch}, recipe.save_total_limit)
+            if completed_steps >= recipe.max_steps:
+                break
+        epoch += 1
+        skip_batches = 0
+    progress.close()
+
+    # ---- final evaluation and the saved model --------------------------------------------------------------
+    metrics = _evaluate(model, eval_loader, evaluator, accelerator, log, completed_steps)
+    if accelerator.is_main_process:
+        save_final_model(accelerator.unwrap_model(model), processor, recipe, metrics, metadata)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if recipe.push_to_hub and accelerator.is_main_process:
+        push_folder(recipe)
+    return metrics
+
+
+def _accumulate(running: dict, loss: torch.Tensor, parts: dict, accelerator) -> None:
+    """Add this micro-batch's total loss and its parts (task losses, unweighted auxiliary terms such as Mod-Squad's
+    mutual information), averaged over processes, to the running window."""
+    names = ["loss"] + [f"loss/{name}" for name in parts]
+    values = torch.stack([loss.detach().float()] + [value.detach().float() for value in parts.values()])
+    values = accelerator.reduce(values, reduction="mean")
+    for name, value in zip(names, values.tolist()):
+        running[name] = running.get(name, 0.0) + value
+    running["count"] = running.get("count", 0) + 1
+
+
+def _evaluate(model, eval_loader, evaluator, accelerator, log, step: int) -> dict:
+    metrics = evaluate_model(model, eval_loader, evaluator, accelerator=accelerator)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "/IoU/" not in k}
+    accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(summary.items())))
+    accelerator.log({f"eval/{k}": v for k, v in summary.items()}, step=step)
+    if log is not None:
+        log.log({"step": step, "kind": "eval", **summary})
+    return metrics
+
+
+def save_final_model(model, processor, recipe, metrics: dict, metadata: dict) -> None:
+    """Model, processor, remote code, card, metrics and curves, each written to a temporary name first."""
+    output_dir = Path(recipe.output_dir)
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final_"))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        name = recipe.hub_model_id or output_dir.name
+        card = build_model_card(model.config, recipe.to_dict(), metrics, metadata.get("name", recipe.dataset), name)
+        (staging / "README.md").write_text(card)
+        for item in staging.iterdir():
+            os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+
+
+def push_folder(recipe) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(recipe.hub_model_id, private=recipe.hub_private, exist_ok=True)
+    api.upload_folder(
+        repo_id=recipe.hub_model_id, folder_path=recipe.output_dir, commit_message="Upload model trained with train.py",
+        ignore_patterns=["checkpoints/*", ".*", "**/.*"],
+    )  # fmt: skip
+    print(f"Pushed {recipe.output_dir} to https://huggingface.co/{recipe.hub_model_id}")
+
+
+def _tracker_installed(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "trackio": "trackio"}.get(name)
+    if module is None:
+        raise RecipeError(f"Unknown tracker {name!r} in `report_to`; supported: tensorboard, trackio.")
+    return importlib.util.find_spec(module) is not None
+
+
+def _scalar_items(values: dict) -> dict:
+    """Trackers accept scalars and strings only."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in values.items() if v is not None}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as error:
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(2)
