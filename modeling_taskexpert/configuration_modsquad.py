@@ -5,7 +5,7 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 from .configuration_taskexpert import PASCAL_HUMAN_PARTS_LABELS, PASCAL_SEMSEG_LABELS, PROTOCOL_LOSS_WEIGHTS
-from .task_definitions import check_task_name
+from .task_definitions import check_task_name, validate_task_settings
 
 MOE_LAYOUTS = ("twice", "every")
 _CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
@@ -272,30 +272,10 @@ class ModSquadConfig(PretrainedConfig):
                 raise ValueError(f"`{field}` must be >= 0, got {getattr(self, field)!r}.")
         if not 0.0 <= self.expert_usage_momentum < 1.0:
             raise ValueError(f"`expert_usage_momentum` must be in [0, 1), got {self.expert_usage_momentum!r}.")
-        # Task fields: the same rules as TaskExpertConfig.
-        if not self.tasks:
-            raise ValueError("`tasks` must name at least one task.")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"`tasks` has duplicates: {self.tasks}.")
-        for task in self.tasks:
-            info = check_task_name(task, where="task in `tasks`")
-            if info.kind == "segmentation":
-                labels = self.task_id2label.get(task)
-                if not labels or len(labels) < 2:
-                    raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
-                if sorted(labels) != list(range(len(labels))):
-                    raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
-        for task in self.task_id2label:
-            if task not in self.tasks:
-                raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {self.tasks}.")
+        validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
         for field, choices in _CHOICES.items():
             if getattr(self, field) not in choices:
                 raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
-        if not 0.0 < self.edge_positive_weight < 1.0:
-            raise ValueError(f"`edge_positive_weight` must be in (0, 1), got {self.edge_positive_weight}.")
-        for task, weight in self.loss_weights.items():
-            if weight < 0:
-                raise ValueError(f"`loss_weights[{task!r}]` must be >= 0, got {weight}.")
 
 
 __all__ = ["ModSquadConfig"]

@@ -4,7 +4,7 @@ from typing import Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
-from .task_definitions import check_task_name
+from .task_definitions import check_task_name, validate_task_settings
 
 # Class names of the PASCAL-Context multi-task benchmark (21 VOC classes, 6 parts + background).
 PASCAL_SEMSEG_LABELS = [
@@ -212,21 +212,7 @@ class TaskExpertConfig(PretrainedConfig):
 
     def validate_taskexpert(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""
-        if not self.tasks:
-            raise ValueError("`tasks` must name at least one task.")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"`tasks` has duplicates: {self.tasks}.")
-        for task in self.tasks:
-            info = check_task_name(task, where="task in `tasks`")
-            if info.kind == "segmentation":
-                labels = self.task_id2label.get(task)
-                if not labels or len(labels) < 2:
-                    raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
-                if sorted(labels) != list(range(len(labels))):
-                    raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
-        for task in self.task_id2label:
-            if task not in self.tasks:
-                raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {self.tasks}.")
+        validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
         for field, choices in _CHOICES.items():
             if getattr(self, field) not in choices:
                 raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
@@ -247,11 +233,6 @@ class TaskExpertConfig(PretrainedConfig):
             raise ValueError(f"`gate_top_k` must be None or an integer in 1..{num_candidates}, got {self.gate_top_k!r}.")
         if not 0.0 <= self.memory_ema_momentum <= 1.0:
             raise ValueError(f"`memory_ema_momentum` must be in [0, 1], got {self.memory_ema_momentum}.")
-        if not 0.0 < self.edge_positive_weight < 1.0:
-            raise ValueError(f"`edge_positive_weight` must be in (0, 1), got {self.edge_positive_weight}.")
-        for task, weight in self.loss_weights.items():
-            if weight < 0:
-                raise ValueError(f"`loss_weights[{task!r}]` must be >= 0, got {weight}.")
         if self.backbone_config.model_type == "vit" and self.backbone_config.num_channels != 3:
             raise ValueError("The ViT backbone must take 3-channel RGB input (`backbone_config.num_channels=3`).")
 

@@ -1,14 +1,18 @@
 """Helpers shared by every dense multi-task model type of this package (TaskExpert, Mod-Squad): task selection, the
-input check, the depth output activation, and writing the pipeline code beside a remote-code checkpoint."""
+input check, the depth output activation, safetensors-only loading, and writing the pipeline code beside a remote-code
+checkpoint."""
 
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from torch.nn import functional as F
 
-from .task_definitions import PIPELINE_TASK, TASKS
+from .dense_heads import DenseTaskHead
+from .dense_losses import dense_task_losses
+from .task_definitions import PIPELINE_TASK, TASKS, output_channels
 
 # The pipeline's remote code, copied beside the weights by `save_pretrained`. It is not imported here because it
 # needs PIL, which a transformers + torch environment may lack.
@@ -73,3 +77,73 @@ class RemotePipelineSaveMixin:
             for name in PIPELINE_FILES:
                 if (here / name).exists():
                     shutil.copyfile(here / name, Path(save_directory) / name)
+
+
+class SafetensorsOnlyLoadMixin:
+    """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only.
+
+    Unpickling a `.bin`/`.pt` checkpoint can run arbitrary code, so such checkpoints are refused with an explanation
+    instead of being loaded (transformers falls back to them by default), and a damaged safetensors file is reported
+    with its name rather than as a bare decoder error.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        source = str(pretrained_model_name_or_path)
+        refusal = (
+            f"{cls.__name__} loads weights only from safetensors files: pickle checkpoints (pytorch_model.bin, .pt) "
+            "are refused because loading them can run arbitrary code. If you trust the file, convert it with "
+            "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')`."
+        )
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"use_safetensors=False is not supported. {refusal}")
+        kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            local = Path(source) / "model.safetensors"
+            name = str(local) if local.is_file() else f"the safetensors weights of {source}"
+            raise OSError(f"{name} is damaged or truncated and cannot be read ({error}); save or download it again.") from error
+        except OSError as error:
+            if "no file named" not in str(error) and "does not appear to have a file named" not in str(error):
+                raise  # not a missing weights file (e.g. a network error): transformers' message says it best
+            pickles = sorted(p.name for p in Path(source).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            found = f" It holds {', '.join(pickles)}." if pickles else ""
+            raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json).{found} {refusal}") from error
+
+
+class DenseTaskHeadsMixin:
+    """The dense-prediction end shared by every model type: one `DenseTaskHead` per task on the model's task feature
+    maps, the depth activation, and the weighted benchmark losses. Expects `self.config` with `tasks`,
+    `head_hidden_size`, `head_norm`, `depth_activation`, `loss_weights`, `edge_positive_weight`, `num_labels_of`."""
+
+    def build_task_heads(self, in_channels: int) -> torch.nn.ModuleDict:
+        config = self.config
+        return torch.nn.ModuleDict(
+            {
+                task: DenseTaskHead(
+                    in_channels, config.head_hidden_size, output_channels(task, config.num_labels_of(task)), config.head_norm
+                )
+                for task in config.tasks
+            }
+        )
+
+    def check_label_tasks(self, labels: Optional[dict]) -> None:
+        if labels is not None:
+            unknown = [task for task in labels if task not in self.config.tasks]
+            if unknown:
+                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
+
+    def decode_tasks(self, task_features: torch.Tensor, tasks: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Task feature maps (B, T, C, h, w), in the order of `tasks` -> logits per task at `size`."""
+        return {
+            task: activate_output(task, self.heads[task](task_features[:, i], size), self.config.depth_activation)
+            for i, task in enumerate(tasks)
+        }
+
+    def weighted_task_losses(self, logits: dict, labels: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(unweighted loss per task with labels, sum of loss_weights[t] * loss_t)."""
+        task_losses = dense_task_losses(logits, labels, edge_positive_weight=self.config.edge_positive_weight)
+        reference = next(iter(logits.values()))
+        total = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), reference.new_zeros(()))
+        return task_losses, total

@@ -28,10 +28,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_modsquad import ModSquadConfig
-from .dense_heads import DenseTaskHead
-from .dense_losses import dense_task_losses
-from .dense_model_utils import RemotePipelineSaveMixin, activate_output, check_pixel_values, resolve_tasks
-from .task_definitions import output_channels
+from .dense_model_utils import (
+    DenseTaskHeadsMixin,
+    RemotePipelineSaveMixin,
+    SafetensorsOnlyLoadMixin,
+    check_pixel_values,
+    resolve_tasks,
+)
 
 
 @dataclass
@@ -394,7 +397,7 @@ class ModSquadBlock(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
-class ModSquadPreTrainedModel(RemotePipelineSaveMixin, PreTrainedModel):
+class ModSquadPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
     config_class = ModSquadConfig
     config: ModSquadConfig
     base_model_prefix = "modsquad"
@@ -501,24 +504,14 @@ def _token_maps(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, *grid)
 
 
-class ModSquadForDensePrediction(ModSquadPreTrainedModel):
+class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
     """Mod-Squad with one dense head per task, the benchmark losses and the routing losses; per-task expert usage
     statistics and the extraction of standalone per-task models."""
 
     def __init__(self, config: ModSquadConfig):
         super().__init__(config)
         self.modsquad = ModSquadModel(config)
-        self.heads = nn.ModuleDict(
-            {
-                task: DenseTaskHead(
-                    config.hidden_size,
-                    config.head_hidden_size,
-                    output_channels(task, config.num_labels_of(task)),
-                    norm=config.head_norm,
-                )
-                for task in config.tasks
-            }
-        )
+        self.heads = self.build_task_heads(config.hidden_size)
         self.post_init()
 
     def forward(
@@ -541,20 +534,13 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
                 Return the token maps after the embeddings and every block.
         """
         tasks = self.modsquad.resolve_tasks(tasks)
-        if labels is not None:
-            unknown = [task for task in labels if task not in self.config.tasks]
-            if unknown:
-                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
+        self.check_label_tasks(labels)
         outputs = self.modsquad(pixel_values, tasks=tasks, output_hidden_states=output_hidden_states)
         size = tuple(pixel_values.shape[-2:])
-        logits = {
-            task: activate_output(task, self.heads[task](outputs.task_features[:, i], size), self.config.depth_activation)
-            for i, task in enumerate(tasks)
-        }
+        logits = self.decode_tasks(outputs.task_features, tasks, size)
         loss, task_losses, aux_loss = None, None, None
         if labels is not None:
-            task_losses = dense_task_losses(logits, labels, edge_positive_weight=self.config.edge_positive_weight)
-            loss = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), pixel_values.new_zeros(()))
+            task_losses, loss = self.weighted_task_losses(logits, labels)
             aux_loss = self.config.mutual_information_loss_weight * outputs.aux_losses["mutual_information"]
             if self.config.load_balance_loss_weight > 0:
                 aux_loss = aux_loss + self.config.load_balance_loss_weight * outputs.aux_losses["load_balance"]

@@ -22,10 +22,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_taskexpert import TaskExpertConfig
-from .dense_heads import DenseTaskHead
-from .dense_losses import dense_task_losses
-from .dense_model_utils import RemotePipelineSaveMixin, activate_output, check_pixel_values, resolve_tasks
-from .task_definitions import output_channels
+from .dense_model_utils import (
+    DenseTaskHeadsMixin,
+    RemotePipelineSaveMixin,
+    SafetensorsOnlyLoadMixin,
+    check_pixel_values,
+    resolve_tasks,
+)
 
 
 @dataclass
@@ -303,7 +306,7 @@ class TaskExpertMMoELayer(GradientCheckpointingLayer):
         return features, written, gates
 
 
-class TaskExpertPreTrainedModel(RemotePipelineSaveMixin, PreTrainedModel):
+class TaskExpertPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
     config_class = TaskExpertConfig
     config: TaskExpertConfig
     base_model_prefix = "taskexpert"
@@ -437,24 +440,13 @@ def _to_maps(features: torch.Tensor, grid: tuple[int, int], target: tuple[int, i
     return maps.reshape(batch, tasks, dim, *target)
 
 
-class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
+class TaskExpertForDensePrediction(DenseTaskHeadsMixin, TaskExpertPreTrainedModel):
     """TaskExpert with one dense head per task and the benchmark losses."""
 
     def __init__(self, config: TaskExpertConfig):
         super().__init__(config)
         self.taskexpert = TaskExpertModel(config)
-        in_channels = self.taskexpert.feature_channels
-        self.heads = nn.ModuleDict(
-            {
-                task: DenseTaskHead(
-                    in_channels,
-                    config.head_hidden_size,
-                    output_channels(task, config.num_labels_of(task)),
-                    norm=config.head_norm,
-                )
-                for task in config.tasks
-            }
-        )
+        self.heads = self.build_task_heads(self.taskexpert.feature_channels)
         self.post_init()
 
     def forward(
@@ -481,22 +473,16 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
                 Return the backbone token maps of the MMoE layers.
         """
         tasks = self.taskexpert.resolve_tasks(tasks)
-        if labels is not None:
-            unknown = [task for task in labels if task not in self.config.tasks]
-            if unknown:
-                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
+        self.check_label_tasks(labels)
         outputs = self.taskexpert(
             pixel_values, tasks=tasks, output_gates=output_gates or self._needs_gates(labels), output_hidden_states=output_hidden_states
         )
         size = tuple(pixel_values.shape[-2:])
-        logits = {
-            task: self._activate(task, self.heads[task](outputs.task_features[:, i], size)) for i, task in enumerate(tasks)
-        }
+        logits = self.decode_tasks(outputs.task_features, tasks, size)
 
         loss, task_losses, aux_loss = None, None, None
         if labels is not None:
-            task_losses = dense_task_losses(logits, labels, edge_positive_weight=self.config.edge_positive_weight)
-            loss = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), pixel_values.new_zeros(()))
+            task_losses, loss = self.weighted_task_losses(logits, labels)
             if self._needs_gates(labels):
                 aux_loss = self.config.gate_balance_loss_weight * gate_balance_loss(outputs.gates)
                 loss = loss + aux_loss
@@ -513,8 +499,6 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
     def _needs_gates(self, labels) -> bool:
         return labels is not None and self.config.gate_balance_loss_weight > 0 and self.config.gating == "dynamic"
 
-    def _activate(self, task: str, logits: torch.Tensor) -> torch.Tensor:
-        return activate_output(task, logits, self.config.depth_activation)
 
 
 def gate_balance_loss(gates: tuple[dict[str, torch.Tensor], ...]) -> torch.Tensor:
