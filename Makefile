@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 train: $(STAMP)
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
-	$(VENV)/bin/accelerate launch --num_processes 1 train.py --config hub_configs/synthetic-tiny.yaml
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train.py --config hub_configs/synthetic-tiny.yaml
 
 test: $(STAMP) browser
 	$(PY) -m pytest tests -q
@@ -39,6 +40,18 @@ space: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The TaskExpert study (experiments/study.py): trains every run that is not finished (hours on 2 CPU cores), then
+# rebuilds docs/results.md from the run folders. QUICK=1: a few minutes' smoke test of the same machinery.
+experiments: $(STAMP)
+ifdef QUICK
+	$(PY) -m experiments.run --quick
+	$(PY) -m experiments.report --output-root outputs/experiments-quick
+else
+	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
+	$(PY) -m experiments.run
+	$(PY) -m experiments.report
+endif
 
 clean:
 	rm -rf $(VENV) outputs data/synthetic

@@ -169,7 +169,9 @@ class ModSquadConfig(PretrainedConfig):
         self.load_balance_loss_weight = load_balance_loss_weight
         self.expert_usage_momentum = expert_usage_momentum
 
-        self.tasks = list(tasks) if tasks is not None else ["semseg", "human_parts", "saliency", "normals", "edge"]
+        default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
+        # Anything but a list is kept as given, so that validation names it (list("semseg") would split it).
+        self.tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
         if task_id2label is None:
             defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
             task_id2label = {t: dict(enumerate(defaults[t])) for t in self.tasks if t in defaults}

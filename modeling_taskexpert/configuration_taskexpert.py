@@ -161,7 +161,9 @@ class TaskExpertConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.backbone_checkpoint = backbone_checkpoint
 
-        self.tasks = list(tasks) if tasks is not None else ["semseg", "human_parts", "saliency", "normals", "edge"]
+        default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
+        # Anything but a list is kept as given, so that validation names it (list("semseg") would split it).
+        self.tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
         if task_id2label is None:
             defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
             task_id2label = {t: dict(enumerate(defaults[t])) for t in self.tasks if t in defaults}

@@ -36,13 +36,30 @@ def logits_to_predictions(logits: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return predictions
 
 
+def _check_pixel_count(height: int, width: int, name: str) -> None:
+    """Refuse images above PIL's decompression-bomb limit before any full-size copy of them is made."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > limit:
+        raise ValueError(
+            f"{name}: {width}x{height} is {height * width:,} pixels, more than the limit of {limit:,} "
+            "(PIL.Image.MAX_IMAGE_PIXELS, PIL's decompression-bomb guard); downscale the image first, or raise that "
+            "limit if you trust the file."
+        )
+
+
 def to_rgb_array(image, name: str = "image") -> np.ndarray:
     """PIL image, numpy array or torch tensor -> RGB uint8 array (H, W, 3).
 
     Grayscale is replicated, an alpha channel is composited onto white, 16-bit images are scaled to 8 bits,
-    float arrays must hold values in [0, 1]. Anything else raises a ValueError that says what was expected.
+    float arrays must hold values in [0, 1]. Anything else raises a ValueError that says what was expected, and so
+    do images with more pixels than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; None disables it).
     """
     if isinstance(image, Image.Image):
+        _check_pixel_count(image.height, image.width, name)
+        try:
+            image.load()  # a lazily opened file is decoded here, so a damaged one fails with its name
+        except (OSError, SyntaxError) as error:
+            raise ValueError(f"{name}: the image cannot be decoded; the file is damaged or truncated ({error}).") from error
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             array = np.asarray(image, dtype=np.float64)
             peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -68,6 +85,7 @@ def to_rgb_array(image, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name}: expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}.")
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ValueError(f"{name}: the image is empty ({array.shape}).")
+    _check_pixel_count(array.shape[0], array.shape[1], name)
     if array.dtype == np.uint8:
         rgb = array.astype(np.float64)
     elif array.dtype == np.uint16:

@@ -37,7 +37,10 @@ class MultiTaskDensePredictionPipeline(Pipeline):
 
     def preprocess(self, image):
         if isinstance(image, str):
-            image = load_image(image)
+            try:
+                image = load_image(image)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise ValueError(f"Cannot read the image {image!r}: {error}") from error
         elif isinstance(image, np.ndarray) and image.ndim not in (2, 3):
             raise ValueError(f"Expected an image array of shape (H, W) or (H, W, C), got {image.shape}.")
         inputs = self.image_processor(image, return_tensors="pt")

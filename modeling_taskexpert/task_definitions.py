@@ -78,6 +78,8 @@ def validate_task_settings(
     tasks: list[str], task_id2label: dict[str, dict[int, str]], loss_weights: dict[str, float], edge_positive_weight: float
 ) -> None:
     """The task fields every model config shares; raise a ValueError naming the field and what was expected."""
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
+        raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}.")
     if not tasks:
         raise ValueError("`tasks` must name at least one task.")
     if len(set(tasks)) != len(tasks):

@@ -292,3 +292,8 @@ def test_config_json_round_trip(tmp_path, config):
     assert loaded.task_id2label == config.task_id2label
     assert loaded.backbone_config.to_dict() == config.backbone_config.to_dict()
     assert loaded.mmoe_layers == config.mmoe_layers and loaded.loss_weights == config.loss_weights
+
+
+def test_tasks_given_as_a_string_is_a_clear_error():
+    with pytest.raises(ValueError, match="`tasks` must be a list of task names, got 'semseg'"):
+        tiny_config(tasks="semseg", task_id2label={})

@@ -150,9 +150,13 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     try:
         dataset = datasets.load_dataset(str(path_or_repo_id), split=split, cache_dir=cache_dir)
     except Exception as error:
-        raise DatasetNotAvailableError(
-            f"Cannot load the {split!r} split of {path_or_repo_id} ({type(error).__name__}: {error})."
-        ) from error
+        cause = error
+        while cause.__cause__ is not None:  # `datasets` wraps the real reason (e.g. a shard's wrong columns)
+            cause = cause.__cause__
+        reason = f"{type(error).__name__}: {error}" + (
+            f"; cause: {type(cause).__name__}: {' '.join(str(cause).split())[:600]}" if cause is not error else ""
+        )
+        raise DatasetNotAvailableError(f"Cannot load the {split!r} split of {path_or_repo_id} ({reason}).") from error
     expected = set(build_features(metadata["tasks"]))
     if set(dataset.column_names) != expected:
         raise ValueError(
