@@ -17,8 +17,12 @@ def make_norm2d(kind: str, channels: int) -> nn.Module:
 
 
 class DenseTaskHead(nn.Module):
-    """Token map -> task map: 3x3 conv, norm, GELU at token resolution, bilinear up to 1/4 of the input,
-    1x1 conv to the task's channels, bilinear up to the input size."""
+    """Token map -> task map: 3x3 conv, norm, GELU at token resolution, 1x1 conv to the task's channels, bilinear up
+    to 1/4 of the input, bilinear up to the input size.
+
+    The 1x1 conv runs before the upsampling: both are linear (bilinear weights sum to 1), so the order does not change
+    the result, and upsampling the few task channels instead of the hidden ones saves most of the head's time and
+    memory."""
 
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, norm: str = "group"):
         super().__init__()
@@ -27,9 +31,8 @@ class DenseTaskHead(nn.Module):
         self.classifier = nn.Conv2d(hidden_size, out_channels, kernel_size=1)
 
     def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-        hidden = F.gelu(self.norm(self.conv(features)))
+        logits = self.classifier(F.gelu(self.norm(self.conv(features))))
         quarter = (max(output_size[0] // 4, 1), max(output_size[1] // 4, 1))
-        if hidden.shape[-2:] != quarter:
-            hidden = F.interpolate(hidden, size=quarter, mode="bilinear", align_corners=False)
-        logits = self.classifier(hidden)
+        if logits.shape[-2:] != quarter:
+            logits = F.interpolate(logits, size=quarter, mode="bilinear", align_corners=False)
         return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
