@@ -10,6 +10,7 @@ Data flow for one image and T tasks (see the config docstring for every option):
     heads             ->  one light dense head per task on the final memory
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,7 +104,7 @@ class TaskExpertBackbone(nn.Module):
             # LayerNorm is applied to the last tap when it is the backbone's last layer (as the reference ViT
             # multi-level taps do) and dropped otherwise.
             self.uses_final_norm = self.layers[-1] == backbone_config.num_hidden_layers
-            backbone_config = backbone_config.__class__.from_dict(backbone_config.to_dict())
+            backbone_config = copy.deepcopy(backbone_config)  # keeps settings to_dict drops (attn_implementation)
             backbone_config.num_hidden_layers = self.layers[-1]
             self.model = ViTModel(backbone_config, add_pooling_layer=False)
             if not self.uses_final_norm:
@@ -111,7 +112,9 @@ class TaskExpertBackbone(nn.Module):
             self.channels = [backbone_config.hidden_size] * len(self.layers)
         else:
             settings = {**backbone_config.to_dict(), "out_indices": self.layers, "out_features": None}
-            backbone_config = backbone_config.__class__.from_dict(settings)
+            backbone_config = backbone_config.__class__.from_dict(
+                settings, attn_implementation=backbone_config._attn_implementation
+            )
             self.model = AutoBackbone.from_config(backbone_config)
             self.channels = list(self.model.channels)
 

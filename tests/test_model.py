@@ -297,3 +297,13 @@ def test_config_json_round_trip(tmp_path, config):
 def test_tasks_given_as_a_string_is_a_clear_error():
     with pytest.raises(ValueError, match="`tasks` must be a list of task names, got 'semseg'"):
         tiny_config(tasks="semseg", task_id2label={})
+
+
+def test_backbone_attention_implementation_is_kept():
+    """The backbone is built from a copy of its config; the attention implementation chosen there must survive."""
+    config = tiny_config()
+    config.backbone_config._attn_implementation = "eager"
+    model = TaskExpertForDensePrediction(config)
+    assert model.taskexpert.backbone.model.config._attn_implementation == "eager"
+    # The truncated copy does not change the config the model saves.
+    assert model.config.backbone_config.num_hidden_layers == 4
