@@ -202,6 +202,7 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
     parts += ["## Data pipeline vs training step", _data_text(sections["data_pipeline"])]
     parts += ["## `pipeline` end to end", _pipeline_text(sections["pipeline"])]
     parts += ["## Memory over repeated inference", _memory_text(sections["memory_growth"], plots)]
+    parts += ["## Mod-Squad: extracted single-task models", _modsquad_text(sections["modsquad_extraction"])]
     parts += ["## GPU", _gpu_text(sections["gpu"])]
     parts += ["## Optimisations made", OPTIMISATIONS]
     parts += ["## Reproduce", _reproduce_text()]
@@ -397,6 +398,27 @@ def _memory_text(growth: dict, plots: dict[str, str]) -> str:
                [[name, growth[name]["calls"], _mib(growth[name]["rss_before_bytes"]), _mib(growth[name]["rss_after_bytes"]),
                  f"{growth[name]['growth_bytes'] / 2**20:.2f}"] for name in ("model", "pipeline")]),
         f"![memory]({plots['memory_growth']})",
+    ])  # fmt: skip
+
+
+def _modsquad_text(extraction: dict) -> str:
+    rows = [[row["task"],
+             f"{' / '.join(map(str, row['experts_per_layer_extracted']))} of {' / '.join(map(str, row['experts_per_layer_full']))}",
+             f"{_millions(row['parameters_full'])} / {_millions(row['parameters_extracted'])}",
+             _ratio(row["time_ratio_extracted_to_full"]), f"{row['max_abs_difference']:.1e}"]
+            for row in extraction["tasks"]]  # fmt: skip
+    return "\n\n".join([
+        f"`ModSquadForDensePrediction.extract_task_model(task, by=\"router\")` on the `{extraction['config']}` config "
+        f"(random init) whose routers are set to prefer half of each layer's experts, a different half per task (as "
+        f"training with the mutual-information loss specialises them; random routers alone use every expert). "
+        f"Calibration: {extraction['calibration_images']} random images; latency and outputs on other images, "
+        f"{extraction['image_size']}² batch {extraction['batch']}, the extracted model against the full model asked "
+        "for the same task alone (interleaved, median of per-round ratios).",
+        _table(["task", "experts kept per MoE layer", "params full / extracted", "latency extracted / full",
+                "max abs diff"], rows),
+        "The extracted model drops the other tasks' heads and routers and the unused experts. Every token runs the "
+        "same experts as in the full model, so the expert FLOPs are the same; the latency difference comes from the "
+        "routing and dispatch over fewer experts.",
     ])  # fmt: skip
 
 

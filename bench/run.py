@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> dict:
     sections["pipeline"] = suites.pipeline_end_to_end(plan)
     logger.info("memory growth")
     sections["memory_growth"] = suites.memory_growth(plan)
+    logger.info("Mod-Squad extraction")
+    sections["modsquad_extraction"] = suites.modsquad_extraction(plan)
     sections["gpu"] = run_gpu(args, plan)
     results["sections"] = sections
 

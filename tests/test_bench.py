@@ -152,6 +152,7 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
     sections = results["sections"]
     assert set(sections) == {
         "variants", "headline", "batched_vs_loop", "scaling", "data_pipeline", "pipeline", "memory_growth", "gpu",
+        "modsquad_extraction",
     }  # fmt: skip
     variant = sections["variants"][0]
     assert set(variant["forward"]) == {"taskexpert", "backbone", "shared_decoder"}
@@ -170,3 +171,26 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
         assert f"(../plots/{name}.png)" in report  # linked relatively
     assert str(tmp_path) not in report
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_modsquad_extraction_keeps_outputs_with_fewer_parameters():
+    plan = suites.quick_plan()
+    result = suites.modsquad_extraction(plan)
+    model = suites.build_specialised_modsquad()
+    assert [row["task"] for row in result["tasks"]] == list(plan.modsquad_tasks)
+    for row in result["tasks"]:
+        # The specialised routers send every token to the task's preferred half of the experts.
+        assert row["experts_per_layer_full"] == [8, 8, 8, 8]
+        assert row["experts_per_layer_extracted"] == [4, 4, 4, 4]
+        assert row["parameters_full"] == models.count_parameters(model)
+        # Dropped: half of every MoE layer's experts, the other tasks' router columns and heads.
+        dropped = sum(
+            sum(getattr(layer, name)[0].numel() for name in layer.expert_parameters) * 4 + layer.router_weight.numel()
+            - layer.router_weight[0, :, :4].numel()
+            for _, layer in model.modsquad.moe_layers
+        ) + sum(models.count_parameters(head) for task, head in model.heads.items() if task != row["task"])
+        assert row["parameters_full"] - row["parameters_extracted"] == dropped
+        assert row["max_abs_difference"] < 1e-5
+        assert row["time_ratio_extracted_to_full"] > 0
+        assert row["full"]["rounds"] == row["extracted"]["rounds"] >= 9
