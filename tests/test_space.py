@@ -269,3 +269,26 @@ def test_expert_plot_has_usage_bars_and_memory_panel(app, demo_model):
     np.testing.assert_allclose(widths, prediction.expert_usage["edge"], rtol=1e-6)
     lines = {line.get_label(): line.get_ydata() for line in reliance.lines}
     np.testing.assert_allclose(lines["semseg"], prediction.expert_usage["semseg"][:, -1], rtol=1e-6)
+
+
+def test_mod_squad_models_show_their_routing_usage(app, tmp_path):
+    """A Mod-Squad model has no gates: the Experts tab shows its per-layer routing fractions instead."""
+    from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction
+
+    config = ModSquadConfig.from_json_file("hub_configs/models/modsquad-tiny.json")
+    torch.manual_seed(0)
+    model = ModSquadForDensePrediction(config).eval()
+    model.save_pretrained(tmp_path)
+    TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=config.patch_size).save_pretrained(tmp_path)
+    demo_model = app.load_demo_model(str(tmp_path))
+    image = random_image(50, 60)
+    prediction = app.predict(demo_model, image, tasks=["semseg", "depth"])
+    assert set(prediction.predictions) == {"semseg", "depth"} and not prediction.expert_maps
+    pixel_values = demo_model.processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values, tasks=["semseg", "depth"]).expert_usage
+    for task in ("semseg", "depth"):
+        np.testing.assert_allclose(prediction.expert_usage[task], expected[task].numpy(), atol=1e-6)
+        np.testing.assert_allclose(prediction.expert_usage[task].sum(-1), 1.0, atol=1e-5)  # routing fractions
+    figure = app.plot_expert_usage(prediction, "semseg", demo_model.layer_names())
+    assert figure.axes
