@@ -22,6 +22,7 @@ Generation is deterministic: sample `i` of a split depends only on (seed, split,
 output does not depend on the number of worker processes.
 """
 
+import abc
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
@@ -110,17 +111,19 @@ def _dot(a, b):
 
 
 @dataclass
-class Primitive:
+class Primitive(abc.ABC):
     semantic: int
     instance: int
     material: Material
     part: int = 0
 
-    def intersect(self, origins, directions):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def intersect(self, origins, directions):
+        """Ray parameters t of the first hit of each ray (inf where it misses)."""
 
-    def normal(self, points):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def normal(self, points):
+        """Unit surface normals at `points` on the primitive."""
 
 
 @dataclass

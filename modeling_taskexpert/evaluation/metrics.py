@@ -6,6 +6,7 @@ data-parallel evaluation sums them across processes before `summarise` turns the
 Inputs are validated tensors that follow `task_definitions` (see `DenseMultiTaskEvaluator.update`).
 """
 
+import abc
 import collections
 import concurrent.futures
 import math
@@ -35,15 +36,16 @@ class EmptyEvaluationError(ValueError):
     """Raised when a metric is asked for but no valid (non-ignored) pixel was seen."""
 
 
-class Meter:
+class Meter(abc.ABC):
     """Base class: a dict of state tensors, an `update` from one batch and a `summarise` of a state."""
 
     def __init__(self, task: str):
         self.task = task
         self.reset()
 
+    @abc.abstractmethod
     def initial_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Zeroed state tensors of this meter."""
 
     def reset(self) -> None:
         self.state = self.initial_state()
@@ -54,8 +56,9 @@ class Meter:
     def _add(self, name: str, value: torch.Tensor) -> None:
         self.state[name] += value.detach().to(device="cpu", dtype=self.state[name].dtype)
 
+    @abc.abstractmethod
     def summarise(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        raise NotImplementedError
+        """Metrics from a (possibly summed across processes) state."""
 
     def _require(self, count, what: str) -> None:
         if int(count) == 0:
