@@ -4,8 +4,8 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-from .configuration_taskexpert import PASCAL_HUMAN_PARTS_LABELS, PASCAL_SEMSEG_LABELS, PROTOCOL_LOSS_WEIGHTS
-from .task_definitions import check_task_name, validate_task_settings
+from .configuration_taskexpert import resolve_task_settings
+from .task_definitions import validate_task_settings
 
 MOE_LAYOUTS = ("twice", "every")
 _CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
@@ -169,24 +169,10 @@ class ModSquadConfig(PretrainedConfig):
         self.load_balance_loss_weight = load_balance_loss_weight
         self.expert_usage_momentum = expert_usage_momentum
 
-        default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
-        # Anything but a list is kept as given, so that validation names it (list("semseg") would split it).
-        self.tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-        if task_id2label is None:
-            defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
-            task_id2label = {t: dict(enumerate(defaults[t])) for t in self.tasks if t in defaults}
-        # JSON turns integer keys into strings; store them as ints again.
-        self.task_id2label = {
-            task: {int(index): str(name) for index, name in labels.items()} for task, labels in task_id2label.items()
-        }
+        self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
         self.head_hidden_size = head_hidden_size
         self.head_norm = head_norm
         self.depth_activation = depth_activation
-        for task in loss_weights or {}:
-            check_task_name(task, where="task in `loss_weights`")
-        weights = dict(PROTOCOL_LOSS_WEIGHTS)
-        weights.update(loss_weights or {})
-        self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}  # unknown tasks fail below
         self.edge_positive_weight = edge_positive_weight
         self.initializer_range = initializer_range
         super().__init__(**kwargs)

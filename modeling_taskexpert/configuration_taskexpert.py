@@ -27,6 +27,26 @@ _CHOICES = {
 }
 
 
+def resolve_task_settings(
+    tasks: Optional[list[str]], task_id2label: Optional[dict], loss_weights: Optional[dict[str, float]]
+) -> tuple:
+    """The task fields of a model config with their defaults filled in: `tasks` (the five PASCAL-Context tasks),
+    `task_id2label` (PASCAL names for the segmentation tasks present; integer ids, as JSON turns them into strings)
+    and `loss_weights` (the protocol's weights, overridden by the given ones). Validation comes later, in
+    `validate_task_settings`; anything but a list of tasks is kept as given so that it is named there (list("semseg")
+    would split it into letters)."""
+    default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
+    tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
+    if task_id2label is None:
+        defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
+        task_id2label = {t: dict(enumerate(defaults[t])) for t in tasks if t in defaults}
+    task_id2label = {task: {int(i): str(name) for i, name in labels.items()} for task, labels in task_id2label.items()}
+    for task in loss_weights or {}:
+        check_task_name(task, where="task in `loss_weights`")
+    weights = {**PROTOCOL_LOSS_WEIGHTS, **(loss_weights or {})}
+    return tasks, task_id2label, {task: float(weights.get(task, 1.0)) for task in tasks}  # unknown tasks fail later
+
+
 class TaskExpertConfig(PretrainedConfig):
     r"""
     Configuration of a [`TaskExpertModel`] / [`TaskExpertForDensePrediction`]: a ViT-style backbone with Memorial
@@ -161,16 +181,7 @@ class TaskExpertConfig(PretrainedConfig):
         self.backbone_config = backbone_config
         self.backbone_checkpoint = backbone_checkpoint
 
-        default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
-        # Anything but a list is kept as given, so that validation names it (list("semseg") would split it).
-        self.tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-        if task_id2label is None:
-            defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
-            task_id2label = {t: dict(enumerate(defaults[t])) for t in self.tasks if t in defaults}
-        # JSON turns integer keys into strings; store them as ints again.
-        self.task_id2label = {
-            task: {int(index): str(name) for index, name in labels.items()} for task, labels in task_id2label.items()
-        }
+        self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
         self.mmoe_layers = list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
         self.num_experts = num_experts
         self.expert_hidden_size = expert_hidden_size
@@ -187,11 +198,6 @@ class TaskExpertConfig(PretrainedConfig):
         self.head_uses_all_layers = head_uses_all_layers
         self.head_norm = head_norm
         self.depth_activation = depth_activation
-        for task in loss_weights or {}:
-            check_task_name(task, where="task in `loss_weights`")
-        weights = dict(PROTOCOL_LOSS_WEIGHTS)
-        weights.update(loss_weights or {})
-        self.loss_weights = {task: float(weights.get(task, 1.0)) for task in self.tasks}  # unknown tasks fail below
         self.edge_positive_weight = edge_positive_weight
         self.gate_balance_loss_weight = gate_balance_loss_weight
         self.initializer_range = initializer_range
