@@ -3,6 +3,7 @@
     python -m experiments.run                      # the full study (hours on 2 CPU cores)
     python -m experiments.run --quick              # a smoke test of the machinery (minutes)
     python -m experiments.run --only taskexpert single-semseg
+    python -m experiments.run --jobs 2             # two runs at once, one thread each (on 2 cores)
 
 Each run is `accelerate launch train.py --config RECIPE --seed S --output_dir ROOT/VARIANT/seedS ...`, with its console
 output in `launch.log` of its folder. A folder holding `metrics.json` is finished and skipped; any other is resumed
@@ -12,10 +13,13 @@ from its latest checkpoint (or started afresh when it has none). `ROOT/study.jso
 
 import argparse
 import contextlib
+import functools
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -86,14 +90,21 @@ def run_study(
     quick: bool = False,
     dataset: Optional[str] = None,
     launcher: Callable[[list[str], Path], int] = None,
+    jobs: int = 1,
 ) -> dict[str, str]:
     """Train the runs that are not finished; returns run name -> "skipped" / "finished" / "failed".
 
     `launcher(command, log_path)` runs one command and returns its exit status (default: a subprocess in the
-    repository root, its output in `log_path`). A failed run does not stop the others; its log says why.
+    repository root, its output in `log_path`). A failed run does not stop the others; its log says why. With
+    `jobs` > 1, that many runs train at once, each with an equal share of the CPU threads (small models use many
+    threads poorly, so two one-thread runs finish sooner than two two-thread runs one after the other).
     """
+    if jobs < 1:
+        raise StudyError(f"jobs must be at least 1, got {jobs}.")
     output_root = Path(output_root)
-    launcher = launcher or _launch_subprocess
+    if launcher is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        launcher = functools.partial(_launch_subprocess, threads=threads)
     _check_mode(output_root, quick)
     if dataset is None and quick:
         dataset = prepare_quick_dataset(output_root)
@@ -101,25 +112,31 @@ def run_study(
         load_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
     check_runs(runs, dataset)
     _record_study(output_root, runs, quick, dataset)
-    outcome = {}
-    for index, run in enumerate(runs, start=1):
+
+    def train(index: int, run: Run) -> str:
         folder = run_dir(output_root, run)
         if is_finished(folder):
-            outcome[run.name] = "skipped"
-            print(f"[{index}/{len(runs)}] {run.name}: finished before, skipped")
-            continue
+            print(f"[{index}/{len(runs)}] {run.name}: finished before, skipped", flush=True)
+            return "skipped"
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         status = launcher(launch_command(run, folder, dataset), folder / "launch.log")
-        outcome[run.name] = "finished" if status == 0 and is_finished(folder) else "failed"
-        print(f"[{index}/{len(runs)}] {run.name}: {outcome[run.name]} in {time.perf_counter() - start:.0f} s"
-              + (f" (see {folder / 'launch.log'})" if outcome[run.name] == "failed" else ""))  # fmt: skip
-    return outcome
+        outcome = "finished" if status == 0 and is_finished(folder) else "failed"
+        print(f"[{index}/{len(runs)}] {run.name}: {outcome} in {time.perf_counter() - start:.0f} s"
+              + (f" (see {folder / 'launch.log'})" if outcome == "failed" else ""), flush=True)  # fmt: skip
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(train, index, run) for index, run in enumerate(runs, start=1)]
+        return {run.name: future.result() for run, future in zip(runs, futures)}
 
 
-def _launch_subprocess(command: list[str], log_path: Path) -> int:
+def _launch_subprocess(command: list[str], log_path: Path, threads: Optional[int] = None) -> int:
+    environment = dict(os.environ)
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "a") as log:
-        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
 
 
 def _check_mode(output_root: Path, quick: bool) -> None:
@@ -173,6 +190,8 @@ def main(argv=None) -> int:
                         help=f"runs go to OUTPUT_ROOT/VARIANT/seedS (default: {DEFAULT_OUTPUT_ROOT}, "
                              f"or {DEFAULT_QUICK_OUTPUT_ROOT} with --quick)")  # fmt: skip
     parser.add_argument("--dataset", default=None, help="dataset folder for every run (default: each recipe's)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with CPU cores / JOBS threads (default: 1)")  # fmt: skip
     args = parser.parse_args(argv)
     output_root = args.output_root or Path(DEFAULT_QUICK_OUTPUT_ROOT if args.quick else DEFAULT_OUTPUT_ROOT)
     try:
@@ -180,7 +199,7 @@ def main(argv=None) -> int:
         dataset = str(Path(args.dataset).resolve()) if args.dataset else None
         if dataset is None and not args.quick:
             load_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named
-        outcome = run_study(runs, output_root.resolve(), quick=args.quick, dataset=dataset)
+        outcome = run_study(runs, output_root.resolve(), quick=args.quick, dataset=dataset, jobs=args.jobs)
     except (StudyError, ValueError, FileNotFoundError) as error:
         print(f"experiments.run: {error}", file=sys.stderr)
         return 2

@@ -50,22 +50,22 @@ class Run:
 
 ABLATIONS = "hub_configs/ablations"
 VARIANTS = (
-    Variant("taskexpert", "hub_configs/synthetic-small.yaml", "taskexpert",
-            "TaskExpert (default): 6 experts, dynamic gates, memory, MMoE at layers 2, 4, 6"),
-    Variant("no-memory", f"{ABLATIONS}/synthetic-small-no-memory.yaml", "ablation", "without the multi-task memory"),
-    Variant("uniform-gates", f"{ABLATIONS}/synthetic-small-uniform-gates.yaml", "ablation",
+    Variant("taskexpert", "hub_configs/synthetic-tiny.yaml", "taskexpert",
+            "TaskExpert (default): 4 experts, dynamic gates, memory, MMoE at layers 2 and 4"),
+    Variant("no-memory", f"{ABLATIONS}/synthetic-tiny-no-memory.yaml", "ablation", "without the multi-task memory"),
+    Variant("uniform-gates", f"{ABLATIONS}/synthetic-tiny-uniform-gates.yaml", "ablation",
             "uniform instead of dynamic gates"),
-    Variant("one-expert", f"{ABLATIONS}/synthetic-small-one-expert.yaml", "ablation", "1 expert (with memory)"),
-    Variant("two-experts", f"{ABLATIONS}/synthetic-small-two-experts.yaml", "ablation", "2 experts"),
-    Variant("twelve-experts", f"{ABLATIONS}/synthetic-small-twelve-experts.yaml", "ablation", "12 experts"),
-    Variant("last-layer-only", f"{ABLATIONS}/synthetic-small-last-layer-only.yaml", "ablation",
+    Variant("one-expert", f"{ABLATIONS}/synthetic-tiny-one-expert.yaml", "ablation", "1 expert (with memory)"),
+    Variant("two-experts", f"{ABLATIONS}/synthetic-tiny-two-experts.yaml", "ablation", "2 experts"),
+    Variant("twelve-experts", f"{ABLATIONS}/synthetic-tiny-twelve-experts.yaml", "ablation", "12 experts"),
+    Variant("last-layer-only", f"{ABLATIONS}/synthetic-tiny-last-layer-only.yaml", "ablation",
             "MMoE at the last layer only"),
-    Variant("shared-decoder", f"{ABLATIONS}/synthetic-small-shared-decoder.yaml", "baseline",
+    Variant("shared-decoder", f"{ABLATIONS}/synthetic-tiny-shared-decoder.yaml", "baseline",
             "shared-decoder multi-task baseline: 1 expert, no memory, uniform gates"),
-    Variant("modsquad", "hub_configs/modsquad-synthetic-small.yaml", "modsquad",
+    Variant("modsquad", "hub_configs/modsquad-synthetic-tiny.yaml", "modsquad",
             "Mod-Squad (tiny): MoE attention and MLP with per-task routers"),
 ) + tuple(
-    Variant(f"single-{task}", f"{ABLATIONS}/synthetic-small-single-{task}.yaml", "single-task",
+    Variant(f"single-{task}", f"{ABLATIONS}/synthetic-tiny-single-{task}.yaml", "single-task",
             f"single-task model for {task} (the Δm reference)")
     for task in TASKS
 )  # fmt: skip

@@ -7,7 +7,9 @@ The file has two halves: plain functions that load the model and an image, run t
 (tests call them directly), and `build_demo`, which wires them to the Gradio page and its `predict` API endpoint.
 """
 
+import hashlib
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -23,6 +25,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch.nn import functional as F
+from gradio.components.annotated_image import Annotation
+from gradio.data_classes import FileData
 from transformers import AutoImageProcessor, AutoModel
 
 import modeling_taskexpert  # noqa: F401  (registers the model types with the Auto classes)
@@ -248,6 +252,82 @@ class ImageUpload(gr.Image):
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
             name = getattr(payload, "orig_name", None) or "The upload"
             raise gr.Error(f"`{name}` is not an image this demo can read; upload a {SUPPORTED_FORMATS} file.") from error
+
+
+def save_png_once(image: Union[np.ndarray, Image.Image], cache_dir: Union[str, Path]) -> str:
+    """Save `image` as PNG under `cache_dir/<sha256 of the bytes>/image.png` and return the path.
+
+    gradio's own helper (`processing_utils.save_pil_to_cache`) rewrites that content-addressed file in place on every
+    request, so when two concurrent requests produce the same map, one can be served a file the other is rewriting.
+    Here an existing file is never touched, and a new one is written under a temporary name and renamed into place.
+    """
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    folder = Path(cache_dir) / hashlib.sha256(data).hexdigest()
+    target = folder / "image.png"
+    if target.is_file():
+        os.utime(target)  # gradio's `delete_cache` ages files by their time: keep a re-served file alive
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(dir=folder, prefix=".image.png.")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
+class ImageOutput(gr.Image):
+    """`gr.Image` for outputs: array values are saved with `save_png_once` (safe under concurrent requests).
+
+    A template of `gr.Image`: the page shows the standard image component.
+    """
+
+    is_template = True
+
+    def postprocess(self, value):
+        if isinstance(value, (np.ndarray, Image.Image)):
+            value = save_png_once(value, self.GRADIO_CACHE)
+        return super().postprocess(value)
+
+
+class AnnotatedImageOutput(gr.AnnotatedImage):
+    """`gr.AnnotatedImage` whose base image and masks are saved with `save_png_once` (safe under concurrent requests).
+
+    Takes what `gr.AnnotatedImage` takes with array masks: (RGB image, [(mask in [0, 1] (H, W), label), ...]). A
+    template of `gr.AnnotatedImage`: the page shows the standard component.
+    """
+
+    is_template = True
+
+    def postprocess(self, value):
+        if value is None:
+            return None
+        image, annotations = value
+        if not isinstance(image, str):
+            image = save_png_once(np.asarray(image), self.GRADIO_CACHE)
+        data = super().postprocess((image, []))
+        color_map = self.color_map or {}
+        for mask, label in annotations:
+            mask = np.asarray(mask, dtype=np.float64)
+            rgb = _rgb_of_hex(color_map.get(label, "#ff0000"))
+            colored = np.zeros((*mask.shape, 4), dtype=np.uint8)
+            colored[..., :3] = np.where((mask > 0)[..., None], np.array(rgb, dtype=np.uint8), 0)
+            colored[..., 3] = (mask * 255).astype(np.uint8)
+            path = save_png_once(colored, self.GRADIO_CACHE)
+            data.annotations.append(Annotation(image=FileData(path=path), label=label))
+        return data
+
+
+def _rgb_of_hex(color: str) -> tuple[int, int, int]:
+    color = color.lstrip("#")
+    return tuple(int(color[i : i + 2], 16) for i in (0, 2, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,7 +614,7 @@ def build_demo(model_path: Optional[str] = None) -> gr.Blocks:
                                 value=0 if layer_names else None,
                                 label="MMoE layer",
                             )
-                        expert_map = gr.AnnotatedImage(
+                        expert_map = AnnotatedImageOutput(
                             label="Dominant expert", format="png", height=420, elem_id="expert-map"
                         )
                         expert_plot = gr.Plot(label="Expert and memory usage", show_label=False, elem_id="expert-plot")
@@ -626,8 +706,8 @@ def _task_component(task: str, demo_model: DemoModel):
     """The output component of one task: an annotated overlay for segmentation, an image otherwise."""
     common = {"label": task_label(task), "format": "png", "elem_id": f"map-{task}", "min_width": 240}
     if TASKS[task].kind == "segmentation":
-        return gr.AnnotatedImage(color_map=class_color_map(class_names(demo_model.config, task)), **common)
-    return gr.Image(interactive=False, **common)
+        return AnnotatedImageOutput(color_map=class_color_map(class_names(demo_model.config, task)), **common)
+    return ImageOutput(interactive=False, **common)
 
 
 def launch(demo: gr.Blocks, **launch_kwargs):

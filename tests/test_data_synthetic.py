@@ -153,3 +153,12 @@ def test_invalid_sizes_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_synthetic_dataset(tmp_path / "x", train_size=1, val_size=1, image_size=4)
     assert not (tmp_path / "x").exists()
+
+
+def test_figures_are_large_enough_for_their_parts_to_be_learnable(samples):
+    """Figures stand close to the camera, in its view: where one is visible, its parts cover several percent of the
+    image (at 1-2 % a small model predicts background everywhere), and every part group appears."""
+    part_maps = [sample["human_parts"] for sample in samples if sample["human_parts"] is not None]
+    assert len(part_maps) >= len(samples) // 2
+    assert np.mean([(parts > 0).mean() for parts in part_maps]) > 0.03
+    assert set(np.unique(np.concatenate([parts.ravel() for parts in part_maps]))) == set(range(7))

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_every_study_recipe_loads_and_shared_decoder_is_what_it_claims():
     assert shared == {"num_experts": 1, "use_memory": False, "gating": "uniform"}
     assert recipes["modsquad"].model_config.endswith("modsquad-tiny.json")
     # Every model of the study trains with the same schedule as the default TaskExpert.
-    assert {(r.max_steps, r.learning_rate, r.per_device_train_batch_size) for r in recipes.values()} == {(2000, 1e-3, 8)}
+    assert {(r.max_steps, r.learning_rate, r.per_device_train_batch_size) for r in recipes.values()} == {(600, 2e-3, 8)}
     for task in TASKS:
         assert recipes[f"single-{task}"].tasks == [task]
 
@@ -107,7 +108,7 @@ def test_finished_runs_are_skipped_and_failures_do_not_stop_the_study(tmp_path):
     outcome = run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls))
     assert set(outcome.values()) == {"skipped"} and calls == []
 
-    broken = study.Variant("broken", "hub_configs/synthetic-small.yaml", "ablation", "fails")
+    broken = study.Variant("broken", "hub_configs/synthetic-tiny.yaml", "ablation", "fails")
     runs = [study.Run(broken, 0)] + _variant_runs(["single-depth"], seeds=(0,))
     outcome = run.run_study(runs, tmp_path, launcher=fake_launcher(calls))
     assert outcome == {"broken/seed0": "failed", "single-depth/seed0": "finished"}
@@ -117,8 +118,22 @@ def test_finished_runs_are_skipped_and_failures_do_not_stop_the_study(tmp_path):
         run.run_study(_variant_runs(["taskexpert"]), tmp_path, quick=True, launcher=fake_launcher(calls))
 
 
+def test_parallel_jobs_train_every_run_once_with_a_share_of_the_threads(tmp_path):
+    calls = []
+    names = ["taskexpert", "single-semseg", "single-depth"]
+    outcome = run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls), jobs=2)
+    assert list(outcome) == [f"{name}/seed{seed}" for name in names for seed in (0, 1)]
+    assert set(outcome.values()) == {"finished"} and sorted(calls) == sorted(names * 2)
+    with pytest.raises(run.StudyError, match="jobs must be at least 1"):
+        run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls), jobs=0)
+    # The default launcher gives each run its share of the threads through OMP_NUM_THREADS.
+    log = tmp_path / "launch.log"
+    command = [sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"]
+    assert run._launch_subprocess(command, log, threads=3) == 0 and log.read_text().strip() == "3"
+
+
 def test_bad_override_fails_before_any_run(tmp_path):
-    variant = study.Variant("taskexpert", "hub_configs/synthetic-small.yaml", "taskexpert", "x", {"max_stepz": 3})
+    variant = study.Variant("taskexpert", "hub_configs/synthetic-tiny.yaml", "taskexpert", "x", {"max_stepz": 3})
     calls = []
     with pytest.raises(run.StudyError, match=r"taskexpert/seed0.*max_stepz"):
         run.run_study([study.Run(variant, 0)], tmp_path, launcher=fake_launcher(calls))

@@ -292,3 +292,38 @@ def test_mod_squad_models_show_their_routing_usage(app, tmp_path):
         np.testing.assert_allclose(prediction.expert_usage[task].sum(-1), 1.0, atol=1e-5)  # routing fractions
     figure = app.plot_expert_usage(prediction, "semseg", demo_model.layer_names())
     assert figure.axes
+
+
+def test_output_images_are_written_once_and_never_rewritten(app, tmp_path):
+    """Concurrent requests with identical maps share one cache file: a second save must not rewrite it (a client
+    could be downloading it), and a new file appears complete or not at all (no partial name left behind)."""
+    rgb = random_image(20, 30)
+    first = Path(app.save_png_once(rgb, tmp_path))
+    inode, content = first.stat().st_ino, first.read_bytes()
+    second = Path(app.save_png_once(Image.fromarray(rgb), tmp_path))
+    assert second == first and second.stat().st_ino == inode and second.read_bytes() == content
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), rgb)
+    assert [path.name for path in first.parent.iterdir()] == ["image.png"]
+    other = Path(app.save_png_once(random_image(20, 30, seed=1), tmp_path))
+    assert other.parent != first.parent
+
+
+def test_output_components_serve_the_maps_through_write_once_files(app, tmp_path, monkeypatch):
+    rgb = random_image(16, 24)
+    image_output = app.ImageOutput(format="png")
+    monkeypatch.setattr(image_output, "GRADIO_CACHE", str(tmp_path))
+    data = image_output.postprocess(rgb)
+    np.testing.assert_array_equal(np.asarray(Image.open(data.path)), rgb)
+    assert Path(data.path).parent.parent == tmp_path
+
+    labels = np.zeros((16, 24), dtype=np.int64)
+    labels[4:10, 5:20] = 2
+    overlay = app.AnnotatedImageOutput(format="png", color_map={"cat": "#102030"})
+    monkeypatch.setattr(overlay, "GRADIO_CACHE", str(tmp_path))
+    data = overlay.postprocess(app.segmentation_overlay(rgb, labels, ["background", "x", "cat"]))
+    np.testing.assert_array_equal(np.asarray(Image.open(data.image.path)), rgb)
+    assert [annotation.label for annotation in data.annotations] == ["background", "cat"]
+    mask = np.asarray(Image.open(data.annotations[1].image.path))  # RGBA: the class colour where the class is
+    assert mask.shape == (16, 24, 4)
+    np.testing.assert_array_equal(mask[5, 6], [0x10, 0x20, 0x30, int(app._OVERLAY_OPACITY * 255)])
+    assert (mask[labels != 2] == 0).all()

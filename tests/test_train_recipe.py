@@ -18,15 +18,19 @@ def test_every_shipped_recipe_loads():
 
 def test_overrides_and_inheritance():
     recipe = parse_command_line(
-        ["--config", "hub_configs/ablations/synthetic-small-no-memory.yaml", "--max_steps", "7", "--warmup_steps", "0", "--tasks=[depth, semseg]",
+        ["--config", "hub_configs/ablations/synthetic-tiny-no-memory.yaml", "--max_steps", "7", "--warmup_steps", "0", "--tasks=[depth, semseg]",
          "--model_overrides", "{num_experts: 3}", "--push_to_hub", "--hub_model_id", "me/x"]
     )  # fmt: skip
     assert recipe.max_steps == 7 and recipe.tasks == ["depth", "semseg"] and recipe.push_to_hub
     # The ablation's own override survives the command-line one (mappings are merged) ...
     assert recipe.model_overrides == {"use_memory": False, "num_experts": 3}
-    # ... and fields come from the base chain: synthetic-small -> synthetic-tiny.
+    # ... and fields come from the base: synthetic-tiny.
+    assert recipe.model_config == "hub_configs/models/taskexpert-tiny.json"
+    assert recipe.per_device_train_batch_size == 8 and recipe.learning_rate == 2.0e-3
+    # A chain of bases: synthetic-small -> synthetic-tiny (its own fields win over its base's).
+    recipe = load_recipe("hub_configs/synthetic-small.yaml")
     assert recipe.model_config == "hub_configs/models/taskexpert-small.json"
-    assert recipe.per_device_train_batch_size == 8 and recipe.learning_rate == 1.0e-3
+    assert recipe.per_device_train_batch_size == 8 and recipe.learning_rate == 1.0e-3 and recipe.max_steps == 2000
 
 
 @pytest.mark.parametrize(

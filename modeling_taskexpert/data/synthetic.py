@@ -388,19 +388,54 @@ def _random_scene(rng) -> tuple[Scene, dict]:
         wall.material.specular = 0.0
     groups = [Group(room, casts_shadow=False)]
 
+    camera = {
+        "position": np.array([rng.uniform(-0.5, 0.5), rng.uniform(1.2, 2.2), rng.uniform(0.0, 1.0)]),
+        "yaw": rng.uniform(-0.35, 0.35),
+        "pitch": rng.uniform(-0.4, -0.05),
+        "fov": np.deg2rad(rng.uniform(50, 70)),
+    }
     footprints = []  # (x, z, radius) of what stands on the floor, to avoid interpenetration
+
+    def is_free(x, z, radius):
+        inside = -left + radius + 0.2 < x < right - radius - 0.2 and -depth + radius + 0.2 < z < -radius
+        return inside and all((x - fx) ** 2 + (z - fz) ** 2 > (radius + fr + 0.05) ** 2 for fx, fz, fr in footprints)
 
     def place(radius, farthest=np.inf):
         """A free floor spot for a footprint of `radius`, at most `farthest` metres in front of z = 0."""
         for _ in range(20):
             x = rng.uniform(-left + radius + 0.2, right - radius - 0.2)
             z = rng.uniform(max(-depth + radius + 0.2, -farthest), -2.0 - radius)
-            if all((x - fx) ** 2 + (z - fz) ** 2 > (radius + fr + 0.05) ** 2 for fx, fz, fr in footprints):
+            if is_free(x, z, radius):
                 footprints.append((x, z, radius))
                 return x, z
         return None
 
+    def place_in_view(radius, nearest, farthest):
+        """A free floor spot `nearest`-`farthest` metres ahead of the camera, within the middle of its field of view."""
+        for _ in range(20):
+            distance = rng.uniform(nearest, farthest)
+            angle = camera["yaw"] + rng.uniform(-0.5, 0.5) * camera["fov"] / 2
+            x = camera["position"][0] + distance * np.sin(angle)
+            z = camera["position"][2] - distance * np.cos(angle)
+            if is_free(x, z, radius):
+                footprints.append((x, z, radius))
+                return x, z
+        return None
+
+    # Figures first, close to the camera: their parts must span enough pixels to be learnable at 128 px
+    # (PASCAL-Context's people are mostly large too).
     instance = 5
+    figures = []
+    for _ in range(rng.choice([0, 1, 1, 2, 2])):
+        height = rng.uniform(1.4, 1.9)
+        spot = place_in_view(0.5 * height / 1.75 + 0.25, nearest=1.7, farthest=3.8)
+        if spot is None:
+            continue
+        skin = Material(color=np.array([0.55, 0.38, 0.28]) * rng.uniform(0.6, 1.5))
+        shirt, trousers = _random_material(rng, allow_patterns=rng.uniform() < 0.5), _random_material(rng, False)
+        figures.append(_figure(rng, (spot[0], 0.0, spot[1]), rng.uniform(0, 2 * np.pi), height, instance, skin, shirt, trousers))
+        instance += 1
+
     for _ in range(rng.integers(2, 7)):
         kind = rng.choice([SPHERE, BOX, CYLINDER])
         material = _random_material(rng)
@@ -425,16 +460,7 @@ def _random_scene(rng) -> tuple[Scene, dict]:
             groups.append(Group([primitive]))
             instance += 1
 
-    num_figures = rng.choice([0, 1, 1, 2, 2])
-    for _ in range(num_figures):
-        height = rng.uniform(1.4, 1.9)
-        spot = place(0.5 * height / 1.75 + 0.25, farthest=6.5)  # near enough for their parts to be visible
-        if spot is None:
-            continue
-        skin = Material(color=np.array([0.55, 0.38, 0.28]) * rng.uniform(0.6, 1.5))
-        shirt, trousers = _random_material(rng, allow_patterns=rng.uniform() < 0.5), _random_material(rng, False)
-        groups.append(_figure(rng, (spot[0], 0.0, spot[1]), rng.uniform(0, 2 * np.pi), height, instance, skin, shirt, trousers))
-        instance += 1
+    groups += figures
 
     azimuth, elevation = rng.uniform(-1.2, 1.2), rng.uniform(0.4, 1.2)
     light = np.array([np.sin(azimuth) * np.cos(elevation), np.sin(elevation), np.cos(azimuth) * np.cos(elevation)])
@@ -442,12 +468,6 @@ def _random_scene(rng) -> tuple[Scene, dict]:
         groups=groups, light=light, ambient=rng.uniform(0.15, 0.4), sun=rng.uniform(0.7, 1.1),
         sky_top=_random_color(rng, (0.3, 0.7), (0.6, 1.0)), sky_horizon=np.array([0.9, 0.9, 0.92]) * rng.uniform(0.8, 1.0),
     )  # fmt: skip
-    camera = {
-        "position": np.array([rng.uniform(-0.5, 0.5), rng.uniform(1.2, 2.2), rng.uniform(0.0, 1.0)]),
-        "yaw": rng.uniform(-0.35, 0.35),
-        "pitch": rng.uniform(-0.4, -0.05),
-        "fov": np.deg2rad(rng.uniform(50, 70)),
-    }
     return scene, camera
 
 
