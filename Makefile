@@ -41,15 +41,17 @@ space: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
-# The TaskExpert study (experiments/study.py): trains every run that is not finished (hours on 2 CPU cores), then
-# rebuilds docs/results.md from the run folders. QUICK=1: a few minutes' smoke test of the same machinery.
+# The TaskExpert study (experiments/study.py): trains every run that is not finished, JOBS runs at once (the tiny
+# models use one core well and a second one poorly), then rebuilds docs/results.md from the run folders.
+# QUICK=1: a few minutes' smoke test of the same machinery.
+JOBS ?= 2
 experiments: $(STAMP)
 ifdef QUICK
 	$(PY) -m experiments.run --quick
 	$(PY) -m experiments.report --output-root outputs/experiments-quick
 else
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
-	$(PY) -m experiments.run
+	$(PY) -m experiments.run --jobs $(JOBS)
 	$(PY) -m experiments.report
 endif
 

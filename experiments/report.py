@@ -110,7 +110,8 @@ def collect(output_root: Path) -> dict:
             variant["missing"].append(entry["seed"])
     order = {kind: index for index, kind in enumerate(KINDS)}
     ordered = sorted(variants.values(), key=lambda v: order[v["kind"]])  # stable: the study's order within a kind
-    return {"mode": study["mode"], "dataset": study["dataset"], "variants": {v["name"]: v for v in ordered}}
+    return {"mode": study["mode"], "dataset": study["dataset"], "jobs": study.get("jobs", 1),
+            "cpu_count": study.get("cpu_count"), "variants": {v["name"]: v for v in ordered}}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def build_markdown(collected: dict, summary: dict, costs: dict, usage: dict, fig
               "tasks (main metrics: " + ", ".join(f"{t} {k}" for t, (k, _) in PRIMARY_METRICS.items()) + ").",
               "- Cost: parameters; FLOPs of one forward pass of one image at the evaluation size, all tasks "
               "(`torch.utils.flop_counter`, a multiply-add = 2 FLOPs); step time = median over logging windows of one "
-              f"optimiser step as logged, on {os.cpu_count()} CPU core(s) of the machine that ran the study.", ""]  # fmt: skip
+              f"optimiser step as logged, {_step_time_conditions(collected)}.", ""]  # fmt: skip
 
     missing = {name: v["missing"] for name, v in variants.items() if v["missing"]}
     if missing:
@@ -462,6 +463,15 @@ def build_markdown(collected: dict, summary: dict, costs: dict, usage: dict, fig
                   + ("the quick mode's models are not worth serving." if quick else "Δm of the default TaskExpert is not available."), ""]
     lines += [GUIDE.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def _step_time_conditions(collected: dict) -> str:
+    """Where the step times were measured: they compare with each other only under the same conditions."""
+    jobs, cores = collected.get("jobs", 1), collected.get("cpu_count") or os.cpu_count()
+    if jobs > 1:
+        return (f"with {jobs} runs training at once on {cores} CPU core(s), each with {max(1, cores // jobs)} "
+                "thread(s) (`--jobs`)")
+    return f"one run at a time on {cores} CPU core(s)"
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -111,7 +111,7 @@ def run_study(
     if dataset is not None:
         load_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
     check_runs(runs, dataset)
-    _record_study(output_root, runs, quick, dataset)
+    _record_study(output_root, runs, quick, dataset, jobs)
 
     def train(index: int, run: Run) -> str:
         folder = run_dir(output_root, run)
@@ -147,8 +147,9 @@ def _check_mode(output_root: Path, quick: bool) -> None:
             raise StudyError(f"{Path(output_root) / STUDY_FILE} records a {recorded} study; use another --output-root for this mode.")
 
 
-def _record_study(output_root: Path, runs: list[Run], quick: bool, dataset: Optional[str]) -> None:
-    """`study.json`: the mode and every run of the study, merged with the runs recorded before (e.g. by `--only`)."""
+def _record_study(output_root: Path, runs: list[Run], quick: bool, dataset: Optional[str], jobs: int = 1) -> None:
+    """`study.json`: the mode, how many runs trained at once (their step times depend on it) and every run of the
+    study, merged with the runs recorded before (e.g. by `--only`)."""
     path = output_root / STUDY_FILE
     recorded = read_study(output_root) if path.is_file() else {"runs": []}
     entries = {entry["name"]: entry for entry in recorded["runs"]}
@@ -159,7 +160,8 @@ def _record_study(output_root: Path, runs: list[Run], quick: bool, dataset: Opti
             "folder": str(Path(run.variant.name) / f"seed{run.seed}"),
         }  # fmt: skip
     dataset = dataset or recipe_dataset(runs[0])
-    write_json_atomic(path, {"mode": "quick" if quick else "full", "dataset": dataset, "runs": list(entries.values())})
+    write_json_atomic(path, {"mode": "quick" if quick else "full", "dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count(),
+                             "runs": list(entries.values())})  # fmt: skip
 
 
 def recipe_dataset(run: Run) -> str:

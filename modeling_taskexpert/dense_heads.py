@@ -31,8 +31,11 @@ class DenseTaskHead(nn.Module):
         self.classifier = nn.Conv2d(hidden_size, out_channels, kernel_size=1)
 
     def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        # Channels-last convolutions at token resolution (a no-op when the features are a channels-last view of
+        # tokens, as TaskExpert's are); the few-channel logits go back to channels-first for the upsampling.
+        features = features.contiguous(memory_format=torch.channels_last)
         logits = self.classifier(F.gelu(self.norm(self.conv(features))))
         quarter = (max(output_size[0] // 4, 1), max(output_size[1] // 4, 1))
         if logits.shape[-2:] != quarter:
             logits = F.interpolate(logits, size=quarter, mode="bilinear", align_corners=False)
-        return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+        return F.interpolate(logits.contiguous(), size=output_size, mode="bilinear", align_corners=False)

@@ -180,11 +180,11 @@ class TaskExpertExperts(nn.Module):
             hidden = hidden.view(batch, *grid, -1).permute(0, 3, 1, 2)
             hidden = self.depthwise(hidden).permute(0, 2, 3, 1).reshape(batch * num_tokens, -1)
         hidden = hidden.view(batch * num_tokens, self.num_experts, self.dim)
-        hidden = F.layer_norm(hidden, (self.dim,), eps=self.eps) * self.norm_weight + self.norm_bias
-        hidden = F.gelu(hidden)
-        # (E, B*N, D) @ (E, D, D): one batched matmul for all experts.
-        out = torch.bmm(hidden.transpose(0, 1), self.fc2_weight).transpose(0, 1) + self.fc2_bias
-        return out.reshape(batch, num_tokens, self.num_experts, self.dim)
+        # Per-expert LayerNorm affine in one fused multiply-add (F.layer_norm's affine is shared by all experts).
+        hidden = F.gelu(torch.addcmul(self.norm_bias, F.layer_norm(hidden, (self.dim,), eps=self.eps), self.norm_weight))
+        # (E, B*N, D) @ (E, D, D) + bias: one batched matmul for all experts, the bias added inside it.
+        out = torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden.transpose(0, 1), self.fc2_weight)
+        return out.transpose(0, 1).reshape(batch, num_tokens, self.num_experts, self.dim)
 
     def forward_loop(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Reference computation with one expert at a time (same weights and outputs); used by the tests and the
@@ -275,7 +275,11 @@ class TaskExpertMMoELayer(GradientCheckpointingLayer):
     def initial_memory(self, tokens: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
         if self.memory_projection is None:
             return tokens.new_zeros(tokens.shape[0], task_index.numel(), tokens.shape[1], self.memory_dim)
-        return torch.einsum("bnc,tcd->btnd", tokens, self.memory_projection[task_index])
+        # One (B*N, C) @ (C, T'*D) matmul for all selected tasks.
+        batch, num_tokens, channels = tokens.shape
+        weight = self.memory_projection[task_index].transpose(0, 1).reshape(channels, -1)
+        memory = (tokens.reshape(batch * num_tokens, channels) @ weight).view(batch, num_tokens, -1, self.memory_dim)
+        return memory.transpose(1, 2)
 
     def forward(
         self,
@@ -300,7 +304,7 @@ class TaskExpertMMoELayer(GradientCheckpointingLayer):
         elif memory_grid != grid:
             # Hierarchical backbones (Swin, ...) change the token grid between layers.
             memory = _to_maps(memory, memory_grid, grid).flatten(3).transpose(2, 3)
-        features = features + gates[..., self.num_experts :] * memory
+        features = torch.addcmul(features, gates[..., self.num_experts :], memory)
         written = self.memory_norm(features, task_index)
         if self.memory_update == "residual":
             written = memory + written
@@ -435,12 +439,15 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
 
 
 def _to_maps(features: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
-    """(B, T, N, D) tokens on `grid` -> (B, T, D, h, w) maps on `target`."""
+    """(B, T, N, D) tokens on `grid` -> (B, T, D, h, w) maps on `target`.
+
+    The maps are a channels-last view of the tokens (no copy): the heads' convolutions run channels-last on CPU and
+    GPU, which is faster than reordering to channels-first and back."""
     batch, tasks, _, dim = features.shape
-    maps = features.transpose(2, 3).reshape(batch * tasks, dim, *grid)
+    maps = features.reshape(batch * tasks, *grid, dim).permute(0, 3, 1, 2)
     if grid != target:
         maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
-    return maps.reshape(batch, tasks, dim, *target)
+    return maps.unflatten(0, (batch, tasks))
 
 
 class TaskExpertForDensePrediction(DenseTaskHeadsMixin, TaskExpertPreTrainedModel):

@@ -42,7 +42,9 @@ logger = logging.getLogger(__name__)
 SPACE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SPACE_DIR.parent
 MODEL_ENV_VAR = "TASKEXPERT_MODEL"
-# What `make train` writes, relative to the repository root.
+# The default models, relative to the repository root, in order of preference: the best TaskExpert of the synthetic
+# study (`make experiments` copies it there), else the one `make train` writes.
+BEST_MODEL = "outputs/taskexpert-synthetic-best"
 DEFAULT_MODEL = "outputs/taskexpert-synthetic-tiny"
 EXAMPLES_DIR = SPACE_DIR / "examples"
 
@@ -138,16 +140,19 @@ class DemoModel:
 
 
 def load_demo_model(model_path: Optional[str] = None) -> DemoModel:
-    """Load the model and its processor from `model_path`, else `$TASKEXPERT_MODEL`, else the `make train` folder.
+    """Load the model and its processor from `model_path`, else `$TASKEXPERT_MODEL`, else the study's best synthetic
+    TaskExpert when `make experiments` has written it, else the `make train` folder.
 
     A local folder or a Hub id. Only the model classes this environment has (the installed package) are used;
     remote code is never trusted implicitly. Raises `ModelUnavailable` with instructions when nothing can be loaded.
     """
     explicit = model_path or os.environ.get(MODEL_ENV_VAR)
-    source = str(explicit or REPO_ROOT / DEFAULT_MODEL)
+    best = REPO_ROOT / BEST_MODEL
+    source = str(explicit or (best if (best / "config.json").is_file() else REPO_ROOT / DEFAULT_MODEL))
     how_to_get_one = (
-        f"Run `make train` to train the tiny synthetic model into `{DEFAULT_MODEL}`, or set `{MODEL_ENV_VAR}` to a "
-        "model folder or a Hub model id, then restart the app."
+        f"Run `make train` to train the tiny synthetic model into `{DEFAULT_MODEL}` (or `make experiments` for the "
+        f"study's best model in `{BEST_MODEL}`), or set `{MODEL_ENV_VAR}` to a model folder or a Hub model id, then "
+        "restart the app."
     )
     if not Path(source).expanduser().is_dir():
         if explicit is None:

@@ -124,6 +124,10 @@ def test_parallel_jobs_train_every_run_once_with_a_share_of_the_threads(tmp_path
     outcome = run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls), jobs=2)
     assert list(outcome) == [f"{name}/seed{seed}" for name in names for seed in (0, 1)]
     assert set(outcome.values()) == {"finished"} and sorted(calls) == sorted(names * 2)
+    # The report says under which conditions the step times were measured.
+    assert run.read_study(tmp_path)["jobs"] == 2
+    collected = report.collect(tmp_path)
+    assert collected["jobs"] == 2 and "2 runs training at once" in report._step_time_conditions(collected)
     with pytest.raises(run.StudyError, match="jobs must be at least 1"):
         run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls), jobs=0)
     # The default launcher gives each run its share of the threads through OMP_NUM_THREADS.

@@ -73,6 +73,19 @@ def test_loads_the_folder_from_the_environment_variable(app, model_folder, monke
     assert loaded.layer_names() == ["MMoE 1 (after backbone layer 2)", "MMoE 2 (after backbone layer 4)"]
 
 
+def test_default_model_is_the_study_best_when_there_else_the_make_train_one(app, model_folder, tmp_path, monkeypatch):
+    monkeypatch.delenv(app.MODEL_ENV_VAR, raising=False)
+    monkeypatch.setattr(app, "REPO_ROOT", tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / app.DEFAULT_MODEL).symlink_to(model_folder)
+    assert app.load_demo_model().source == str(tmp_path / app.DEFAULT_MODEL)
+    (tmp_path / app.BEST_MODEL).mkdir()  # a folder without a finished model (no config.json) is passed over
+    assert app.load_demo_model().source == str(tmp_path / app.DEFAULT_MODEL)
+    (tmp_path / app.BEST_MODEL).rmdir()
+    (tmp_path / app.BEST_MODEL).symlink_to(model_folder)
+    assert app.load_demo_model().source == str(tmp_path / app.BEST_MODEL)
+
+
 def test_missing_default_model_says_how_to_get_one(app, tmp_path, monkeypatch):
     monkeypatch.delenv(app.MODEL_ENV_VAR, raising=False)
     monkeypatch.setattr(app, "REPO_ROOT", tmp_path)
