@@ -24,7 +24,14 @@ OPTIMISATIONS = """\
   machine). Whole MMoE + heads part at ViT-B 512², 5 tasks: counted FLOPs 25.9 → 25.6 G, peak activation memory
   66 → 63 MiB; the time difference was within the noise of the shared machine (0.95× to 1.08× over three runs).
 - **Experts** were already batched (one matmul for all experts' first layer, one batched matmul for the second);
-  the benchmark confirms the batched path against the per-expert loop below."""
+  the benchmark confirms the batched path against the per-expert loop below.
+- **Fewer passes over the expert activations** (2026-11-26), after the profile showed element-wise work on the
+  (tokens, experts, D) tensors taking a quarter of the MMoE + heads time: the per-expert LayerNorm affine is one
+  fused `addcmul` (was a multiply and an add), the second expert layer adds its bias inside the batched matmul
+  (`baddbmm`, was a separate add over a transposed tensor), the memory read is an `addcmul`, the first layer's memory
+  projection is one 2-D matmul for all tasks (was an `einsum` that ran as a batch-1 `bmm` and copied the weight), and
+  the heads' 3x3 convolutions take the task features as a channels-last view of the tokens (no reorder copy)."""
+BEFORE_AFTER_FILE = Path(__file__).resolve().parent / "before_after.json"
 TARGET_DESCRIPTIONS = {
     "mmoe_overhead_ratio": "TaskExpert forward / bare backbone forward (headline setting)",
     "batched_vs_loop_speedup": "per-expert loop time / batched experts time (first loop setting, middle expert count)",
@@ -204,7 +211,7 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
     parts += ["## Memory over repeated inference", _memory_text(sections["memory_growth"], plots)]
     parts += ["## Mod-Squad: extracted single-task models", _modsquad_text(sections["modsquad_extraction"])]
     parts += ["## GPU", _gpu_text(sections["gpu"])]
-    parts += ["## Optimisations made", OPTIMISATIONS]
+    parts += ["## Optimisations made", OPTIMISATIONS + _before_after_text()]
     parts += ["## Reproduce", _reproduce_text()]
     return "\n\n".join(parts) + "\n"
 
@@ -444,6 +451,23 @@ def _gpu_text(gpu: dict) -> str:
     ])
 
 
+def _before_after_text(path: Path = BEFORE_AFTER_FILE) -> str:
+    """The recorded before/after measurement of `bench/compare_revisions.py`, when there is one."""
+    if not Path(path).is_file():
+        return ""
+    result = json.loads(Path(path).read_text())
+    setting = result["setting"]
+    threads = f", {result['torch_threads']} torch thread(s)" if result.get("torch_threads") else ""
+    return (
+        f"\n\nBefore/after, measured in one run of `bench/compare_revisions.py` (commit `{result['before'][:7]}` against "
+        f"`{result['after'][:7]}`; {setting['part']} at {setting['preset']} {setting['image_size']}² b{setting['batch']}, "
+        f"backbone replayed; {result['rounds']} alternating rounds of {result['calls_per_round']} calls, each revision "
+        f"in its own process{threads}): after / before = **{_ratio(result['after_vs_before_ratio'])}** (medians "
+        f"{_ms(result['before_median_s'])} → {_ms(result['after_median_s'])} ms, context only); outputs "
+        f"{'match' if result['outputs_match'] else 'DIFFER'}."
+    )
+
+
 def _reproduce_text() -> str:
     return "\n".join([
         "```bash",
@@ -451,5 +475,6 @@ def _reproduce_text() -> str:
         "python bench/run.py --full       # also the training steps of the 512² ViT settings (slow on a CPU)",
         f"{GPU_COMMAND}        # adds the GPU part (needs a CUDA device; --no-compile skips torch.compile)",
         "python bench/run.py --quick      # every suite on tiny sizes, seconds: checks the machinery only",
+        "python bench/compare_revisions.py --before REV   # MMoE + heads time of the working tree against commit REV",
         "```",
     ])

@@ -194,3 +194,28 @@ def test_modsquad_extraction_keeps_outputs_with_fewer_parameters():
         assert row["max_abs_difference"] < 1e-5
         assert row["time_ratio_extracted_to_full"] > 0
         assert row["full"]["rounds"] == row["extracted"]["rounds"] >= 9
+
+
+def test_compare_revisions_times_both_revisions_and_checks_their_outputs(tmp_path):
+    """Against HEAD itself: two processes per round import their own revision's code; the outputs must agree, the
+    recorded result renders into the report."""
+    import subprocess
+
+    from bench import compare_revisions, report
+
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=compare_revisions.REPO_ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    output = tmp_path / "before_after.json"
+    argv = ["--before", "HEAD", "--preset", "tiny", "--size", "64", "--rounds", "1", "--calls", "1", "--output", str(output)]
+    assert compare_revisions.main(argv) == 0
+    result = json.loads(output.read_text())
+    assert result["outputs_match"] is True and result["rounds"] == 1
+    assert len(result["round_medians_s"]["before"]) == len(result["round_medians_s"]["after"]) == 1
+    assert result["after_vs_before_ratio"] == pytest.approx(
+        result["round_medians_s"]["after"][0] / result["round_medians_s"]["before"][0]
+    )
+    text = report._before_after_text(output)
+    assert f"`{result['before'][:7]}`" in text and "outputs match" in text
+    assert report._before_after_text(tmp_path / "missing.json") == ""
+    with pytest.raises(SystemExit):
+        compare_revisions.main(["--preset", "tiny"])  # --before is required
