@@ -107,7 +107,8 @@ class TaskExpertConfig(PretrainedConfig):
             Channels of the light per-task heads.
         head_uses_all_layers (`bool`, *optional*, defaults to `False`):
             Whether heads read the concatenated task features of all MMoE layers (multi-scale) instead of the final
-            memory only.
+            memory only. Without the memory (`use_memory=False`) set it when there are several MMoE layers: nothing
+            else carries the earlier layers' task features to the heads (the model warns otherwise).
         head_norm (`str`, *optional*, defaults to `"group"`):
             Normalisation in the heads: `"group"` (batch-size independent), `"batch"` or `"none"`. *(interpretation)*
         depth_activation (`str`, *optional*, defaults to `"none"`):

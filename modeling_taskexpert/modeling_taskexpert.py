@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from transformers import AutoBackbone, PreTrainedModel, ViTModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_taskexpert import TaskExpertConfig
 from .dense_model_utils import (
@@ -30,6 +30,8 @@ from .dense_model_utils import (
     check_pixel_values,
     resolve_tasks,
 )
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -380,6 +382,13 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
         self.mmoe_layers = nn.ModuleList(
             TaskExpertMMoELayer(config, channels, is_first=k == 0) for k, channels in enumerate(self.backbone.channels)
         )
+        if not config.use_memory and len(self.mmoe_layers) > 1 and not config.head_uses_all_layers:
+            logger.warning(
+                "use_memory=False with %d MMoE layers and head_uses_all_layers=False: only the last MMoE layer reaches "
+                "the heads; the others compute features nothing reads (and their gates get no gradient). Set "
+                "head_uses_all_layers=True or keep one MMoE layer.",
+                len(self.mmoe_layers),
+            )
         self.post_init()
 
     @property

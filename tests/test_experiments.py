@@ -31,7 +31,9 @@ def test_every_study_recipe_loads_and_shared_decoder_is_what_it_claims():
     with contextlib.chdir(REPO_ROOT):
         recipes = {v.name: load_recipe(v.recipe) for v in study.VARIANTS}
     shared = recipes["shared-decoder"].model_overrides
-    assert shared == {"num_experts": 1, "use_memory": False, "gating": "uniform"}
+    assert shared == {"num_experts": 1, "use_memory": False, "gating": "uniform", "head_uses_all_layers": True}
+    # Without memory, only concatenated layer features reach the heads from every MMoE layer.
+    assert recipes["no-memory"].model_overrides == {"use_memory": False, "head_uses_all_layers": True}
     assert recipes["modsquad"].model_config.endswith("modsquad-tiny.json")
     # Every model of the study trains with the same schedule as the default TaskExpert.
     assert {(r.max_steps, r.learning_rate, r.per_device_train_batch_size) for r in recipes.values()} == {(600, 2e-3, 8)}

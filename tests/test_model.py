@@ -141,6 +141,30 @@ def test_gradients_reach_every_expert_gate_memory_and_head(config, generator):
     assert layer.memory_projection.grad.abs().flatten(1).sum(1).gt(0).all()
 
 
+def test_without_memory_every_mmoe_layer_reaches_the_heads_only_through_concatenation(generator, caplog):
+    """use_memory=False: with head_uses_all_layers every MMoE layer's gates train; without it the first layer is dead
+    weight (no gradient), and the model says so when it is built."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            dead = build(tiny_config(use_memory=False)).train()
+        assert "only the last MMoE layer reaches the heads" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            alive = build(tiny_config(use_memory=False, head_uses_all_layers=True)).train()
+        assert "only the last MMoE layer" not in caplog.text
+    finally:
+        hf_logging.disable_propagation()
+    for model, first_layer_trains in ((dead, False), (alive, True)):
+        for layer in model.taskexpert.mmoe_layers:
+            torch.nn.init.normal_(layer.gates.token_weight, std=0.1)  # zero-initialised gates would hide the effect
+        model(torch.randn(2, 3, 32, 32), labels=make_labels(2, 32, 32, generator)).loss.backward()
+        gradient = model.taskexpert.mmoe_layers[0].gates.token_weight.grad
+        assert (gradient is not None and bool(gradient.abs().sum() > 0)) == first_layer_trains
+
+
 def test_overfits_one_tiny_batch(config, generator):
     model = build(config).train()
     pixel_values = torch.randn(2, 3, 32, 32)
