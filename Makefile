@@ -41,8 +41,9 @@ space: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
-# The TaskExpert study (experiments/study.py): trains every run that is not finished, JOBS runs at once (the tiny
-# models use one core well and a second one poorly), then rebuilds docs/results.md from the run folders.
+# The TaskExpert study (experiments/study.py, 45 runs, about 1¾ hours on 2 CPU cores): trains every run that is not
+# finished, JOBS runs at once (the tiny models use one core well and a second one poorly), then rebuilds
+# docs/results.md from the run folders.
 # QUICK=1: a few minutes' smoke test of the same machinery.
 JOBS ?= 2
 experiments: $(STAMP)

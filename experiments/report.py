@@ -37,6 +37,7 @@ from .study import KINDS
 DEFAULT_OUTPUT = "docs/results.md"
 DEFAULT_BEST_OUTPUT = "outputs/taskexpert-synthetic-best"
 GUIDE = Path(__file__).with_name("reproduce_on_gpu.md")
+STUDY_NOTES = Path(__file__).resolve().parent / "study_notes.md"
 GATE_IMAGES = 8  # validation images whose gates are averaged for the usage figures
 
 
@@ -434,6 +435,8 @@ def build_markdown(collected: dict, summary: dict, costs: dict, usage: dict, fig
               "*inconclusive* otherwise.", "", "| claim | verdict |", "|---|---|"]  # fmt: skip
     lines += [f"| {claim} | {verdict} |" for claim, verdict in claims(summary)]
     lines.append("")
+    if not quick and STUDY_NOTES.is_file():  # what the numbers alone do not say (how the runs were made)
+        lines += [STUDY_NOTES.read_text().strip(), ""]
 
     # Figures
     lines += ["## Training curves", "", f"![training curves]({figures['curves']})", "",
