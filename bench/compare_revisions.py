@@ -126,10 +126,11 @@ def main(argv=None) -> int:
         return 0
     if not args.before:
         parser.error("--before REV is required")
+    # Imported here, not at the top: a worker must import the package from its own revision (`_import_from`).
+    from modeling_taskexpert.training import write_json_atomic
+
     result = compare(args.before, args)
-    temporary = args.output.with_name(f".{args.output.name}.tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, args.output)
+    write_json_atomic(args.output, result)
     print(json.dumps({key: value for key, value in result.items() if key != "round_medians_s"}, indent=2))
     return 0
 

@@ -37,7 +37,7 @@ from .study import KINDS
 DEFAULT_OUTPUT = "docs/results.md"
 DEFAULT_BEST_OUTPUT = "outputs/taskexpert-synthetic-best"
 GUIDE = Path(__file__).with_name("reproduce_on_gpu.md")
-STUDY_NOTES = Path(__file__).resolve().parent / "study_notes.md"
+STUDY_NOTES = Path(__file__).with_name("study_notes.md")
 GATE_IMAGES = 8  # validation images whose gates are averaged for the usage figures
 
 
@@ -470,7 +470,7 @@ def build_markdown(collected: dict, summary: dict, costs: dict, usage: dict, fig
 
 def _step_time_conditions(collected: dict) -> str:
     """Where the step times were measured: they compare with each other only under the same conditions."""
-    jobs, cores = collected.get("jobs", 1), collected.get("cpu_count") or os.cpu_count()
+    jobs, cores = collected["jobs"], collected["cpu_count"] or os.cpu_count()
     if jobs > 1:
         return (f"with {jobs} runs training at once on {cores} CPU core(s), each with {max(1, cores // jobs)} "
                 "thread(s) (`--jobs`)")

@@ -450,8 +450,8 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
 def _to_maps(features: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """(B, T, N, D) tokens on `grid` -> (B, T, D, h, w) maps on `target`.
 
-    The maps are a channels-last view of the tokens (no copy): the heads' convolutions run channels-last on CPU and
-    GPU, which is faster than reordering to channels-first and back."""
+    The maps are a channels-last view of the tokens (no copy), which the heads' channels-last convolutions take as
+    they are, without a reorder to channels-first."""
     batch, tasks, _, dim = features.shape
     maps = features.reshape(batch * tasks, *grid, dim).permute(0, 3, 1, 2)
     if grid != target:

@@ -25,7 +25,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from torch.nn import functional as F
-from gradio.components.annotated_image import Annotation
+from gradio.components.annotated_image import AnnotatedImageData, Annotation
 from gradio.data_classes import FileData
 from transformers import AutoImageProcessor, AutoModel
 
@@ -315,19 +315,20 @@ class AnnotatedImageOutput(gr.AnnotatedImage):
         if value is None:
             return None
         image, annotations = value
-        if not isinstance(image, str):
-            image = save_png_once(np.asarray(image), self.GRADIO_CACHE)
-        data = super().postprocess((image, []))
+        if isinstance(image, str):  # a path or URL, handled as gr.AnnotatedImage does
+            base = super().postprocess((image, [])).image
+        else:
+            base = FileData(path=save_png_once(np.asarray(image), self.GRADIO_CACHE))
         color_map = self.color_map or {}
+        sections = []
         for mask, label in annotations:
             mask = np.asarray(mask, dtype=np.float64)
             rgb = _rgb_of_hex(color_map.get(label, "#ff0000"))
             colored = np.zeros((*mask.shape, 4), dtype=np.uint8)
             colored[..., :3] = np.where((mask > 0)[..., None], np.array(rgb, dtype=np.uint8), 0)
             colored[..., 3] = (mask * 255).astype(np.uint8)
-            path = save_png_once(colored, self.GRADIO_CACHE)
-            data.annotations.append(Annotation(image=FileData(path=path), label=label))
-        return data
+            sections.append(Annotation(image=FileData(path=save_png_once(colored, self.GRADIO_CACHE)), label=label))
+        return AnnotatedImageData(image=base, annotations=sections)
 
 
 def _rgb_of_hex(color: str) -> tuple[int, int, int]:

@@ -1,7 +1,5 @@
 """The Space demo's plain functions: model loading, image loading and limits, inference, gate maps, rendering."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,23 +8,13 @@ import torch
 from conftest import ALL_TASKS, tiny_config
 from PIL import Image
 
+from bench.space_load_test import load_app as load_app_module  # space_app/app.py, imported once
 from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor
 from modeling_taskexpert.visualization_taskexpert import colorize_scalar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CANVAS = 64
 PATCH = 8  # tiny_config's ViT patch size
-
-
-def load_app_module():
-    """Import space_app/app.py (a Space folder, not a package) under a unique module name."""
-    name = "taskexpert_space_app"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "space_app" / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def make_model_folder(folder: Path) -> Path:

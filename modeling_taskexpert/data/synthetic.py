@@ -400,27 +400,29 @@ def _random_scene(rng) -> tuple[Scene, dict]:
         inside = -left + radius + 0.2 < x < right - radius - 0.2 and -depth + radius + 0.2 < z < -radius
         return inside and all((x - fx) ** 2 + (z - fz) ** 2 > (radius + fr + 0.05) ** 2 for fx, fz, fr in footprints)
 
-    def place(radius, farthest=np.inf):
-        """A free floor spot for a footprint of `radius`, at most `farthest` metres in front of z = 0."""
+    def first_free(radius, propose):
+        """The first of up to 20 spots `propose()` gives where a footprint of `radius` is free (and taken), or None."""
         for _ in range(20):
-            x = rng.uniform(-left + radius + 0.2, right - radius - 0.2)
-            z = rng.uniform(max(-depth + radius + 0.2, -farthest), -2.0 - radius)
+            x, z = propose()
             if is_free(x, z, radius):
                 footprints.append((x, z, radius))
                 return x, z
         return None
 
+    def place(radius):
+        """A free floor spot for a footprint of `radius`, at least 2 m in front of z = 0."""
+        return first_free(radius, lambda: (rng.uniform(-left + radius + 0.2, right - radius - 0.2),
+                                           rng.uniform(-depth + radius + 0.2, -2.0 - radius)))  # fmt: skip
+
     def place_in_view(radius, nearest, farthest):
         """A free floor spot `nearest`-`farthest` metres ahead of the camera, within the middle of its field of view."""
-        for _ in range(20):
+
+        def propose():
             distance = rng.uniform(nearest, farthest)
             angle = camera["yaw"] + rng.uniform(-0.5, 0.5) * camera["fov"] / 2
-            x = camera["position"][0] + distance * np.sin(angle)
-            z = camera["position"][2] - distance * np.cos(angle)
-            if is_free(x, z, radius):
-                footprints.append((x, z, radius))
-                return x, z
-        return None
+            return camera["position"][0] + distance * np.sin(angle), camera["position"][2] - distance * np.cos(angle)
+
+        return first_free(radius, propose)
 
     # Figures first, close to the camera: their parts must span enough pixels to be learnable at 128 px
     # (PASCAL-Context's people are mostly large too).
