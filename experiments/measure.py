@@ -1,0 +1,88 @@
+"""What the report measures on the trained models and the data: parameters and FLOPs of a model, its routing on
+validation images (through the routing report shared by both model types), and how far the single-task models'
+augmentations are paired with the multi-task models'."""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from modeling_taskexpert.dense_model_utils import routing_summary
+
+from .paths import REPO_ROOT
+
+GATE_IMAGES = 8  # validation images whose routing is averaged for the usage figures
+PAIRING_SAMPLES = 200  # training samples whose augmentations are compared (measure.augmentation_pairing)
+
+
+def resolve_dataset(dataset: str) -> str:
+    """A recipe's dataset folder, relative to the repository root when it is one of its folders."""
+    return dataset if Path(dataset).is_absolute() or not (REPO_ROOT / dataset).exists() else str(REPO_ROOT / dataset)
+
+
+def load_model(folder: Path):
+    from transformers import AutoModel
+
+    import modeling_taskexpert  # noqa: F401 - registers the model types
+
+    return AutoModel.from_pretrained(folder).eval()
+
+
+def _metadata(run: dict) -> dict:
+    from modeling_taskexpert.data import load_dataset_metadata
+
+    return load_dataset_metadata(resolve_dataset(run["recipe"]["dataset"]))
+
+
+def model_cost(run: dict) -> dict:
+    """Parameters and FLOPs of one forward pass of one image at the dataset's evaluation size (all tasks)."""
+    from bench.measure import count_flops
+
+    model = load_model(run["folder"])
+    height, width = _metadata(run)["eval_size"]
+    pixel_values = torch.zeros(1, 3, height, width)
+    with torch.no_grad():
+        flops = count_flops(lambda: model(pixel_values=pixel_values))
+    return {"parameters": sum(p.numel() for p in model.parameters()), "flops": flops, "eval_size": [height, width]}
+
+
+def _validation_pixels(run: dict, count: int) -> torch.Tensor:
+    from modeling_taskexpert.data import build_transforms, load_multitask_dataset
+
+    dataset_path = resolve_dataset(run["recipe"]["dataset"])
+    dataset = load_multitask_dataset(dataset_path, "validation")
+    dataset = dataset.select(range(min(count, len(dataset)))).with_transform(
+        build_transforms(_metadata(run), train=False, tasks=run["tasks"])
+    )
+    return torch.stack([sample["pixel_values"] for sample in dataset])
+
+
+def routing_usage(run: dict, count: int = GATE_IMAGES) -> Optional[dict]:
+    """The routing summary (`dense_model_utils.routing_summary`: per task and routing layer, the mean weight, the
+    selection share and the top share of every candidate) of the run's model on `count` validation images; None for
+    a model without routing layers."""
+    model = load_model(run["folder"])
+    with torch.no_grad():
+        gates = model(pixel_values=_validation_pixels(run, count), output_gates=True).gates
+    if not gates:
+        return None
+    return routing_summary(gates, model.config.layer_names, model.config.candidate_names)
+
+
+def augmentation_pairing(dataset: str, tasks: list[str], seed: int = 0, samples: int = PAIRING_SAMPLES) -> dict:
+    """How many of the first `samples` training samples (epoch 0) a single-task model of each task sees augmented
+    exactly as a model of `tasks` does. The protocol's crop check reads the semseg labels, which a model without
+    semseg does not load, so its crop differs wherever the check rejected a crop."""
+    from modeling_taskexpert.data import build_transforms, load_dataset_metadata, load_multitask_dataset
+
+    dataset = resolve_dataset(dataset)
+    metadata = load_dataset_metadata(dataset)
+    split = load_multitask_dataset(dataset, "train")
+    split = split.select(range(min(samples, len(split))))
+    reference = split.with_transform(build_transforms(metadata, train=True, tasks=tasks, seed=seed))
+    reference_pixels = [reference[index]["pixel_values"] for index in range(len(split))]
+    identical = {}
+    for task in tasks:
+        single = split.with_transform(build_transforms(metadata, train=True, tasks=[task], seed=seed))
+        identical[task] = sum(torch.equal(single[index]["pixel_values"], reference_pixels[index]) for index in range(len(split)))
+    return {"samples": len(split), "seed": seed, "identical": identical}
