@@ -10,7 +10,10 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from ..image_processing_taskexpert import to_rgb_array
 from .labels import encode_png
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _open_fully(path: Path) -> Image.Image:
@@ -19,17 +22,29 @@ def _open_fully(path: Path) -> Image.Image:
     return image
 
 
-def read_rgb_image_cell(path: Path) -> tuple[dict, tuple[int, int]]:
-    """The `image` cell of a raw RGB image and its (height, width).
+def _is_8_bit_png(content: bytes) -> bool:
+    """Whether PNG bytes declare 8 bits per sample (IHDR's bit depth, byte 24 of the file)."""
+    return len(content) > 24 and content[24] == 8
 
-    An 8-bit RGB JPEG or PNG is stored byte for byte (no re-encoding loss); any other mode is
-    converted to RGB as the reference loaders do and stored as PNG.
+
+def read_rgb_image_cell(path: Path) -> tuple[dict, tuple[int, int]]:
+    """The `image` cell of a raw RGB image and its (height, width), in the file's own pixel grid.
+
+    An 8-bit RGB JPEG or PNG is stored byte for byte (no re-encoding loss). Anything else is turned
+    into 8-bit RGB the way the image processor does it (16-bit scaled, not clipped; alpha composited
+    on white; grayscale replicated) and stored as PNG. So is a photo with an EXIF orientation tag,
+    without applying it: the labels of the benchmarks are drawn on the stored pixel grid (the
+    reference loaders ignore EXIF), while `datasets` would rotate a stored JPEG by its tag.
     """
     image = _open_fully(path)
     size = (image.height, image.width)
-    if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
-        return {"bytes": path.read_bytes(), "path": None}, size
-    return encode_png(np.asarray(image.convert("RGB"))), size
+    content = path.read_bytes()
+    oriented = image.getexif().get(_EXIF_ORIENTATION, 1) not in (None, 1)
+    if image.mode == "RGB" and not oriented and (
+        image.format == "JPEG" or (image.format == "PNG" and _is_8_bit_png(content))
+    ):
+        return {"bytes": content, "path": None}, size
+    return encode_png(to_rgb_array(image, name=str(path))), size
 
 
 def read_index_map(path: Path) -> np.ndarray:
