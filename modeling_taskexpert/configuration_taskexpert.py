@@ -4,14 +4,7 @@ from typing import Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
-from .task_definitions import check_task_name, validate_task_settings
-
-# Class names of the PASCAL-Context multi-task benchmark (21 VOC classes, 6 parts + background).
-PASCAL_SEMSEG_LABELS = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
-PASCAL_HUMAN_PARTS_LABELS = ["background", "head", "torso", "uarm", "larm", "uleg", "lleg"]
+from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES, check_task_name, validate_task_settings
 
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
 PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
@@ -38,7 +31,7 @@ def resolve_task_settings(
     default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
     tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
     if task_id2label is None:
-        defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
+        defaults = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
         task_id2label = {t: dict(enumerate(defaults[t])) for t in tasks if t in defaults}
     task_id2label = {task: {int(i): str(name) for i, name in labels.items()} for task, labels in task_id2label.items()}
     for task in loss_weights or {}:

@@ -1,6 +1,8 @@
 """PASCAL-Context and NYUD-v2 converters on tiny raw fixtures: exact values, error policy, atomicity."""
 
+import hashlib
 import io
+import json
 import logging
 
 import numpy as np
@@ -300,3 +302,40 @@ def test_existing_output_needs_overwrite(nyud_raw, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert_nyud(raw_dir, tmp_path / "out", num_workers=0, overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "taskexpert_dataset.json").is_file()
+
+
+# ----------------------------------------------------------------------------- pinned content
+
+
+def _content_hash(folder, skip_columns=()) -> str:
+    """sha256 over the metadata and every decoded cell (mode, dtype, shape, pixels) of every row, in stored order.
+
+    Decoded pixels rather than file bytes, so that a different PNG encoder build does not move the hash."""
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256(json.dumps(load_dataset_metadata(folder), sort_keys=True).encode())
+    for split in ("train", "validation"):
+        for shard in sorted((folder / "data").glob(f"{split}-*.parquet")):
+            for row in pq.read_table(shard).to_pylist():
+                digest.update(f"|{split}|{row['id']}".encode())
+                for column in sorted(set(row) - {"id", *skip_columns}):
+                    if row[column] is None:
+                        digest.update(f"|{column}:none".encode())
+                        continue
+                    image = Image.open(io.BytesIO(row[column]["bytes"]))
+                    array = np.asarray(image)
+                    digest.update(f"|{column}:{image.mode}:{array.dtype}:{array.shape}".encode())
+                    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def test_converted_fixtures_keep_their_pinned_content(pascal_raw, nyud_raw, tmp_path):
+    """Refactors of the converters keep every converted value (and the metadata) identical. PASCAL's JPEG is stored
+    byte for byte (tested above), so its decoded pixels, which depend on the JPEG codec build, stay out of the hash."""
+    pascal = convert_pascal_context(pascal_raw[0], tmp_path / "pascal", num_workers=0)
+    nyud = convert_nyud(nyud_raw[0], tmp_path / "nyud", num_workers=0)
+    assert (_content_hash(pascal, skip_columns=("image",)), _content_hash(nyud)) == (PINNED_PASCAL_HASH, PINNED_NYUD_HASH)
+
+
+PINNED_PASCAL_HASH = "96322930800fdbd8213e53a62c5f2223e35f78550a1d16ed6e8e6b4b8ea7dc69"
+PINNED_NYUD_HASH = "574b7f7d48ca8e8daed7cf76b4843fe84207eff90eec34c80b52279ed892e838"

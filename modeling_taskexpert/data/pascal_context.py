@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES
 from .labels import boundaries_from_label_map, encode_png, resize_nearest
 from .raw_files import read_gray_map, read_index_map, read_mat, read_rgb_image_cell, read_rgb_map
 from .schema import SCHEMA_DESCRIPTION, build_metadata, build_features, render_card
@@ -19,11 +20,8 @@ from .writer import RawDataError, read_raw, write_dataset
 
 NAME = "pascal-context"
 TASKS = ("semseg", "human_parts", "saliency", "normals", "edge")
-SEMSEG_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-HUMAN_PART_CLASSES = ("background", "head", "torso", "uarm", "larm", "uleg", "lleg")
+SEMSEG_CLASSES = PASCAL_SEMSEG_CLASSES
+HUMAN_PART_CLASSES = PASCAL_HUMAN_PARTS_CLASSES
 # PASCAL-Part person part names -> id in HUMAN_PART_CLASSES (the protocol's 6-group merge).
 HUMAN_PART_GROUPS = {
     **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),

@@ -29,8 +29,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES
 from .labels import encode_depth, encode_normals, encode_png
-from .pascal_context import HUMAN_PART_CLASSES
 from .schema import SCHEMA_DESCRIPTION, build_features, build_metadata, render_card
 from .writer import write_dataset
 
@@ -38,6 +38,7 @@ NAME = "synthetic"
 TASKS = ("semseg", "human_parts", "saliency", "normals", "edge", "depth")
 SEMSEG_CLASSES = ("floor", "wall", "sky", "sphere", "box", "cylinder", "person")
 FLOOR, WALL, SKY, SPHERE, BOX, CYLINDER, PERSON = range(len(SEMSEG_CLASSES))
+HUMAN_PART_CLASSES = PASCAL_HUMAN_PARTS_CLASSES  # figures carry the PASCAL-Context part groups
 SALIENT_CLASSES = (SPHERE, BOX, CYLINDER, PERSON)
 HEAD, TORSO, UPPER_ARM, LOWER_ARM, UPPER_LEG, LOWER_LEG = range(1, len(HUMAN_PART_CLASSES))
 SPLIT_CODES = {"train": 0, "validation": 1}
