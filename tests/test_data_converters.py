@@ -375,7 +375,7 @@ def test_nyud_depth_in_millimetres_is_refused(nyud_raw, tmp_path):
 def test_nyud_images_are_made_rgb_like_the_image_processor(nyud_raw, tmp_path):
     """16-bit grayscale is scaled (not clipped to white) and RGBA composited on white, exactly as the processor does
     for the same file, so a model sees the same pixels in training and at inference."""
-    from modeling_taskexpert.image_processing_taskexpert import to_rgb_array
+    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
 
     raw_dir, root, samples = nyud_raw
     gray16 = np.random.default_rng(5).integers(0, 65536, (9, 12), dtype=np.uint16)
@@ -387,8 +387,8 @@ def test_nyud_images_are_made_rgb_like_the_image_processor(nyud_raw, tmp_path):
 
     stored_gray = np.asarray(rows["0001"]["image"])
     assert stored_gray.shape == (9, 12, 3) and rows["0001"]["image"].mode == "RGB"
-    np.testing.assert_array_equal(stored_gray, to_rgb_array(Image.open(root / "images" / "0001.png")))
-    np.testing.assert_array_equal(stored_gray[..., 0], np.floor(gray16 / 65535 * 255 + 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(stored_gray, load_rgb_image(root / "images" / "0001.png"))
+    np.testing.assert_array_equal(stored_gray[..., 0], np.floor(gray16 / 257 + 0.5).astype(np.uint8))
     assert (stored_gray < 255).mean() > 0.9  # PIL's convert("RGB") clips these 16-bit values to white
 
     stored_rgba = np.asarray(rows["0002"]["image"]).astype(np.float64)
