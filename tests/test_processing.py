@@ -102,10 +102,12 @@ def test_image_conversions():
         to_rgb_array(np.full((2, 2, 3), 200.0))
     with pytest.raises(ValueError, match="NaN"):
         to_rgb_array(np.full((2, 2, 3), np.nan))
-    with pytest.raises(ValueError, match=r"images\[0\]: expected an image of shape"):
-        TaskExpertImageProcessor()(np.zeros((2, 2, 2, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match="expected a PIL image"):
+    with pytest.raises(ValueError, match=r"images\[0\]: expected one image of shape"):
+        TaskExpertImageProcessor()([np.zeros((2, 2, 2, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="image: no such file 'not an image'"):
         to_rgb_array("not an image")
+    with pytest.raises(ValueError, match="expected a file path, a PIL image"):
+        to_rgb_array(b"bytes")
 
 
 def test_processor_save_and_load_round_trip(tmp_path):

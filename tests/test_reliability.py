@@ -79,10 +79,9 @@ def test_processor_answers_every_decodable_corpus_file(corpus, name):
             processor([good, image])
 
 
-def test_processor_refuses_a_huge_array_before_copying_it(monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    processor = TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8)
-    with pytest.raises(ValueError, match=r"images\[0\]: 101x100 is 10,100 pixels.*MAX_IMAGE_PIXELS"):
+def test_processor_refuses_a_huge_array_before_copying_it():
+    processor = TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=10_000)
+    with pytest.raises(ValueError, match=r"images\[0\]: 101x100 is 10,100 pixels.*max_image_pixels"):
         processor(np.zeros((100, 101, 3), np.uint8))
     assert processor(np.zeros((100, 100, 3), np.uint8))["pixel_values"].shape == (1, 3, 64, 64)
 
@@ -201,13 +200,13 @@ def test_converter_names_the_file_and_sample(nyud_raw, tmp_path, damage, expecte
 def test_dataset_with_a_missing_split_or_a_wrong_column(synthetic_dataset, tmp_path):
     import pyarrow.parquet as pq
 
-    from modeling_taskexpert.data import load_multitask_dataset
+    from modeling_taskexpert.data import METADATA_FILENAME, load_multitask_dataset
 
     missing = tmp_path / "missing_split"
     shutil.copytree(synthetic_dataset, missing)
-    metadata = json.loads((missing / "taskexpert_dataset.json").read_text())
+    metadata = json.loads((missing / METADATA_FILENAME).read_text())
     del metadata["splits"]["validation"]
-    (missing / "taskexpert_dataset.json").write_text(json.dumps(metadata))
+    (missing / METADATA_FILENAME).write_text(json.dumps(metadata))
     for shard in (missing / "data").glob("validation-*"):
         shard.unlink()
     with pytest.raises(ValueError, match=r"missing_split: the dataset has no 'validation' split \(it has \['train'\]\)"):
