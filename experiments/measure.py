@@ -29,9 +29,9 @@ def load_model(folder: Path):
 
 
 def _metadata(run: dict) -> dict:
-    from modeling_taskexpert.data import load_dataset_metadata
+    from modeling_taskexpert.data import read_dataset_metadata
 
-    return load_dataset_metadata(resolve_dataset(run["recipe"]["dataset"]))
+    return read_dataset_metadata(resolve_dataset(run["recipe"]["dataset"]))
 
 
 def model_cost(run: dict) -> dict:
@@ -73,10 +73,10 @@ def augmentation_pairing(dataset: str, tasks: list[str], seed: int = 0, samples:
     """How many of the first `samples` training samples (epoch 0) a single-task model of each task sees augmented
     exactly as a model of `tasks` does. The protocol's crop check reads the semseg labels, which a model without
     semseg does not load, so its crop differs wherever the check rejected a crop."""
-    from modeling_taskexpert.data import build_transforms, load_dataset_metadata, load_multitask_dataset
+    from modeling_taskexpert.data import build_transforms, read_dataset_metadata, load_multitask_dataset
 
     dataset = resolve_dataset(dataset)
-    metadata = load_dataset_metadata(dataset)
+    metadata = read_dataset_metadata(dataset)
     split = load_multitask_dataset(dataset, "train")
     split = split.select(range(min(samples, len(split))))
     reference = split.with_transform(build_transforms(metadata, train=True, tasks=tasks, seed=seed))

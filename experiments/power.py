@@ -6,7 +6,7 @@ The pilot (`study.PILOT_VARIANTS`, `study.PILOT_SEEDS`) trains the default TaskE
 paired seeds. The standard deviation of their per-seed Δm differences, pooled over the pilot's comparisons, is the
 noise a comparison of the full study will see. With it, the number of seeds n at which a paired two-sided t-test at
 α = 0.05 detects a true difference of `TARGET_DIFFERENCE` Δm points with probability `TARGET_POWER` follows from the
-noncentral t distribution (power = P(|T| > t_{1-α/2, n-1}), T ~ t_{n-1}(δ√n / σ)). Because a few seeds estimate σ
+noncentral t distribution (power = P(|T| > t_{1-α/2, n-1}), T ~ t_{n-1}(δ√n / σ); see `power`). Because a few seeds estimate σ
 loosely, the same is computed with an upper confidence bound of σ (χ² with the pooled degrees of freedom). The
 runner's `launch.json` gives the CPU time of every pilot run, hence the CPU time of the full study.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from scipy import optimize, stats
+from scipy import integrate, optimize, stats
 
 from modeling_taskexpert.file_utils import write_json_atomic
 
@@ -37,13 +37,23 @@ POWER_FILE = "power.json"
 
 def power(n: int, sigma: float, difference: float = TARGET_DIFFERENCE, alpha: float = ALPHA) -> float:
     """Probability that the paired two-sided t-test (n seeds, level α) rejects "no difference" when the true mean
-    difference is `difference` and the per-seed differences have standard deviation `sigma`."""
+    difference is `difference` and the per-seed differences have standard deviation `sigma`.
+
+    T = (Z + λ) / sqrt(V / df) with Z standard normal, V ~ χ²_df and λ = difference·√n/σ, so the power is the mean
+    over V of Φ(λ - c·sqrt(V/df)) + Φ(-λ - c·sqrt(V/df)), c = t_{1-α/2, df}: integrated numerically (scipy's noncentral
+    t is not finite for one degree of freedom and a large λ)."""
     if n < 2:
         return 0.0
     df = n - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
     noncentrality = difference * math.sqrt(n) / sigma
-    return float(stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality))
+
+    def rejection(v: float) -> float:
+        scale = critical * math.sqrt(v / df)
+        return (stats.norm.cdf(noncentrality - scale) + stats.norm.cdf(-noncentrality - scale)) * stats.chi2.pdf(v, df)
+
+    value, _ = integrate.quad(rejection, 0.0, math.inf, limit=200)
+    return float(min(max(value, 0.0), 1.0))
 
 
 def required_seeds(sigma: float, difference: float = TARGET_DIFFERENCE, target: float = TARGET_POWER,
@@ -59,7 +69,10 @@ def detectable_difference(n: int, sigma: float, target: float = TARGET_POWER, al
     """The true difference that n paired seeds detect with probability `target` (the study's resolution)."""
     if n < 2:
         return math.inf
-    return float(optimize.brentq(lambda d: power(n, sigma, d, alpha) - target, 1e-9 * sigma, 1e3 * sigma))
+    high = sigma
+    while power(n, sigma, high, alpha) < target:  # bracket the root (power grows with the difference)
+        high *= 2
+    return float(optimize.brentq(lambda d: power(n, sigma, d, alpha) - target, 0.0, high))
 
 
 def pooled_std(groups: list[list[float]]) -> tuple[float, int]:

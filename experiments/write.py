@@ -216,7 +216,7 @@ def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict
     mode = collected["mode"]
     lines = ["### Reading these results", ""]
     if mode == "quick":
-        lines += ["- Quick mode: a smoke test of the machinery; nothing here is evidence.", ""]
+        lines.append("- Quick mode: a smoke test of the machinery; nothing here is evidence.")
     variants = summary["variants"]
     reference = variants.get("taskexpert", {})
     seeds = len(reference.get("seeds", []))
@@ -263,7 +263,7 @@ def _power_sentence(estimate: dict, mode: str) -> str:
     required_upper = estimate["required_seeds_upper"]
     return (
         f"- **Power.** In {source}, the per-seed Δm differences of the paired comparisons have a pooled standard "
-        f"deviation of {estimate['sigma']:.2f} points ({estimate['df']} degrees of freedom; "
+        f"deviation of {estimate['sigma']:.2f} points (df = {estimate['df']}; "
         f"{estimate['sigma_upper_level']:.0%} upper bound {estimate['sigma_upper']:.2f}). A paired t-test at "
         f"{estimate['alpha']:.2f} detects a true {estimate['target_difference']:g}-point difference with "
         f"{estimate['target_power']:.0%} probability from {required if required else 'more than ' + str(power.MAX_SEEDS)} "
@@ -279,7 +279,8 @@ def _power_sentence(estimate: dict, mode: str) -> str:
 # The page
 # ---------------------------------------------------------------------------------------------------------------------
 def build_markdown(collected: dict, summary: dict, results: list[dict], costs: dict, usage: dict, figures: dict,
-                   notes: str, estimate: Optional[dict], best: Optional[dict], plan: Optional[dict]) -> str:  # fmt: skip
+                   notes: str, estimate: Optional[dict], best: Optional[dict], plan: Optional[dict],
+                   no_estimate: Optional[str] = None) -> str:  # fmt: skip
     mode = collected["mode"]
     variants = summary["variants"]
     lines = ["# Results: TaskExpert on the synthetic benchmark", "",
@@ -341,12 +342,12 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     # Power
     lines += ["## Power and the study plan", ""]
     if estimate is None:
-        lines += ["No pilot under the pilot's output root: run `make experiments PILOT=1` for the power estimate.", ""]
+        lines += [f"No power estimate: {no_estimate or 'no pilot'}. `make experiments PILOT=1` runs the pilot.", ""]
     else:
         lines += _power_table(estimate)
     if plan is not None:
         lines += ["", f"The full study: `{plan['command']}` trains {plan['runs']} runs ({plan['variants']} models × "
-                  f"{plan['seeds']} seeds); measured CPU time of the pilot's runs gives about {plan['cpu_hours']:.1f} "
+                  f"{plan['seeds']} seeds); the measured CPU time of the {estimate['mode']} runs gives about {plan['cpu_hours']:.1f} "
                   f"CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle cores with "
                   f"`JOBS={plan['jobs']}`." + (f" Not measured in the pilot (counted at the TaskExpert run's cost): "
                                               f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""), ""]  # fmt: skip
