@@ -119,6 +119,11 @@ class TaskExpertConfig(PretrainedConfig):
             Standard deviation of the truncated normal initialisation of the MMoE and head weights.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the MMoE layer norms.
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MMoE layer, and
+    `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 1"`, ..., `"memory"`).
 
     Example:
 
@@ -159,6 +164,7 @@ class TaskExpertConfig(PretrainedConfig):
         gate_balance_loss_weight: float = 0.0,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-6,
+        output_gates: bool = False,
         **kwargs,
     ):
         if backbone_config is None:
@@ -196,6 +202,7 @@ class TaskExpertConfig(PretrainedConfig):
         self.gate_balance_loss_weight = gate_balance_loss_weight
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
+        self.output_gates = output_gates
         super().__init__(**kwargs)
         self.validate_taskexpert()
 
@@ -207,6 +214,17 @@ class TaskExpertConfig(PretrainedConfig):
         if getattr(backbone, "stage_names", None) and backbone.model_type != "vit":
             return len(backbone.stage_names) - 1  # stage_names[0] is the stem
         return backbone.num_hidden_layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Name of every routing (MMoE) layer, in network order: the `gates` entries of the routing report."""
+        return [f"MMoE {k + 1} (after backbone layer {layer})" for k, layer in enumerate(self.mmoe_layers)]
+
+    @property
+    def candidate_names(self) -> list[list[str]]:
+        """Per routing layer, the names of the gate's candidates in gate order: the experts, then the memory."""
+        names = [f"expert {e + 1}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
+        return [list(names) for _ in self.mmoe_layers]
 
     def num_labels_of(self, task: str) -> Optional[int]:
         """Number of classes of a segmentation task, None for other tasks."""
