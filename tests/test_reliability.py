@@ -204,13 +204,13 @@ def test_converter_names_the_file_and_sample(nyud_raw, tmp_path, damage, expecte
 def test_dataset_with_a_missing_split_or_a_wrong_column(synthetic_dataset, tmp_path):
     import pyarrow.parquet as pq
 
-    from modeling_taskexpert.data import load_multitask_dataset
+    from modeling_taskexpert.data import METADATA_FILENAME, load_multitask_dataset
 
     missing = tmp_path / "missing_split"
     shutil.copytree(synthetic_dataset, missing)
-    metadata = json.loads((missing / "taskexpert_dataset.json").read_text())
+    metadata = json.loads((missing / METADATA_FILENAME).read_text())
     del metadata["splits"]["validation"]
-    (missing / "taskexpert_dataset.json").write_text(json.dumps(metadata))
+    (missing / METADATA_FILENAME).write_text(json.dumps(metadata))
     for shard in (missing / "data").glob("validation-*"):
         shard.unlink()
     with pytest.raises(ValueError, match=r"missing_split: the dataset has no 'validation' split \(it has \['train'\]\)"):
