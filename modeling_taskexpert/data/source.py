@@ -80,7 +80,8 @@ class DatasetSource:
         title: the title of the dataset card.
         archive: the folder name of the extracted archive (`PASCALContext`); `convert` accepts it or its parent.
         root_markers: paths inside the archive folder that identify it (checked to exist).
-        split_lists: split -> path of its id list inside the archive folder (one id per line).
+        split_lists: split -> path of its id list inside the archive folder (one id per line); its keys are the
+            source's splits.
         tasks: the task columns (names of `task_definitions.TASKS`; stored in that canonical order).
         class_names: segmentation task -> class names, in id order (every segmentation task, no other).
         train_size, eval_size: (height, width) of the training crop and the evaluation canvas.
@@ -90,7 +91,7 @@ class DatasetSource:
         card_licence: markdown closing the card: the licence terms and the citation.
         make_row: picklable `(root, split, sample_id) -> row` of the schema's columns; raises
             `writer.RawDataError` (use `writer.read_raw`) for a missing or bad raw file.
-        license: the card's licence id.
+        license_id: the licence id of the card's YAML header (a Hub licence identifier).
         read_split_ids: optional `(root, split) -> ids` for archives without one-id-per-line lists; the ids
             are checked like those of a list file.
     """
@@ -108,7 +109,7 @@ class DatasetSource:
     card_body: str
     card_licence: str
     make_row: Callable[[Path, str, str], dict]
-    license: str = "other"
+    license_id: str = "other"
     read_split_ids: Optional[Callable[[Path, str], list[str]]] = field(default=None)
 
     def __post_init__(self):
@@ -163,7 +164,7 @@ class DatasetSource:
             self.name, task_labels, self.train_size, self.eval_size, self.boundary_tolerance, split_sizes
         )
         card = render_card(
-            metadata, build_features(self.tasks), self.title, self.card_body, self.license, self.card_licence
+            metadata, build_features(self.tasks), self.title, self.card_body, self.license_id, self.card_licence
         )
         return metadata, card
 
