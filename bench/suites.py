@@ -325,7 +325,7 @@ def data_pipeline(plan: BenchPlan) -> dict:
         build_transforms,
         collate_dense_batch,
         generate_synthetic_dataset,
-        load_dataset_metadata,
+        read_dataset_metadata,
         load_multitask_dataset,
     )
 
@@ -334,7 +334,7 @@ def data_pipeline(plan: BenchPlan) -> dict:
         generate_synthetic_dataset(
             folder, train_size=plan.data_samples, val_size=1, image_size=plan.data_image_size, num_workers=1
         )
-        metadata = load_dataset_metadata(folder)
+        metadata = read_dataset_metadata(folder)
         dataset = load_multitask_dataset(folder, "train", cache_dir=str(Path(scratch) / "cache"))
         dataset = dataset.with_transform(build_transforms(metadata, train=True, seed=0))
 

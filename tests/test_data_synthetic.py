@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 
-from modeling_taskexpert.data import generate_synthetic_dataset, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.data import generate_synthetic_dataset, read_dataset_metadata, load_multitask_dataset
 from modeling_taskexpert.data.__main__ import main
 from modeling_taskexpert.data.synthetic import SEMSEG_CLASSES, render_sample
 from modeling_taskexpert.task_definitions import IGNORE_INDEX
@@ -43,7 +43,7 @@ def test_load_dataset_round_trip(dataset_dir, tmp_path):
     assert row["image"].mode == "RGB" and row["image"].size == (SIZE, SIZE)
     assert row["depth"].mode == "F" and row["normals"].mode == "RGB" and row["semseg"].mode == "L"
 
-    metadata = load_dataset_metadata(dataset_dir)
+    metadata = read_dataset_metadata(dataset_dir)
     assert metadata["splits"] == {"train": 8, "validation": 3}
     assert metadata["train_size"] == metadata["eval_size"] == [SIZE, SIZE]
     assert metadata["tasks"]["semseg"]["id2label"] == {str(i): name for i, name in enumerate(SEMSEG_CLASSES)}
@@ -136,18 +136,18 @@ def test_cli_generates_and_skips_existing(tmp_path, capsys):
     args = ["synthetic", "--output-dir", str(output), "--train-size", "2", "--val-size", "1", "--image-size", "32",
             "--num-workers", "0"]  # fmt: skip
     assert main(args) == 0
-    metadata = json.loads((output / "taskexpert_dataset.json").read_text())
+    metadata = json.loads((output / "dense_multitask_dataset.json").read_text())
     assert metadata["splits"] == {"train": 2, "validation": 1} and metadata["train_size"] == [32, 32]
-    stamp = (output / "taskexpert_dataset.json").stat().st_mtime_ns
+    stamp = (output / "dense_multitask_dataset.json").stat().st_mtime_ns
 
     assert main(args + ["--skip-if-exists"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert (output / "taskexpert_dataset.json").stat().st_mtime_ns == stamp
+    assert (output / "dense_multitask_dataset.json").stat().st_mtime_ns == stamp
 
-    assert main(args) == 1  # exists, and no --overwrite
+    assert main(args) == 2  # exists, and no --overwrite: bad input
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--train-size", "3"]) == 0
-    assert json.loads((output / "taskexpert_dataset.json").read_text())["splits"]["train"] == 3
+    assert json.loads((output / "dense_multitask_dataset.json").read_text())["splits"]["train"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no temporary folders left
 
 
