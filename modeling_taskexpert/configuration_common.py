@@ -16,6 +16,16 @@ from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES,
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
 PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
 DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
+# Options of the dense heads every model type shares.
+HEAD_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
+
+
+class DenseTaskConfigMixin:
+    """What every model config of this package offers about its tasks (fields `tasks`, `task_id2label`)."""
+
+    def num_labels_of(self, task: str) -> Optional[int]:
+        """Number of classes of a segmentation task, None for other tasks."""
+        return len(self.task_id2label[task]) if task in self.task_id2label else None
 
 
 def _shown(value: Any) -> str:

@@ -5,6 +5,8 @@ from typing import Optional
 from transformers import PretrainedConfig
 
 from .configuration_common import (
+    HEAD_CHOICES,
+    DenseTaskConfigMixin,
     as_list,
     check_bool,
     check_choice,
@@ -17,10 +19,9 @@ from .configuration_common import (
 )
 
 MOE_LAYOUTS = ("twice", "every")
-_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
 
 
-class ModSquadConfig(PretrainedConfig):
+class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`ModSquadModel`] / [`ModSquadForDensePrediction`]: a ViT whose blocks hold mixture-of-experts
     layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, trained
@@ -187,10 +188,6 @@ class ModSquadConfig(PretrainedConfig):
         self.validate_modsquad()
 
     # ------------------------------------------------------------------------------------------------------------
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
-
     @property
     def moe_layer_kinds(self) -> list[tuple[int, str]]:
         """(block index, "attention" or "mlp") of every MoE layer, in network order."""
@@ -270,7 +267,7 @@ class ModSquadConfig(PretrainedConfig):
             check_number(field, getattr(self, field), minimum=0.0)
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
-        for field, choices in _CHOICES.items():
+        for field, choices in HEAD_CHOICES.items():
             check_choice(field, getattr(self, field), choices)
 
 

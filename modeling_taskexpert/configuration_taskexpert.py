@@ -5,6 +5,8 @@ from typing import Optional, Union
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
 from .configuration_common import (
+    HEAD_CHOICES,
+    DenseTaskConfigMixin,
     as_list,
     check_bool,
     check_choice,
@@ -22,13 +24,12 @@ _CHOICES = {
     "gate_granularity": ("token", "image"),
     "memory_init": ("projection", "zeros"),
     "memory_update": ("replace", "residual", "ema"),
-    "head_norm": ("group", "batch", "none"),
-    "depth_activation": ("none", "softplus", "exp"),
+    **HEAD_CHOICES,
 }
 _BOOLEANS = ("gate_use_context", "use_memory", "head_uses_all_layers", "output_gates")
 
 
-class TaskExpertConfig(PretrainedConfig):
+class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`TaskExpertModel`] / [`TaskExpertForDensePrediction`]: a ViT-style backbone with Memorial
     Mixture-of-Experts (MMoE) layers after chosen backbone layers and one light dense head per task (TaskExpert,
@@ -213,10 +214,6 @@ class TaskExpertConfig(PretrainedConfig):
         """Per routing layer, the names of the gate's candidates in gate order: the experts, then the memory."""
         names = [f"expert {e + 1}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
         return [list(names) for _ in self.mmoe_layers]
-
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
 
     def validate_taskexpert(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""

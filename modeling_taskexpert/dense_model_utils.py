@@ -174,7 +174,6 @@ def routing_summary(gates: Gates, layer_names: list[str], candidate_names: list[
     }
 
 
-
 class RemotePipelineSaveMixin:
     """Mixin for `PreTrainedModel` subclasses: when the class is registered for remote code, `save_pretrained` also
     declares and copies the pipeline so that `pipeline(..., trust_remote_code=True)` works from the saved folder."""

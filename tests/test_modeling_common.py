@@ -477,3 +477,14 @@ def test_attention_implementation_is_the_backbones(tester, tmp_path):
     # A saved config keeps the backbone's full depth, not the built one.
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["backbone_config"]["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize("tester", ALL)
+def test_a_one_token_input_works_or_is_refused_clearly(tester):
+    """An 8x8 image is one 8-px patch: heads with one channel per norm group cannot normalise it (a clear error, not
+    torch's "Expected more than 1 value per channel"); wider heads (two or more channels per group) predict it."""
+    pixel_values = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"1x1 token map, too small for the heads' group norm .*head_hidden_size=16"):
+        build(tester)(pixel_values)
+    logits = build(tester, head_hidden_size=64)(pixel_values).logits
+    assert all(value.shape[-2:] == (8, 8) and torch.isfinite(value).all() for value in logits.values())
