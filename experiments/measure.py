@@ -21,11 +21,9 @@ def resolve_dataset(dataset: str) -> str:
 
 
 def load_model(folder: Path):
-    from transformers import AutoModel
+    from modeling_taskexpert.loading import load_dense_model
 
-    import modeling_taskexpert  # noqa: F401 - registers the model types
-
-    return AutoModel.from_pretrained(folder).eval()
+    return load_dense_model(folder).eval()
 
 
 def _metadata(run: dict) -> dict:
