@@ -2,6 +2,8 @@
 validation images (through the routing report shared by both model types), and how far the single-task models'
 augmentations are paired with the multi-task models'."""
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -84,3 +86,40 @@ def augmentation_pairing(dataset: str, tasks: list[str], seed: int = 0, samples:
         single = split.with_transform(build_transforms(metadata, train=True, tasks=[task], seed=seed))
         identical[task] = sum(torch.equal(single[index]["pixel_values"], reference_pixels[index]) for index in range(len(split)))
     return {"samples": len(split), "seed": seed, "identical": identical}
+
+
+# The published recipes of the real benchmarks whose cost the GPU guide of the report estimates.
+GPU_RECIPES = ("pascal-context-vits", "pascal-context-vitb", "pascal-context-vitl", "nyud-vitl")
+
+
+def recipe_cost(name: str) -> dict:
+    """Parameters and FLOPs of one forward pass of one image at the evaluation size of a real-benchmark recipe
+    (`hub_configs/NAME.yaml`): its model config with the tasks and classes of its dataset's source description, built
+    on the meta device (no weights, no download), plus the recipe's optimisation settings."""
+    from transformers import AutoConfig, AutoModel
+
+    from bench.measure import count_flops
+    from modeling_taskexpert.data import SOURCES
+    from modeling_taskexpert.training import load_recipe
+
+    with contextlib.chdir(REPO_ROOT):  # recipes name their files relative to the repository root
+        recipe = load_recipe(f"hub_configs/{name}.yaml")
+        settings = json.loads(Path(recipe.model_config).read_text())
+    source = SOURCES[Path(recipe.dataset).name]
+    settings.update({key: value for key, value in recipe.model_overrides.items() if key != "backbone_checkpoint"})
+    settings["tasks"] = list(recipe.tasks or source.tasks)
+    settings["task_id2label"] = {task: dict(enumerate(names)) for task, names in source.class_names.items() if task in settings["tasks"]}
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.for_model(**settings))
+    height, width = source.eval_size
+    pixel_values = torch.zeros(1, 3, height, width, device="meta")
+    with torch.no_grad():
+        flops = count_flops(lambda: model(pixel_values=pixel_values))
+    return {
+        "recipe": name, "dataset": source.name, "tasks": settings["tasks"], "eval_size": [height, width],
+        "boundary_tolerance": source.boundary_tolerance, "parameters": sum(p.numel() for p in model.parameters()),
+        "flops": flops, "optimizer": recipe.optimizer, "learning_rate": recipe.learning_rate,
+        "weight_decay": recipe.weight_decay, "max_steps": recipe.max_steps, "batch": recipe.per_device_train_batch_size,
+        "max_grad_norm": recipe.max_grad_norm, "mixed_precision": recipe.mixed_precision,
+        "backbone_checkpoint": recipe.model_overrides.get("backbone_checkpoint"),
+    }  # fmt: skip

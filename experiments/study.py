@@ -125,10 +125,11 @@ COMPARISONS = (
 )  # fmt: skip
 
 # The pilot: the default TaskExpert and the two ablations whose seed noise was the largest in earlier studies,
-# three seeds each, and the single-task models of one seed (their metrics only scale Δm differences).
+# three seeds each, the single-task models of one seed (their metrics only scale Δm differences) and Mod-Squad with
+# one seed (its measured CPU time plans the full study).
 PILOT_VARIANTS = ("taskexpert", "no-memory", "shared-decoder")
 PILOT_SEEDS = (0, 1, 2)
-PILOT_SINGLE_TASK_SEEDS = (0,)
+PILOT_ONE_SEED_VARIANTS = ("modsquad",) + tuple(f"single-{task}" for task in TASKS)
 
 # The quick mode: two tasks (one higher- and one lower-is-better main metric, so that Δm is exercised both ways),
 # the variants needed for every section of the report, two seeds (so that paired intervals exist; Mod-Squad, the
@@ -155,7 +156,7 @@ def mode_variants(mode: str) -> tuple[str, ...]:
     if mode == "quick":
         return QUICK_VARIANTS
     if mode == "pilot":
-        return PILOT_VARIANTS + tuple(f"single-{task}" for task in TASKS)
+        return PILOT_VARIANTS + PILOT_ONE_SEED_VARIANTS
     return tuple(variant.name for variant in VARIANTS)
 
 
@@ -163,7 +164,7 @@ def mode_seeds(mode: str, variant: Variant) -> tuple[int, ...]:
     if mode == "quick":
         return QUICK_SEEDS[:1] if variant.name in QUICK_ONE_SEED_VARIANTS else QUICK_SEEDS
     if mode == "pilot":
-        return PILOT_SINGLE_TASK_SEEDS if variant.kind == "single-task" else PILOT_SEEDS
+        return PILOT_SEEDS[:1] if variant.name in PILOT_ONE_SEED_VARIANTS else PILOT_SEEDS
     return SEEDS
 
 

@@ -59,5 +59,9 @@ def test_quick_study_produces_a_report_consistent_with_the_run_folders(tmp_path)
     for values in summary["usage"]["taskexpert"]["tasks"].values():
         assert all(math.isclose(sum(weights), 1.0, rel_tol=1e-4) for weights in values["mean_weight"])
 
+    # The GPU guide's cost table comes from the recipes' models.
+    for recipe in summary["gpu_recipes"]:
+        assert f"| {recipe['recipe']} | {recipe['eval_size'][0]}×{recipe['eval_size'][1]} | {recipe['parameters'] / 1e6:.1f} |" in text
+
     # A rerun skips every finished run.
     assert all(status == "skipped" for status in run.run_study(study_runs("quick"), root, mode="quick").values())
