@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
 from modeling_taskexpert import TaskExpertImageProcessor
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_multitask_dataset, read_dataset_metadata
 from modeling_taskexpert.evaluation import BoundaryEvaluationError, DenseMultiTaskEvaluator, evaluate_model
 from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
 from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     set_seed(recipe.seed)
 
     # ---- data and model ------------------------------------------------------------------------------------
-    metadata = load_dataset_metadata(recipe.dataset)
+    metadata = read_dataset_metadata(recipe.dataset)
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
     try:

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from modeling_taskexpert.data import build_transforms, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.data import build_transforms, read_dataset_metadata, load_multitask_dataset
 from modeling_taskexpert.evaluation.trivial_baselines import main, recorded_baseline, trivial_baseline_metrics
 
 
 def test_constant_predictors_match_a_hand_computation(synthetic_dataset):
     result = trivial_baseline_metrics(str(synthetic_dataset), edge_mode="approximate")
-    metadata = load_dataset_metadata(synthetic_dataset)
+    metadata = read_dataset_metadata(synthetic_dataset)
     data = load_multitask_dataset(synthetic_dataset, "validation").with_transform(build_transforms(metadata, train=False))
     semseg = np.concatenate([np.asarray(data[i]["labels"]["semseg"]).ravel() for i in range(len(data))])
     depth = np.concatenate([np.asarray(data[i]["labels"]["depth"]).ravel() for i in range(len(data))])
@@ -32,7 +32,7 @@ def test_recorded_bar_is_used_only_for_the_same_data(synthetic_dataset, tmp_path
     path = tmp_path / "bar.json"
     recorded = main(["--dataset", str(synthetic_dataset), "--output", str(path)])
     assert {"edge/odsF", "edge/odsF_approx"} <= set(recorded["metrics"])  # both scorers by default
-    metadata = load_dataset_metadata(synthetic_dataset)
+    metadata = read_dataset_metadata(synthetic_dataset)
     size = recorded["dataset"]["num_samples"]
     assert recorded_baseline(path, metadata, size) == json.loads(path.read_text())["metrics"]
     assert recorded_baseline(path, metadata, size - 1) is None  # a subset (max_eval_samples) is other data

@@ -16,10 +16,10 @@ from modeling_taskexpert.dense_losses import dense_task_losses
 from modeling_taskexpert.modeling_modsquad import (
     ExpertDispatch,
     expert_linear,
-    expert_linear_loop,
     load_balance_loss,
     mutual_information_loss,
 )
+from modeling_taskexpert.testing_utils import expert_linear_loop
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"semseg": {0: "floor", 1: "wall", 2: "box"}, "human_parts": {0: "background", 1: "head", 2: "torso"}}

@@ -118,11 +118,11 @@ def load_train_script():
     ],
 )
 def test_model_overrides_are_checked_before_training(synthetic_dataset, overrides, message):
-    from modeling_taskexpert.data import load_dataset_metadata
+    from modeling_taskexpert.data import read_dataset_metadata
 
     train = load_train_script()
     recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"model_overrides": overrides})
-    metadata = load_dataset_metadata(synthetic_dataset)
+    metadata = read_dataset_metadata(synthetic_dataset)
     with pytest.raises(RecipeError, match=message):
         config = train.build_model_config(recipe, metadata)
         LossWeighting_checked(config)

@@ -137,14 +137,14 @@ def prepare(args: argparse.Namespace):
     from transformers import AutoModel
 
     from .. import TaskExpertForDensePrediction  # noqa: F401  (registers the model with the Auto classes)
-    from ..data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+    from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
     from .evaluator import DenseMultiTaskEvaluator
 
     for name, minimum in (("batch_size", 1), ("max_samples", 1), ("edge_workers", 0), ("num_workers", 0)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
-    metadata = load_dataset_metadata(args.dataset)
+    metadata = read_dataset_metadata(args.dataset)
     try:
         model, loading_info = AutoModel.from_pretrained(
             args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True

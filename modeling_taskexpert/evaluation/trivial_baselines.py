@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
 from ..file_utils import write_json_atomic
 from ..task_definitions import IGNORE_INDEX, TASKS
 from .boundary import BOUNDARY_MODES
@@ -80,7 +80,7 @@ def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
     """{"dataset": identity, "metrics": the constant predictors' metrics} on the validation split of `dataset`, with
     every boundary scorer of `edge_mode` (both by default: the exact scorer's bar is far lower than the approximate
     one's, since it thins a constant map to a one-pixel grid before matching)."""
-    metadata = load_dataset_metadata(dataset)
+    metadata = read_dataset_metadata(dataset)
     tasks = [task for task in TASKS if task in metadata["tasks"]]
     data = load_multitask_dataset(dataset, "validation").with_transform(build_transforms(metadata, train=False, tasks=tasks))
     loader = DataLoader(data, batch_size=16, collate_fn=collate_dense_batch)
