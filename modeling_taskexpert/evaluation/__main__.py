@@ -134,10 +134,8 @@ def prepare(args: argparse.Namespace):
     evaluation starts. Returns (model, dataloader, evaluator, accelerator, number of samples)."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from transformers import AutoModel
-
-    from .. import TaskExpertForDensePrediction  # noqa: F401  (registers the model with the Auto classes)
-    from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
+    from ..data import build_transforms, collate_dense_batch, load_multitask_dataset, read_dataset_metadata
+    from ..loading import load_dense_model  # also registers the model types with the Auto classes
     from .evaluator import DenseMultiTaskEvaluator
 
     for name, minimum in (("batch_size", 1), ("max_samples", 1), ("edge_workers", 0), ("num_workers", 0)):
@@ -146,9 +144,7 @@ def prepare(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
     metadata = read_dataset_metadata(args.dataset)
     try:
-        model, loading_info = AutoModel.from_pretrained(
-            args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True
-        )
+        model, loading_info = load_dense_model(args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"Cannot load the model {args.model!r}: {error}") from None
     # Scoring a model whose weights are partly random would report numbers of a model that does not exist.
