@@ -25,7 +25,7 @@ from modeling_taskexpert.file_utils import write_json_atomic
 from . import paired
 from .collect import StudyError, aggregate, collect
 from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT
-from .study import COMPARISONS, SEEDS, SINGLE_TASK, VARIANTS
+from .study import COMPARISONS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
 
 ALPHA = 1 - paired.CONFIDENCE
 TARGET_DIFFERENCE = 1.0  # Δm points the study should resolve
@@ -90,18 +90,17 @@ def sigma_upper_bound(sigma: float, df: int, level: float = SIGMA_UPPER_LEVEL) -
     return sigma * math.sqrt(df / stats.chi2.ppf(1 - level, df))
 
 
-def study_cpu_seconds(summary: dict, seeds: int) -> dict:
-    """CPU time of the full study from the pilot's runs: per run of each kind of model (a TaskExpert-size model, a
-    single-task model, Mod-Squad), times the full study's runs of that kind."""
+def study_cpu_seconds(summary: dict) -> dict:
+    """CPU time of the full study from measured runs: the mean CPU time of a run of each kind of model (a TaskExpert-
+    size model, a single-task model, Mod-Squad) times the full study's runs of that kind (`study.study_runs`)."""
     per_kind = {}
     for name, entry in summary["variants"].items():
         if entry.get("cpu_seconds"):
-            kind = _cost_kind(name)
-            per_kind.setdefault(kind, []).extend([entry["cpu_seconds"][0]] * len(entry["seeds"]))
+            per_kind.setdefault(_cost_kind(name), []).extend([entry["cpu_seconds"][0]] * len(entry["seeds"]))
     per_run = {kind: sum(values) / len(values) for kind, values in per_kind.items()}
     counts = {}
-    for variant in VARIANTS:
-        counts[_cost_kind(variant.name)] = counts.get(_cost_kind(variant.name), 0) + seeds
+    for run in study_runs("full"):
+        counts[_cost_kind(run.variant.name)] = counts.get(_cost_kind(run.variant.name), 0) + 1
     missing = sorted(set(counts) - set(per_run))
     total = sum(per_run[kind] * count for kind, count in counts.items() if kind in per_run)
     return {"per_run_seconds": per_run, "runs": counts, "total_seconds": total, "unmeasured_kinds": missing}
@@ -139,7 +138,7 @@ def estimate_from(collected: dict, summary: dict) -> dict:
                          "(`python -m experiments.run --pilot`).")  # fmt: skip
     sigma, df = pooled_std(groups)
     upper = sigma_upper_bound(sigma, df)
-    cpu = study_cpu_seconds(summary, len(SEEDS))
+    cpu = study_cpu_seconds(summary)
     return {
         "mode": collected["mode"],
         "comparisons": per_comparison,

@@ -18,7 +18,7 @@ from modeling_taskexpert.task_definitions import TASKS
 from . import paired, power
 from .collect import UNRECORDED, primary_key, revisions
 from .paths import STUDY_BEST_MODEL_DIR
-from .study import SINGLE_TASK
+from .study import DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SINGLE_TASK, VARIANTS
 
 UNITS = "Units: mIoU and maxF/odsF in %, normals in degrees, depth in metres"
 
@@ -345,8 +345,9 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     else:
         lines += _power_table(estimate)
     if plan is not None:
-        lines += ["", f"The full study: `{plan['command']}` trains {plan['runs']} runs ({plan['variants']} models × "
-                  f"{plan['seeds']} seeds); the measured CPU time of the {estimate['mode']} runs gives about {plan['cpu_hours']:.1f} "
+        lines += ["", f"The full study: `{plan['command']}` trains {plan['runs']} runs ({plan['variants']} models; "
+                  f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
+                  f"{', '.join(plan['descriptive'])}); the measured CPU time of the {estimate['mode']} runs gives about {plan['cpu_hours']:.1f} "
                   f"CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle cores with "
                   f"`JOBS={plan['jobs']}`." + (f" Not measured in the pilot (counted at the TaskExpert run's cost): "
                                               f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""), ""]  # fmt: skip
@@ -418,8 +419,9 @@ def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
     if cpu["unmeasured_kinds"] and "taskexpert" in cpu["per_run_seconds"]:
         hours += sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
     return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["study_seeds"],
-            "variants": runs // estimate["study_seeds"], "cpu_hours": hours, "wall_hours": hours / min(jobs, cores),
-            "cores": cores, "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip
+            "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
+            "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
+            "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -77,8 +77,12 @@ def test_modes_and_seeds():
     full = study.study_runs()
     assert len(study.SEEDS) >= 5  # the verdicts need at least five paired seeds
     assert {r.variant.name for r in full} == set(study.variants_by_name())
+    claims = {name for c in study.COMPARISONS if c.claim for name in (c.variant, c.reference)} - {study.SINGLE_TASK}
     for name in study.variants_by_name():
-        assert sorted(r.seed for r in full if r.variant.name == name) == list(study.SEEDS)
+        expected = study.DESCRIPTIVE_SEEDS if name in study.DESCRIPTIVE_VARIANTS else study.SEEDS
+        assert sorted(r.seed for r in full if r.variant.name == name) == list(expected)
+        assert name not in claims or expected == study.SEEDS  # the models of a claim train with every seed
+    assert len(study.DESCRIPTIVE_SEEDS) >= 5 and study.DESCRIPTIVE_SEEDS == study.SEEDS[: len(study.DESCRIPTIVE_SEEDS)]
     assert all(r.all_overrides == {} for r in full)  # the full study trains the recipes as they are
     pilot = study.study_runs("pilot")
     assert {r.variant.name for r in pilot if len([p for p in pilot if p.variant == r.variant]) > 1} == set(study.PILOT_VARIANTS)
