@@ -349,7 +349,7 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
                   f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
                   f"{', '.join(plan['descriptive'])}); the measured CPU time of the {estimate['mode']} runs gives about {plan['cpu_hours']:.1f} "
                   f"CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle cores with "
-                  f"`JOBS={plan['jobs']}`." + (f" Not measured in the pilot (counted at the TaskExpert run's cost): "
+                  f"`JOBS={plan['jobs']}`." + (f" Not measured in the {estimate['mode']} runs (counted at the TaskExpert run's cost): "
                                               f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""), ""]  # fmt: skip
 
     # Overview

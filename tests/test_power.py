@@ -44,3 +44,10 @@ def test_pooled_std_and_its_upper_bound():
     assert power.sigma_upper_bound(sigma, df, level=0.8) == pytest.approx(sigma * math.sqrt(3 / 1.005174), rel=1e-5)
     with pytest.raises(ValueError, match="at least two"):
         power.pooled_std([[1.0]])
+
+
+def test_power_with_many_seeds_matches_the_normal_approximation():
+    # With hundreds of seeds t is nearly normal: power ≈ Φ(δ√n/σ - z_{0.975}) (the other tail is negligible).
+    n, sigma = 400, 10.0
+    expected = stats.norm.cdf(math.sqrt(n) / sigma - stats.norm.ppf(0.975))
+    assert power.power(n, sigma, 1.0) == pytest.approx(expected, abs=0.005)
