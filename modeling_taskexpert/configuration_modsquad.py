@@ -62,7 +62,7 @@ class ModSquadConfig(PretrainedConfig):
     - Per-task usage statistics for extraction are exact selection counts (plus a moving average) instead of the
       reference's 0.95/0.05 moving average of counts; extraction compares shares, so both give the same ranking.
 
-    Earlier versions of this package computed something else in four places; each stays reachable:
+    Earlier versions of this package computed something else in six places; each stays reachable:
     `use_task_embedding=False` (no task embedding; blocks before the first MoE layer then run once for all tasks),
     `renormalize_gates=True` with `routing_epsilon=0.0` (gates = probabilities renormalised over the top-k),
     `attention_expert_bias=True` (biases on the attention experts' query and output projections),
