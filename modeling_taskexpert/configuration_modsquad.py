@@ -173,6 +173,12 @@ class ModSquadConfig(PretrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal weight initialisation (routers start at zero, the task
             embedding at standard normal).
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MoE layer
+    (`"block 0 attention"`, `"block 1 mlp"`, ...), and `candidate_names`, per layer the names of its experts in gate
+    order (`"expert 7"`: id 7 of the full layer, as in `kept_experts`).
 
     Example:
 
@@ -229,6 +235,7 @@ class ModSquadConfig(PretrainedConfig):
         loss_weights: Optional[dict[str, float]] = None,
         edge_positive_weight: float = 0.95,
         initializer_range: float = 0.02,
+        output_gates: bool = False,
         **kwargs,
     ):
         earlier_version = _earlier_version_fields(kwargs)
@@ -287,6 +294,7 @@ class ModSquadConfig(PretrainedConfig):
         self.depth_activation = depth_activation
         self.edge_positive_weight = edge_positive_weight
         self.initializer_range = initializer_range
+        self.output_gates = output_gates
         super().__init__(**kwargs)
         self.validate_modsquad()
 
@@ -347,7 +355,7 @@ class ModSquadConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
-        for field in ("qkv_bias", "attention_expert_bias", "use_task_embedding", "renormalize_gates", "noisy_gating"):
+        for field in ("qkv_bias", "attention_expert_bias", "use_task_embedding", "renormalize_gates", "noisy_gating", "output_gates"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"`{field}` must be true or false, got {getattr(self, field)!r}.")
         if self.num_channels != 3:

@@ -4,14 +4,7 @@ from typing import Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
-from .task_definitions import check_task_name, validate_task_settings
-
-# Class names of the PASCAL-Context multi-task benchmark (21 VOC classes, 6 parts + background).
-PASCAL_SEMSEG_LABELS = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
-PASCAL_HUMAN_PARTS_LABELS = ["background", "head", "torso", "uarm", "larm", "uleg", "lleg"]
+from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES, check_task_name, validate_task_settings
 
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
 PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
@@ -38,7 +31,7 @@ def resolve_task_settings(
     default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
     tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
     if task_id2label is None:
-        defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
+        defaults = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
         task_id2label = {t: dict(enumerate(defaults[t])) for t in tasks if t in defaults}
     task_id2label = {task: {int(i): str(name) for i, name in labels.items()} for task, labels in task_id2label.items()}
     for task in loss_weights or {}:
@@ -126,6 +119,11 @@ class TaskExpertConfig(PretrainedConfig):
             Standard deviation of the truncated normal initialisation of the MMoE and head weights.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the MMoE layer norms.
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MMoE layer, and
+    `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 1"`, ..., `"memory"`).
 
     Example:
 
@@ -166,6 +164,7 @@ class TaskExpertConfig(PretrainedConfig):
         gate_balance_loss_weight: float = 0.0,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-6,
+        output_gates: bool = False,
         **kwargs,
     ):
         if backbone_config is None:
@@ -203,6 +202,7 @@ class TaskExpertConfig(PretrainedConfig):
         self.gate_balance_loss_weight = gate_balance_loss_weight
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
+        self.output_gates = output_gates
         super().__init__(**kwargs)
         self.validate_taskexpert()
 
@@ -214,6 +214,17 @@ class TaskExpertConfig(PretrainedConfig):
         if getattr(backbone, "stage_names", None) and backbone.model_type != "vit":
             return len(backbone.stage_names) - 1  # stage_names[0] is the stem
         return backbone.num_hidden_layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Name of every routing (MMoE) layer, in network order: the `gates` entries of the routing report."""
+        return [f"MMoE {k + 1} (after backbone layer {layer})" for k, layer in enumerate(self.mmoe_layers)]
+
+    @property
+    def candidate_names(self) -> list[list[str]]:
+        """Per routing layer, the names of the gate's candidates in gate order: the experts, then the memory."""
+        names = [f"expert {e + 1}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
+        return [list(names) for _ in self.mmoe_layers]
 
     def num_labels_of(self, task: str) -> Optional[int]:
         """Number of classes of a segmentation task, None for other tasks."""

@@ -26,19 +26,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_modsquad import ModSquadConfig
-from .dense_model_utils import (
-    DenseTaskHeadsMixin,
-    RemotePipelineSaveMixin,
-    SafetensorsOnlyLoadMixin,
-    check_pixel_values,
-    resolve_tasks,
-)
+from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
 
 # Floor of the learned noise scale of noisy gating (the reference's value).
 NOISE_SCALE_FLOOR = 1e-2
@@ -96,11 +89,12 @@ class ModSquadOutput(ModelOutput):
         aux_loss (`torch.FloatTensor`, *optional*):
             The weighted routing terms included in `loss` (when `labels` are given): the sum of
             `mutual_information_loss_weight`, `cv_loss_weight`, `switch_loss_weight` and `z_loss_weight` times the
-            matching `aux_losses`; 0 when the pass ran fewer than `config.aux_loss_min_tasks` tasks.
-        logits (`dict[str, torch.FloatTensor]`):
-            Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
+            matching `aux_losses`, over the terms with a positive weight; None when the pass ran fewer than
+            `config.aux_loss_min_tasks` tasks (the terms are then left out of `loss`, as in the reference).
         aux_losses (`dict[str, torch.FloatTensor]`):
             As in [`ModSquadModelOutput`].
+        logits (`dict[str, torch.FloatTensor]`):
+            Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
         gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
             As in [`ModSquadModelOutput`].
         hidden_states (`tuple[torch.FloatTensor]`, *optional*):
@@ -110,8 +104,8 @@ class ModSquadOutput(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     task_losses: Optional[dict[str, torch.FloatTensor]] = None
     aux_loss: Optional[torch.FloatTensor] = None
-    logits: Optional[dict[str, torch.FloatTensor]] = None
     aux_losses: Optional[dict[str, torch.FloatTensor]] = None
+    logits: Optional[dict[str, torch.FloatTensor]] = None
     gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
@@ -474,13 +468,10 @@ class ModSquadBlock(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
-class ModSquadPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
+class ModSquadPreTrainedModel(DenseMultiTaskPreTrainedModel):
     config_class = ModSquadConfig
     config: ModSquadConfig
     base_model_prefix = "modsquad"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["ModSquadBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -497,13 +488,8 @@ class ModSquadPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin,
             init.trunc_normal_(module.position_embeddings, std=std)
         elif isinstance(module, ModSquadModel) and module.task_embedding is not None:
             init.normal_(module.task_embedding, std=1.0)  # torch.randn, as in the reference
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
 
 class ModSquadModel(ModSquadPreTrainedModel):
@@ -534,10 +520,6 @@ class ModSquadModel(ModSquadPreTrainedModel):
         """(name, module) of every MoE layer, in network order (that of `config.layer_names` and of `gates`)."""
         return [(name, module) for name, module in self.named_modules() if isinstance(module, ModSquadMoELayer)]
 
-    def resolve_tasks(self, tasks: Optional[list[str]]) -> list[str]:
-        """The requested tasks in config order; a clear error for names the model does not predict."""
-        return resolve_tasks(self.config.tasks, tasks)
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -555,11 +537,12 @@ class ModSquadModel(ModSquadPreTrainedModel):
             output_hidden_states (`bool`, *optional*):
                 Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
             output_gates (`bool`, *optional*):
-                Return the gates of every MoE layer (see [`ModSquadModelOutput`]).
+                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
             return_dict (`bool`, *optional*):
                 Return a [`ModSquadModelOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_gates = self.config.output_gates if output_gates is None else output_gates
         return_dict = self.config.return_dict if return_dict is None else return_dict
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
         tasks = self.resolve_tasks(tasks)
@@ -606,7 +589,7 @@ class ModSquadModel(ModSquadPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
+class ModSquadForDensePrediction(ModSquadPreTrainedModel):
     """Mod-Squad with one dense head per task, the benchmark losses and the routing losses; per-task expert usage
     statistics and the extraction of standalone per-task models."""
 
@@ -639,46 +622,39 @@ class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
             output_hidden_states (`bool`, *optional*):
                 Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
             output_gates (`bool`, *optional*):
-                Return the gates of every MoE layer (see [`ModSquadModelOutput`]).
+                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
             return_dict (`bool`, *optional*):
                 Return a [`ModSquadOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        tasks = self.modsquad.resolve_tasks(tasks)
+        tasks = self.resolve_tasks(tasks)
         self.check_label_tasks(labels)
         outputs = self.modsquad(
             pixel_values, tasks=tasks, output_hidden_states=output_hidden_states, output_gates=output_gates, return_dict=True
         )
-        size = tuple(pixel_values.shape[-2:])
-        logits = self.decode_tasks(outputs.task_features, tasks, size)
-        loss, task_losses, aux_loss = None, None, None
-        if labels is not None:
-            task_losses, loss = self.weighted_task_losses(logits, labels)
-            aux_loss = self.weighted_aux_loss(outputs.aux_losses)
-            if len(tasks) >= self.config.aux_loss_min_tasks:
-                loss = loss + aux_loss
-            else:
-                aux_loss = torch.zeros_like(aux_loss)
+        # The reference adds the routing terms only when more than two tasks ran (`aux_loss_min_tasks`).
+        joined = outputs.aux_losses if len(tasks) >= self.config.aux_loss_min_tasks else None
+        decoded = self.decode_and_loss(outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels, joined)
         output = ModSquadOutput(
-            loss=loss,
-            task_losses=task_losses,
-            aux_loss=aux_loss,
-            logits=logits,
+            loss=decoded.loss,
+            task_losses=decoded.task_losses,
+            aux_loss=decoded.aux_loss,
             aux_losses=outputs.aux_losses,
+            logits=decoded.logits,
             gates=outputs.gates,
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
 
-    def weighted_aux_loss(self, aux_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """mutual_information_loss_weight * aux_losses["mutual_information"] plus the other terms whose weight is
-        above 0."""
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
         config = self.config
-        total = config.mutual_information_loss_weight * aux_losses["mutual_information"]
-        for name, weight in (("cv", config.cv_loss_weight), ("switch", config.switch_loss_weight), ("z", config.z_loss_weight)):
-            if weight > 0:
-                total = total + weight * aux_losses[name]
-        return total
+        return {
+            "mutual_information": config.mutual_information_loss_weight,
+            "cv": config.cv_loss_weight,
+            "switch": config.switch_loss_weight,
+            "z": config.z_loss_weight,
+        }
 
     # ------------------------------------------------------------------------------------------------------------
     # Expert usage statistics

@@ -56,6 +56,14 @@ TASKS: dict[str, TaskInfo] = {
 
 SEGMENTATION_TASKS = tuple(name for name, info in TASKS.items() if info.kind == "segmentation")
 
+# Class names of the PASCAL-Context multi-task benchmark: the 21 VOC classes of `semseg` (not Context-59) and the
+# protocol's 6 human-part groups plus background. The model configs' defaults and the dataset converter read these.
+PASCAL_SEMSEG_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+PASCAL_HUMAN_PARTS_CLASSES = ("background", "head", "torso", "uarm", "larm", "uleg", "lleg")
+
 
 def check_task_name(task: str, where: str = "task") -> TaskInfo:
     """Return the `TaskInfo` of `task`, or raise a ValueError that lists the known tasks."""

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModel
 
     from .. import TaskExpertForDensePrediction  # noqa: F401  (registers the model with the Auto classes)
-    from ..data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+    from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
     from .evaluator import DenseMultiTaskEvaluator
     from .loop import evaluate_model
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
-    metadata = load_dataset_metadata(args.dataset)
+    metadata = read_dataset_metadata(args.dataset)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model_tasks = list(getattr(model.config, "tasks", []))
     tasks = _resolve_tasks(args.tasks, model_tasks, list(metadata["tasks"]), args.dataset)
