@@ -349,8 +349,8 @@ class DemoPrediction:
         expert_maps: per task, per MMoE layer, the id of the dominant expert (highest gate weight among the experts)
             at every pixel, uint8 (H, W); empty for models without per-pixel gates.
         expert_usage: per task, (num_layers, K) mean weight of every candidate over the image: the experts, then the
-            memory when `has_memory`. For TaskExpert the mean gate weight; for models that report `expert_usage`
-            (Mod-Squad), their routing fractions.
+            memory when `has_memory`: the mean gate weight (for Mod-Squad the top-k routing probabilities, 0 where not
+            selected; layers with fewer experts zero-padded).
         has_memory: whether the last candidate of `expert_usage` is the memory.
         seconds: model time (pre-processing, forward, post-processing), without image decoding.
         notes: what was done to the input (conversion, resizing).
