@@ -173,11 +173,9 @@ def aggregate(collected: dict) -> dict:
 # Models: cost and gate / expert usage
 # ---------------------------------------------------------------------------------------------------------------------
 def _load_model(folder: Path):
-    from transformers import AutoModel
+    from modeling_taskexpert.loading import load_dense_model
 
-    import modeling_taskexpert  # noqa: F401 - registers the model types
-
-    return AutoModel.from_pretrained(folder).eval()
+    return load_dense_model(folder).eval()
 
 
 def _eval_size(run: dict) -> tuple[int, int]:

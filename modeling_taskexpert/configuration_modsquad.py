@@ -5,18 +5,24 @@ from typing import Optional
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from .configuration_taskexpert import resolve_task_settings
-from .task_definitions import validate_task_settings
+from .configuration_common import (
+    HEAD_CHOICES,
+    DenseTaskConfigMixin,
+    as_list,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_number,
+    is_integer,
+    resolve_task_settings,
+    validate_task_settings,
+)
 
 logger = logging.get_logger(__name__)
 
 MOE_LAYOUTS = ("twice", "every")
 MUTUAL_INFORMATION_ESTIMATORS = ("reference", "exact")
-_CHOICES = {
-    "head_norm": ("group", "batch", "none"),
-    "depth_activation": ("none", "softplus", "exp"),
-    "mutual_information_estimator": MUTUAL_INFORMATION_ESTIMATORS,
-}
 
 # What a config written before the model followed the reference code computed (see `ModSquadConfig`, "Earlier
 # versions"); applied to a config that carries the field only those versions wrote.
@@ -30,7 +36,7 @@ EARLIER_VERSION_FIELDS = {
 }
 
 
-class ModSquadConfig(PretrainedConfig):
+class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`ModSquadModel`] / [`ModSquadForDensePrediction`]: a ViT whose blocks hold mixture-of-experts
     layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, a learned
@@ -248,20 +254,19 @@ class ModSquadConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
-        if moe_layout not in MOE_LAYOUTS:
-            raise ValueError(f"`moe_layout` must be one of {MOE_LAYOUTS}, got {moe_layout!r}.")
-        blocks = range(num_hidden_layers) if isinstance(num_hidden_layers, int) else range(0)
+        check_choice("moe_layout", moe_layout, MOE_LAYOUTS)
+        blocks = range(num_hidden_layers) if is_integer(num_hidden_layers) else range(0)
         if moe_attention_layers is None:
             moe_attention_layers = [b for b in blocks if moe_layout == "every" or b % 2 == 0]
         if moe_mlp_layers is None:
             moe_mlp_layers = [b for b in blocks if moe_layout == "every" or b % 2 == 1]
-        self.moe_attention_layers = list(moe_attention_layers)
-        self.moe_mlp_layers = list(moe_mlp_layers)
+        self.moe_attention_layers = as_list(moe_attention_layers)
+        self.moe_mlp_layers = as_list(moe_mlp_layers)
         self.num_attention_experts = num_attention_experts
         self.attention_top_k = attention_top_k
         self.attention_head_dim = attention_head_dim
         if dense_attention_head_dim is None:
-            if earlier_version and isinstance(hidden_size, int) and isinstance(num_attention_heads, int):
+            if earlier_version and is_integer(hidden_size) and is_integer(num_attention_heads):
                 dense_attention_head_dim = hidden_size // max(num_attention_heads, 1)
             else:
                 dense_attention_head_dim = attention_head_dim
@@ -269,14 +274,14 @@ class ModSquadConfig(PretrainedConfig):
         self.attention_expert_bias = attention_expert_bias
         self.num_mlp_experts = num_mlp_experts
         self.mlp_top_k = mlp_top_k
-        if mlp_expert_hidden_size is None and isinstance(intermediate_size, int) and isinstance(mlp_top_k, int):
+        if mlp_expert_hidden_size is None and is_integer(intermediate_size) and is_integer(mlp_top_k):
             mlp_expert_hidden_size = max(intermediate_size // max(mlp_top_k, 1), 1)
         self.mlp_expert_hidden_size = mlp_expert_hidden_size
         self.use_task_embedding = use_task_embedding
         self.renormalize_gates = renormalize_gates
         self.routing_epsilon = routing_epsilon
         self.noisy_gating = noisy_gating
-        self.kept_experts = [list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
+        self.kept_experts = [as_list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
         self.mutual_information_loss_weight = mutual_information_loss_weight
         self.mutual_information_estimator = mutual_information_estimator
         self.cv_loss_weight = cv_loss_weight
@@ -299,10 +304,6 @@ class ModSquadConfig(PretrainedConfig):
         self.validate_modsquad()
 
     # ------------------------------------------------------------------------------------------------------------
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
-
     @property
     def moe_layer_kinds(self) -> list[tuple[int, str]]:
         """(block index, "attention" or "mlp") of every MoE layer, in network order."""
@@ -352,20 +353,20 @@ class ModSquadConfig(PretrainedConfig):
             "num_mlp_experts", "mlp_top_k", "mlp_expert_hidden_size", "head_hidden_size", "aux_loss_min_tasks",
         )  # fmt: skip
         for field in positive:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+            check_int(field, getattr(self, field), minimum=1)
         for field in ("qkv_bias", "attention_expert_bias", "use_task_embedding", "renormalize_gates", "noisy_gating", "output_gates"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"`{field}` must be true or false, got {getattr(self, field)!r}.")
+            check_bool(field, getattr(self, field))
+        check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
+        check_number("initializer_range", self.initializer_range, minimum=0.0)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB input), got {self.num_channels!r}.")
         if self.image_size % self.patch_size:
             raise ValueError(f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size}).")
         for field in ("moe_attention_layers", "moe_mlp_layers"):
             layers = getattr(self, field)
+            check_int_list(field, layers)
             for block in layers:
-                if not isinstance(block, int) or isinstance(block, bool) or not 0 <= block < self.num_hidden_layers:
+                if not 0 <= block < self.num_hidden_layers:
                     raise ValueError(
                         f"`{field}` entry {block!r} is out of range: blocks are numbered 0..{self.num_hidden_layers - 1}."
                     )
@@ -380,18 +381,13 @@ class ModSquadConfig(PretrainedConfig):
         if self.mlp_top_k > self.num_mlp_experts:
             raise ValueError(f"`mlp_top_k` ({self.mlp_top_k}) exceeds `num_mlp_experts` ({self.num_mlp_experts}).")
         self._validate_kept_experts()
-        for field in (
-            "mutual_information_loss_weight", "cv_loss_weight", "switch_loss_weight", "z_loss_weight", "routing_epsilon"
-        ):  # fmt: skip
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"`{field}` must be a number >= 0, got {value!r}.")
-        if not isinstance(self.expert_usage_momentum, (int, float)) or not 0.0 <= self.expert_usage_momentum < 1.0:
-            raise ValueError(f"`expert_usage_momentum` must be in [0, 1), got {self.expert_usage_momentum!r}.")
+        for field in ("mutual_information_loss_weight", "cv_loss_weight", "switch_loss_weight", "z_loss_weight", "routing_epsilon"):
+            check_number(field, getattr(self, field), minimum=0.0)
+        check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
+        check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
         validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
-        for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
+        for field, choices in HEAD_CHOICES.items():
+            check_choice(field, getattr(self, field), choices)
 
     def _validate_kept_experts(self) -> None:
         if self.kept_experts is None:
@@ -402,11 +398,11 @@ class ModSquadConfig(PretrainedConfig):
             raise ValueError(f"`kept_experts` must list the experts of each of the {len(kinds)} MoE layers, got {count!r}.")
         for (block, kind), ids in zip(kinds, self.kept_experts):
             width, top_k = self.router_experts_of(kind), self.top_k_of(kind)
-            valid = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < width for i in ids)
-            if not valid or list(ids) != sorted(set(ids)) or len(ids) < top_k:
+            field = f"kept_experts entry of the MoE {kind} of block {block}"
+            check_int_list(field, ids, minimum=0, maximum=width - 1)
+            if list(ids) != sorted(set(ids)) or len(ids) < top_k:
                 raise ValueError(
-                    f"`kept_experts` entry of the MoE {kind} of block {block} must be at least {top_k} (its top-k) "
-                    f"increasing expert ids in 0..{width - 1}, got {ids!r}."
+                    f"`{field}` must be at least {top_k} (its top-k) increasing expert ids in 0..{width - 1}, got {ids!r}."
                 )
 
 

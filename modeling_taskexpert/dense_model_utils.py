@@ -174,7 +174,6 @@ def routing_summary(gates: Gates, layer_names: list[str], candidate_names: list[
     }
 
 
-
 class RemotePipelineSaveMixin:
     """Mixin for `PreTrainedModel` subclasses: when the class is registered for remote code, `save_pretrained` also
     declares and copies the pipeline so that `pipeline(..., trust_remote_code=True)` works from the saved folder."""
@@ -191,15 +190,49 @@ class RemotePipelineSaveMixin:
 
 
 class SafetensorsOnlyLoadMixin:
-    """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only.
+    """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only, and only
+    complete ones.
 
     Unpickling a `.bin`/`.pt` checkpoint can run arbitrary code, so such checkpoints are refused with an explanation
     instead of being loaded (transformers falls back to them by default), and a damaged safetensors file is reported
     with its name rather than as a bare decoder error.
+
+    A weights file that lacks tensors of the model is refused, naming them (transformers would initialise them at
+    random and only log it, giving a model that silently predicts noise). When that is intended, e.g. new task heads
+    for fine-tuning on other tasks, pass `allow_missing_weights=True`, or a list of key prefixes that may be missing
+    (`allow_missing_weights=["heads.depth."]`); the missing tensors are then freshly initialised.
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights=False, **kwargs):
+        source = str(pretrained_model_name_or_path)
+        if isinstance(allow_missing_weights, str):
+            allow_missing_weights = [allow_missing_weights]
+        if not isinstance(allow_missing_weights, bool) and not (
+            isinstance(allow_missing_weights, (list, tuple)) and all(isinstance(p, str) for p in allow_missing_weights)
+        ):
+            raise TypeError(
+                "`allow_missing_weights` must be a bool or a list of key prefixes, got "
+                f"{type(allow_missing_weights).__name__}."
+            )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = cls._load_safetensors_only(pretrained_model_name_or_path, *model_args, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if allow_missing_weights is not True:
+            prefixes = tuple(allow_missing_weights or ())
+            refused = [key for key in missing if not key.startswith(prefixes)] if prefixes else missing
+            if refused:
+                shown = ", ".join(refused[:8]) + (f", ... ({len(refused) - 8} more)" if len(refused) > 8 else "")
+                raise OSError(
+                    f"The weights of {source} lack {len(refused)} tensor(s) of {cls.__name__}: {shown}. They would be "
+                    "left randomly initialised, so the checkpoint is incomplete or belongs to another configuration. "
+                    "If that is intended (e.g. new task heads before fine-tuning), pass allow_missing_weights=True or "
+                    "a list of key prefixes that may be missing."
+                )
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _load_safetensors_only(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         source = str(pretrained_model_name_or_path)
         refusal = (
             f"{cls.__name__} loads weights only from safetensors files: pickle checkpoints (pytorch_model.bin, .pt) "
@@ -210,7 +243,7 @@ class SafetensorsOnlyLoadMixin:
             raise ValueError(f"use_safetensors=False is not supported. {refusal}")
         kwargs["use_safetensors"] = True
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         except SafetensorError as error:
             local = Path(source) / "model.safetensors"
             name = str(local) if local.is_file() else f"the safetensors weights of {source}"

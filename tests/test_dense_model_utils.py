@@ -1,6 +1,7 @@
 """The shared base of the dense multi-task models and the routing-report helpers (`dense_model_utils.py`)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -171,3 +172,78 @@ def test_summary_of_a_real_model_sums_to_one(config):
         # mean weights are the mean of the per-token gates
         expected = out.gates[1][task].mean(dim=(0, 1, 2))
         assert summary["tasks"][task]["mean_weight"][1] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading: a weights file missing tensors is refused unless that is asked for
+# ---------------------------------------------------------------------------------------------------------------------
+def _tiny_modsquad():
+    from modeling_taskexpert import ModSquadConfig
+
+    return ModSquadForDensePrediction(
+        ModSquadConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_attention_experts=4, attention_top_k=2, attention_head_dim=16,
+            num_mlp_experts=4, mlp_top_k=2, tasks=["semseg", "depth"], task_id2label={"semseg": {0: "a", 1: "b"}},
+            head_hidden_size=16,
+        )  # fmt: skip
+    )
+
+
+def _save_without(model, folder, dropped: list[str]):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    for key in dropped:
+        del state[key]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["taskexpert", "modsquad"])
+def test_a_weights_file_missing_tensors_is_refused_naming_them(kind, tmp_path):
+    from transformers import AutoModel
+
+    model = TaskExpertForDensePrediction(tiny_config()) if kind == "taskexpert" else _tiny_modsquad()
+    model_class = type(model)
+    backbone_key = next(key for key in model.state_dict() if not key.startswith("heads."))
+    dropped = ["heads.depth.classifier.weight", backbone_key]
+    _save_without(model, tmp_path, dropped)
+    for load in (model_class.from_pretrained, AutoModel.from_pretrained):
+        names = re.escape(", ".join(sorted(dropped)))
+        with pytest.raises(OSError, match=rf"lack 2 tensor\(s\) of {model_class.__name__}: {names}\. They would be"):
+            load(tmp_path)
+    # Only the head may be missing: the backbone tensor is still refused.
+    with pytest.raises(OSError, match=rf"lack 1 tensor\(s\) of {model_class.__name__}: {re.escape(backbone_key)}\. "):
+        model_class.from_pretrained(tmp_path, allow_missing_weights=["heads."])
+    # The explicit opt-in loads and freshly initialises what is missing; the rest is the saved model.
+    loaded, info = model_class.from_pretrained(tmp_path, allow_missing_weights=True, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == sorted(dropped)
+    saved = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        if key not in dropped:
+            assert torch.equal(value, saved[key]), key
+    with pytest.raises(TypeError, match="`allow_missing_weights` must be a bool or a list of key prefixes"):
+        model_class.from_pretrained(tmp_path, allow_missing_weights=1)
+
+
+def test_a_complete_checkpoint_loads_as_before(tmp_path):
+    model = TaskExpertForDensePrediction(tiny_config())
+    model.save_pretrained(tmp_path)
+    loaded = TaskExpertForDensePrediction.from_pretrained(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # The base model inside the checkpoint loads alone (the heads are extra, not missing).
+    TaskExpertModel.from_pretrained(tmp_path)
+
+
+def test_the_evaluation_cli_inherits_the_refusal(tmp_path, synthetic_dataset, capsys):
+    from modeling_taskexpert.evaluation.__main__ import main
+
+    config = tiny_config(tasks=["semseg", "depth"], task_id2label={"semseg": {i: str(i) for i in range(7)}})
+    folder = tmp_path / "model"
+    _save_without(TaskExpertForDensePrediction(config), folder, ["heads.semseg.conv.weight"])
+    arguments = ["--model", str(folder), "--dataset", str(synthetic_dataset), "--output", str(tmp_path / "out.json")]
+    code = main([*arguments, "--max-samples", "2", "--cpu", "--no-progress"])
+    assert code != 0 and not (tmp_path / "out.json").exists()
+    assert "lack 1 tensor(s) of TaskExpertForDensePrediction: heads.semseg.conv.weight" in capsys.readouterr().err

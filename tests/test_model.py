@@ -269,6 +269,12 @@ def test_other_auto_backbone_types():
     out = model(torch.randn(1, 3, 32, 32), output_gates=True)
     assert out.logits["semseg"].shape == (1, 3, 32, 32)
     assert model.taskexpert.backbone.channels == [32, 32]
+    # The backbone runs on the config's own backbone_config, tapped at the MMoE layers.
+    backbone = model.taskexpert.backbone.model
+    assert backbone.config is model.config.backbone_config and backbone.config.out_indices == [2, 4]
+    assert model.get_input_embeddings() is backbone.embeddings.patch_embeddings
+    model.set_attn_implementation("eager")
+    assert backbone.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize(
