@@ -607,7 +607,7 @@ def test_extract_by_router_keeps_outputs_and_drops_parameters(tmp_path):
     saved = json.loads((tmp_path / "depth-only" / "config.json").read_text())
     assert saved["kept_experts"] == small.config.kept_experts
     assert saved["auto_map"]["AutoModel"] == "modeling_modsquad.ModSquadForDensePrediction"
-    for code in ("configuration_modsquad.py", "modeling_modsquad.py", "configuration_taskexpert.py", "dense_heads.py",
+    for code in ("configuration_modsquad.py", "modeling_modsquad.py", "configuration_common.py", "dense_heads.py",
                  "dense_losses.py", "dense_model_utils.py", "task_definitions.py", "pipeline_taskexpert.py"):  # fmt: skip
         assert (tmp_path / "depth-only" / code).exists(), code
     assert not (tmp_path / "depth-only" / "convert_modsquad_original.py").exists()  # a tool, not remote code
