@@ -281,19 +281,3 @@ def test_output_folder_problems_are_reported_before_training(tmp_path):
         train.check_output_dir(str(blocker / "out"), min_free_bytes=0)
     train.check_output_dir(str(tmp_path / "fine"), min_free_bytes=1)
     assert list((tmp_path / "fine").iterdir()) == []  # the write probe leaves nothing behind
-
-
-def test_an_interrupted_checkpoint_write_never_becomes_latest(tmp_path):
-    from modeling_taskexpert.training import resolve_checkpoint
-    from modeling_taskexpert.training.checkpoints import STATE_FILE, checkpoint_root
-
-    root = checkpoint_root(str(tmp_path))
-    (root / "step_00000004").mkdir(parents=True)
-    (root / "step_00000004" / STATE_FILE).write_text(json.dumps({"step": 4}))
-    (root / ".tmp_step_00000012").mkdir()  # killed while saving: never renamed
-    (root / ".tmp_step_00000012" / STATE_FILE).write_text(json.dumps({"step": 12}))
-    (root / "step_00000008").mkdir()  # a step folder whose trainer state was never written
-    (root / "step_00000008" / "model.safetensors").write_bytes(b"partial")
-    assert resolve_checkpoint(str(tmp_path), "latest") == root / "step_00000004"
-    with pytest.raises(FileNotFoundError, match=r"step_00000008 is not a complete checkpoint"):
-        resolve_checkpoint(str(tmp_path), str(root / "step_00000008"))
