@@ -349,8 +349,8 @@ class DemoPrediction:
         expert_maps: per task, per MMoE layer, the id of the dominant expert (highest gate weight among the experts)
             at every pixel, uint8 (H, W); empty for models without per-pixel gates.
         expert_usage: per task, (num_layers, K) mean weight of every candidate over the image: the experts, then the
-            memory when `has_memory`. For TaskExpert the mean gate weight; for models that report `expert_usage`
-            (Mod-Squad), their routing fractions.
+            memory when `has_memory`: the mean gate weight (for Mod-Squad the top-k routing probabilities, 0 where not
+            selected; layers with fewer experts zero-padded).
         has_memory: whether the last candidate of `expert_usage` is the memory.
         seconds: model time (pre-processing, forward, post-processing), without image decoding.
         notes: what was done to the input (conversion, resizing).
@@ -412,14 +412,14 @@ def predict(demo_model: DemoModel, image, tasks: Optional[list[str]] = None) -> 
             has_memory = bool(getattr(model.config, "use_memory", False))
             for task in tasks:
                 layers = [gates_on_image(layer[task][0], processor, size) for layer in gates]
-                num_experts = layers[0].shape[0] - int(has_memory)
-                expert_usage[task] = torch.stack([maps.mean(dim=(1, 2)) for maps in layers]).cpu().numpy()
+                width = max(maps.shape[0] for maps in layers)  # Mod-Squad layers differ in expert count: zero-pad
+                expert_usage[task] = torch.stack(
+                    [F.pad(maps.mean(dim=(1, 2)), (0, width - maps.shape[0])) for maps in layers]
+                ).cpu().numpy()
                 expert_maps[task] = [
-                    _resize_nearest(maps[:num_experts].argmax(dim=0).to(torch.uint8).cpu().numpy(), size)
+                    _resize_nearest(maps[: maps.shape[0] - int(has_memory)].argmax(dim=0).to(torch.uint8).cpu().numpy(), size)
                     for maps in layers
                 ]
-        elif getattr(outputs, "expert_usage", None) is not None:
-            expert_usage = {task: outputs.expert_usage[task].float().cpu().numpy() for task in tasks}
     seconds = time.perf_counter() - start
     return DemoPrediction(rgb, predictions, expert_maps, expert_usage, has_memory, seconds, notes)
 

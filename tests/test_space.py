@@ -273,24 +273,29 @@ def test_expert_plot_has_usage_bars_and_memory_panel(app, demo_model):
 
 
 def test_mod_squad_models_show_their_routing_usage(app, tmp_path):
-    """A Mod-Squad model has no gates: the Experts tab shows its per-layer routing fractions instead."""
+    """A Mod-Squad model reports gates like TaskExpert: the Experts tab shows each layer's mean gate per expert and
+    the dominant expert per pixel."""
     from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction
 
     config = ModSquadConfig.from_json_file("hub_configs/models/modsquad-tiny.json")
     torch.manual_seed(0)
     model = ModSquadForDensePrediction(config).eval()
+    for _, layer in model.modsquad.moe_layers:  # zero-initialised routers would give every token the same experts
+        torch.nn.init.normal_(layer.router_weight, std=0.5)
     model.save_pretrained(tmp_path)
     TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=config.patch_size).save_pretrained(tmp_path)
     demo_model = app.load_demo_model(str(tmp_path))
-    image = random_image(50, 60)
+    image = random_image(64, 64)  # the canvas itself: no padding, so the means cover every token
     prediction = app.predict(demo_model, image, tasks=["semseg", "depth"])
-    assert set(prediction.predictions) == {"semseg", "depth"} and not prediction.expert_maps
+    assert set(prediction.predictions) == {"semseg", "depth"} == set(prediction.expert_maps)
     pixel_values = demo_model.processor(image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        expected = model(pixel_values, tasks=["semseg", "depth"]).expert_usage
+        gates = model(pixel_values, tasks=["semseg", "depth"], output_gates=True).gates
     for task in ("semseg", "depth"):
-        np.testing.assert_allclose(prediction.expert_usage[task], expected[task].numpy(), atol=1e-6)
-        np.testing.assert_allclose(prediction.expert_usage[task].sum(-1), 1.0, atol=1e-5)  # routing fractions
+        expected = torch.stack([layer[task][0].mean(dim=(0, 1)) for layer in gates]).numpy()
+        np.testing.assert_allclose(prediction.expert_usage[task], expected, atol=1e-6)
+        assert (prediction.expert_usage[task].sum(-1) < 1).all()  # top-k probabilities, not renormalised
+        assert len(prediction.expert_maps[task]) == len(config.layer_names)
     figure = app.plot_expert_usage(prediction, "semseg", demo_model.layer_names())
     assert figure.axes
 
