@@ -28,42 +28,42 @@ def load_model(folder: Path):
     return load_dense_model(folder).eval()
 
 
-def _metadata(run: dict) -> dict:
+def _metadata(dataset: str) -> dict:
     from modeling_taskexpert.data import read_dataset_metadata
 
-    return read_dataset_metadata(resolve_dataset(run["recipe"]["dataset"]))
+    return read_dataset_metadata(resolve_dataset(dataset))
 
 
-def model_cost(run: dict) -> dict:
-    """Parameters and FLOPs of one forward pass of one image at the dataset's evaluation size (all tasks)."""
+def model_cost(run: dict, dataset: str) -> dict:
+    """Parameters and FLOPs of one forward pass of one image at the evaluation size of `dataset` (the study's, recorded
+    by the runner; a run's `recipe.yaml` names its dataset without the machine's path), all tasks."""
     from bench.measure import count_flops
 
     model = load_model(run["folder"])
-    height, width = _metadata(run)["eval_size"]
+    height, width = _metadata(dataset)["eval_size"]
     pixel_values = torch.zeros(1, 3, height, width)
     with torch.no_grad():
         flops = count_flops(lambda: model(pixel_values=pixel_values))
     return {"parameters": sum(p.numel() for p in model.parameters()), "flops": flops, "eval_size": [height, width]}
 
 
-def _validation_pixels(run: dict, count: int) -> torch.Tensor:
+def _validation_pixels(run: dict, dataset: str, count: int) -> torch.Tensor:
     from modeling_taskexpert.data import build_transforms, load_multitask_dataset
 
-    dataset_path = resolve_dataset(run["recipe"]["dataset"])
-    dataset = load_multitask_dataset(dataset_path, "validation")
-    dataset = dataset.select(range(min(count, len(dataset)))).with_transform(
-        build_transforms(_metadata(run), train=False, tasks=run["tasks"])
+    split = load_multitask_dataset(resolve_dataset(dataset), "validation")
+    split = split.select(range(min(count, len(split)))).with_transform(
+        build_transforms(_metadata(dataset), train=False, tasks=run["tasks"])
     )
-    return torch.stack([sample["pixel_values"] for sample in dataset])
+    return torch.stack([sample["pixel_values"] for sample in split])
 
 
-def routing_usage(run: dict, count: int = GATE_IMAGES) -> Optional[dict]:
+def routing_usage(run: dict, dataset: str, count: int = GATE_IMAGES) -> Optional[dict]:
     """The routing summary (`dense_model_utils.routing_summary`: per task and routing layer, the mean weight, the
     selection share and the top share of every candidate) of the run's model on `count` validation images; None for
     a model without routing layers."""
     model = load_model(run["folder"])
     with torch.no_grad():
-        gates = model(pixel_values=_validation_pixels(run, count), output_gates=True).gates
+        gates = model(pixel_values=_validation_pixels(run, dataset, count), output_gates=True).gates
     if not gates:
         return None
     return routing_summary(gates, model.config.layer_names, model.config.candidate_names)

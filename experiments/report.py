@@ -45,9 +45,9 @@ def measure_models(collected: dict) -> tuple[dict, dict]:
         if not variant["runs"]:
             continue
         first = variant["runs"][min(variant["runs"])]
-        costs[name] = measure.model_cost(first)
+        costs[name] = measure.model_cost(first, collected["dataset"])
         if variant["kind"] != "single-task":
-            data = measure.routing_usage(first)
+            data = measure.routing_usage(first, collected["dataset"])
             if data is not None and any(len(candidates) > 1 for candidates in data["candidates"]):
                 usage[name] = data
     return costs, usage
