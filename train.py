@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
 from modeling_taskexpert import TaskExpertImageProcessor
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
 from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, evaluate_model
 from modeling_taskexpert.task_definitions import TASKS
 from modeling_taskexpert.training import (
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     set_seed(recipe.seed)
 
     # ---- data and model ------------------------------------------------------------------------------------
-    metadata = load_dataset_metadata(recipe.dataset)
+    metadata = read_dataset_metadata(recipe.dataset)
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
     model = AutoModel.from_config(config)

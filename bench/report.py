@@ -348,7 +348,7 @@ def _headline_text(headline: dict) -> str:
 def _loop_text(rows: list[dict], plots: dict[str, str]) -> str:
     return "\n\n".join([
         "`TaskExpertExperts.forward` (first layer one matmul for all experts, second layer one batched matmul) "
-        "against `forward_loop` (one expert at a time), same weights and inputs, on the tokens of one MMoE layer.",
+        "against `taskexpert_experts_loop` (one expert at a time), same weights and inputs, on the tokens of one MMoE layer.",
         _table(
             ["setting", "tokens", "C → D", "experts", "speedup", "outputs match (max abs diff)"],
             [[_setting(row["setting"]), row["num_tokens"], f"{row['in_channels']} → {row['expert_hidden_size']}",

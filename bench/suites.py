@@ -17,6 +17,7 @@ from modeling_taskexpert import (
     TaskExpertImageProcessor,
 )
 from modeling_taskexpert.modeling_taskexpert import TaskExpertExperts
+from modeling_taskexpert.testing_utils import taskexpert_experts_loop
 
 from .measure import (
     count_flops,
@@ -229,8 +230,8 @@ def headline_decomposition(plan: BenchPlan, backbone_times: list[float]) -> dict
 
 
 def batched_vs_loop(plan: BenchPlan) -> list[dict]:
-    """The batched experts (`TaskExpertExperts.forward`) against the per-expert reference loop (`forward_loop`),
-    same weights, on the tokens of an MMoE layer of each setting."""
+    """The batched experts (`TaskExpertExperts.forward`) against the per-expert reference loop
+    (`testing_utils.taskexpert_experts_loop`), same weights, on the tokens of an MMoE layer of each setting."""
     rows = []
     for setting in plan.loop_settings:
         config = load_config(setting.preset)
@@ -243,10 +244,10 @@ def batched_vs_loop(plan: BenchPlan) -> list[dict]:
             for weight in (module.fc1_weight, module.fc2_weight):
                 torch.nn.init.normal_(weight, std=0.02)
             with torch.inference_mode():
-                batched, looped = module(tokens, grid), module.forward_loop(tokens, grid)
+                batched, looped = module(tokens, grid), taskexpert_experts_loop(module, tokens, grid)
                 max_difference = float((batched - looped).abs().max())
                 times = interleaved_times(
-                    {"batched": lambda: module(tokens, grid), "loop": lambda: module.forward_loop(tokens, grid)},
+                    {"batched": lambda: module(tokens, grid), "loop": lambda: taskexpert_experts_loop(module, tokens, grid)},
                     plan.small_budget_s,
                     max(plan.min_rounds, 5),
                     max_rounds=50,
@@ -324,7 +325,7 @@ def data_pipeline(plan: BenchPlan) -> dict:
         build_transforms,
         collate_dense_batch,
         generate_synthetic_dataset,
-        load_dataset_metadata,
+        read_dataset_metadata,
         load_multitask_dataset,
     )
 
@@ -333,7 +334,7 @@ def data_pipeline(plan: BenchPlan) -> dict:
         generate_synthetic_dataset(
             folder, train_size=plan.data_samples, val_size=1, image_size=plan.data_image_size, num_workers=1
         )
-        metadata = load_dataset_metadata(folder)
+        metadata = read_dataset_metadata(folder)
         dataset = load_multitask_dataset(folder, "train", cache_dir=str(Path(scratch) / "cache"))
         dataset = dataset.with_transform(build_transforms(metadata, train=True, seed=0))
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset  # noqa: E402
+from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset  # noqa: E402
 from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator  # noqa: E402
 from modeling_taskexpert.task_definitions import IGNORE_INDEX, TASKS  # noqa: E402
 from modeling_taskexpert.training import write_json_atomic  # noqa: E402
@@ -68,7 +68,7 @@ def constant_predictions(batch, statistics) -> dict:
 
 
 def trivial_baseline_metrics(dataset: str, edge_mode: str = "approximate") -> dict:
-    metadata = load_dataset_metadata(dataset)
+    metadata = read_dataset_metadata(dataset)
     tasks = [task for task in TASKS if task in metadata["tasks"]]
     data = load_multitask_dataset(dataset, "validation").with_transform(build_transforms(metadata, train=False, tasks=tasks))
     loader = DataLoader(data, batch_size=16, collate_fn=collate_dense_batch)

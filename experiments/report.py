@@ -173,17 +173,15 @@ def aggregate(collected: dict) -> dict:
 # Models: cost and gate / expert usage
 # ---------------------------------------------------------------------------------------------------------------------
 def _load_model(folder: Path):
-    from transformers import AutoModel
+    from modeling_taskexpert.loading import load_dense_model
 
-    import modeling_taskexpert  # noqa: F401 - registers the model types
-
-    return AutoModel.from_pretrained(folder).eval()
+    return load_dense_model(folder).eval()
 
 
 def _eval_size(run: dict) -> tuple[int, int]:
-    from modeling_taskexpert.data import load_dataset_metadata
+    from modeling_taskexpert.data import read_dataset_metadata
 
-    return tuple(load_dataset_metadata(_resolve_dataset(run["recipe"]["dataset"]))["eval_size"])
+    return tuple(read_dataset_metadata(_resolve_dataset(run["recipe"]["dataset"]))["eval_size"])
 
 
 def model_cost(run: dict) -> dict:
@@ -199,10 +197,10 @@ def model_cost(run: dict) -> dict:
 
 
 def _validation_pixels(run: dict, count: int) -> torch.Tensor:
-    from modeling_taskexpert.data import build_transforms, load_dataset_metadata, load_multitask_dataset
+    from modeling_taskexpert.data import build_transforms, read_dataset_metadata, load_multitask_dataset
 
     dataset_path = _resolve_dataset(run["recipe"]["dataset"])
-    metadata = load_dataset_metadata(dataset_path)
+    metadata = read_dataset_metadata(dataset_path)
     dataset = load_multitask_dataset(dataset_path, "validation")
     dataset = dataset.select(range(min(count, len(dataset)))).with_transform(
         build_transforms(metadata, train=False, tasks=run["tasks"])

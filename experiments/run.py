@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-from modeling_taskexpert.data import METADATA_FILENAME, generate_synthetic_dataset, load_dataset_metadata
+from modeling_taskexpert.data import generate_synthetic_dataset, has_dataset_metadata, read_dataset_metadata
 from modeling_taskexpert.training import load_recipe, write_json_atomic
 
 from .study import QUICK_DATASET, Run, study_runs
@@ -79,7 +79,7 @@ def check_runs(runs: list[Run], dataset: Optional[str]) -> None:
 def prepare_quick_dataset(output_root: Path) -> str:
     """The toy dataset of the quick mode, generated once under the output root."""
     folder = Path(output_root) / "quick-dataset"
-    if not (folder / METADATA_FILENAME).is_file():
+    if not has_dataset_metadata(folder):
         generate_synthetic_dataset(folder, num_workers=0, overwrite=folder.exists(), **QUICK_DATASET)
     return str(folder)
 
@@ -109,7 +109,7 @@ def run_study(
     if dataset is None and quick:
         dataset = prepare_quick_dataset(output_root)
     if dataset is not None:
-        load_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
+        read_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
     check_runs(runs, dataset)
     _record_study(output_root, runs, quick, dataset, jobs)
 
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         runs = study_runs(quick=args.quick, only=tuple(args.only))
         dataset = str(Path(args.dataset).resolve()) if args.dataset else None
         if dataset is None and not args.quick:
-            load_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named
+            read_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named
         outcome = run_study(runs, output_root.resolve(), quick=args.quick, dataset=dataset, jobs=args.jobs)
     except (StudyError, ValueError, FileNotFoundError) as error:
         print(f"experiments.run: {error}", file=sys.stderr)

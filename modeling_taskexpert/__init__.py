@@ -10,6 +10,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_modsquad import ModSquadConfig
 from .configuration_taskexpert import TaskExpertConfig
+from .dense_model_utils import DenseMultiTaskPreTrainedModel
 from .image_processing_taskexpert import TaskExpertImageProcessor, logits_to_predictions
 from .modeling_modsquad import (
     ModSquadForDensePrediction,
@@ -45,6 +46,7 @@ PIPELINE_REGISTRY.register_pipeline(
 )
 
 __all__ = [
+    "DenseMultiTaskPreTrainedModel",
     "IGNORE_INDEX",
     "PIPELINE_TASK",
     "TASKS",

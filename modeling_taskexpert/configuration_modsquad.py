@@ -4,14 +4,24 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-from .configuration_taskexpert import resolve_task_settings
-from .task_definitions import validate_task_settings
+from .configuration_common import (
+    HEAD_CHOICES,
+    DenseTaskConfigMixin,
+    as_list,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_number,
+    is_integer,
+    resolve_task_settings,
+    validate_task_settings,
+)
 
 MOE_LAYOUTS = ("twice", "every")
-_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
 
 
-class ModSquadConfig(PretrainedConfig):
+class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`ModSquadModel`] / [`ModSquadForDensePrediction`]: a ViT whose blocks hold mixture-of-experts
     layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, trained
@@ -147,24 +157,23 @@ class ModSquadConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
-        if moe_layout not in MOE_LAYOUTS:
-            raise ValueError(f"`moe_layout` must be one of {MOE_LAYOUTS}, got {moe_layout!r}.")
-        blocks = range(num_hidden_layers) if isinstance(num_hidden_layers, int) else range(0)
+        check_choice("moe_layout", moe_layout, MOE_LAYOUTS)
+        blocks = range(num_hidden_layers) if is_integer(num_hidden_layers) else range(0)
         if moe_attention_layers is None:
             moe_attention_layers = [b for b in blocks if moe_layout == "every" or b % 2 == 0]
         if moe_mlp_layers is None:
             moe_mlp_layers = [b for b in blocks if moe_layout == "every" or b % 2 == 1]
-        self.moe_attention_layers = list(moe_attention_layers)
-        self.moe_mlp_layers = list(moe_mlp_layers)
+        self.moe_attention_layers = as_list(moe_attention_layers)
+        self.moe_mlp_layers = as_list(moe_mlp_layers)
         self.num_attention_experts = num_attention_experts
         self.attention_top_k = attention_top_k
         self.attention_head_dim = attention_head_dim
         self.num_mlp_experts = num_mlp_experts
         self.mlp_top_k = mlp_top_k
-        if mlp_expert_hidden_size is None and isinstance(intermediate_size, int) and isinstance(mlp_top_k, int):
+        if mlp_expert_hidden_size is None and is_integer(intermediate_size) and is_integer(mlp_top_k):
             mlp_expert_hidden_size = max(intermediate_size // max(mlp_top_k, 1), 1)
         self.mlp_expert_hidden_size = mlp_expert_hidden_size
-        self.experts_per_layer = list(experts_per_layer) if experts_per_layer is not None else None
+        self.experts_per_layer = as_list(experts_per_layer)
         self.mutual_information_loss_weight = mutual_information_loss_weight
         self.load_balance_loss_weight = load_balance_loss_weight
         self.expert_usage_momentum = expert_usage_momentum
@@ -179,10 +188,6 @@ class ModSquadConfig(PretrainedConfig):
         self.validate_modsquad()
 
     # ------------------------------------------------------------------------------------------------------------
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
-
     @property
     def moe_layer_kinds(self) -> list[tuple[int, str]]:
         """(block index, "attention" or "mlp") of every MoE layer, in network order."""
@@ -214,9 +219,10 @@ class ModSquadConfig(PretrainedConfig):
             "mlp_expert_hidden_size", "head_hidden_size",
         )  # fmt: skip
         for field in positive:
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+            check_int(field, getattr(self, field), minimum=1)
+        check_bool("qkv_bias", self.qkv_bias)
+        check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
+        check_number("initializer_range", self.initializer_range, minimum=0.0)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB input), got {self.num_channels!r}.")
         if self.hidden_size % self.num_attention_heads:
@@ -227,8 +233,9 @@ class ModSquadConfig(PretrainedConfig):
             raise ValueError(f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size}).")
         for field in ("moe_attention_layers", "moe_mlp_layers"):
             layers = getattr(self, field)
+            check_int_list(field, layers)
             for block in layers:
-                if not isinstance(block, int) or isinstance(block, bool) or not 0 <= block < self.num_hidden_layers:
+                if not 0 <= block < self.num_hidden_layers:
                     raise ValueError(
                         f"`{field}` entry {block!r} is out of range: blocks are numbered 0..{self.num_hidden_layers - 1}."
                     )
@@ -243,6 +250,7 @@ class ModSquadConfig(PretrainedConfig):
         if self.mlp_top_k > self.num_mlp_experts:
             raise ValueError(f"`mlp_top_k` ({self.mlp_top_k}) exceeds `num_mlp_experts` ({self.num_mlp_experts}).")
         kinds = self.moe_layer_kinds
+        check_int_list("experts_per_layer", self.experts_per_layer, allow_none=True)
         if self.experts_per_layer is not None:
             if len(self.experts_per_layer) != len(kinds):
                 raise ValueError(
@@ -256,14 +264,11 @@ class ModSquadConfig(PretrainedConfig):
                         f"integer >= its top-k ({top_k})."
                     )
         for field in ("mutual_information_loss_weight", "load_balance_loss_weight"):
-            if not getattr(self, field) >= 0:
-                raise ValueError(f"`{field}` must be >= 0, got {getattr(self, field)!r}.")
-        if not 0.0 <= self.expert_usage_momentum < 1.0:
-            raise ValueError(f"`expert_usage_momentum` must be in [0, 1), got {self.expert_usage_momentum!r}.")
+            check_number(field, getattr(self, field), minimum=0.0)
+        check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
-        for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
+        for field, choices in HEAD_CHOICES.items():
+            check_choice(field, getattr(self, field), choices)
 
 
 __all__ = ["ModSquadConfig"]

@@ -4,17 +4,19 @@ from typing import Optional, Union
 
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
-from .task_definitions import check_task_name, validate_task_settings
-
-# Class names of the PASCAL-Context multi-task benchmark (21 VOC classes, 6 parts + background).
-PASCAL_SEMSEG_LABELS = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
-PASCAL_HUMAN_PARTS_LABELS = ["background", "head", "torso", "uarm", "larm", "uleg", "lleg"]
-
-# Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
-PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
+from .configuration_common import (
+    HEAD_CHOICES,
+    DenseTaskConfigMixin,
+    as_list,
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_number,
+    check_optional_str,
+    resolve_task_settings,
+    validate_task_settings,
+)
 
 _CHOICES = {
     "expert_type": ("mlp", "conv"),
@@ -22,32 +24,12 @@ _CHOICES = {
     "gate_granularity": ("token", "image"),
     "memory_init": ("projection", "zeros"),
     "memory_update": ("replace", "residual", "ema"),
-    "head_norm": ("group", "batch", "none"),
-    "depth_activation": ("none", "softplus", "exp"),
+    **HEAD_CHOICES,
 }
+_BOOLEANS = ("gate_use_context", "use_memory", "head_uses_all_layers", "output_gates")
 
 
-def resolve_task_settings(
-    tasks: Optional[list[str]], task_id2label: Optional[dict], loss_weights: Optional[dict[str, float]]
-) -> tuple:
-    """The task fields of a model config with their defaults filled in: `tasks` (the five PASCAL-Context tasks),
-    `task_id2label` (PASCAL names for the segmentation tasks present; integer ids, as JSON turns them into strings)
-    and `loss_weights` (the protocol's weights, overridden by the given ones). Validation comes later, in
-    `validate_task_settings`; anything but a list of tasks is kept as given so that it is named there (list("semseg")
-    would split it into letters)."""
-    default_tasks = ["semseg", "human_parts", "saliency", "normals", "edge"]
-    tasks = default_tasks if tasks is None else list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-    if task_id2label is None:
-        defaults = {"semseg": PASCAL_SEMSEG_LABELS, "human_parts": PASCAL_HUMAN_PARTS_LABELS}
-        task_id2label = {t: dict(enumerate(defaults[t])) for t in tasks if t in defaults}
-    task_id2label = {task: {int(i): str(name) for i, name in labels.items()} for task, labels in task_id2label.items()}
-    for task in loss_weights or {}:
-        check_task_name(task, where="task in `loss_weights`")
-    weights = {**PROTOCOL_LOSS_WEIGHTS, **(loss_weights or {})}
-    return tasks, task_id2label, {task: float(weights.get(task, 1.0)) for task in tasks}  # unknown tasks fail later
-
-
-class TaskExpertConfig(PretrainedConfig):
+class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`TaskExpertModel`] / [`TaskExpertForDensePrediction`]: a ViT-style backbone with Memorial
     Mixture-of-Experts (MMoE) layers after chosen backbone layers and one light dense head per task (TaskExpert,
@@ -126,6 +108,11 @@ class TaskExpertConfig(PretrainedConfig):
             Standard deviation of the truncated normal initialisation of the MMoE and head weights.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the MMoE layer norms.
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MMoE layer, and
+    `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 1"`, ..., `"memory"`).
 
     Example:
 
@@ -166,6 +153,7 @@ class TaskExpertConfig(PretrainedConfig):
         gate_balance_loss_weight: float = 0.0,
         initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-6,
+        output_gates: bool = False,
         **kwargs,
     ):
         if backbone_config is None:
@@ -183,7 +171,7 @@ class TaskExpertConfig(PretrainedConfig):
         self.backbone_checkpoint = backbone_checkpoint
 
         self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
-        self.mmoe_layers = list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
+        self.mmoe_layers = as_list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
         self.num_experts = num_experts
         self.expert_hidden_size = expert_hidden_size
         self.expert_type = expert_type
@@ -203,6 +191,7 @@ class TaskExpertConfig(PretrainedConfig):
         self.gate_balance_loss_weight = gate_balance_loss_weight
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
+        self.output_gates = output_gates
         super().__init__(**kwargs)
         self.validate_taskexpert()
 
@@ -215,33 +204,41 @@ class TaskExpertConfig(PretrainedConfig):
             return len(backbone.stage_names) - 1  # stage_names[0] is the stem
         return backbone.num_hidden_layers
 
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
+    @property
+    def layer_names(self) -> list[str]:
+        """Name of every routing (MMoE) layer, in network order: the `gates` entries of the routing report."""
+        return [f"MMoE {k + 1} (after backbone layer {layer})" for k, layer in enumerate(self.mmoe_layers)]
+
+    @property
+    def candidate_names(self) -> list[list[str]]:
+        """Per routing layer, the names of the gate's candidates in gate order: the experts, then the memory."""
+        names = [f"expert {e + 1}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
+        return [list(names) for _ in self.mmoe_layers]
 
     def validate_taskexpert(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""
         validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
+        check_optional_str("backbone_checkpoint", self.backbone_checkpoint)
         for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ValueError(f"`{field}` must be one of {choices}, got {getattr(self, field)!r}.")
+            check_choice(field, getattr(self, field), choices)
+        for field in _BOOLEANS:
+            check_bool(field, getattr(self, field))
         for field in ("num_experts", "expert_hidden_size", "head_hidden_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{field}` must be a positive integer, got {value!r}.")
+            check_int(field, getattr(self, field), minimum=1)
+        check_int_list("mmoe_layers", self.mmoe_layers)
         num_layers = self.backbone_num_layers
         if not self.mmoe_layers:
             raise ValueError("`mmoe_layers` must name at least one backbone layer.")
         for layer in self.mmoe_layers:
-            if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= layer <= num_layers:
+            if not 1 <= layer <= num_layers:
                 raise ValueError(f"`mmoe_layers` entry {layer!r} is out of range: the backbone has layers 1..{num_layers}.")
         if list(self.mmoe_layers) != sorted(set(self.mmoe_layers)):
             raise ValueError(f"`mmoe_layers` must be strictly increasing, got {self.mmoe_layers}.")
-        num_candidates = self.num_experts + int(self.use_memory)
-        if self.gate_top_k is not None and not (isinstance(self.gate_top_k, int) and 1 <= self.gate_top_k <= num_candidates):
-            raise ValueError(f"`gate_top_k` must be None or an integer in 1..{num_candidates}, got {self.gate_top_k!r}.")
-        if not 0.0 <= self.memory_ema_momentum <= 1.0:
-            raise ValueError(f"`memory_ema_momentum` must be in [0, 1], got {self.memory_ema_momentum}.")
+        check_int("gate_top_k", self.gate_top_k, minimum=1, maximum=self.num_experts + int(self.use_memory), allow_none=True)
+        check_number("memory_ema_momentum", self.memory_ema_momentum, 0.0, 1.0)
+        check_number("gate_balance_loss_weight", self.gate_balance_loss_weight, minimum=0.0)
+        check_number("initializer_range", self.initializer_range, minimum=0.0)
+        check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
         if self.backbone_config.model_type == "vit" and self.backbone_config.num_channels != 3:
             raise ValueError("The ViT backbone must take 3-channel RGB input (`backbone_config.num_channels=3`).")
 

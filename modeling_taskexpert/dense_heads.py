@@ -31,6 +31,14 @@ class DenseTaskHead(nn.Module):
         self.classifier = nn.Conv2d(hidden_size, out_channels, kernel_size=1)
 
     def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        if isinstance(self.norm, nn.GroupNorm) and self.norm.num_channels == self.norm.num_groups:
+            if features.shape[-2] * features.shape[-1] == 1:
+                # Group norm over one value per group has nothing to normalise (torch refuses it).
+                raise ValueError(
+                    "The input gives a 1x1 token map, too small for the heads' group norm with one channel per group "
+                    f"(head_hidden_size={self.norm.num_channels}): give an image of at least two patches, or use a "
+                    "head_hidden_size that is a multiple of 64."
+                )
         # Channels-last convolutions at token resolution (a no-op when the features are a channels-last view of
         # tokens, as TaskExpert's are); the few-channel logits go back to channels-first for the upsampling.
         features = features.contiguous(memory_format=torch.channels_last)

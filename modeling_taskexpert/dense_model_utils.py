@@ -1,14 +1,19 @@
-"""Helpers shared by every dense multi-task model type of this package (TaskExpert, Mod-Squad): task selection, the
-input check, the depth output activation, safetensors-only loading, and writing the pipeline code beside a remote-code
-checkpoint."""
+"""What every dense multi-task model type of this package (TaskExpert, Mod-Squad) shares: the base class
+`DenseMultiTaskPreTrainedModel` (class attributes, generic initialisation, task selection, decoding and losses), the
+input check, the depth output activation, the routing-report helpers, safetensors-only loading, and writing the
+pipeline code beside a remote-code checkpoint."""
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError
+from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
 
 from .dense_heads import DenseTaskHead
 from .dense_losses import dense_task_losses
@@ -64,6 +69,111 @@ def activate_output(task: str, logits: torch.Tensor, depth_activation: str) -> t
     return logits
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Routing report: `gates` of a forward with `output_gates=True`, read with `config.layer_names` and
+# `config.candidate_names`. One entry per routing layer (network order), each a dict task -> (batch, h, w, K_l) weights
+# of the layer's K_l candidates per token ((batch, 1, 1, K_l) for image-level gates; 0 for candidates a sparse router
+# did not select). Everything that displays or tabulates routing reads it through these helpers.
+# ---------------------------------------------------------------------------------------------------------------------
+Gates = tuple[dict[str, torch.Tensor], ...]
+
+
+def check_routing_report(gates: Gates, layer_names: list[str], candidate_names: list[list[str]]) -> None:
+    """Raise a ValueError unless `gates` has one entry per name of `layer_names` and every entry's last dimension
+    matches that layer's `candidate_names`."""
+    if len(gates) != len(layer_names) or len(candidate_names) != len(layer_names):
+        raise ValueError(
+            f"The routing report has {len(gates)} layers of gates, {len(layer_names)} layer names and "
+            f"{len(candidate_names)} candidate lists; they must agree."
+        )
+    for name, layer, candidates in zip(layer_names, gates, candidate_names):
+        for task, weights in layer.items():
+            if weights.dim() != 4 or weights.shape[-1] != len(candidates):
+                raise ValueError(
+                    f"gates of layer {name!r}, task {task!r} have shape {tuple(weights.shape)}; expected "
+                    f"(batch, h, w, {len(candidates)}) for the candidates {candidates}."
+                )
+
+
+def _reduce(per_token: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """Mean over the token grid (and the batch unless `per_sample`) of (batch, h, w, K) values."""
+    return per_token.float().mean(dim=(1, 2) if per_sample else (0, 1, 2))
+
+
+def mean_candidate_weights(gates: Gates, per_sample: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Per task, per layer: the mean weight of every candidate over tokens and images, (K_l,) (or (batch, K_l) with
+    `per_sample`). For gates that sum to 1 per token each vector sums to 1."""
+    tasks = list(gates[0]) if gates else []
+    return {task: [_reduce(layer[task], per_sample) for layer in gates] for task in tasks}
+
+
+def selection_shares(gates: Gates, per_sample: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Per task, per layer: each candidate's share of the selections, a selection being a (token, candidate) pair
+    with a positive weight; (K_l,) summing to 1 (or (batch, K_l)). For a sparse top-k router this is the fraction of
+    the task's token slots routed to each expert; dense gates select every candidate, so the shares are uniform."""
+    shares = {}
+    for task in (list(gates[0]) if gates else []):
+        per_layer = []
+        for layer in gates:
+            selected = (layer[task] > 0).float()
+            counts = selected.sum(dim=(1, 2) if per_sample else (0, 1, 2))
+            per_layer.append(counts / counts.sum(dim=-1, keepdim=True).clamp_min(1))
+        shares[task] = per_layer
+    return shares
+
+
+def dominant_candidates(layer_gates: torch.Tensor, exclude: tuple[int, ...] = ()) -> torch.Tensor:
+    """(batch, h, w, K) gates of one layer and task -> (batch, h, w) int64 index of the candidate with the largest
+    weight per token (the first on ties), leaving out the candidate indices in `exclude` (negative ones count from
+    the end: `exclude=(-1,)` leaves out TaskExpert's memory)."""
+    weights = layer_gates.float()
+    if exclude:
+        num_candidates = weights.shape[-1]
+        if any(not -num_candidates <= index < num_candidates for index in exclude):
+            raise ValueError(f"exclude={exclude} names a candidate outside 0..{num_candidates - 1}.")
+        left_out = sorted({index % num_candidates for index in exclude})
+        if len(left_out) == num_candidates:
+            raise ValueError(f"exclude={exclude} leaves none of the {num_candidates} candidates.")
+        mask = torch.zeros(num_candidates, dtype=torch.bool, device=weights.device)
+        mask[left_out] = True
+        weights = weights.masked_fill(mask, float("-inf"))
+    return weights.argmax(dim=-1)
+
+
+def top_candidate_shares(gates: Gates, exclude: tuple[int, ...] = (), per_sample: bool = False) -> dict[str, list[torch.Tensor]]:
+    """Per task, per layer: the fraction of tokens whose dominant candidate (see `dominant_candidates`) is each
+    candidate; (K_l,) summing to 1 (or (batch, K_l)). Excluded candidates get 0."""
+    shares = {}
+    for task in (list(gates[0]) if gates else []):
+        per_layer = []
+        for layer in gates:
+            weights = layer[task]
+            one_hot = F.one_hot(dominant_candidates(weights, exclude), weights.shape[-1]).float()
+            per_layer.append(_reduce(one_hot, per_sample))
+        shares[task] = per_layer
+    return shares
+
+
+def routing_summary(gates: Gates, layer_names: list[str], candidate_names: list[list[str]]) -> dict:
+    """A JSON-ready table of the routing of one batch: `{"layers": [...], "candidates": [[...], ...], "tasks": {task:
+    {"mean_weight": [[...] per layer], "selection_share": [...], "top_share": [...]}}}` (see the helpers above)."""
+    check_routing_report(gates, layer_names, candidate_names)
+    statistics = {
+        "mean_weight": mean_candidate_weights(gates),
+        "selection_share": selection_shares(gates),
+        "top_share": top_candidate_shares(gates),
+    }
+    tasks = list(gates[0]) if gates else []
+    return {
+        "layers": list(layer_names),
+        "candidates": [list(names) for names in candidate_names],
+        "tasks": {
+            task: {key: [values.tolist() for values in per_task[task]] for key, per_task in statistics.items()}
+            for task in tasks
+        },
+    }
+
+
 class RemotePipelineSaveMixin:
     """Mixin for `PreTrainedModel` subclasses: when the class is registered for remote code, `save_pretrained` also
     declares and copies the pipeline so that `pipeline(..., trust_remote_code=True)` works from the saved folder."""
@@ -80,15 +190,49 @@ class RemotePipelineSaveMixin:
 
 
 class SafetensorsOnlyLoadMixin:
-    """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only.
+    """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only, and only
+    complete ones.
 
     Unpickling a `.bin`/`.pt` checkpoint can run arbitrary code, so such checkpoints are refused with an explanation
     instead of being loaded (transformers falls back to them by default), and a damaged safetensors file is reported
     with its name rather than as a bare decoder error.
+
+    A weights file that lacks tensors of the model is refused, naming them (transformers would initialise them at
+    random and only log it, giving a model that silently predicts noise). When that is intended, e.g. new task heads
+    for fine-tuning on other tasks, pass `allow_missing_weights=True`, or a list of key prefixes that may be missing
+    (`allow_missing_weights=["heads.depth."]`); the missing tensors are then freshly initialised.
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, allow_missing_weights=False, **kwargs):
+        source = str(pretrained_model_name_or_path)
+        if isinstance(allow_missing_weights, str):
+            allow_missing_weights = [allow_missing_weights]
+        if not isinstance(allow_missing_weights, bool) and not (
+            isinstance(allow_missing_weights, (list, tuple)) and all(isinstance(p, str) for p in allow_missing_weights)
+        ):
+            raise TypeError(
+                "`allow_missing_weights` must be a bool or a list of key prefixes, got "
+                f"{type(allow_missing_weights).__name__}."
+            )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = cls._load_safetensors_only(pretrained_model_name_or_path, *model_args, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if allow_missing_weights is not True:
+            prefixes = tuple(allow_missing_weights or ())
+            refused = [key for key in missing if not key.startswith(prefixes)] if prefixes else missing
+            if refused:
+                shown = ", ".join(refused[:8]) + (f", ... ({len(refused) - 8} more)" if len(refused) > 8 else "")
+                raise OSError(
+                    f"The weights of {source} lack {len(refused)} tensor(s) of {cls.__name__}: {shown}. They would be "
+                    "left randomly initialised, so the checkpoint is incomplete or belongs to another configuration. "
+                    "If that is intended (e.g. new task heads before fine-tuning), pass allow_missing_weights=True or "
+                    "a list of key prefixes that may be missing."
+                )
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _load_safetensors_only(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         source = str(pretrained_model_name_or_path)
         refusal = (
             f"{cls.__name__} loads weights only from safetensors files: pickle checkpoints (pytorch_model.bin, .pt) "
@@ -99,7 +243,7 @@ class SafetensorsOnlyLoadMixin:
             raise ValueError(f"use_safetensors=False is not supported. {refusal}")
         kwargs["use_safetensors"] = True
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
         except SafetensorError as error:
             local = Path(source) / "model.safetensors"
             name = str(local) if local.is_file() else f"the safetensors weights of {source}"
@@ -112,14 +256,73 @@ class SafetensorsOnlyLoadMixin:
             raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json).{found} {refusal}") from error
 
 
-class DenseTaskHeadsMixin:
-    """The dense-prediction end shared by every model type: one `DenseTaskHead` per task on the model's task feature
-    maps, the depth activation, and the weighted benchmark losses. Expects `self.config` with `tasks`,
-    `head_hidden_size`, `head_norm`, `depth_activation`, `loss_weights`, `edge_positive_weight`, `num_labels_of`."""
+@dataclass
+class DenseDecoding:
+    """What `decode_and_loss` returns: the fields every `*ForDensePrediction` output starts with."""
 
-    def build_task_heads(self, in_channels: int) -> torch.nn.ModuleDict:
+    logits: dict[str, torch.Tensor]
+    loss: Optional[torch.Tensor] = None
+    task_losses: Optional[dict[str, torch.Tensor]] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
+    """Base class of every dense multi-task model of this package (TaskExpert, Mod-Squad): what transformers needs to
+    know about an image model, the generic weight initialisation, task selection, and the dense-prediction end (one
+    `DenseTaskHead` per task, the depth activation, the weighted task and auxiliary losses).
+
+    A model type sets `config_class`, `base_model_prefix` and `_no_split_modules`, initialises its own modules in
+    `_init_weights` and calls `super()._init_weights(module)` for the others. Its `*ForDensePrediction` model builds
+    `self.heads` with `build_task_heads`, names the weights of its auxiliary losses in `aux_loss_weights`, and ends
+    its forward with `decode_and_loss`. The config provides `tasks`, `head_hidden_size`, `head_norm`,
+    `depth_activation`, `loss_weights`, `edge_positive_weight`, `initializer_range` and `num_labels_of`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Generic modules: truncated-normal linear and conv weights with zero biases, unit/zero norm affines (and
+        fresh running statistics for batch norms)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def resolve_tasks(self, tasks: Optional[list[str]]) -> list[str]:
+        """The requested tasks in config order (all for None); a clear error for names the model does not predict."""
+        return resolve_tasks(self.config.tasks, tasks)
+
+    def check_label_tasks(self, labels: Optional[dict]) -> None:
+        if labels is not None:
+            unknown = [task for task in labels if task not in self.config.tasks]
+            if unknown:
+                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Dense-prediction end
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        """Weight of every auxiliary loss term the base model reports in `aux_losses` (terms not named here, or with
+        weight 0, are reported but not added to `loss`)."""
+        return {}
+
+    def build_task_heads(self, in_channels: int) -> nn.ModuleDict:
         config = self.config
-        return torch.nn.ModuleDict(
+        return nn.ModuleDict(
             {
                 task: DenseTaskHead(
                     in_channels, config.head_hidden_size, output_channels(task, config.num_labels_of(task)), config.head_norm
@@ -127,12 +330,6 @@ class DenseTaskHeadsMixin:
                 for task in config.tasks
             }
         )
-
-    def check_label_tasks(self, labels: Optional[dict]) -> None:
-        if labels is not None:
-            unknown = [task for task in labels if task not in self.config.tasks]
-            if unknown:
-                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
 
     def decode_tasks(self, task_features: torch.Tensor, tasks: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Task feature maps (B, T, C, h, w), in the order of `tasks` -> logits per task at `size`."""
@@ -147,3 +344,29 @@ class DenseTaskHeadsMixin:
         reference = next(iter(logits.values()))
         total = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), reference.new_zeros(()))
         return task_losses, total
+
+    def decode_and_loss(
+        self,
+        task_features: torch.Tensor,
+        tasks: list[str],
+        image_size: tuple[int, int],
+        labels: Optional[dict[str, torch.Tensor]] = None,
+        aux_losses: Optional[dict[str, torch.Tensor]] = None,
+    ) -> DenseDecoding:
+        """The end of every `*ForDensePrediction.forward`: logits of `tasks` at `image_size` from the task feature maps
+        (B, T', C, h, w) and, with `labels`, the unweighted task losses and the total loss
+        `sum_t loss_weights[t] * task_loss_t + aux_loss`, where `aux_loss = sum_n aux_loss_weights[n] * aux_losses[n]`
+        over the terms with a positive weight (None when there is none)."""
+        logits = self.decode_tasks(task_features, tasks, image_size)
+        if labels is None:
+            return DenseDecoding(logits=logits)
+        task_losses, loss = self.weighted_task_losses(logits, labels)
+        aux_loss = None
+        for name, weight in self.aux_loss_weights.items():
+            if weight > 0 and aux_losses is not None and name in aux_losses:
+                term = weight * aux_losses[name]
+                aux_loss = term if aux_loss is None else aux_loss + term
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return DenseDecoding(logits=logits, loss=loss, task_losses=task_losses, aux_loss=aux_loss)
+

@@ -22,19 +22,12 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_modsquad import ModSquadConfig
-from .dense_model_utils import (
-    DenseTaskHeadsMixin,
-    RemotePipelineSaveMixin,
-    SafetensorsOnlyLoadMixin,
-    check_pixel_values,
-    resolve_tasks,
-)
+from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
 
 
 @dataclass
@@ -79,12 +72,13 @@ class ModSquadOutput(ModelOutput):
             Unweighted loss of every task that had labels.
         aux_loss (`torch.FloatTensor`, *optional*):
             The weighted routing terms included in `loss`: mutual_information_loss_weight *
-            aux_losses["mutual_information"] + load_balance_loss_weight * aux_losses["load_balance"] (the same field
-            as TaskExpert's, so training code adds it to any re-weighted task losses).
-        logits (`dict[str, torch.FloatTensor]`):
-            Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
+            aux_losses["mutual_information"] + load_balance_loss_weight * aux_losses["load_balance"], over the terms
+            with a positive weight (the same field as TaskExpert's, so training code adds it to any re-weighted task
+            losses).
         aux_losses (`dict[str, torch.FloatTensor]`):
             As in [`ModSquadModelOutput`].
+        logits (`dict[str, torch.FloatTensor]`):
+            Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
         expert_usage (`dict[str, torch.FloatTensor]`):
             As in [`ModSquadModelOutput`].
         hidden_states (`tuple[torch.FloatTensor]`, *optional*):
@@ -94,8 +88,8 @@ class ModSquadOutput(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     task_losses: Optional[dict[str, torch.FloatTensor]] = None
     aux_loss: Optional[torch.FloatTensor] = None
-    logits: Optional[dict[str, torch.FloatTensor]] = None
     aux_losses: Optional[dict[str, torch.FloatTensor]] = None
+    logits: Optional[dict[str, torch.FloatTensor]] = None
     expert_usage: Optional[dict[str, torch.FloatTensor]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
@@ -179,16 +173,6 @@ def expert_linear(inputs: torch.Tensor, expert_index: torch.Tensor, weight: torc
     if bias is not None:
         grouped = grouped + bias[:, None]
     return dispatch.per_slot(grouped)
-
-
-def expert_linear_loop(inputs: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Reference for [`expert_linear`] with one expert at a time; used by the tests and benchmarks only."""
-    output = inputs.new_zeros(*expert_index.shape, weight.shape[-1])
-    for expert in range(weight.shape[0]):
-        token, slot = (expert_index == expert).nonzero(as_tuple=True)
-        value = inputs[token] @ weight[expert]
-        output[token, slot] = value + bias[expert] if bias is not None else value
-    return output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -397,13 +381,10 @@ class ModSquadBlock(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
-class ModSquadPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
+class ModSquadPreTrainedModel(DenseMultiTaskPreTrainedModel):
     config_class = ModSquadConfig
     config: ModSquadConfig
     base_model_prefix = "modsquad"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["ModSquadBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -418,13 +399,8 @@ class ModSquadPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin,
         elif isinstance(module, ModSquadEmbeddings):
             init.trunc_normal_(module.cls_token, std=std)
             init.trunc_normal_(module.position_embeddings, std=std)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
 
 
 class ModSquadModel(ModSquadPreTrainedModel):
@@ -447,17 +423,19 @@ class ModSquadModel(ModSquadPreTrainedModel):
         """(name, module) of every MoE layer, in network order (the order of `expert_usage` rows)."""
         return [(name, module) for name, module in self.named_modules() if isinstance(module, ModSquadMoELayer)]
 
-    def resolve_tasks(self, tasks: Optional[list[str]]) -> list[str]:
-        """The requested tasks in config order; a clear error for names the model does not predict."""
-        return resolve_tasks(self.config.tasks, tasks)
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (what `enable_input_require_grads` hooks)."""
+        return self.embeddings.patch_embeddings
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         tasks: Optional[list[str]] = None,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-    ) -> ModSquadModelOutput:
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[ModSquadModelOutput, tuple]:
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
         tasks = self.resolve_tasks(tasks)
         task_index = torch.tensor([self.config.tasks.index(task) for task in tasks], device=pixel_values.device)
@@ -504,7 +482,7 @@ def _token_maps(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, *grid)
 
 
-class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
+class ModSquadForDensePrediction(ModSquadPreTrainedModel):
     """Mod-Squad with one dense head per task, the benchmark losses and the routing losses; per-task expert usage
     statistics and the extraction of standalone per-task models."""
 
@@ -514,14 +492,24 @@ class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
         self.heads = self.build_task_heads(config.hidden_size)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.modsquad.get_input_embeddings()
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {
+            "mutual_information": self.config.mutual_information_loss_weight,
+            "load_balance": self.config.load_balance_loss_weight,
+        }
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: Optional[dict[str, torch.Tensor]] = None,
         tasks: Optional[list[str]] = None,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-    ) -> ModSquadOutput:
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[ModSquadOutput, tuple]:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
@@ -531,26 +519,23 @@ class ModSquadForDensePrediction(DenseTaskHeadsMixin, ModSquadPreTrainedModel):
             tasks (`list[str]`, *optional*):
                 Run only these tasks' routes and heads (default: all tasks of the config).
             output_hidden_states (`bool`, *optional*):
-                Return the token maps after the embeddings and every block.
+                Return the token maps after the embeddings and every block; defaults to `config.output_hidden_states`.
+            return_dict (`bool`, *optional*):
+                Return a [`ModSquadOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
-        tasks = self.modsquad.resolve_tasks(tasks)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        tasks = self.resolve_tasks(tasks)
         self.check_label_tasks(labels)
-        outputs = self.modsquad(pixel_values, tasks=tasks, output_hidden_states=output_hidden_states)
-        size = tuple(pixel_values.shape[-2:])
-        logits = self.decode_tasks(outputs.task_features, tasks, size)
-        loss, task_losses, aux_loss = None, None, None
-        if labels is not None:
-            task_losses, loss = self.weighted_task_losses(logits, labels)
-            aux_loss = self.config.mutual_information_loss_weight * outputs.aux_losses["mutual_information"]
-            if self.config.load_balance_loss_weight > 0:
-                aux_loss = aux_loss + self.config.load_balance_loss_weight * outputs.aux_losses["load_balance"]
-            loss = loss + aux_loss
+        outputs = self.modsquad(pixel_values, tasks=tasks, output_hidden_states=output_hidden_states, return_dict=True)
+        decoded = self.decode_and_loss(
+            outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels=labels, aux_losses=outputs.aux_losses
+        )
         output = ModSquadOutput(
-            loss=loss,
-            task_losses=task_losses,
-            aux_loss=aux_loss,
-            logits=logits,
+            loss=decoded.loss,
+            task_losses=decoded.task_losses,
+            aux_loss=decoded.aux_loss,
             aux_losses=outputs.aux_losses,
+            logits=decoded.logits,
             expert_usage=outputs.expert_usage,
             hidden_states=outputs.hidden_states,
         )

@@ -10,26 +10,19 @@ Data flow for one image and T tasks (see the config docstring for every option):
     heads             ->  one light dense head per task on the final memory
 """
 
-import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoBackbone, PreTrainedModel, ViTModel
+from transformers import AutoBackbone, ViTModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_taskexpert import TaskExpertConfig
-from .dense_model_utils import (
-    DenseTaskHeadsMixin,
-    RemotePipelineSaveMixin,
-    SafetensorsOnlyLoadMixin,
-    check_pixel_values,
-    resolve_tasks,
-)
+from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
 
 logger = logging.get_logger(__name__)
 
@@ -47,8 +40,9 @@ class TaskExpertModelOutput(ModelOutput):
         tasks (`tuple[str]`):
             The tasks of `task_features`, in order.
         gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
-            Per MMoE layer, per task, the gate weights (B, h, w, E + 1) over the E experts and, last, the memory
-            (E without memory); (B, 1, 1, E + 1) for image-level gates. Returned with `output_gates=True`.
+            The routing report: per MMoE layer (`config.layer_names`), per task, the gate weights (B, h, w, E + 1)
+            over the E experts and, last, the memory (E without memory), in the order of `config.candidate_names`;
+            (B, 1, 1, E + 1) for image-level gates. Returned with `output_gates=True`.
         hidden_states (`tuple[torch.FloatTensor]`, *optional*):
             Backbone token maps (B, C, h, w) of the MMoE layers. Returned with `output_hidden_states=True`.
     """
@@ -66,11 +60,15 @@ class TaskExpertOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor`, *optional*):
-            Weighted sum of the task losses (and the optional gate regulariser), when `labels` are given.
+            sum_t loss_weights[t] * task_losses[t] + aux_loss, when `labels` are given.
         task_losses (`dict[str, torch.FloatTensor]`, *optional*):
             Unweighted loss of every task that had labels.
         aux_loss (`torch.FloatTensor`, *optional*):
-            The weighted auxiliary term included in `loss` (the gate load-balance regulariser), when enabled.
+            The weighted auxiliary term included in `loss`: gate_balance_loss_weight * aux_losses["gate_balance"],
+            when that weight is positive.
+        aux_losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Unweighted auxiliary terms, with `labels` and dynamic gating: `"gate_balance"` (see
+            [`gate_balance_loss`]), reported even when its weight is 0.
         logits (`dict[str, torch.FloatTensor]`):
             Per task, raw predictions (B, C, H, W) at the input resolution: class logits for `semseg` and
             `human_parts`, one logit for `saliency` and `edge`, unnormalised xyz for `normals`, metres for `depth`.
@@ -83,6 +81,7 @@ class TaskExpertOutput(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     task_losses: Optional[dict[str, torch.FloatTensor]] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
     logits: Optional[dict[str, torch.FloatTensor]] = None
     gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
@@ -98,27 +97,35 @@ class TaskExpertBackbone(nn.Module):
 
     def __init__(self, config: TaskExpertConfig):
         super().__init__()
+        # The backbone runs on `config.backbone_config` itself (not a copy), so that its attention implementation and
+        # output settings are the ones the config shows and `set_attn_implementation` changes.
         backbone_config = config.backbone_config
         self.layers = list(config.mmoe_layers)
         self.is_vit = backbone_config.model_type == "vit"
         if self.is_vit:
-            # Layers after the last tap would be computed for nothing: build only those that are used. The final
-            # LayerNorm is applied to the last tap when it is the backbone's last layer (as the reference ViT
-            # multi-level taps do) and dropped otherwise.
-            self.uses_final_norm = self.layers[-1] == backbone_config.num_hidden_layers
-            backbone_config = copy.deepcopy(backbone_config)  # keeps settings to_dict drops (attn_implementation)
+            # Layers after the last tap would be computed for nothing: build only those that are used (the config keeps
+            # the backbone's full depth, which the ViT reads only while it is built). The final LayerNorm is applied
+            # to the last tap when it is the backbone's last layer (as the reference ViT multi-level taps do) and
+            # dropped otherwise.
+            depth = backbone_config.num_hidden_layers
+            self.uses_final_norm = self.layers[-1] == depth
             backbone_config.num_hidden_layers = self.layers[-1]
-            self.model = ViTModel(backbone_config, add_pooling_layer=False)
+            try:
+                self.model = ViTModel(backbone_config, add_pooling_layer=False)
+            finally:
+                backbone_config.num_hidden_layers = depth
             if not self.uses_final_norm:
                 self.model.layernorm = nn.Identity()
             self.channels = [backbone_config.hidden_size] * len(self.layers)
         else:
-            settings = {**backbone_config.to_dict(), "out_indices": self.layers, "out_features": None}
-            backbone_config = backbone_config.__class__.from_dict(
-                settings, attn_implementation=backbone_config._attn_implementation
-            )
+            if list(backbone_config.out_indices or []) != self.layers:
+                backbone_config.out_indices = self.layers  # also sets out_features
             self.model = AutoBackbone.from_config(backbone_config)
             self.channels = list(self.model.channels)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embeddings."""
+        return self.model.get_input_embeddings()
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if self.is_vit:
@@ -187,26 +194,6 @@ class TaskExpertExperts(nn.Module):
         # (E, B*N, D) @ (E, D, D) + bias: one batched matmul for all experts, the bias added inside it.
         out = torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden.transpose(0, 1), self.fc2_weight)
         return out.transpose(0, 1).reshape(batch, num_tokens, self.num_experts, self.dim)
-
-    def forward_loop(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Reference computation with one expert at a time (same weights and outputs); used by the tests and the
-        batched-vs-loop benchmark only."""
-        batch, num_tokens, _ = tokens.shape
-        outputs = []
-        weight1 = self.fc1_weight.view(-1, self.num_experts, self.dim)
-        bias1 = self.fc1_bias.view(self.num_experts, self.dim)
-        for e in range(self.num_experts):
-            hidden = tokens @ weight1[:, e] + bias1[e]
-            if self.depthwise is not None:
-                channels = slice(e * self.dim, (e + 1) * self.dim)
-                conv_in = hidden.transpose(1, 2).reshape(batch, self.dim, *grid)
-                hidden = F.conv2d(
-                    conv_in, self.depthwise.weight[channels], self.depthwise.bias[channels], padding=1, groups=self.dim
-                )
-                hidden = hidden.flatten(2).transpose(1, 2)
-            hidden = F.layer_norm(hidden, (self.dim,), self.norm_weight[e], self.norm_bias[e], eps=self.eps)
-            outputs.append(F.gelu(hidden) @ self.fc2_weight[e] + self.fc2_bias[e])
-        return torch.stack(outputs, dim=2)
 
 
 class TaskExpertGates(nn.Module):
@@ -315,14 +302,16 @@ class TaskExpertMMoELayer(GradientCheckpointingLayer):
         return features, written, gates
 
 
-class TaskExpertPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
+class TaskExpertPreTrainedModel(DenseMultiTaskPreTrainedModel):
     config_class = TaskExpertConfig
     config: TaskExpertConfig
     base_model_prefix = "taskexpert"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["TaskExpertMMoELayer"]
+    # Attention lives in the backbone, which checks the requested implementation against what it supports itself.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -333,23 +322,20 @@ class TaskExpertPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixi
             init.zeros_(module.norm_bias)
             init.trunc_normal_(module.fc2_weight, std=std)
             init.zeros_(module.fc2_bias)
-        elif isinstance(module, TaskExpertGates) and not module.uniform:
-            for weight in (module.token_weight, module.context_weight):
-                if weight is not None:
-                    init.zeros_(weight)
-            init.zeros_(module.bias)
+        elif isinstance(module, TaskExpertGates):
+            if not module.uniform:
+                for weight in (module.token_weight, module.context_weight):
+                    if weight is not None:
+                        init.zeros_(weight)
+                init.zeros_(module.bias)
         elif isinstance(module, TaskwiseLayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, TaskExpertMMoELayer) and module.use_memory and module.memory_projection is not None:
-            init.trunc_normal_(module.memory_projection, std=std)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+        elif isinstance(module, TaskExpertMMoELayer):
+            if module.use_memory and module.memory_projection is not None:
+                init.trunc_normal_(module.memory_projection, std=std)
+        else:
+            super()._init_weights(module)
 
     def load_pretrained_backbone(self, checkpoint: Optional[str] = None, **hub_kwargs) -> None:
         """Load pretrained backbone weights (safetensors only) from a Hub id or a local folder.
@@ -397,9 +383,9 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
         dim = self.config.expert_hidden_size
         return dim * len(self.mmoe_layers) if self.config.head_uses_all_layers else dim
 
-    def resolve_tasks(self, tasks: Optional[list[str]]) -> list[str]:
-        """The requested tasks in config order; a clear error for names the model does not predict."""
-        return resolve_tasks(self.config.tasks, tasks)
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embeddings (what `enable_input_require_grads` hooks)."""
+        return self.backbone.get_input_embeddings()
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         channels = getattr(self.config.backbone_config, "num_channels", 3)
@@ -409,10 +395,26 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         tasks: Optional[list[str]] = None,
-        output_gates: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-    ) -> TaskExpertModelOutput:
+        output_gates: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[TaskExpertModelOutput, tuple]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+                Normalised images; height and width multiples of the patch size.
+            tasks (`list[str]`, *optional*):
+                Compute only these tasks' gates and memory (default: all tasks of the config).
+            output_gates (`bool`, *optional*):
+                Return the routing report (`gates`); defaults to `config.output_gates`.
+            output_hidden_states (`bool`, *optional*):
+                Return the backbone token maps of the MMoE layers; defaults to `config.output_hidden_states`.
+            return_dict (`bool`, *optional*):
+                Return a [`TaskExpertModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+        """
+        output_gates = self.config.output_gates if output_gates is None else output_gates
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         self.check_pixel_values(pixel_values)
         tasks = self.resolve_tasks(tasks)
         task_index = torch.tensor([self.config.tasks.index(task) for task in tasks], device=pixel_values.device)
@@ -459,7 +461,7 @@ def _to_maps(features: torch.Tensor, grid: tuple[int, int], target: tuple[int, i
     return maps.unflatten(0, (batch, tasks))
 
 
-class TaskExpertForDensePrediction(DenseTaskHeadsMixin, TaskExpertPreTrainedModel):
+class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
     """TaskExpert with one dense head per task and the benchmark losses."""
 
     def __init__(self, config: TaskExpertConfig):
@@ -468,15 +470,22 @@ class TaskExpertForDensePrediction(DenseTaskHeadsMixin, TaskExpertPreTrainedMode
         self.heads = self.build_task_heads(self.taskexpert.feature_channels)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.taskexpert.get_input_embeddings()
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"gate_balance": self.config.gate_balance_loss_weight}
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: Optional[dict[str, torch.Tensor]] = None,
         tasks: Optional[list[str]] = None,
-        output_gates: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-    ) -> TaskExpertOutput:
+        output_gates: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[TaskExpertOutput, tuple]:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
@@ -487,37 +496,39 @@ class TaskExpertForDensePrediction(DenseTaskHeadsMixin, TaskExpertPreTrainedMode
             tasks (`list[str]`, *optional*):
                 Compute only these tasks' gates, memory and heads (default: all tasks of the config).
             output_gates (`bool`, *optional*):
-                Return the gate weights of every MMoE layer.
+                Return the routing report (`gates`) of every MMoE layer; defaults to `config.output_gates`.
             output_hidden_states (`bool`, *optional*):
-                Return the backbone token maps of the MMoE layers.
+                Return the backbone token maps of the MMoE layers; defaults to `config.output_hidden_states`.
+            return_dict (`bool`, *optional*):
+                Return a [`TaskExpertOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
-        tasks = self.taskexpert.resolve_tasks(tasks)
+        output_gates = self.config.output_gates if output_gates is None else output_gates
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        tasks = self.resolve_tasks(tasks)
         self.check_label_tasks(labels)
+        # The gate regulariser is reported with labels (added to the loss only with a positive weight).
+        needs_gates = labels is not None and self.config.gating == "dynamic"
         outputs = self.taskexpert(
-            pixel_values, tasks=tasks, output_gates=output_gates or self._needs_gates(labels), output_hidden_states=output_hidden_states
+            pixel_values,
+            tasks=tasks,
+            output_gates=output_gates or needs_gates,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        size = tuple(pixel_values.shape[-2:])
-        logits = self.decode_tasks(outputs.task_features, tasks, size)
-
-        loss, task_losses, aux_loss = None, None, None
-        if labels is not None:
-            task_losses, loss = self.weighted_task_losses(logits, labels)
-            if self._needs_gates(labels):
-                aux_loss = self.config.gate_balance_loss_weight * gate_balance_loss(outputs.gates)
-                loss = loss + aux_loss
+        aux_losses = {"gate_balance": gate_balance_loss(outputs.gates)} if needs_gates else None
+        decoded = self.decode_and_loss(
+            outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels=labels, aux_losses=aux_losses
+        )
         output = TaskExpertOutput(
-            loss=loss,
-            task_losses=task_losses,
-            aux_loss=aux_loss,
-            logits=logits,
+            loss=decoded.loss,
+            task_losses=decoded.task_losses,
+            aux_loss=decoded.aux_loss,
+            aux_losses=aux_losses,
+            logits=decoded.logits,
             gates=outputs.gates if output_gates else None,
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
-
-    def _needs_gates(self, labels) -> bool:
-        return labels is not None and self.config.gate_balance_loss_weight > 0 and self.config.gating == "dynamic"
-
 
 
 def gate_balance_loss(gates: tuple[dict[str, torch.Tensor], ...]) -> torch.Tensor:
@@ -532,4 +543,12 @@ def gate_balance_loss(gates: tuple[dict[str, torch.Tensor], ...]) -> torch.Tenso
             terms.append(usage.numel() * (usage**2).sum() - 1.0)
     return torch.stack(terms).mean()
 
-__all__ = ["TaskExpertPreTrainedModel", "TaskExpertModel", "TaskExpertForDensePrediction", "TaskExpertOutput", "TaskExpertModelOutput"]
+
+__all__ = [
+    "TaskExpertPreTrainedModel",
+    "TaskExpertModel",
+    "TaskExpertForDensePrediction",
+    "TaskExpertOutput",
+    "TaskExpertModelOutput",
+    "gate_balance_loss",
+]

@@ -56,6 +56,14 @@ TASKS: dict[str, TaskInfo] = {
 
 SEGMENTATION_TASKS = tuple(name for name, info in TASKS.items() if info.kind == "segmentation")
 
+# Class names of the PASCAL-Context multi-task benchmark: the 21 VOC classes of `semseg` (not Context-59) and the
+# protocol's 6 human-part groups plus background. The model configs' defaults and the dataset converter read these.
+PASCAL_SEMSEG_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+PASCAL_HUMAN_PARTS_CLASSES = ("background", "head", "torso", "uarm", "larm", "uleg", "lleg")
+
 
 def check_task_name(task: str, where: str = "task") -> TaskInfo:
     """Return the `TaskInfo` of `task`, or raise a ValueError that lists the known tasks."""
@@ -72,31 +80,3 @@ def output_channels(task: str, num_labels: Optional[int] = None) -> int:
     if num_labels is None or num_labels < 2:
         raise ValueError(f"Task {task!r} is a segmentation task and needs num_labels >= 2, got {num_labels!r}.")
     return num_labels
-
-
-def validate_task_settings(
-    tasks: list[str], task_id2label: dict[str, dict[int, str]], loss_weights: dict[str, float], edge_positive_weight: float
-) -> None:
-    """The task fields every model config shares; raise a ValueError naming the field and what was expected."""
-    if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
-        raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}.")
-    if not tasks:
-        raise ValueError("`tasks` must name at least one task.")
-    if len(set(tasks)) != len(tasks):
-        raise ValueError(f"`tasks` has duplicates: {tasks}.")
-    for task in tasks:
-        info = check_task_name(task, where="task in `tasks`")
-        if info.kind == "segmentation":
-            labels = task_id2label.get(task)
-            if not labels or len(labels) < 2:
-                raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
-            if sorted(labels) != list(range(len(labels))):
-                raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
-    for task in task_id2label:
-        if task not in tasks:
-            raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {tasks}.")
-    if not 0.0 < edge_positive_weight < 1.0:
-        raise ValueError(f"`edge_positive_weight` must be in (0, 1), got {edge_positive_weight}.")
-    for task, weight in loss_weights.items():
-        if weight < 0:
-            raise ValueError(f"`loss_weights[{task!r}]` must be >= 0, got {weight}.")

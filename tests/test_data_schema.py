@@ -7,9 +7,11 @@ import pytest
 
 from modeling_taskexpert.data import (
     DatasetNotAvailableError,
+    has_dataset_metadata,
     load_dataset_metadata,
     load_multitask_dataset,
     push_dataset_to_hub,
+    read_dataset_metadata,
 )
 from modeling_taskexpert.data.__main__ import main
 
@@ -26,31 +28,31 @@ def _metadata_folder(tmp_path, **changes):
     metadata = {"name": "x", "tasks": {"semseg": {"id2label": {"0": "a", "1": "b"}}}, "train_size": [8, 8],
                 "eval_size": [8, 8], "boundary_tolerance": 0.01, "splits": {"train": 1}}  # fmt: skip
     metadata.update(changes)
-    (folder / "taskexpert_dataset.json").write_text(json.dumps(metadata))
+    (folder / "dense_multitask_dataset.json").write_text(json.dumps(metadata))
     return folder
 
 
 def test_hub_id_offline_says_to_convert_first(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(DatasetNotAvailableError, match=r"(?s)'someone/some-dataset'.*offline mode.*Convert or generate"):
-        load_dataset_metadata("someone/some-dataset")
+        read_dataset_metadata("someone/some-dataset")
 
 
 def test_missing_folder_or_metadata_is_explained(tmp_path):
     with pytest.raises(DatasetNotAvailableError, match="neither an existing dataset folder nor a Hub repository id"):
-        load_dataset_metadata(tmp_path / "missing" / "deeper")
+        read_dataset_metadata(tmp_path / "missing" / "deeper")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetNotAvailableError, match="taskexpert_dataset.json is missing"):
-        load_dataset_metadata(tmp_path / "empty")
+    with pytest.raises(DatasetNotAvailableError, match="dense_multitask_dataset.json is missing"):
+        read_dataset_metadata(tmp_path / "empty")
 
 
 def test_malformed_metadata_names_the_field(tmp_path):
     folder = _metadata_folder(tmp_path, train_size=[8])
     with pytest.raises(ValueError, match="'train_size' must be \\[height, width\\]"):
-        load_dataset_metadata(folder)
-    (folder / "taskexpert_dataset.json").write_text(json.dumps({"name": "x", "tasks": {"depht": {}}}))
+        read_dataset_metadata(folder)
+    (folder / "dense_multitask_dataset.json").write_text(json.dumps({"name": "x", "tasks": {"depht": {}}}))
     with pytest.raises(ValueError, match="lacks the keys"):
-        load_dataset_metadata(folder)
+        read_dataset_metadata(folder)
 
 
 def test_unknown_split_is_rejected(tmp_path):
@@ -81,3 +83,38 @@ def test_two_folders_with_the_same_name_never_share_a_cache(tmp_path):
     generate_synthetic_dataset(second, train_size=3, val_size=1, image_size=32, num_workers=0)
     assert len(load_multitask_dataset(first, "train")) == 2
     assert len(load_multitask_dataset(second, "train")) == 3
+
+
+def test_metadata_under_its_earlier_name_is_read(tmp_path):
+    """Folders written before the rename hold `taskexpert_dataset.json`; the current name wins when both exist."""
+    folder = _metadata_folder(tmp_path)
+    (folder / "dense_multitask_dataset.json").rename(folder / "taskexpert_dataset.json")
+    assert read_dataset_metadata(folder)["name"] == "x"
+    assert has_dataset_metadata(folder)
+    current = json.loads((folder / "taskexpert_dataset.json").read_text()) | {"name": "current"}
+    (folder / "dense_multitask_dataset.json").write_text(json.dumps(current))
+    assert read_dataset_metadata(folder)["name"] == "current"
+    with pytest.warns(FutureWarning, match="renamed `read_dataset_metadata`"):
+        assert load_dataset_metadata(folder)["name"] == "current"
+
+
+def test_hub_repository_with_the_earlier_metadata_name(tmp_path, monkeypatch):
+    """A Hub dataset pushed before the rename is read through its `taskexpert_dataset.json`."""
+    from modeling_taskexpert.data import schema
+
+    legacy = _metadata_folder(tmp_path) / "taskexpert_dataset.json"
+    (legacy.parent / "dense_multitask_dataset.json").rename(legacy)
+    requested = []
+
+    def fake_download(repo_id, filename, repo_type):
+        requested.append(filename)
+        if filename != "taskexpert_dataset.json":
+            raise FileNotFoundError(f"{filename} is not in {repo_id}")
+        return str(legacy)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    assert schema.read_dataset_metadata("someone/old-dataset")["name"] == "x"
+    assert requested == ["dense_multitask_dataset.json", "taskexpert_dataset.json"]
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DatasetNotAvailableError, match="Cannot get 'dense_multitask_dataset.json'"):
+        schema.read_dataset_metadata("someone/old-dataset")

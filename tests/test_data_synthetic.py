@@ -1,12 +1,14 @@
 """The embedded synthetic benchmark: determinism, label consistency, schema round trip, CLI."""
 
 import json
+import platform
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 
-from modeling_taskexpert.data import generate_synthetic_dataset, load_dataset_metadata, load_multitask_dataset
+from modeling_taskexpert.data import generate_synthetic_dataset, read_dataset_metadata, load_multitask_dataset
 from modeling_taskexpert.data.__main__ import main
 from modeling_taskexpert.data.synthetic import SEMSEG_CLASSES, render_sample
 from modeling_taskexpert.task_definitions import IGNORE_INDEX
@@ -41,7 +43,7 @@ def test_load_dataset_round_trip(dataset_dir, tmp_path):
     assert row["image"].mode == "RGB" and row["image"].size == (SIZE, SIZE)
     assert row["depth"].mode == "F" and row["normals"].mode == "RGB" and row["semseg"].mode == "L"
 
-    metadata = load_dataset_metadata(dataset_dir)
+    metadata = read_dataset_metadata(dataset_dir)
     assert metadata["splits"] == {"train": 8, "validation": 3}
     assert metadata["train_size"] == metadata["eval_size"] == [SIZE, SIZE]
     assert metadata["tasks"]["semseg"]["id2label"] == {str(i): name for i, name in enumerate(SEMSEG_CLASSES)}
@@ -134,18 +136,18 @@ def test_cli_generates_and_skips_existing(tmp_path, capsys):
     args = ["synthetic", "--output-dir", str(output), "--train-size", "2", "--val-size", "1", "--image-size", "32",
             "--num-workers", "0"]  # fmt: skip
     assert main(args) == 0
-    metadata = json.loads((output / "taskexpert_dataset.json").read_text())
+    metadata = json.loads((output / "dense_multitask_dataset.json").read_text())
     assert metadata["splits"] == {"train": 2, "validation": 1} and metadata["train_size"] == [32, 32]
-    stamp = (output / "taskexpert_dataset.json").stat().st_mtime_ns
+    stamp = (output / "dense_multitask_dataset.json").stat().st_mtime_ns
 
     assert main(args + ["--skip-if-exists"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert (output / "taskexpert_dataset.json").stat().st_mtime_ns == stamp
+    assert (output / "dense_multitask_dataset.json").stat().st_mtime_ns == stamp
 
-    assert main(args) == 1  # exists, and no --overwrite
+    assert main(args) == 2  # exists, and no --overwrite: bad input
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--train-size", "3"]) == 0
-    assert json.loads((output / "taskexpert_dataset.json").read_text())["splits"]["train"] == 3
+    assert json.loads((output / "dense_multitask_dataset.json").read_text())["splits"]["train"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no temporary folders left
 
 
@@ -162,3 +164,47 @@ def test_figures_are_large_enough_for_their_parts_to_be_learnable(samples):
     assert len(part_maps) >= len(samples) // 2
     assert np.mean([(parts > 0).mean() for parts in part_maps]) > 0.03
     assert set(np.unique(np.concatenate([parts.ravel() for parts in part_maps]))) == set(range(7))
+
+
+# ----------------------------------------------------------------------------- pinned scenes
+
+PINNED_SCENES = Path(__file__).resolve().parent / "fixtures" / "pinned_synthetic.npz"
+PINNED_SAMPLES = [("train", 0), ("train", 1), ("train", 2), ("validation", 0)]
+
+
+def _scene_machine() -> str:
+    """What decides whether float rendering is bit for bit the same (numpy build, CPU architecture and SIMD family)."""
+    import torch
+
+    return json.dumps({"numpy": np.__version__, "arch": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability()})
+
+
+def _pinned_scene_arrays() -> dict:
+    arrays = {}
+    for split, index in PINNED_SAMPLES:
+        sample = render_sample(seed=5, split=split, index=index, image_size=40)
+        arrays.update({f"{split}/{index}/{key}": value for key, value in sample.items() if value is not None})
+    return arrays
+
+
+def test_rendered_scenes_match_the_pinned_copy():
+    """Refactors of the generator keep its scenes: bit for bit on a machine like the one that made the copy
+    (regenerate only for an intended change: `python tests/test_data_synthetic.py`); elsewhere float rounding may
+    move a pixel at a shading or silhouette threshold, so at most 0.5 % of the values of a map may differ."""
+    with np.load(PINNED_SCENES, allow_pickle=False) as stored:
+        stored = dict(stored)
+    exact = str(stored.pop("machine")) == _scene_machine()
+    actual = _pinned_scene_arrays()
+    assert sorted(actual) == sorted(stored)
+    assert any(key.endswith("/human_parts") for key in stored)  # a figure is among the pinned scenes
+    for key, expected in stored.items():
+        assert actual[key].dtype == expected.dtype and actual[key].shape == expected.shape, key
+        if exact:
+            np.testing.assert_array_equal(actual[key], expected, err_msg=key)
+        else:
+            assert np.mean(actual[key] != expected) <= 0.005, key
+
+
+if __name__ == "__main__":
+    np.savez_compressed(PINNED_SCENES, machine=np.array(_scene_machine()), **_pinned_scene_arrays())
+    print(f"wrote {PINNED_SCENES}")

@@ -202,10 +202,10 @@ def test_unknown_or_absent_tasks_are_rejected():
 
 def test_seeded_augmentation_depends_only_on_seed_epoch_and_id(tmp_path):
     """With a seed, a sample's augmentation is reproducible whatever came before it, and changes with the epoch."""
-    from modeling_taskexpert.data import generate_synthetic_dataset, load_dataset_metadata, load_multitask_dataset
+    from modeling_taskexpert.data import generate_synthetic_dataset, read_dataset_metadata, load_multitask_dataset
 
     generate_synthetic_dataset(tmp_path / "syn", train_size=3, val_size=1, image_size=32, num_workers=0)
-    metadata = load_dataset_metadata(tmp_path / "syn")
+    metadata = read_dataset_metadata(tmp_path / "syn")
     rows = load_multitask_dataset(tmp_path / "syn", "train")[:3]
     transform = build_transforms(metadata, train=True, seed=7)
     first = transform(rows)["pixel_values"]

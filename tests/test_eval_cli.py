@@ -13,7 +13,7 @@ from modeling_taskexpert.data import (
     build_transforms,
     collate_dense_batch,
     generate_synthetic_dataset,
-    load_dataset_metadata,
+    read_dataset_metadata,
     load_multitask_dataset,
 )
 from modeling_taskexpert.data.synthetic import HUMAN_PART_CLASSES, SEMSEG_CLASSES
@@ -46,7 +46,7 @@ def cli(workspace, output, *extra):
 def direct_results(workspace, tasks, **kwargs):
     """The same evaluation written out by hand: model, transforms and evaluator, no command line."""
     model = TaskExpertForDensePrediction.from_pretrained(workspace / "model").eval()
-    metadata = load_dataset_metadata(workspace / "data")
+    metadata = read_dataset_metadata(workspace / "data")
     dataset = load_multitask_dataset(workspace / "data", "validation", cache_dir=str(workspace / "cache"))
     dataset.set_transform(build_transforms(metadata, train=False, tasks=tasks))
     evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=tasks, **kwargs)

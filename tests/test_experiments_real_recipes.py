@@ -16,7 +16,7 @@ import pytest
 # The raw fixtures are those of the converter tests (imported, so that pytest uses them as fixtures here too).
 from test_data_converters import nyud_raw, pascal_raw  # noqa: F401
 
-from modeling_taskexpert.data import convert_nyud, convert_pascal_context, load_dataset_metadata
+from modeling_taskexpert.data import convert_nyud, convert_pascal_context, read_dataset_metadata
 from modeling_taskexpert.evaluation import PRIMARY_METRICS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _check_run(output_dir: Path, metrics: dict, tasks: list[str]) -> None:
 def test_pascal_context_recipe_trains_and_evaluates(recipe, pascal_raw, tmp_path):  # noqa: F811
     raw_dir, _, _ = pascal_raw
     dataset = convert_pascal_context(raw_dir, tmp_path / "pascal-context", num_workers=0)
-    metadata = load_dataset_metadata(dataset)
+    metadata = read_dataset_metadata(dataset)
     # The fixture images (at most 17 px) are padded to the protocol's evaluation size.
     assert metadata["eval_size"] == [512, 512]
     metrics = _train_one_step(recipe, dataset, tmp_path / "run")
@@ -63,6 +63,6 @@ def test_pascal_context_recipe_trains_and_evaluates(recipe, pascal_raw, tmp_path
 def test_nyud_recipe_trains_and_evaluates(recipe, nyud_raw, tmp_path):  # noqa: F811
     raw_dir, _, _ = nyud_raw
     dataset = convert_nyud(raw_dir, tmp_path / "nyud", num_workers=0)
-    assert load_dataset_metadata(dataset)["eval_size"] == [448, 576]
+    assert read_dataset_metadata(dataset)["eval_size"] == [448, 576]
     metrics = _train_one_step(recipe, dataset, tmp_path / "run")
     _check_run(tmp_path / "run", metrics, ["semseg", "edge", "normals", "depth"])

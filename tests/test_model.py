@@ -6,6 +6,7 @@ from conftest import ALL_TASKS, make_labels, tiny_config
 
 from modeling_taskexpert import TaskExpertConfig, TaskExpertForDensePrediction, TaskExpertModel
 from modeling_taskexpert.modeling_taskexpert import TaskExpertExperts
+from modeling_taskexpert.testing_utils import taskexpert_experts_loop
 
 
 def build(config, seed=0):
@@ -69,7 +70,7 @@ def test_batched_experts_equal_per_expert_loop():
         torch.nn.init.normal_(experts.fc2_weight, std=0.2)
         torch.nn.init.normal_(experts.norm_weight, std=1.0)
         tokens = torch.randn(2, 12, 32)
-        torch.testing.assert_close(experts(tokens, (3, 4)), experts.forward_loop(tokens, (3, 4)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(experts(tokens, (3, 4)), taskexpert_experts_loop(experts, tokens, (3, 4)), rtol=1e-5, atol=1e-5)
 
 
 def test_assembly_matches_the_formula(config):
@@ -268,6 +269,12 @@ def test_other_auto_backbone_types():
     out = model(torch.randn(1, 3, 32, 32), output_gates=True)
     assert out.logits["semseg"].shape == (1, 3, 32, 32)
     assert model.taskexpert.backbone.channels == [32, 32]
+    # The backbone runs on the config's own backbone_config, tapped at the MMoE layers.
+    backbone = model.taskexpert.backbone.model
+    assert backbone.config is model.config.backbone_config and backbone.config.out_indices == [2, 4]
+    assert model.get_input_embeddings() is backbone.embeddings.patch_embeddings
+    model.set_attn_implementation("eager")
+    assert backbone.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize(

@@ -16,10 +16,10 @@ from modeling_taskexpert.dense_losses import dense_task_losses
 from modeling_taskexpert.modeling_modsquad import (
     ExpertDispatch,
     expert_linear,
-    expert_linear_loop,
     load_balance_loss,
     mutual_information_loss,
 )
+from modeling_taskexpert.testing_utils import expert_linear_loop
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"semseg": {0: "floor", 1: "wall", 2: "box"}, "human_parts": {0: "background", 1: "head", 2: "torso"}}
@@ -86,7 +86,7 @@ def test_config_json_round_trip(tmp_path):
         ({"experts_per_layer": [6, 1, 6, 5]}, "gives 1 experts to the MoE mlp of block 1"),
         ({"moe_layout": "sometimes"}, "`moe_layout` must be one of"),
         ({"image_size": 36}, "`image_size` (36) must be a multiple of `patch_size` (8)"),
-        ({"mutual_information_loss_weight": -1.0}, "`mutual_information_loss_weight` must be >= 0"),
+        ({"mutual_information_loss_weight": -1.0}, "`mutual_information_loss_weight` must be in [0.0, inf), got -1.0"),
         ({"task_id2label": {"semseg": {0: "a"}}}, "needs `task_id2label['semseg']` with at least 2 classes"),
         ({"num_channels": 4}, "`num_channels` must be 3"),
     ],
@@ -350,7 +350,7 @@ def test_extract_by_router_keeps_outputs_and_drops_parameters(tmp_path):
     saved = json.loads((tmp_path / "depth-only" / "config.json").read_text())
     assert saved["experts_per_layer"] == small.config.experts_per_layer
     assert saved["auto_map"]["AutoModel"] == "modeling_modsquad.ModSquadForDensePrediction"
-    for code in ("configuration_modsquad.py", "modeling_modsquad.py", "configuration_taskexpert.py", "dense_heads.py",
+    for code in ("configuration_modsquad.py", "modeling_modsquad.py", "configuration_common.py", "dense_heads.py",
                  "dense_losses.py", "dense_model_utils.py", "task_definitions.py", "pipeline_taskexpert.py"):  # fmt: skip
         assert (tmp_path / "depth-only" / code).exists(), code
     loaded = AutoModel.from_pretrained(tmp_path / "depth-only").eval()

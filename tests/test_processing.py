@@ -15,7 +15,7 @@ from modeling_taskexpert import (
     logits_to_predictions,
 )
 from modeling_taskexpert.image_processing_taskexpert import to_rgb_array
-from modeling_taskexpert.visualization_taskexpert import colorize_labels, label_palette, visualize_prediction
+from modeling_taskexpert.visualization_taskexpert import colorbar, colorize_labels, label_palette, visualize_prediction
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -102,10 +102,12 @@ def test_image_conversions():
         to_rgb_array(np.full((2, 2, 3), 200.0))
     with pytest.raises(ValueError, match="NaN"):
         to_rgb_array(np.full((2, 2, 3), np.nan))
-    with pytest.raises(ValueError, match=r"images\[0\]: expected an image of shape"):
-        TaskExpertImageProcessor()(np.zeros((2, 2, 2, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match="expected a PIL image"):
+    with pytest.raises(ValueError, match=r"images\[0\]: expected one image of shape"):
+        TaskExpertImageProcessor()([np.zeros((2, 2, 2, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="image: no such file 'not an image'"):
         to_rgb_array("not an image")
+    with pytest.raises(ValueError, match="expected a file path, a PIL image"):
+        to_rgb_array(b"bytes")
 
 
 def test_processor_save_and_load_round_trip(tmp_path):
@@ -127,6 +129,12 @@ def test_palette_and_visualisations():
     assert heat[0, 0].tolist() == [68, 1, 84] and heat[0, 1].tolist() == [253, 231, 37]
     normals = visualize_prediction("normals", np.array([[[0.0]], [[0.0]], [[1.0]]]))
     assert normals[0, 0].tolist() == [128, 128, 255]
+    bar = colorbar(9, 2)
+    assert bar.shape == (2, 9, 3) and bar[0, 0].tolist() == [68, 1, 84] and bar[1, -1].tolist() == [253, 231, 37]
+    assert colorbar(1, 1).shape == (1, 1, 3)
+    for length, thickness in ((0, 4), (-3, 4), (5, 0)):  # a legend for an image under a few pixels wide
+        with pytest.raises(ValueError, match="colorbar needs a positive integer length and thickness"):
+            colorbar(length, thickness)
 
 
 def test_pipeline_on_a_pil_image(tmp_path):

@@ -30,9 +30,11 @@ def test_save_writes_safetensors_auto_map_and_code(saved_model):
     _, folder = saved_model
     files = set(os.listdir(folder))
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
-    for code in ("configuration_taskexpert.py", "modeling_taskexpert.py", "task_definitions.py", "dense_heads.py",
-                 "dense_losses.py", "image_processing_taskexpert.py", "pipeline_taskexpert.py"):  # fmt: skip
+    for code in ("configuration_taskexpert.py", "configuration_common.py", "modeling_taskexpert.py", "task_definitions.py",
+                 "dense_heads.py", "dense_losses.py", "image_processing_taskexpert.py", "pipeline_taskexpert.py"):  # fmt: skip
         assert code in files, code
+    # Test-only references and the loading helper are not remote code.
+    assert "testing_utils.py" not in files and "loading.py" not in files
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_taskexpert.TaskExpertConfig",

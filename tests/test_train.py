@@ -50,7 +50,7 @@ def finished_run(synthetic_dataset, tmp_path_factory):
 def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_dataset):
     from transformers import AutoModel
 
-    from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+    from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
     from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, evaluate_model
 
     files = set(os.listdir(finished_run))
@@ -65,7 +65,7 @@ def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_datase
     # The saved model evaluates to the numbers in metrics.json.
     metrics = json.loads((finished_run / "metrics.json").read_text())
     model = AutoModel.from_pretrained(finished_run)
-    metadata = load_dataset_metadata(synthetic_dataset)
+    metadata = read_dataset_metadata(synthetic_dataset)
     dataset = load_multitask_dataset(synthetic_dataset, "validation").with_transform(build_transforms(metadata, train=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_dense_batch)
     evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode="approximate")

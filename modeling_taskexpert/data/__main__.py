@@ -1,13 +1,18 @@
-"""Command line: `python -m modeling_taskexpert.data {pascal-context,nyud,synthetic,push} ...`."""
+"""Command line: `python -m modeling_taskexpert.data {pascal-context,nyud,synthetic,push} ...`.
+
+Exit status: 0 on success, 2 for bad input or usage (arguments, a missing or damaged raw archive, an
+existing output folder without --overwrite), 1 for a failure while running (the Hub unreachable, a
+disk error), 130 when interrupted.
+"""
 
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-from .nyud import convert_nyud
-from .pascal_context import convert_pascal_context
-from .schema import METADATA_FILENAME, DatasetNotAvailableError, load_dataset_metadata, push_dataset_to_hub
+from . import SOURCES
+from .schema import DatasetNotAvailableError, has_dataset_metadata, push_dataset_to_hub, read_dataset_metadata
+from .source import convert
 from .synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE, generate_synthetic_dataset
 from .writer import ON_ERROR_CHOICES, DatasetConversionError
 
@@ -34,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create multi-task dense datasets in the Hub's dataset layout, or push one to the Hub.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_converter(subparsers, "pascal-context", "PASCALContext")
-    _add_converter(subparsers, "nyud", "NYUDv2")
+    for source in SOURCES.values():
+        _add_converter(subparsers, source.name, source.archive)
 
     synthetic = subparsers.add_parser("synthetic", help="generate the embedded synthetic benchmark (no download)")
     _add_output_options(synthetic)
@@ -61,17 +66,17 @@ def run(args: argparse.Namespace) -> str:
         url = push_dataset_to_hub(args.folder, args.repo_id, private=args.private, token=args.token)
         return f"Pushed {args.folder} to {url}"
     if args.command == "synthetic":
-        if args.skip_if_exists and (args.output_dir / METADATA_FILENAME).is_file():
-            splits = load_dataset_metadata(args.output_dir)["splits"]
+        if args.skip_if_exists and has_dataset_metadata(args.output_dir):
+            splits = read_dataset_metadata(args.output_dir)["splits"]
             return f"{args.output_dir} already holds a dataset ({splits}); nothing to do."
         generate_synthetic_dataset(
             args.output_dir, train_size=args.train_size, val_size=args.val_size, image_size=args.image_size,
             seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite,
         )  # fmt: skip
     else:
-        convert = convert_pascal_context if args.command == "pascal-context" else convert_nyud
-        convert(args.raw_dir, args.output_dir, num_workers=args.num_workers, on_error=args.on_error, overwrite=args.overwrite)
-    splits = load_dataset_metadata(args.output_dir)["splits"]
+        convert(SOURCES[args.command], args.raw_dir, args.output_dir, num_workers=args.num_workers,
+                on_error=args.on_error, overwrite=args.overwrite)  # fmt: skip
+    splits = read_dataset_metadata(args.output_dir)["splits"]
     return f"Wrote {args.output_dir} ({', '.join(f'{split}: {count}' for split, count in splits.items())})"
 
 
@@ -84,9 +89,11 @@ def main(argv=None) -> int:
         written = "" if args.command == "push" else "; the output folder was not created or changed"
         print(f"Interrupted{written}.", file=sys.stderr)
         return 130
-    except (DatasetConversionError, DatasetNotAvailableError, FileNotFoundError, FileExistsError, ValueError,
-            ConnectionError) as error:  # fmt: skip
+    except (DatasetConversionError, DatasetNotAvailableError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ConnectionError, OSError) as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0
 

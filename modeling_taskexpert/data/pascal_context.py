@@ -1,4 +1,5 @@
-"""PASCAL-Context (multi-task version, 5 tasks) from the extracted `PASCALContext/` archive.
+"""PASCAL-Context (multi-task version, 5 tasks) from the extracted `PASCALContext/` archive: the
+`PASCAL_CONTEXT` source description and its label derivation.
 
 Labels are derived exactly as the benchmark's reference loaders do (see the protocol notes in
 the dataset card): 21-class VOC semseg as stored, 6-group human parts painted from the
@@ -6,24 +7,21 @@ PASCAL-Part annotations of persons, saliency thresholded at 0.5, normals masked 
 that have indoor-like geometry, and thinned boundaries of the 459-class Context label map.
 """
 
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .labels import boundaries_from_label_map, encode_png, resize_nearest
+from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES
+from .labels import boundaries_from_label_map, check_class_ids, encode_png, resize_nearest
 from .raw_files import read_gray_map, read_index_map, read_mat, read_rgb_image_cell, read_rgb_map
-from .schema import SCHEMA_DESCRIPTION, build_metadata, build_features, render_card
-from .writer import RawDataError, read_raw, write_dataset
+from .source import DatasetSource, convert
+from .writer import RawDataError, read_raw
 
 NAME = "pascal-context"
 TASKS = ("semseg", "human_parts", "saliency", "normals", "edge")
-SEMSEG_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-HUMAN_PART_CLASSES = ("background", "head", "torso", "uarm", "larm", "uleg", "lleg")
+SEMSEG_CLASSES = PASCAL_SEMSEG_CLASSES
+HUMAN_PART_CLASSES = PASCAL_HUMAN_PARTS_CLASSES
 # PASCAL-Part person part names -> id in HUMAN_PART_CLASSES (the protocol's 6-group merge).
 HUMAN_PART_GROUPS = {
     **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),
@@ -45,7 +43,6 @@ NORMALS_VALID_CONTEXT_IDS = np.array([
     330, 331, 336, 342, 345, 349, 350, 351, 352, 355, 357, 368, 370, 371, 374, 379, 380, 383, 384, 397, 401, 403, 405,
     407, 408, 411, 412, 413, 414, 417, 419, 421, 423, 427, 429, 430, 432, 440, 441, 442, 443, 444, 446, 454, 457,
 ])  # fmt: skip
-SPLIT_FILES = {"train": "train.txt", "validation": "val.txt"}
 INPUT_SIZE = (512, 512)
 BOUNDARY_TOLERANCE = 0.0075
 
@@ -70,49 +67,30 @@ archive of the InvPT/TaskPrompter repositories by `python -m modeling_taskexpert
   non-zero, thinned to one pixel -> {{0, 1}}.
 - A label whose size differs from its image is resized to it (nearest; normals bicubic).
 - Boundary evaluation tolerance: {BOUNDARY_TOLERANCE} of the image diagonal.
+"""
 
-{SCHEMA_DESCRIPTION}
-
+CARD_LICENCE = """\
 ## Licence and citation
 Images come from PASCAL VOC (Flickr images under their owners' terms; see the VOC challenge
 site); annotations from PASCAL-Context and PASCAL-Part; saliency and normal pseudo-labels were
 distilled by Maninis et al. (ASTMT). Check those terms before redistributing.
 
 ```bibtex
-@article{{everingham2010pascal, title={{The PASCAL Visual Object Classes (VOC) Challenge}},
-  author={{Everingham, Mark and Van Gool, Luc and Williams, Christopher K. I. and Winn, John and Zisserman, Andrew}},
-  journal={{IJCV}}, year={{2010}}}}
-@inproceedings{{mottaghi2014role, title={{The Role of Context for Object Detection and Semantic Segmentation in the Wild}},
-  author={{Mottaghi, Roozbeh and others}}, booktitle={{CVPR}}, year={{2014}}}}
-@inproceedings{{chen2014detect, title={{Detect What You Can: Detecting and Representing Objects using Holistic Models and Body Parts}},
-  author={{Chen, Xianjie and others}}, booktitle={{CVPR}}, year={{2014}}}}
-@inproceedings{{maninis2019attentive, title={{Attentive Single-Tasking of Multiple Tasks}},
-  author={{Maninis, Kevis-Kokitsi and Radosavovic, Ilija and Kokkinos, Iasonas}}, booktitle={{CVPR}}, year={{2019}}}}
+@article{everingham2010pascal, title={The PASCAL Visual Object Classes (VOC) Challenge},
+  author={Everingham, Mark and Van Gool, Luc and Williams, Christopher K. I. and Winn, John and Zisserman, Andrew},
+  journal={IJCV}, year={2010}}
+@inproceedings{mottaghi2014role, title={The Role of Context for Object Detection and Semantic Segmentation in the Wild},
+  author={Mottaghi, Roozbeh and others}, booktitle={CVPR}, year={2014}}
+@inproceedings{chen2014detect, title={Detect What You Can: Detecting and Representing Objects using Holistic Models and Body Parts},
+  author={Chen, Xianjie and others}, booktitle={CVPR}, year={2014}}
+@inproceedings{maninis2019attentive, title={Attentive Single-Tasking of Multiple Tasks},
+  author={Maninis, Kevis-Kokitsi and Radosavovic, Ilija and Kokkinos, Iasonas}, booktitle={CVPR}, year={2019}}
 ```
 """
 
 
-def find_root(raw_dir) -> Path:
-    """The `PASCALContext` folder: `raw_dir` itself or its `PASCALContext/` subfolder."""
-    raw_dir = Path(raw_dir)
-    for root in (raw_dir / "PASCALContext", raw_dir):
-        if (root / "JPEGImages").is_dir() and (root / "ImageSets" / "Context").is_dir():
-            return root
-    raise FileNotFoundError(
-        f"{raw_dir} is not an extracted PASCALContext archive: expected JPEGImages/ and ImageSets/Context/ in it "
-        "(or in its PASCALContext/ subfolder)."
-    )
-
-
-def read_split_ids(root: Path, split: str) -> list[str]:
-    """Sample ids of a split, in the order of its list file."""
-    path = root / "ImageSets" / "Context" / SPLIT_FILES[split]
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing split list {path} (one image id per line).")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"The split list {path} is empty.")
-    return ids
+def _read_semseg(path: Path) -> np.ndarray:
+    return check_class_ids(read_index_map(path), len(SEMSEG_CLASSES))
 
 
 def _read_human_parts(path: Path) -> Optional[np.ndarray]:
@@ -169,7 +147,7 @@ def make_row(root: Path, split: str, sample_id: str) -> dict:
     semseg_path = root / "semseg" / "VOC12" / f"{sample_id}.png"
     if not semseg_path.is_file() and (root / "semseg" / "pascal-context" / f"{sample_id}.png").is_file():
         semseg_path = root / "semseg" / "pascal-context" / f"{sample_id}.png"
-    semseg = read_raw(semseg_path, sample_id, read_index_map, "semseg")
+    semseg = read_raw(semseg_path, sample_id, _read_semseg, "semseg")
 
     parts_path = root / "human_parts" / f"{sample_id}.mat"
     human_parts = read_raw(parts_path, sample_id, _read_human_parts, "human parts")
@@ -197,34 +175,24 @@ def make_row(root: Path, split: str, sample_id: str) -> dict:
     return row
 
 
-def convert_pascal_context(
-    raw_dir,
-    output_dir,
-    num_workers: Optional[int] = None,
-    on_error: str = "stop",
-    overwrite: bool = False,
-    splits=("train", "validation"),
-) -> Path:
-    """Convert the extracted PASCALContext archive at `raw_dir` to a dataset folder at `output_dir`.
+PASCAL_CONTEXT = DatasetSource(
+    name=NAME,
+    title="PASCAL-Context (multi-task)",
+    archive="PASCALContext",
+    root_markers=("JPEGImages", "ImageSets/Context"),
+    split_lists={"train": "ImageSets/Context/train.txt", "validation": "ImageSets/Context/val.txt"},
+    tasks=TASKS,
+    class_names={"semseg": SEMSEG_CLASSES, "human_parts": HUMAN_PART_CLASSES},
+    train_size=INPUT_SIZE,
+    eval_size=INPUT_SIZE,
+    boundary_tolerance=BOUNDARY_TOLERANCE,
+    card_body=CARD_BODY,
+    card_licence=CARD_LICENCE,
+    make_row=make_row,
+)
 
-    Args:
-        num_workers: conversion processes (None = all cores).
-        on_error: "stop" at the first missing/corrupt raw file, or "skip" such samples.
-        overwrite: replace an existing `output_dir`.
-        splits: the splits to convert.
-    """
-    root = find_root(raw_dir)
-    split_ids = {split: read_split_ids(root, split) for split in splits}
 
-    def finalize(split_sizes):
-        metadata = build_metadata(
-            NAME,
-            {"semseg": SEMSEG_CLASSES, "human_parts": HUMAN_PART_CLASSES, "saliency": None, "normals": None, "edge": None},
-            INPUT_SIZE, INPUT_SIZE, BOUNDARY_TOLERANCE, split_sizes,
-        )
-        return metadata, render_card(metadata, build_features(TASKS), "PASCAL-Context (multi-task)", CARD_BODY, "other")
-
-    return write_dataset(
-        output_dir, split_ids, partial(make_row, root), TASKS, finalize,
-        num_workers=num_workers, on_error=on_error, overwrite=overwrite, description="PASCAL-Context",
-    )  # fmt: skip
+def convert_pascal_context(raw_dir, output_dir, **options) -> Path:
+    """Convert the extracted PASCALContext archive at `raw_dir` to a dataset folder at `output_dir`
+    (`convert(PASCAL_CONTEXT, ...)`; options: `num_workers`, `on_error`, `overwrite`, `splits`)."""
+    return convert(PASCAL_CONTEXT, raw_dir, output_dir, **options)

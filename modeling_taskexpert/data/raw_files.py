@@ -10,7 +10,10 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from ..image_processing_taskexpert import load_rgb_image
 from .labels import encode_png
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _open_fully(path: Path) -> Image.Image:
@@ -19,17 +22,32 @@ def _open_fully(path: Path) -> Image.Image:
     return image
 
 
-def read_rgb_image_cell(path: Path) -> tuple[dict, tuple[int, int]]:
-    """The `image` cell of a raw RGB image and its (height, width).
+def _is_8_bit_png(content: bytes) -> bool:
+    """Whether PNG bytes declare 8 bits per sample (IHDR's bit depth, byte 24 of the file)."""
+    return len(content) > 24 and content[24] == 8
 
-    An 8-bit RGB JPEG or PNG is stored byte for byte (no re-encoding loss); any other mode is
-    converted to RGB as the reference loaders do and stored as PNG.
+
+def read_rgb_image_cell(path: Path) -> tuple[dict, tuple[int, int]]:
+    """The `image` cell of a raw RGB image and its (height, width), in the file's own pixel grid.
+
+    An 8-bit RGB JPEG or PNG is stored byte for byte (no re-encoding loss). Anything else is turned
+    into 8-bit RGB by the package's image loader, `load_rgb_image`, as the processor and pipeline
+    do (16-bit scaled, not clipped; transparency composited on white; grayscale replicated), and
+    stored as PNG. So is a photo with an EXIF orientation tag, but without applying the tag (the
+    one difference from the loader): the benchmarks' labels are drawn on the stored pixel grid (the
+    reference loaders ignore EXIF), while `datasets` would rotate a stored JPEG by its tag.
     """
     image = _open_fully(path)
     size = (image.height, image.width)
-    if image.mode == "RGB" and image.format in ("JPEG", "PNG"):
-        return {"bytes": path.read_bytes(), "path": None}, size
-    return encode_png(np.asarray(image.convert("RGB"))), size
+    content = path.read_bytes()
+    exif = image.getexif()  # PIL caches this object; exif_transpose in the loader reads the same one
+    oriented = exif.get(_EXIF_ORIENTATION, 1) != 1
+    if image.mode == "RGB" and not oriented and (
+        image.format == "JPEG" or (image.format == "PNG" and _is_8_bit_png(content))
+    ):
+        return {"bytes": content, "path": None}, size
+    exif.pop(_EXIF_ORIENTATION, None)  # keep the stored grid the labels are on
+    return encode_png(load_rgb_image(image, name=str(path))), size
 
 
 def read_index_map(path: Path) -> np.ndarray:

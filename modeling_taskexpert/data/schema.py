@@ -2,22 +2,27 @@
 
 A dataset is a folder in the Hub's dataset layout (see `docs/architecture.md`): a card
 `README.md` whose YAML `configs` point at `data/<split>-XXXXX-of-YYYYY.parquet`, and the metadata
-file `taskexpert_dataset.json` (tasks, class names, input sizes, split sizes). The same folder
-loads with `datasets.load_dataset(folder)` and can be pushed to the Hub as it is.
+file `dense_multitask_dataset.json` (tasks, class names, input sizes, split sizes), read by
+`read_dataset_metadata`. The same folder loads with `datasets.load_dataset(folder)` and can be
+pushed to the Hub as it is.
 """
 
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import datasets
 import yaml
 
+from ..file_utils import looks_like_repo_id
 from ..task_definitions import TASKS, check_task_name
 
-METADATA_FILENAME = "taskexpert_dataset.json"
+METADATA_FILENAME = "dense_multitask_dataset.json"
+# Earlier name of the metadata file (it named one model; the datasets serve both); still read, never written.
+LEGACY_METADATA_FILENAME = "taskexpert_dataset.json"
 CARD_FILENAME = "README.md"
 DATA_DIRNAME = "data"
 SPLITS = ("train", "validation")
@@ -44,7 +49,7 @@ def build_features(tasks) -> datasets.Features:
 
 
 def build_metadata(name, task_labels, train_size, eval_size, boundary_tolerance, split_sizes) -> dict:
-    """The content of `taskexpert_dataset.json`.
+    """The content of the metadata file (`METADATA_FILENAME`).
 
     `task_labels` maps every task of the dataset to its class names (a list, segmentation tasks)
     or None; class names are stored as `id2label` with string keys, as in model configs.
@@ -77,11 +82,6 @@ def validate_metadata(metadata: dict, source: str) -> dict:
     return metadata
 
 
-def _looks_like_repo_id(value) -> bool:
-    parts = str(value).split("/")
-    return len(parts) == 2 and all(parts) and not str(value).startswith((".", "/", "~"))
-
-
 def _download_from_hub(repo_id: str, filename: str) -> str:
     from huggingface_hub import hf_hub_download, is_offline_mode
 
@@ -100,17 +100,38 @@ def _download_from_hub(repo_id: str, filename: str) -> str:
         ) from error
 
 
-def load_dataset_metadata(path_or_repo_id) -> dict:
-    """Read `taskexpert_dataset.json` of a local dataset folder or a Hub dataset repository."""
+def _hub_metadata_path(repo_id: str) -> str:
+    """The metadata file of a Hub dataset repository, under its current name or else its earlier one."""
+    try:
+        return _download_from_hub(repo_id, METADATA_FILENAME)
+    except DatasetNotAvailableError as error:
+        try:
+            return _download_from_hub(repo_id, LEGACY_METADATA_FILENAME)
+        except DatasetNotAvailableError:
+            raise error from None  # report the current name's failure
+
+
+def has_dataset_metadata(folder) -> bool:
+    """Whether the local `folder` holds a metadata file (under its current or earlier name)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (METADATA_FILENAME, LEGACY_METADATA_FILENAME))
+
+
+def read_dataset_metadata(path_or_repo_id) -> dict:
+    """Read and validate the metadata of a local dataset folder or a Hub dataset repository.
+
+    The file is `dense_multitask_dataset.json`; folders written by earlier versions hold it as
+    `taskexpert_dataset.json`, which is read when the current name is absent.
+    """
     if os.path.isdir(path_or_repo_id):
-        metadata_path = os.path.join(path_or_repo_id, METADATA_FILENAME)
-        if not os.path.isfile(metadata_path):
+        candidates = [os.path.join(path_or_repo_id, name) for name in (METADATA_FILENAME, LEGACY_METADATA_FILENAME)]
+        metadata_path = next((path for path in candidates if os.path.isfile(path)), None)
+        if metadata_path is None:
             raise DatasetNotAvailableError(
-                f"{path_or_repo_id} is not a TaskExpert dataset folder: {METADATA_FILENAME} is missing. "
+                f"{path_or_repo_id} is not a dense multi-task dataset folder: {METADATA_FILENAME} is missing. "
                 "Create one with `python -m modeling_taskexpert.data synthetic|pascal-context|nyud ...`."
             )
-    elif _looks_like_repo_id(path_or_repo_id):
-        metadata_path = _download_from_hub(str(path_or_repo_id), METADATA_FILENAME)
+    elif looks_like_repo_id(path_or_repo_id):
+        metadata_path = _hub_metadata_path(str(path_or_repo_id))
     else:
         raise DatasetNotAvailableError(
             f"{path_or_repo_id!r} is neither an existing dataset folder nor a Hub repository id ('user/name')."
@@ -121,6 +142,14 @@ def load_dataset_metadata(path_or_repo_id) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{metadata_path}: cannot read the dataset metadata ({error}).") from error
     return validate_metadata(metadata, str(metadata_path))
+
+
+def load_dataset_metadata(path_or_repo_id) -> dict:
+    """Deprecated name of `read_dataset_metadata`."""
+    warnings.warn(
+        "`load_dataset_metadata` is renamed `read_dataset_metadata`; the old name will be removed.", FutureWarning, stacklevel=2
+    )
+    return read_dataset_metadata(path_or_repo_id)
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -139,7 +168,7 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; the splits of the schema are {list(SPLITS)}.")
-    metadata = load_dataset_metadata(path_or_repo_id)
+    metadata = read_dataset_metadata(path_or_repo_id)
     if split not in metadata["splits"]:
         raise ValueError(f"{path_or_repo_id}: the dataset has no {split!r} split (it has {list(metadata['splits'])}).")
     local = Path(str(path_or_repo_id))
@@ -166,17 +195,47 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     return dataset
 
 
-def render_card(metadata: dict, features: datasets.Features, title: str, body: str, license_id: str) -> str:
-    """The dataset card: YAML header (configs, features, split sizes, licence) and a markdown body.
+# How every column is stored: (stored as, values). The one description of the schema's encodings; each dataset card
+# lists the rows of its own columns (`render_card`), and `labels.py` implements them.
+COLUMN_ENCODINGS = {
+    "id": ("string", "the sample id of the source"),
+    "image": ("RGB image, 8 bits per channel (JPEG or PNG)", "the input photo"),
+    "semseg": ("PNG, 8-bit gray", "class id (names below), 255 = ignore"),
+    "human_parts": (
+        "PNG, 8-bit gray",
+        "part id (0 = background, names below), 255 = ignore; empty (None) where the image has no annotated person",
+    ),
+    "saliency": ("PNG, 8-bit gray", "1 = salient, 0 = not salient, 255 = ignore"),
+    "edge": ("PNG, 8-bit gray", "1 = boundary pixel, 0 = not, 255 = ignore"),
+    "normals": ("PNG, RGB 8-bit", "surface normal (x, y, z), `n = 2 v / 255 - 1` per channel; (0, 0, 0) = invalid"),
+    "depth": ("TIFF, 32-bit float (mode F)", "depth in metres, 0 = invalid"),
+}
 
-    The body should describe the source, its licence and citation, and the label encodings; the
-    class names of every segmentation task are appended from the metadata.
+
+def _task_categories(tasks) -> list[str]:
+    """The Hub task categories the dataset's tasks belong to."""
+    categories = []
+    if any(TASKS[task].kind in ("segmentation", "saliency", "boundary") for task in tasks):
+        categories.append("image-segmentation")
+    if "depth" in tasks:
+        categories.append("depth-estimation")
+    return categories
+
+
+def render_card(
+    metadata: dict, features: datasets.Features, title: str, body: str, license_id: str, licence_text: str = ""
+) -> str:
+    """The dataset card: YAML header (configs, features, task categories, licence) and a markdown body.
+
+    `body` describes the source and how its labels are derived; then come, from the metadata, the
+    encoding of every column (`COLUMN_ENCODINGS`), the class names of every segmentation column,
+    the sizes and how to load the dataset; `licence_text` (licence and citation) closes the card.
     """
     header = {
         "pretty_name": title,
         "license": license_id,
-        "task_categories": ["image-segmentation", "depth-estimation"],
-        "tags": ["multi-task", "dense-prediction", "taskexpert"],
+        "task_categories": _task_categories(metadata["tasks"]),
+        "tags": ["multi-task", "dense-prediction", "taskexpert", "mod-squad"],
         "configs": [
             {
                 "config_name": "default",
@@ -185,40 +244,36 @@ def render_card(metadata: dict, features: datasets.Features, title: str, body: s
         ],
         "dataset_info": {"features": features._to_yaml_list()},
     }
-    lines = [f"# {title}", "", body.strip(), "", "## Class names", ""]
-    for task, info in metadata["tasks"].items():
-        if "id2label" in info:
-            names = ", ".join(f"{i} {name}" for i, name in info["id2label"].items())
-            lines += [f"- `{task}` ({len(info['id2label'])} classes, 255 = ignore): {names}", ""]
+    lines = [f"# {title}", "", body.strip(), "", "## Columns", "", "| column | task | stored as | values |", "|---|---|---|---|"]
+    for column in features:
+        stored, values = COLUMN_ENCODINGS[column]
+        task = TASKS[column].description if column in TASKS else ""
+        lines.append(f"| `{column}` | {task} | {stored} | {values} |")
+    lines += ["", "Labels are aligned pixel for pixel with the image (same height and width).", ""]
+    segmentation = {task: info["id2label"] for task, info in metadata["tasks"].items() if "id2label" in info}
+    if segmentation:
+        lines += ["## Class names", ""]
+    for task, id2label in segmentation.items():
+        names = ", ".join(f"{i} {name}" for i, name in id2label.items())
+        lines += [f"- `{task}` ({len(id2label)} classes, 255 = ignore): {names}", ""]
     lines += [
         "## Sizes",
         "",
         f"Splits: {', '.join(f'{split} {count}' for split, count in metadata['splits'].items())}. "
         f"Training crop {metadata['train_size'][0]}x{metadata['train_size'][1]}, evaluation canvas "
-        f"{metadata['eval_size'][0]}x{metadata['eval_size'][1]} (H x W). Machine-readable metadata: "
-        f"`{METADATA_FILENAME}`.",
+        f"{metadata['eval_size'][0]}x{metadata['eval_size'][1]} (H x W), boundary matching tolerance "
+        f"{metadata['boundary_tolerance']} of the image diagonal. Machine-readable metadata: `{METADATA_FILENAME}`.",
+        "",
+        "## Loading",
+        "",
+        "`datasets.load_dataset(<folder or repo id>)` reads it as it is; to train or evaluate, use",
+        "`modeling_taskexpert.data` (`load_multitask_dataset`, `read_dataset_metadata`, `build_transforms`,",
+        "`collate_dense_batch`).",
         "",
     ]
+    if licence_text:
+        lines += [licence_text.strip(), ""]
     return "---\n" + yaml.safe_dump(header, sort_keys=False) + "---\n\n" + "\n".join(lines)
-
-
-SCHEMA_DESCRIPTION = """\
-## Schema
-
-| column | encoding |
-|---|---|
-| `id` | sample id of the source |
-| `image` | RGB, 8-bit |
-| `semseg` | 8-bit PNG, class id, 255 = ignore |
-| `human_parts` | 8-bit PNG, part id (0 = background), 255 = ignore; empty (None) where the image has no annotated person |
-| `saliency` | 8-bit PNG, {0, 1}, 255 = ignore |
-| `normals` | RGB PNG, `n = 2 v / 255 - 1` per channel; (0, 0, 0) = invalid |
-| `edge` | 8-bit PNG, {0, 1}, 255 = ignore |
-| `depth` | float32 TIFF (mode `F`), metres, 0 = invalid |
-
-Only the tasks of this dataset are columns. Load it with `datasets.load_dataset(<folder or repo id>)`
-and train or evaluate with `modeling_taskexpert.data` (`load_multitask_dataset`, `build_transforms`,
-`collate_dense_batch`)."""
 
 
 def push_dataset_to_hub(folder, repo_id: str, private: bool = False, token: Optional[str] = None) -> str:
@@ -230,7 +285,7 @@ def push_dataset_to_hub(folder, repo_id: str, private: bool = False, token: Opti
     from huggingface_hub import HfApi, is_offline_mode
 
     folder = Path(folder)
-    load_dataset_metadata(folder)  # refuses folders that are not complete datasets
+    read_dataset_metadata(folder)  # refuses folders that are not complete datasets
     if not (folder / CARD_FILENAME).is_file():
         raise DatasetNotAvailableError(f"{folder} has no dataset card {CARD_FILENAME}; it is not a complete dataset.")
     if is_offline_mode():

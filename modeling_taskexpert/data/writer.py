@@ -3,29 +3,43 @@
 Every source (the converters and the synthetic generator) describes its samples as a list of
 ids per split and a picklable function `make_row(split, sample_id) -> row`; `write_dataset` runs
 it over worker processes with a progress bar and writes the folder of the schema. The folder is
-built under a hidden temporary name next to the destination and renamed at the very end, so an
-interrupted or failed run never leaves a partial dataset at the destination.
+built under a hidden temporary name next to the destination (`.<name>.incomplete-XXXX`) and
+renamed at the very end, so an interrupted or failed run never leaves a partial dataset at the
+destination. A killed run cannot remove its temporary folder; the next write to the same
+destination does, once no process holds the folder's lock file (`.<name>.incomplete-XXXX.lock`):
+the writer keeps an exclusive `flock` on it for as long as it runs, and the kernel drops that lock
+when the process dies, so a concurrent writer's folder is never touched.
 """
 
-import json
 import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import datasets
 from tqdm.auto import tqdm
 
+from ..file_utils import write_json_atomic, write_text_atomic
 from .schema import CARD_FILENAME, DATA_DIRNAME, METADATA_FILENAME, SPLITS, build_features
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, leftovers are recognised by age alone
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("stop", "skip")
 # Rows per parquet shard: a few hundred MB for full-size PASCAL-Context samples.
 ROWS_PER_SHARD = 1000
+INCOMPLETE_MARK = ".incomplete-"
+# A temporary folder without a lock file (the instant between its creation and its lock, or a run of a version
+# without locks) counts as left over only after this long without any write in it.
+UNLOCKED_STALE_SECONDS = 3600.0
 
 
 class RawDataError(ValueError):
@@ -119,6 +133,100 @@ def prepare_output_dir(output_dir, overwrite: bool) -> Path:
     return output_dir
 
 
+def _try_lock(path: Path):
+    """An open file holding an exclusive lock on `path`, or None if another process holds it."""
+    handle = open(path, "a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _create_held_lock(path: Path):
+    """Create the lock file `path` already locked by this process (locked under a temporary name, then renamed), so
+    that no other process ever sees it unlocked while its writer runs; return the open file holding the lock."""
+    handle_fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".lock-", suffix=".tmp")
+    handle = os.fdopen(handle_fd, "a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        os.replace(temporary, path)
+    except BaseException:
+        handle.close()
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return handle
+
+
+def _last_write(folder: Path) -> float:
+    """The newest modification time of `folder` and everything in it."""
+    times = [folder.stat().st_mtime]
+    for path in folder.rglob("*"):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:  # removed meanwhile
+            pass
+    return max(times)
+
+
+def remove_stale_temporaries(output_dir) -> list[Path]:
+    """Remove what interrupted writes to `output_dir` left beside it; return the removed paths.
+
+    Only this destination's `.<name>.incomplete-*` folders (and their lock and `.old` companions)
+    are considered, and only those no running writer holds: with `flock`, a folder whose lock file
+    can be locked now; without it, or without a lock file, one untouched for `UNLOCKED_STALE_SECONDS`.
+    When an interrupted overwrite left the previous dataset (`.old`) while the destination is
+    missing, nothing is removed and a warning names both folders.
+    """
+    output_dir = Path(output_dir)
+    parent, prefix = output_dir.parent, f".{output_dir.name}{INCOMPLETE_MARK}"
+    if not parent.is_dir():
+        return []
+    bases = set()
+    for path in parent.glob(f"{prefix}*"):
+        name = path.name
+        for suffix in (".lock", ".old"):
+            name = name.removesuffix(suffix)
+        bases.add(parent / name)
+    removed = []
+    for base in sorted(bases):
+        lock_path, old_dir = base.with_name(base.name + ".lock"), base.with_name(base.name + ".old")
+        handle = None
+        if fcntl is not None and lock_path.exists():
+            handle = _try_lock(lock_path)
+            if handle is None:
+                continue  # a running writer
+        else:
+            newest = max((_last_write(path) for path in (base, old_dir) if path.exists()), default=0.0)
+            if time.time() - newest < UNLOCKED_STALE_SECONDS:
+                continue
+        try:
+            if old_dir.exists() and not output_dir.exists():
+                logger.warning(
+                    "An interrupted overwrite of %s left the previous dataset at %s and the new one at %s; "
+                    "move one of them to %s.", output_dir, old_dir, base, output_dir,
+                )  # fmt: skip
+                continue
+            for path in (base, old_dir):
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            lock_path.unlink(missing_ok=True)
+        finally:
+            if handle is not None:
+                handle.close()
+    if removed:
+        logger.info("Removed %d folder(s) left by interrupted writes: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
+def _default_dir_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 def write_dataset(
     output_dir,
     split_ids: dict[str, list[str]],
@@ -150,9 +258,13 @@ def write_dataset(
     if unknown:
         raise ValueError(f"Unknown splits {unknown}; the schema has {list(SPLITS)}.")
     output_dir = prepare_output_dir(output_dir, overwrite)
+    remove_stale_temporaries(output_dir)
     features = build_features(tasks)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
+    temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{INCOMPLETE_MARK}", dir=output_dir.parent))
+    lock_path, lock = temp_dir.with_name(temp_dir.name + ".lock"), None
     try:
+        if fcntl is not None:
+            lock = _create_held_lock(lock_path)
         split_sizes, skipped = {}, []
         for split, ids in split_ids.items():
             workers = _resolve_workers(num_workers, len(ids))
@@ -179,21 +291,26 @@ def write_dataset(
             if split_sizes[split] == 0:
                 raise DatasetConversionError(f"No sample of the {split!r} split could be converted; nothing was written.")
         metadata, card = finalize(split_sizes)
-        (temp_dir / CARD_FILENAME).write_text(card, encoding="utf-8")
-        (temp_dir / METADATA_FILENAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(temp_dir, output_dir)
+        write_text_atomic(temp_dir / CARD_FILENAME, card)
+        write_json_atomic(temp_dir / METADATA_FILENAME, metadata)  # last: its presence marks a complete dataset
+        os.chmod(temp_dir, _default_dir_mode())  # mkdtemp makes it private; the dataset gets the usual permissions
+        _replace_dir(temp_dir, output_dir, temp_dir.with_name(temp_dir.name + ".old"))
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
+    finally:
+        lock_path.unlink(missing_ok=True)
+        if lock is not None:
+            lock.close()
     if skipped:
         logger.warning("Skipped %d bad samples (see the warnings above); %s holds the others.", len(skipped), output_dir)
     return output_dir
 
 
-def _replace_dir(new_dir: Path, output_dir: Path) -> None:
-    """Move `new_dir` to `output_dir`, replacing an existing folder with as short a gap as possible."""
+def _replace_dir(new_dir: Path, output_dir: Path, old_dir: Path) -> None:
+    """Move `new_dir` to `output_dir`, replacing an existing folder (moved to `old_dir`, then deleted) with as short
+    a gap as possible."""
     if output_dir.exists():
-        old_dir = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         output_dir.rename(old_dir)
         new_dir.rename(output_dir)
         shutil.rmtree(old_dir, ignore_errors=True)

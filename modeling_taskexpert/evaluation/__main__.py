@@ -123,10 +123,8 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as the command line does and return the JSON payload (also written to `args.output`)."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from transformers import AutoModel
-
-    from .. import TaskExpertForDensePrediction  # noqa: F401  (registers the model with the Auto classes)
-    from ..data import build_transforms, collate_dense_batch, load_dataset_metadata, load_multitask_dataset
+    from ..data import build_transforms, collate_dense_batch, load_multitask_dataset, read_dataset_metadata
+    from ..loading import load_dense_model  # also registers the model types with the Auto classes
     from .evaluator import DenseMultiTaskEvaluator
     from .loop import evaluate_model
 
@@ -134,8 +132,8 @@ def run(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
-    metadata = load_dataset_metadata(args.dataset)
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    metadata = read_dataset_metadata(args.dataset)
+    model = load_dense_model(args.model, trust_remote_code=args.trust_remote_code)
     model_tasks = list(getattr(model.config, "tasks", []))
     tasks = _resolve_tasks(args.tasks, model_tasks, list(metadata["tasks"]), args.dataset)
     _check_classes(model.config, metadata, tasks)

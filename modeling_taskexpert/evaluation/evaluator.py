@@ -170,13 +170,13 @@ class DenseMultiTaskEvaluator:
     def from_metadata(
         cls, metadata: Mapping, tasks: Optional[Sequence[str]] = None, **kwargs
     ) -> "DenseMultiTaskEvaluator":
-        """An evaluator for a dataset described by its `taskexpert_dataset.json` metadata.
+        """An evaluator for a dataset described by its metadata (`modeling_taskexpert.data.read_dataset_metadata`).
 
         Tasks default to all of the dataset's; classes, class names, dataset name and boundary tolerance
         come from the metadata unless given in `kwargs`.
         """
         if not isinstance(metadata, Mapping) or not isinstance(metadata.get("tasks"), Mapping):
-            raise ValueError("metadata must be the dict of taskexpert_dataset.json, with a 'tasks' mapping.")
+            raise ValueError("metadata must be the dict of a dataset's metadata file (read_dataset_metadata), with a 'tasks' mapping.")
         available = metadata["tasks"]
         tasks = [task for task in TASKS if task in available] if tasks is None else list(tasks)
         for task in tasks:

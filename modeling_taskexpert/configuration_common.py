@@ -1,0 +1,185 @@
+"""What every model config of this package shares: the task fields (defaults and validation) and the type and range
+checks of fields.
+
+Each check raises a ValueError that names the field, what was expected and what was given, so that a hand-edited
+`config.json` (`"use_memory": "yes"`, `"mmoe_layers": 2`, `"num_experts": "8"`, a NaN loss weight) is refused when the
+config is built, before any module is, instead of failing deep inside the model or training silently wrong. A config
+applies them in its `validate_*` method, called at the end of `__init__`.
+"""
+
+import math
+from collections.abc import Iterable
+from typing import Any, Optional
+
+from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES, check_task_name
+
+# Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
+PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
+DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
+# Options of the dense heads every model type shares.
+HEAD_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
+
+
+class DenseTaskConfigMixin:
+    """What every model config of this package offers about its tasks (fields `tasks`, `task_id2label`)."""
+
+    def num_labels_of(self, task: str) -> Optional[int]:
+        """Number of classes of a segmentation task, None for other tasks."""
+        return len(self.task_id2label[task]) if task in self.task_id2label else None
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` must not pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{field}` must be true or false, got {_shown(value)}.")
+
+
+def check_int(field: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None, allow_none: bool = False) -> None:
+    """An integer in [minimum, maximum] (bounds optional), or None when `allow_none`."""
+    if value is None and allow_none:
+        return
+    in_range = is_integer(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not in_range:
+        if minimum == 1 and maximum is None:
+            expected = "a positive integer"
+        elif maximum is None:
+            expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        else:
+            expected = f"an integer in {minimum if minimum is not None else '-inf'}..{maximum}"
+        raise ValueError(f"`{field}` must be {expected}{' or null' if allow_none else ''}, got {_shown(value)}.")
+
+
+def check_number(
+    field: str,
+    value: Any,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    *,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+) -> None:
+    """A finite real number (not a string, not a bool, not NaN or inf) within the given bounds."""
+    if not is_number(value) or not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number, got {_shown(value)}.")
+    low_ok = minimum is None or (value > minimum if min_exclusive else value >= minimum)
+    high_ok = maximum is None or (value < maximum if max_exclusive else value <= maximum)
+    if not (low_ok and high_ok):
+        low = "(-inf" if minimum is None else f"{'(' if min_exclusive else '['}{minimum}"
+        high = "inf)" if maximum is None else f"{maximum}{')' if max_exclusive else ']'}"
+        raise ValueError(f"`{field}` must be in {low}, {high}, got {value!r}.")
+
+
+def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{field}` must be one of {choices}, got {_shown(value)}.")
+
+
+def check_optional_str(field: str, value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"`{field}` must be a string or null, got {_shown(value)}.")
+
+
+def check_int_list(
+    field: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None, allow_none: bool = False
+) -> None:
+    """A list (or tuple) of integers in [minimum, maximum]; a bare number is refused (`mmoe_layers: 2`)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"`{field}` must be a list of integers{' or null' if allow_none else ''}, got {_shown(value)}.")
+    for entry in value:
+        if not is_integer(entry):
+            raise ValueError(f"`{field}` must be a list of integers; entry {_shown(entry)} is not one.")
+        if (minimum is not None and entry < minimum) or (maximum is not None and entry > maximum):
+            raise ValueError(
+                f"`{field}` entry {entry!r} is out of range: expected {minimum if minimum is not None else '-inf'}.."
+                f"{maximum if maximum is not None else 'inf'}."
+            )
+
+
+def as_list(value: Any) -> Any:
+    """`list(value)` for a list or tuple; anything else unchanged, so that the field's check can name it (list(2)
+    would fail with a bare TypeError, list("ab") would split a string into letters)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task fields
+# ---------------------------------------------------------------------------------------------------------------------
+def resolve_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any) -> tuple:
+    """The task fields of a model config with their defaults filled in: `tasks` (the five PASCAL-Context tasks),
+    `task_id2label` (PASCAL names for the segmentation tasks present; integer ids, as JSON turns them into strings)
+    and `loss_weights` (the protocol's weights, overridden by the given ones). Validation comes later, in
+    `validate_task_settings`: a value of the wrong type is kept as given so that it is named there."""
+    tasks = DEFAULT_TASKS if tasks is None else as_list(tasks)
+    task_names = tasks if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) else []
+    if task_id2label is None:
+        defaults = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
+        task_id2label = {t: dict(enumerate(defaults[t])) for t in task_names if t in defaults}
+    if isinstance(task_id2label, dict):
+        task_id2label = {task: _label_map(labels) for task, labels in task_id2label.items()}
+    if loss_weights is None:
+        loss_weights = {}
+    if isinstance(loss_weights, dict):
+        for task in loss_weights:
+            check_task_name(task, where="task in `loss_weights`")
+        weights = {**PROTOCOL_LOSS_WEIGHTS, **loss_weights}
+        # Numbers become floats; anything else is kept for `validate_task_settings` to name.
+        loss_weights = {task: _as_float(weights.get(task, 1.0)) for task in task_names}
+    return tasks, task_id2label, loss_weights
+
+
+def _label_map(labels: Any) -> Any:
+    """{id: name} with integer ids ("3" from JSON -> 3) and string names; other values kept for validation."""
+    if not isinstance(labels, dict):
+        return labels
+    return {(int(i) if isinstance(i, str) and i.lstrip("-").isdigit() else i): str(name) for i, name in labels.items()}
+
+
+def _as_float(value: Any) -> Any:
+    return float(value) if is_number(value) else value
+
+
+def validate_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, edge_positive_weight: Any) -> None:
+    """The task fields every model config shares; raise a ValueError naming the field and what was expected."""
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
+        raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}.")
+    if not tasks:
+        raise ValueError("`tasks` must name at least one task.")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"`tasks` has duplicates: {tasks}.")
+    if not isinstance(task_id2label, dict):
+        raise ValueError(f"`task_id2label` must map task names to {{id: class name}}, got {_shown(task_id2label)}.")
+    for task, labels in task_id2label.items():
+        if not isinstance(labels, dict) or not all(is_integer(i) for i in labels):
+            raise ValueError(f"`task_id2label[{task!r}]` must map integer ids to class names, got {labels!r}.")
+    for task in tasks:
+        info = check_task_name(task, where="task in `tasks`")
+        if info.kind == "segmentation":
+            labels = task_id2label.get(task)
+            if not labels or len(labels) < 2:
+                raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
+            if sorted(labels) != list(range(len(labels))):
+                raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
+    for task in task_id2label:
+        if task not in tasks:
+            raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {tasks}.")
+    check_number("edge_positive_weight", edge_positive_weight, 0.0, 1.0, min_exclusive=True, max_exclusive=True)
+    if not isinstance(loss_weights, dict):
+        raise ValueError(f"`loss_weights` must map task names to weights, got {_shown(loss_weights)}.")
+    for task, weight in loss_weights.items():
+        check_number(f"loss_weights[{task!r}]", weight, minimum=0.0)

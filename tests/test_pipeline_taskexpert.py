@@ -1,0 +1,145 @@
+"""The `multi-task-dense-prediction` pipeline: batching, every input form through the one image loader (identical
+predictions for a path, an open PIL image and an array), small images, URLs, and its errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+from transformers import pipeline
+
+from modeling_taskexpert import (
+    PIPELINE_TASK,
+    MultiTaskDensePredictionPipeline,
+    TaskExpertForDensePrediction,
+    TaskExpertImageProcessor,
+)
+
+CANVAS = 32
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TaskExpertForDensePrediction(tiny_config()).eval()
+    for layer in model.taskexpert.mmoe_layers:  # non-uniform gates, so that every input pixel matters
+        torch.nn.init.normal_(layer.gates.token_weight, std=0.5)
+    folder = tmp_path_factory.mktemp("pipeline") / "model"
+    model.save_pretrained(folder)
+    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=8).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(model_folder):
+    return pipeline(PIPELINE_TASK, model=str(model_folder), pipeline_class=MultiTaskDensePredictionPipeline)
+
+
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def assert_same_predictions(first: dict, second: dict) -> None:
+    assert set(first) == set(second)
+    for task in first:
+        np.testing.assert_array_equal(first[task]["prediction"], second[task]["prediction"], err_msg=task)
+
+
+def test_batch_size_two_gives_each_image_its_own_size_and_the_unbatched_result(pipe):
+    a, b, c = random_rgb(20, 28, 1), random_rgb(30, 12, 2), random_rgb(40, 40, 3)  # c is shrunk to the canvas
+    batched = pipe([a, b, c], batch_size=2)
+    assert [result["semseg"]["prediction"].shape for result in batched] == [(20, 28), (30, 12), (40, 40)]
+    assert [result["normals"]["prediction"].shape for result in batched] == [(3, 20, 28), (3, 30, 12), (3, 40, 40)]
+    for image, result in zip((a, b, c), batched):
+        alone = pipe(image)
+        np.testing.assert_array_equal(result["semseg"]["prediction"], alone["semseg"]["prediction"])
+        np.testing.assert_allclose(result["depth"]["prediction"], alone["depth"]["prediction"], rtol=1e-5, atol=1e-6)
+        assert result["depth"]["image"].size == (image.shape[1], image.shape[0])
+
+
+def test_every_input_form_gives_the_same_maps(pipe, tmp_path):
+    array = random_rgb(18, 26, 4)
+    path = tmp_path / "image.png"
+    Image.fromarray(array).save(path)
+    reference = pipe(array)
+    for other in (str(path), Image.open(path), torch.from_numpy(array).permute(2, 0, 1), torch.from_numpy(array),
+                  array.transpose(2, 0, 1)):  # fmt: skip
+        assert_same_predictions(pipe(other), reference)
+
+
+def test_a_chw_tensor_gives_a_map_of_the_image_size(pipe):
+    result = pipe(torch.rand(3, 21, 17))
+    assert result["semseg"]["prediction"].shape == (21, 17) and result["normals"]["prediction"].shape == (3, 21, 17)
+
+
+def test_16_bit_rgba_and_exif_files_equal_their_decoded_forms(pipe, tmp_path):
+    values = np.linspace(0, 65535, 20 * 24).astype(np.uint16).reshape(20, 24)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    from_file = pipe(str(tmp_path / "deep.png"))
+    assert_same_predictions(from_file, pipe(Image.open(tmp_path / "deep.png")))
+    assert_same_predictions(from_file, pipe(values))
+    eight_bit = np.floor(values / 257.0 + 0.5).astype(np.uint8)
+    assert_same_predictions(from_file, pipe(np.repeat(eight_bit[..., None], 3, axis=2)))
+    # Before, the file went through a plain RGB conversion that clipped 16-bit values to white.
+    assert not np.array_equal(from_file["depth"]["prediction"], pipe(np.full((20, 24, 3), 255, np.uint8))["depth"]["prediction"])
+
+    rgba = np.random.default_rng(5).integers(0, 256, (16, 20, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    assert_same_predictions(pipe(str(tmp_path / "alpha.png")), pipe(rgba))
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = random_rgb(14, 22, 6)
+    Image.fromarray(np.rot90(upright, k=1).copy()).save(tmp_path / "turned.png", exif=exif)
+    turned = pipe(str(tmp_path / "turned.png"))
+    assert turned["semseg"]["prediction"].shape == (14, 22)
+    assert_same_predictions(turned, pipe(upright))
+    assert_same_predictions(turned, pipe(Image.open(tmp_path / "turned.png")))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (1, 1), (3, 50)])
+def test_small_images_work(pipe, size):
+    result = pipe(random_rgb(*size, 7))
+    assert result["semseg"]["prediction"].shape == size and np.isfinite(result["depth"]["prediction"]).all()
+
+
+def test_the_processor_pixel_cap_applies_before_decoding(model_folder, tmp_path):
+    path = tmp_path / "large.png"
+    Image.new("L", (400, 300)).save(path)
+    capped = pipeline(PIPELINE_TASK, model=str(model_folder), pipeline_class=MultiTaskDensePredictionPipeline)
+    capped.image_processor.max_image_pixels = 100_000
+    with pytest.raises(ValueError, match=r"large.png': 400x300 is 120,000 pixels, more than the limit of 100,000"):
+        capped(str(path))
+
+
+def test_urls_are_downloaded_and_read_by_the_same_loader(pipe, monkeypatch):
+    import httpx
+
+    values = np.linspace(0, 65535, 12 * 16).astype(np.uint16).reshape(12, 16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    requested = []
+
+    def fake_get(url, timeout=None, follow_redirects=False):
+        requested.append((url, timeout))
+        status = 200 if url.endswith("deep.png") else 404
+        return httpx.Response(status, content=buffer.getvalue() if status == 200 else b"", request=httpx.Request("GET", url))
+
+    monkeypatch.setattr(httpx, "get", fake_get)
+    assert_same_predictions(pipe("https://example.org/deep.png", timeout=5.0), pipe(values))
+    assert requested[0] == ("https://example.org/deep.png", 5.0)
+    with pytest.raises(ValueError, match=r"Cannot download the image 'https://example.org/gone.png'.*404"):
+        pipe("https://example.org/gone.png")
+
+
+def test_errors_name_the_input(pipe, tmp_path):
+    with pytest.raises(ValueError, match="Unknown arguments \\['top_k'\\]"):
+        pipe(random_rgb(8, 8), top_k=3)
+    with pytest.raises(ValueError, match="Unknown task"):
+        pipe(random_rgb(8, 8), tasks=["flow"])
+    with pytest.raises(ValueError, match=r"missing.png': no such file"):
+        pipe(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        pipe(torch.full((3, 8, 8), float("nan")))
