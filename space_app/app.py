@@ -27,7 +27,6 @@ from experts_tab import (
     dominant_label,
     dominant_overlay,
     plot_routing,
-    routing_names,
 )
 from inference import DemoPrediction, predict, save_npz
 from model_loading import EXAMPLES_DIR, MAX_UPLOAD_MB, DemoModel, ModelUnavailable, load_demo_model
@@ -145,7 +144,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
     except ModelUnavailable as error:
         demo_model, problem = None, str(error)
     tasks = demo_model.tasks if demo_model else []
-    layer_names = routing_names(demo_model.config)[0] if demo_model else []
+    layer_names = list(demo_model.config.layer_names) if demo_model else []
     errors = ErrorNotes()
 
     with gr.Blocks(title="TaskExpert") as demo:

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from modeling_taskexpert.dense_model_utils import check_routing_report, dominant_candidates
 from modeling_taskexpert.visualization_taskexpert import label_palette
 from rendering import depth_range
 
@@ -21,25 +23,57 @@ from rendering import depth_range
 EXPERTS_MAP_SIDE = 512
 
 
-@dataclass
-class RoutingView:
-    """The gates of the tokens that cover the image, per task and routing layer.
+@dataclass(frozen=True)
+class TokenWindow:
+    """Where the image lies on one layer's token grid.
 
     Attributes:
-        layer_names: one name per routing layer, in network order.
-        candidate_names: per layer, the names of its candidates in gate order.
+        rows, cols: the [first, last) token rows and columns that cover the image (the others cover padding only).
+        coverage: (rows, cols) the share of each of those tokens that the image covers.
+        box: (top, left, height, width) of the image on those tokens, in tokens.
+    """
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    coverage: np.ndarray
+    box: tuple[float, float, float, float]
+
+
+def token_window(grid: tuple[int, int], canvas, resized, offset) -> TokenWindow:
+    """The `TokenWindow` of an image of size `resized` at `offset` on a `canvas` seen as a `grid` of tokens."""
+    token_h, token_w = canvas[0] / grid[0], canvas[1] / grid[1]
+    top, left = offset[0] / token_h, offset[1] / token_w
+    height, width = resized[0] / token_h, resized[1] / token_w
+    rows = (int(np.floor(top)), int(np.ceil(top + height)))
+    cols = (int(np.floor(left)), int(np.ceil(left + width)))
+    row_cover = _overlap(np.arange(*rows), top, top + height)
+    col_cover = _overlap(np.arange(*cols), left, left + width)
+    coverage = np.outer(row_cover, col_cover).astype(np.float32)
+    return TokenWindow(rows, cols, coverage, (top - rows[0], left - cols[0], height, width))
+
+
+def _overlap(cells: np.ndarray, start: float, stop: float) -> np.ndarray:
+    """Length of [cell, cell + 1) inside [start, stop), per cell."""
+    return np.clip(np.minimum(cells + 1, stop) - np.maximum(cells, start), 0.0, 1.0)
+
+
+@dataclass
+class RoutingView:
+    """The routing report of one image, kept for the tokens that cover it.
+
+    Attributes:
+        layer_names: one name per routing layer, in network order (`config.layer_names`).
+        candidate_names: per layer, the names of its candidates in gate order (`config.candidate_names`).
         tasks: the tasks routed.
         gates: per task, per layer, the gate weights (h, w, K_l) of the tokens that cover the image, float32.
-        coverage: (h, w), the share of each of those tokens that the image covers (the rest is canvas padding).
-        image_box: (top, left, height, width) of the image on that token grid, in tokens.
+        windows: per layer, where the image lies on those tokens.
     """
 
     layer_names: list[str]
     candidate_names: list[list[str]]
     tasks: list[str]
     gates: dict[str, list[np.ndarray]]
-    coverage: np.ndarray
-    image_box: tuple[float, float, float, float]
+    windows: list[TokenWindow]
 
     @property
     def num_layers(self) -> int:
@@ -47,19 +81,21 @@ class RoutingView:
 
     @property
     def nbytes(self) -> int:
-        return self.coverage.nbytes + sum(layer.nbytes for layers in self.gates.values() for layer in layers)
+        return sum(window.coverage.nbytes for window in self.windows) + sum(
+            layer.nbytes for layers in self.gates.values() for layer in layers
+        )
 
     def mean_weights(self, task: str, layer: int) -> np.ndarray:
-        """(K_l,): each candidate's mean gate weight over the image's pixels (padding left out)."""
-        gates = self.gates[task][layer].astype(np.float64)
-        weights = self.coverage[..., None]
-        return (gates * weights).sum(axis=(0, 1)) / weights.sum()
+        """(K_l,): each candidate's mean gate weight over the image's pixels, each token weighted by the share of it
+        the image covers (the canvas padding is left out, unlike a plain mean over the token grid)."""
+        weights = self.windows[layer].coverage[..., None]
+        return (self.gates[task][layer].astype(np.float64) * weights).sum(axis=(0, 1)) / weights.sum()
 
     def dominant_map(self, task: str, layer: int, size: tuple[int, int]) -> np.ndarray:
-        """(H, W) uint8 for an image drawn at `size`: the index of the candidate with the largest gate weight at the
-        token under each pixel (the first one on ties)."""
-        dominant = self.gates[task][layer].argmax(axis=-1).astype(np.uint8)
-        top, left, height, width = self.image_box
+        """(H, W) uint8 for an image drawn at `size`: the index of the candidate with the largest gate weight
+        (`dense_model_utils.dominant_candidates`) at the token under each pixel."""
+        dominant = dominant_candidates(torch.from_numpy(self.gates[task][layer])[None])[0].numpy().astype(np.uint8)
+        top, left, height, width = self.windows[layer].box
         rows = _token_index(size[0], top, height, dominant.shape[0])
         cols = _token_index(size[1], left, width, dominant.shape[1])
         return dominant[rows[:, None], cols[None, :]]
@@ -71,56 +107,23 @@ def _token_index(pixels: int, start: float, extent: float, tokens: int) -> np.nd
     return np.clip(np.floor(centres).astype(np.int64), 0, tokens - 1)
 
 
-def routing_names(config) -> tuple[list[str], list[list[str]]]:
-    """The routing layers' names and, per layer, its candidates' names, from the model config."""
-    if not hasattr(config, "layer_names"):  # interim, until the shared routing report is on the configs
-        layers = [f"MMoE {k + 1} (after backbone layer {layer})" for k, layer in enumerate(config.mmoe_layers)]
-        candidates = [f"expert {e + 1}" for e in range(config.num_experts)] + ["memory"] * int(config.use_memory)
-        return layers, [candidates] * len(layers)
-    return list(config.layer_names), [list(names) for names in config.candidate_names]
-
-
-def routing_view(config, gates, tasks: list[str], canvas, resized, offset, image_size) -> RoutingView:
-    """The model's `gates` output for one image (batch of one) -> the `RoutingView` of the tokens covering it.
+def routing_view(config, gates, tasks: list[str], canvas, resized, offset) -> RoutingView:
+    """The routing report of a forward on one image (`gates`, batch of one) -> its `RoutingView`.
 
     `canvas`, `resized` and `offset` are the processor's canvas (h, w), the image's size on it and its top-left
-    corner there (`processor.geometry`); `image_size` is the image's own (h, w), used only for checks.
+    corner there (`processor.geometry`).
     """
-    layer_names, candidate_names = routing_names(config)
-    if len(gates) != len(layer_names):
-        raise ValueError(f"The model returned gates of {len(gates)} layers; its config names {len(layer_names)}.")
-    grid = tuple(next(iter(gates[0].values())).shape[1:3])
-    token_h, token_w = canvas[0] / grid[0], canvas[1] / grid[1]
-    top, left = offset[0] / token_h, offset[1] / token_w
-    height, width = resized[0] / token_h, resized[1] / token_w
-    first_row, first_col = int(np.floor(top)), int(np.floor(left))
-    last_row, last_col = int(np.ceil(top + height)), int(np.ceil(left + width))
-    row_cover = _overlap(np.arange(first_row, last_row), top, top + height)
-    col_cover = _overlap(np.arange(first_col, last_col), left, left + width)
-    view_gates = {}
-    for task in tasks:
-        view_gates[task] = []
-        for layer, layer_gates in enumerate(gates):
-            values = layer_gates[task][0].float().cpu().numpy()
-            if values.shape[:2] != grid or values.shape[-1] != len(candidate_names[layer]):
-                raise ValueError(
-                    f"Gates of {task!r} at layer {layer} have shape {values.shape}; expected a {grid} token grid and "
-                    f"{len(candidate_names[layer])} candidates."
-                )
-            view_gates[task].append(np.ascontiguousarray(values[first_row:last_row, first_col:last_col]))
-    return RoutingView(
-        layer_names=layer_names,
-        candidate_names=candidate_names,
-        tasks=list(tasks),
-        gates=view_gates,
-        coverage=np.outer(row_cover, col_cover).astype(np.float32),
-        image_box=(top - first_row, left - first_col, height, width),
-    )
-
-
-def _overlap(cells: np.ndarray, start: float, stop: float) -> np.ndarray:
-    """Length of [cell, cell + 1) inside [start, stop), per cell."""
-    return np.clip(np.minimum(cells + 1, stop) - np.maximum(cells, start), 0.0, 1.0)
+    layer_names, candidate_names = list(config.layer_names), [list(names) for names in config.candidate_names]
+    check_routing_report(gates, layer_names, candidate_names)
+    windows = [token_window(tuple(next(iter(layer.values())).shape[1:3]), canvas, resized, offset) for layer in gates]
+    view_gates = {
+        task: [
+            np.ascontiguousarray(layer[task][0].float().cpu().numpy()[slice(*window.rows), slice(*window.cols)])
+            for layer, window in zip(gates, windows)
+        ]
+        for task in tasks
+    }
+    return RoutingView(layer_names, candidate_names, list(tasks), view_gates, windows)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def predict(demo_model: DemoModel, image, tasks: Optional[list[str]] = None) -> 
         outputs = model(pixel_values=pixel_values, tasks=tasks, output_gates=True)
         predictions = processor.post_process_dense_predictions(outputs, target_sizes=[size])[0]
         predictions = {task: value.cpu().numpy() for task, value in predictions.items()}
-        routing = routing_view(model.config, outputs.gates, tasks, demo_model.canvas, resized, offset, size)
+        routing = routing_view(model.config, outputs.gates, tasks, demo_model.canvas, resized, offset)
     seconds = time.perf_counter() - start
     return DemoPrediction(rgb, predictions, routing, demo_model.canvas, resized, seconds, notes)
 

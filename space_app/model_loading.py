@@ -6,6 +6,7 @@ and `ModelUnavailable` into messages.
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -13,13 +14,13 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
-from transformers import AutoImageProcessor, AutoModel
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoImageProcessor
 
 import modeling_taskexpert  # noqa: F401  (registers the model types with the Auto classes)
-from experts_tab import routing_names
 from modeling_taskexpert.file_utils import looks_like_repo_id
-from modeling_taskexpert.image_processing_taskexpert import to_rgb_array
+from modeling_taskexpert.image_processing_taskexpert import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
+from modeling_taskexpert.loading import load_dense_model
 from modeling_taskexpert.task_definitions import TASKS
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -30,8 +31,9 @@ DEFAULT_MODEL = "outputs/taskexpert-synthetic-tiny"
 EXAMPLES_DIR = SPACE_DIR / "examples"
 
 MAX_UPLOAD_MB = 20
-# Images with more pixels are refused: decoding alone would take seconds and gigabytes.
-MAX_INPUT_PIXELS = 50_000_000
+# Images with more pixels are refused before decoding (the package's default cap): decoding alone would take seconds
+# and gigabytes.
+MAX_INPUT_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
 # Images with a longer side are shrunk to it before inference (with a note on the page); the outputs are
 # full-resolution maps of every task, so this bounds the time and memory of one request.
 MAX_IMAGE_SIDE = 1024
@@ -164,7 +166,7 @@ class DemoModel:
 
     def describe(self) -> str:
         """Markdown summary of the model: source, type, size, tasks, routing layers."""
-        layers, candidates = routing_names(self.config)
+        layers, candidates = self.config.layer_names, self.config.candidate_names
         parameters = sum(parameter.numel() for parameter in self.model.parameters())
         tasks = ", ".join(TASKS[task].description for task in self.tasks)
         per_layer = "/".join(str(size) for size in sorted({len(names) for names in candidates}))
@@ -237,8 +239,9 @@ def _how_to_get_a_model() -> str:
 def load_demo_model(model_path: Optional[str] = None) -> DemoModel:
     """Load the model and its processor (see `resolve_model_source` for which).
 
-    Only the model classes this environment has (the installed package) are used; remote code is never trusted
-    implicitly. Raises `ModelUnavailable` with instructions when nothing can be loaded.
+    Only the model classes of the installed package are used (`load_dense_model`: a config without a known
+    `model_type` is named, never met with transformers' remote-code prompt); remote code is never trusted. Raises
+    `ModelUnavailable` with instructions when nothing can be loaded.
     """
     source, local = resolve_model_source(model_path)
     if local and not (Path(source) / "config.json").is_file():
@@ -247,7 +250,7 @@ def load_demo_model(model_path: Optional[str] = None) -> DemoModel:
             f"{_how_to_get_a_model()}"
         )
     try:
-        model = AutoModel.from_pretrained(source).eval()
+        model = load_dense_model(source).eval()
         processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -282,10 +285,11 @@ def load_image(
 ) -> tuple[np.ndarray, list[str]]:
     """An image file, PIL image or array -> (RGB uint8 array (H, W, 3), notes for the user about what was changed).
 
-    Grayscale, palette, 16-bit and RGBA images are converted (transparency composited on white); EXIF rotation is
-    applied; images whose longer side exceeds `max_side` are shrunk to it. Files that are not images, larger than
-    `max_bytes` or with more than `max_pixels` pixels raise a ValueError that says so (plain text: it is shown in
-    toasts and API errors as well as on the page).
+    The pixels come from the package's image loader (`load_rgb_image`: EXIF orientation applied, 16-bit scaled,
+    transparency composited on white, grayscale replicated); images whose longer side exceeds `max_side` are then
+    shrunk to it. Files that are not images, larger than `max_bytes` or with more than `max_pixels` pixels (read from
+    the header, before decoding) raise a ValueError that says so in plain text (it is shown in toasts and API errors
+    as well as on the page) and never names a path of the server.
     """
     notes = []
     name = "The image"
@@ -298,32 +302,23 @@ def load_image(
         if size > max_bytes:
             raise ValueError(f"{name} is {size / 2**20:.1f} MB; this demo accepts images up to {max_bytes / 2**20:.0f} MB.")
         try:
-            source = Image.open(path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-            if isinstance(error, Image.DecompressionBombError):
-                raise ValueError(f"{name} has too many pixels; this demo accepts up to {max_pixels:,}.") from error
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                header = Image.open(path)  # reads the header only
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"{name} has too many pixels; this demo accepts up to {max_pixels:,}.") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"{name} is not an image this demo can read; upload a {SUPPORTED_FORMATS} file.") from error
-    if isinstance(source, Image.Image):
-        width, height = source.size
-        if width * height > max_pixels:
-            raise ValueError(f"{name} is {width}×{height} pixels; this demo accepts up to {max_pixels:,} pixels.")
-        if getattr(source, "n_frames", 1) > 1:
-            notes.append(f"The image has {source.n_frames} frames; the first one is used.")
-        try:
-            source = ImageOps.exif_transpose(source)
-            source.load()
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{name} is damaged or truncated and cannot be decoded ({error}).") from error
-        if source.mode != "RGB":
-            converted = f"Converted the {_MODE_NAMES.get(source.mode, source.mode)} image to 8-bit RGB"
-            has_alpha = "A" in source.mode or (source.mode == "P" and "transparency" in source.info)
-            notes.append(converted + (" (transparent areas shown on white)." if has_alpha else "."))
+        with header:
+            notes = _conversion_notes(header, name, max_pixels)
+    elif isinstance(source, Image.Image):
+        notes = _conversion_notes(source, name, max_pixels)
     elif isinstance(source, np.ndarray):
         if source.ndim >= 2 and source.shape[0] * source.shape[1] > max_pixels:
             raise ValueError(f"{name} is {source.shape[1]}×{source.shape[0]} pixels; this demo accepts up to {max_pixels:,}.")
     else:
         raise ValueError(f"Expected an image file, a PIL image or a numpy array, got {type(source).__name__}.")
-    rgb = to_rgb_array(source, name="the image")
+    rgb = load_rgb_image(source, name=name, max_pixels=max_pixels)
     height, width = rgb.shape[:2]
     if max(height, width) > max_side:
         scale = max_side / max(height, width)
@@ -334,3 +329,18 @@ def load_image(
             "per side)."
         )
     return rgb, notes
+
+
+def _conversion_notes(image: Image.Image, name: str, max_pixels: int) -> list[str]:
+    """Check an (undecoded) image's pixel count; say what converting it to 8-bit RGB will change."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError(f"{name} is {width}×{height} pixels; this demo accepts up to {max_pixels:,} pixels.")
+    notes = []
+    if getattr(image, "n_frames", 1) > 1:
+        notes.append(f"The image has {image.n_frames} frames; the first one is used.")
+    if image.mode != "RGB":
+        converted = f"Converted the {_MODE_NAMES.get(image.mode, image.mode)} image to 8-bit RGB"
+        has_alpha = "A" in image.mode or (image.mode == "P" and "transparency" in image.info)
+        notes.append(converted + (" (transparent areas shown on white)." if has_alpha else "."))
+    return notes

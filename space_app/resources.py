@@ -29,7 +29,7 @@ class ResourceLimits:
     # Seconds a session's Experts state lives after its last run (a closed browser tab drops it earlier).
     state_ttl_s: float = 1800.0
     # Sessions whose state Gradio keeps; the oldest beyond this are dropped.
-    max_sessions: int = 500
+    max_sessions: int = 200
     # Total size of the files the app keeps in Gradio's cache folder.
     cache_max_mb: float = 512.0
     # Files older than this are deleted (download links last at least this long unless the size budget needs room).

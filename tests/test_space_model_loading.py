@@ -88,6 +88,18 @@ def test_unloadable_models_give_a_clear_message(tmp_path, source, message):
     assert message in str(raised.value)
 
 
+def test_a_config_without_model_type_is_named_not_prompted(model_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(model_loading.ModelUnavailable, match="has no `model_type`"):
+        model_loading.load_demo_model(str(folder))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What it was trained on
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,3 +183,27 @@ def test_bad_files_are_refused_with_a_plain_text_message(tmp_path):
         model_loading.load_image(tmp_path / "photo.png", max_pixels=1000)
     with pytest.raises(ValueError, match="does not exist"):
         model_loading.load_image(tmp_path / "gone.png")
+
+
+def test_images_go_through_the_package_loader_the_same_way_from_a_file_or_pil(tmp_path):
+    """EXIF orientation is applied, as the processor and the pipeline apply it (one loader for all of them)."""
+    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
+
+    pixels = random_image(6, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
+    from_file, notes = model_loading.load_image(tmp_path / "rotated.png")
+    assert from_file.shape == (10, 6, 3) and notes == []
+    np.testing.assert_array_equal(from_file, load_rgb_image(str(tmp_path / "rotated.png")))
+    from_pil, _ = model_loading.load_image(Image.open(tmp_path / "rotated.png"))
+    np.testing.assert_array_equal(from_pil, from_file)
+
+
+def test_a_truncated_file_is_named_without_the_server_path(tmp_path):
+    Image.fromarray(random_image(64, 64)).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="“cut.png”: the image cannot be decoded; the file is damaged or truncated") as raised:
+        model_loading.load_image(tmp_path / "cut.png")
+    assert str(tmp_path) not in str(raised.value)
