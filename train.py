@@ -6,12 +6,17 @@
     accelerate launch train.py --config ... --push_to_hub --hub_model_id user/taskexpert-pascal
 
 Any recipe field (see `modeling_taskexpert/training/recipe.py`) can be overridden with `--field value`. The run
-writes to `output_dir`: `checkpoints/step_*` (resumable state), `train_log.jsonl`, and at the end the model
-(safetensors, config, processor, remote code), `README.md` (model card with a model-index), `metrics.json`,
-`training_curves.png` and `recipe.yaml`.
+writes to `output_dir`: `provenance.json` (code, versions and the recipe's fingerprint), `checkpoints/step_*`
+(resumable state; never pushed to the Hub), `train_log.jsonl`, and at the end the model (safetensors, config,
+processor, remote code), `README.md` (model card with a model-index), `metrics.json`, `training_curves.png` and
+`recipe.yaml`. A folder holding another run's checkpoints or model is refused unless `--overwrite_output_dir`.
+
+Exit status: 0 on success, 2 when the recipe, the data or the output folder is refused before training starts, 1 when
+training fails while running (for instance a non-finite loss, which stops the run at once).
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,33 +33,87 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
 from modeling_taskexpert import TaskExpertImageProcessor
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
-from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, evaluate_model
+from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_multitask_dataset, read_dataset_metadata
+from modeling_taskexpert.evaluation import BoundaryEvaluationError, DenseMultiTaskEvaluator, evaluate_model
+from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
+from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
 from modeling_taskexpert.task_definitions import TASKS
 from modeling_taskexpert.training import (
+    CheckpointError,
     JsonLinesLogger,
     LossWeighting,
     RecipeError,
     build_model_card,
+    claim_output_dir,
     dump_recipe,
+    load_checkpoint,
     parse_command_line,
     plot_training_curves,
     poly_schedule,
-    read_state,
+    recipe_fingerprint,
     resolve_checkpoint,
     save_checkpoint,
-    write_json_atomic,
+    write_provenance,
 )
+
+# The chance bar of the synthetic benchmark (modeling_taskexpert/evaluation/trivial_baselines.py), shown in the card of a
+# model evaluated on the data it was measured on.
+RECORDED_CHANCE_BASELINE = Path(__file__).resolve().parent / "bench" / "trivial_baselines.json"
+# Files of the output folder that are never uploaded to the Hub: resumable state (optimiser moments, random
+# generators) and hidden temporary files.
+HUB_IGNORE_PATTERNS = ["checkpoints/*", ".*", "**/.*"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for instance the loss is no longer finite); the message names the step and what to do."""
+
+
+# Model config fields that train.py sets itself: the recipe's `tasks` and the dataset's class names.
+FIELDS_SET_BY_TRAINING = ("tasks", "task_id2label")
+
+
+def valid_model_config_keys(model_type: str) -> set[str]:
+    """Fields a config of `model_type` understands: its own arguments and those of `PretrainedConfig`."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    config_class = CONFIG_MAPPING[model_type]
+    keys = set()
+    for cls in (config_class, PretrainedConfig):
+        keys.update(name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                    if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL))  # fmt: skip
+    keys.update(PretrainedConfig().to_dict())
+    keys.update(getattr(config_class, "attribute_map", {}))
+    return keys - {"model_type", "transformers_version", "_name_or_path"}
 
 
 def build_model_config(recipe, metadata):
     """The model config of the recipe, with the tasks and class names of the dataset."""
+    from transformers import CONFIG_MAPPING
+
     try:
         settings = json.loads(Path(recipe.model_config).read_text())
     except json.JSONDecodeError as error:
         raise RecipeError(f"Model config {recipe.model_config} is not valid JSON: {error}") from None
-    if "model_type" not in settings:
+    if not isinstance(settings, dict) or "model_type" not in settings:
         raise RecipeError(f"Model config {recipe.model_config} has no 'model_type'.")
+    if settings["model_type"] not in CONFIG_MAPPING:
+        raise RecipeError(f"Model config {recipe.model_config}: unknown model_type {settings['model_type']!r}.")
+    valid = valid_model_config_keys(settings["model_type"])
+    for source, values in ((f"model config {recipe.model_config}", settings), ("recipe field `model_overrides`", recipe.model_overrides)):
+        unknown = sorted(set(values) - valid - {"model_type"})
+        if unknown:
+            raise RecipeError(
+                f"Unknown key(s) {unknown} in the {source}: not fields of {settings['model_type']} configs. "
+                f"Valid keys: {', '.join(sorted(valid - set(FIELDS_SET_BY_TRAINING)))}."
+            )
+    for name in FIELDS_SET_BY_TRAINING:
+        if name in recipe.model_overrides:
+            raise RecipeError(
+                f"`model_overrides` cannot set `{name}`: train.py sets it (the recipe field `tasks` chooses the tasks; "
+                "class names come from the dataset)."
+            )
     settings.update(recipe.model_overrides)
     available = [task for task in TASKS if task in metadata["tasks"]]
     tasks = recipe.tasks or available
@@ -65,7 +124,10 @@ def build_model_config(recipe, metadata):
     settings["task_id2label"] = {
         task: metadata["tasks"][task]["id2label"] for task in tasks if TASKS[task].kind == "segmentation"
     }
-    return AutoConfig.for_model(**settings)
+    try:
+        return AutoConfig.for_model(**settings)
+    except (ValueError, TypeError, KeyError) as error:
+        raise RecipeError(f"Model config {recipe.model_config} with `model_overrides` {recipe.model_overrides}: {error}") from None
 
 
 def check_output_dir(output_dir: str, min_free_bytes: int) -> None:
@@ -105,15 +167,24 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int) -> Da
 
 
 def main(argv=None) -> dict:
+    started = time.perf_counter()
     recipe = parse_command_line(argv)
+    fingerprint, fingerprint_fields = recipe_fingerprint(recipe)
+    mixed_precision, notices = recipe.mixed_precision, []
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        notices.append("`mixed_precision: fp16` needs a GPU; this CPU run computes in float32 (bf16 is the mixed "
+                       "precision that CPUs support).")  # fmt: skip
+        mixed_precision = "no"
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU data-parallel needs gloo, which `cpu=True` selects
-        mixed_precision=recipe.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         log_with=[t for t in recipe.report_to if _tracker_installed(t)] or None,
         project_dir=recipe.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
     )
+    for notice in notices:
+        accelerator.print(f"Notice: {notice}")
     if recipe.push_to_hub and accelerator.is_main_process:
         check_hub_access(recipe)
     set_seed(recipe.seed)
@@ -122,6 +193,24 @@ def main(argv=None) -> dict:
     metadata = read_dataset_metadata(recipe.dataset)
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
+    try:
+        weighting = LossWeighting(tasks, config.loss_weights, recipe.loss_weighting, recipe.dwa_temperature, recipe.dwa_window)
+    except ValueError as error:
+        raise RecipeError(f"Loss weighting of model config {recipe.model_config}: {error}") from None
+    try:  # built now so that a scorer that cannot run fails before training, not after it
+        evaluator = DenseMultiTaskEvaluator.from_metadata(
+            metadata, tasks=tasks, edge_mode=recipe.edge_mode, single_task_baselines=recipe.single_task_baselines
+        )
+        final_evaluator = evaluator
+        if list(recipe.final_edge_modes) != [recipe.edge_mode] and "edge" in tasks:
+            final_evaluator = DenseMultiTaskEvaluator.from_metadata(
+                metadata, tasks=tasks, edge_mode=recipe.final_edge_modes, edge_workers=recipe.edge_workers,
+                single_task_baselines=recipe.single_task_baselines,
+            )  # fmt: skip
+    except BoundaryEvaluationError as error:
+        raise RecipeError(f"{error} (recipe fields `edge_mode` / `final_edge_modes`)") from None
+    except (ValueError, OSError) as error:
+        raise RecipeError(f"Evaluation settings of the recipe: {error}") from None
     model = AutoModel.from_config(config)
     if getattr(config, "backbone_checkpoint", None):
         model.load_pretrained_backbone()
@@ -130,9 +219,20 @@ def main(argv=None) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())
     if accelerator.is_main_process:
         check_output_dir(recipe.output_dir, min_free_bytes=num_parameters * 4 * 3 * (recipe.save_total_limit + 2))
+    accelerator.wait_for_everyone()
+
+    # ---- whose output folder: resume our own checkpoint, or start afresh in a folder that is not another run's ----
+    found = resolve_checkpoint(recipe.output_dir, recipe.resume_from_checkpoint, fingerprint, fingerprint_fields,
+                               warn=accelerator.print)  # fmt: skip
+    if found is None:
+        if recipe.resume_from_checkpoint == "latest":
+            accelerator.print(f"No checkpoint under {recipe.output_dir}; starting from scratch.")
+        claim_output_dir(recipe.output_dir, fingerprint, recipe.overwrite_output_dir, accelerator)
+    if accelerator.is_main_process:
+        write_provenance(recipe.output_dir, fingerprint, resumed_at_step=found[1]["step"] if found else None)
+
     eval_size = tuple(metadata["eval_size"])
     processor = TaskExpertImageProcessor(size={"height": eval_size[0], "width": eval_size[1]}, size_divisor=config.patch_size)
-
     train_transform = build_transforms(metadata, train=True, tasks=tasks, size=recipe.crop_size, seed=recipe.seed)
     train_dataset = load_multitask_dataset(recipe.dataset, "train").with_transform(train_transform)
     eval_dataset = load_multitask_dataset(recipe.dataset, "validation")
@@ -141,12 +241,8 @@ def main(argv=None) -> dict:
     eval_dataset = eval_dataset.with_transform(build_transforms(metadata, train=False, tasks=tasks))
     train_loader = make_loader(train_dataset, recipe.per_device_train_batch_size, True, recipe.num_workers)
     eval_loader = make_loader(eval_dataset, recipe.per_device_eval_batch_size, False, recipe.num_workers)
-    evaluator = DenseMultiTaskEvaluator.from_metadata(
-        metadata, tasks=tasks, edge_mode=recipe.boundary_mode, single_task_baselines=recipe.single_task_baselines
-    )
 
     # ---- optimisation --------------------------------------------------------------------------------------
-    weighting = LossWeighting(tasks, config.loss_weights, recipe.loss_weighting, recipe.dwa_temperature, recipe.dwa_window)
     parameters = list(model.parameters()) + list(weighting.parameters())
     betas = (recipe.adam_beta1, recipe.adam_beta2)
     if recipe.optimizer == "adamw":
@@ -158,18 +254,15 @@ def main(argv=None) -> dict:
 
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     weighting = weighting.to(accelerator.device)
-    accelerator.register_for_checkpointing(scheduler, weighting)
 
     # ---- resume --------------------------------------------------------------------------------------------
-    completed_steps = 0
-    checkpoint = resolve_checkpoint(recipe.output_dir, recipe.resume_from_checkpoint)
-    if recipe.resume_from_checkpoint == "latest" and checkpoint is None:
-        accelerator.print(f"No checkpoint under {recipe.output_dir}; starting from scratch.")
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        completed_steps = read_state(checkpoint)["step"]
-        accelerator.print(f"Resumed from {checkpoint} at step {completed_steps}.")
-    log = JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if checkpoint else None) if accelerator.is_main_process else None
+    completed_steps, last_checkpoint = 0, None
+    if found is not None:
+        last_checkpoint, state = found
+        load_checkpoint(accelerator, last_checkpoint, state, scheduler, weighting, warn=accelerator.print)
+        completed_steps = state["step"]
+        accelerator.print(f"Resumed from {last_checkpoint} at step {completed_steps}.")
+    log = JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if found else None) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         dump_recipe(recipe, Path(recipe.output_dir) / "recipe.yaml")
     accelerator.init_trackers("taskexpert", config=_scalar_items(recipe.to_dict()))
@@ -209,7 +302,8 @@ def main(argv=None) -> dict:
                         accelerator.clip_grad_norm_(parameters, recipe.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            _accumulate(running, loss, {**outputs.task_losses, **(getattr(outputs, "aux_losses", None) or {})}, accelerator)
+            values = _accumulate(running, loss, {**outputs.task_losses, **(getattr(outputs, "aux_losses", None) or {})}, accelerator)
+            _stop_if_not_finite(values, completed_steps + 1, last_checkpoint)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -234,7 +328,11 @@ def main(argv=None) -> dict:
             if recipe.eval_steps and completed_steps % recipe.eval_steps == 0 and completed_steps < recipe.max_steps:
                 metrics = _evaluate(model, eval_loader, evaluator, accelerator, log, completed_steps)
             if recipe.save_steps and completed_steps % recipe.save_steps == 0:
-                save_checkpoint(accelerator, recipe.output_dir, completed_steps, {"step": completed_steps, "epoch": epoch}, recipe.save_total_limit)
+                last_checkpoint = save_checkpoint(
+                    accelerator, recipe.output_dir, completed_steps,
+                    {"epoch": epoch, "recipe_sha256": fingerprint, "recipe": fingerprint_fields},
+                    recipe.save_total_limit, scheduler, weighting,
+                )  # fmt: skip
             if completed_steps >= recipe.max_steps:
                 break
         epoch += 1
@@ -242,9 +340,15 @@ def main(argv=None) -> dict:
     progress.close()
 
     # ---- final evaluation and the saved model --------------------------------------------------------------
-    metrics = _evaluate(model, eval_loader, evaluator, accelerator, log, completed_steps)
+    try:
+        metrics = _evaluate(model, eval_loader, final_evaluator, accelerator, log, completed_steps)
+    finally:
+        final_evaluator.close()
     if accelerator.is_main_process:
-        save_final_model(accelerator.unwrap_model(model), processor, recipe, metrics, metadata)
+        chance = recorded_baseline(RECORDED_CHANCE_BASELINE, metadata, len(eval_dataset))
+        save_final_model(accelerator.unwrap_model(model), processor, recipe, metrics, metadata, chance_baseline=chance)
+        log.log({"kind": "end", "step": completed_steps, "runtime_seconds": time.perf_counter() - started,
+                 "num_eval_samples": len(eval_dataset), "chance_baseline": chance})  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if recipe.push_to_hub and accelerator.is_main_process:
@@ -252,15 +356,32 @@ def main(argv=None) -> dict:
     return metrics
 
 
-def _accumulate(running: dict, loss: torch.Tensor, parts: dict, accelerator) -> None:
+def _accumulate(running: dict, loss: torch.Tensor, parts: dict, accelerator) -> dict:
     """Add this micro-batch's total loss and its parts (task losses, unweighted auxiliary terms such as Mod-Squad's
-    mutual information), averaged over processes, to the running window."""
+    mutual information), averaged over processes, to the running window; return those averages."""
     names = ["loss"] + [f"loss/{name}" for name in parts]
     values = torch.stack([loss.detach().float()] + [value.detach().float() for value in parts.values()])
     values = accelerator.reduce(values, reduction="mean")
-    for name, value in zip(names, values.tolist()):
+    averages = dict(zip(names, values.tolist()))
+    for name, value in averages.items():
         running[name] = running.get(name, 0.0) + value
     running["count"] = running.get("count", 0) + 1
+    return averages
+
+
+def _stop_if_not_finite(values: dict, step: int, last_checkpoint) -> None:
+    """Stop at once when the loss is NaN or infinite: every later step would only spread it through the weights.
+    `values` are averages over the processes, so every process stops at the same step."""
+    if all(math.isfinite(value) for value in values.values()):
+        return
+    bad = [f"{name.removeprefix('loss/')}: {value}" for name, value in values.items() if name != "loss" and not math.isfinite(value)]
+    where = f"the loss is not finite ({', '.join(bad)})" if bad else f"the total loss is not finite ({values['loss']})"
+    resume = (f"The last good checkpoint is {last_checkpoint}." if last_checkpoint is not None
+              else "No checkpoint was written before it (see `save_steps`).")  # fmt: skip
+    raise TrainingError(
+        f"Training stopped at step {step}: {where}. {resume} Nothing after it was saved. Lower the learning rate, or "
+        "check the labels and loss weights of the task(s) named."
+    )
 
 
 def _evaluate(model, eval_loader, evaluator, accelerator, log, step: int) -> dict:
@@ -273,22 +394,24 @@ def _evaluate(model, eval_loader, evaluator, accelerator, log, step: int) -> dic
     return metrics
 
 
-def save_final_model(model, processor, recipe, metrics: dict, metadata: dict) -> None:
-    """Model, processor, remote code, card, metrics and curves, each written to a temporary name first."""
+def save_final_model(model, processor, recipe, metrics: dict, metadata: dict, chance_baseline=None) -> None:
+    """Model, processor, remote code, card, curves and metrics, each written to a temporary name first (metrics.json
+    last: its presence marks a finished run); every file gets the user's normal permissions."""
     output_dir = Path(recipe.output_dir)
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final_"))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
+        plot_training_curves(output_dir / "train_log.jsonl", staging / "training_curves.png")
         name = recipe.hub_model_id or output_dir.name
-        card = build_model_card(model.config, recipe.to_dict(), metrics, metadata.get("name", recipe.dataset), name)
+        card = build_model_card(model.config, recipe, metrics, metadata, name, chance_baseline=chance_baseline)
         (staging / "README.md").write_text(card)
         for item in staging.iterdir():
+            give_default_permissions(item)
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_json_atomic(output_dir / "metrics.json", metrics)
-    plot_training_curves(output_dir / "train_log.jsonl", output_dir / "training_curves.png")
+    write_json_atomic(output_dir / "metrics.json", metrics, sort_keys=True)
 
 
 def push_folder(recipe) -> None:
@@ -298,7 +421,7 @@ def push_folder(recipe) -> None:
     api.create_repo(recipe.hub_model_id, private=recipe.hub_private, exist_ok=True)
     api.upload_folder(
         repo_id=recipe.hub_model_id, folder_path=recipe.output_dir, commit_message="Upload model trained with train.py",
-        ignore_patterns=["checkpoints/*", ".*", "**/.*"],
+        ignore_patterns=HUB_IGNORE_PATTERNS,
     )  # fmt: skip
     print(f"Pushed {recipe.output_dir} to https://huggingface.co/{recipe.hub_model_id}")
 
@@ -320,6 +443,9 @@ def _scalar_items(values: dict) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except RecipeError as error:
+    except (RecipeError, CheckpointError) as error:  # refused before training started
         print(f"train.py: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingError as error:  # failed while running
+        print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(1)

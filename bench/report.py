@@ -433,7 +433,7 @@ def _modsquad_text(extraction: dict) -> str:
         "for the same task alone (interleaved, median of per-round ratios).",
         _table(["task", "experts kept per MoE layer", "params full / extracted", "latency extracted / full",
                 "max abs diff"], rows),
-        "The extracted model drops the other tasks' heads and routers and the unused experts. Every token runs the "
+        "The extracted model drops the other tasks' heads, routers and task-embedding rows and the unused experts. Every token runs the "
         "same experts as in the full model, so the expert FLOPs are the same; the latency difference comes from the "
         "routing and dispatch over fewer experts.",
     ])  # fmt: skip

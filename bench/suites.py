@@ -474,13 +474,16 @@ def build_specialised_modsquad(seed: int = 0) -> ModSquadForDensePrediction:
     Random routers alone spread every task over all experts, so extraction would drop nothing but the other heads.
     Every MoE layer's input norm gets a bias `u` (a shared component of all its tokens) and each task's router
     adds `+u` to the columns of its preferred experts and `-u` to the others: the logit gap (2 |u|² = 72) dwarfs the
-    random part (std about 7), so every token picks its top-k among the task's preferred experts.
+    random part (std about 7), so every token picks its top-k among the task's preferred experts. The task embedding
+    is scaled down to 0.02: at initialisation its standard-normal rows dominate every token of a task, which would
+    then all pick the same k experts (a trained model's tokens differ).
     """
     config = ModSquadConfig.from_json_file(MODSQUAD_CONFIG)
     torch.manual_seed(seed)
     model = ModSquadForDensePrediction(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        model.modsquad.task_embedding.mul_(0.02)
         for block in model.modsquad.blocks:
             for norm, layer in ((block.norm1, block.attention), (block.norm2, block.mlp)):
                 if not hasattr(layer, "router_weight"):
@@ -524,7 +527,7 @@ def modsquad_extraction(plan: BenchPlan) -> dict:
         rows.append({
             "task": task,
             "experts_per_layer_full": full_experts,
-            "experts_per_layer_extracted": list(extracted.config.experts_per_layer),
+            "experts_per_layer_extracted": extracted.config.num_experts_per_layer,
             "parameters_full": count_parameters(model),
             "parameters_extracted": count_parameters(extracted),
             "max_abs_difference": max_difference,

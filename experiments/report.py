@@ -212,17 +212,18 @@ def gate_usage(run: dict, count: int = GATE_IMAGES) -> dict:
     """Mean routing weights on validation images, per task and layer.
 
     TaskExpert: the gate weight of every expert and, last, of the memory, averaged over images and positions, at
-    each MMoE layer. Mod-Squad: the share of each task's token slots routed to every expert of each MoE layer.
+    each MMoE layer. Mod-Squad: the mean gate of every expert of each MoE layer (the top-k routing probabilities, 0
+    where not selected; layers with fewer experts zero-padded).
     """
     model = _load_model(run["folder"])
     pixel_values = _validation_pixels(run, count)
     with torch.no_grad():
-        if run["model_type"] == "modsquad":
-            usage = model(pixel_values=pixel_values).expert_usage
-            layers = [name for name, _ in model.modsquad.moe_layers]
-            return {"model_type": "modsquad", "layers": layers, "candidates": [f"E{i}" for i in range(usage[run["tasks"][0]].shape[1])],
-                    "weights": {task: usage[task].tolist() for task in run["tasks"]}}  # fmt: skip
         gates = model(pixel_values=pixel_values, output_gates=True).gates
+    if run["model_type"] == "modsquad":
+        candidates = max(model.config.candidate_names, key=len)
+        weights = {task: [torch.nn.functional.pad(layer[task].mean(dim=(0, 1, 2)), (0, len(candidates) - layer[task].shape[-1])).tolist()
+                          for layer in gates] for task in run["tasks"]}  # fmt: skip
+        return {"model_type": "modsquad", "layers": model.config.layer_names, "candidates": candidates, "weights": weights}
     config = model.config
     candidates = [f"E{i}" for i in range(config.num_experts)] + (["memory"] if config.use_memory else [])
     weights = {task: [layer[task].mean(dim=(0, 1, 2)).tolist() for layer in gates] for task in run["tasks"]}

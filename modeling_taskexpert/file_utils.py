@@ -47,6 +47,17 @@ def write_json_atomic(path: PathLike, data: Any, sort_keys: bool = False) -> Pat
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def give_default_permissions(path: PathLike) -> Path:
+    """Give `path` the mode a plain `open(path, "w")` or `mkdir` would have given (0o666 or 0o777 less the umask): for
+    files and folders made private (0o600, 0o700) by `mkstemp`, `mkdtemp` or a library, in a folder meant to be shared
+    or uploaded."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def looks_like_repo_id(value: PathLike) -> bool:
     """Whether `value` reads as a Hub id `namespace/name` rather than a local path (an existing path never does)."""
     text = str(value)
@@ -54,4 +65,4 @@ def looks_like_repo_id(value: PathLike) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not Path(text).exists()
 
 
-__all__ = ["atomic_write", "looks_like_repo_id", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_write", "give_default_permissions", "looks_like_repo_id", "write_json_atomic", "write_text_atomic"]

@@ -31,12 +31,15 @@ def make_model_folder(folder: Path) -> Path:
 
 
 def make_modsquad_folder(folder: Path) -> Path:
-    """A tiny random Mod-Squad model with a 64x64 processor canvas."""
+    """A tiny random Mod-Squad model with varied routing and a 64x64 processor canvas."""
     from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction, TaskExpertImageProcessor
 
     config = ModSquadConfig.from_json_file(str(REPO_ROOT / "hub_configs" / "models" / "modsquad-tiny.json"))
     torch.manual_seed(0)
-    ModSquadForDensePrediction(config).eval().save_pretrained(folder)
+    model = ModSquadForDensePrediction(config).eval()
+    for _, layer in model.modsquad.moe_layers:  # zero-initialised routers would give every token the same experts
+        torch.nn.init.normal_(layer.router_weight, std=0.5)
+    model.save_pretrained(folder)
     TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=config.patch_size).save_pretrained(folder)
     return folder
 

@@ -184,12 +184,14 @@ def test_modsquad_extraction_keeps_outputs_with_fewer_parameters():
         assert row["experts_per_layer_full"] == [8, 8, 8, 8]
         assert row["experts_per_layer_extracted"] == [4, 4, 4, 4]
         assert row["parameters_full"] == models.count_parameters(model)
-        # Dropped: half of every MoE layer's experts, the other tasks' router columns and heads.
+        # Dropped: half of every MoE layer's experts, the other tasks' routers, task-embedding rows and heads (the
+        # task keeps its whole router).
         dropped = sum(
             sum(getattr(layer, name)[0].numel() for name in layer.expert_parameters) * 4 + layer.router_weight.numel()
-            - layer.router_weight[0, :, :4].numel()
+            - layer.router_weight[0].numel()
             for _, layer in model.modsquad.moe_layers
         ) + sum(models.count_parameters(head) for task, head in model.heads.items() if task != row["task"])
+        dropped += model.modsquad.task_embedding.numel() - model.modsquad.task_embedding[0, 0].numel()
         assert row["parameters_full"] - row["parameters_extracted"] == dropped
         assert row["max_abs_difference"] < 1e-5
         assert row["time_ratio_extracted_to_full"] > 0

@@ -91,15 +91,62 @@ def test_cli_task_selection_modes_and_baselines(workspace, tmp_path):
 
 
 def test_cli_reports_bad_input_without_a_traceback(workspace, tmp_path, capsys):
+    """Inputs refused before the evaluation starts exit with 2 (usage), like argparse's own errors."""
     output = tmp_path / "metrics.json"
     assert (
         main(["--model", str(workspace / "model"), "--dataset", str(tmp_path / "nowhere"), "--output", str(output)])
-        == 1
+        == 2
     )
     assert "error:" in capsys.readouterr().err
-    assert cli(workspace, output, "--batch-size", "0") == 1
+    assert cli(workspace, output, "--batch-size", "0") == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli(workspace, output, "--edge-mode", "fast")
+    assert exited.value.code == 2
     assert not output.exists()
+
+
+def test_cli_failure_while_running_exits_with_1(workspace, tmp_path, capsys):
+    """The evaluation runs, then the output cannot be written (a file stands where its folder should be)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli(workspace, blocker / "metrics.json", "--edge-mode", "approximate") == 1
+    assert "error: the evaluation failed" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_weights_file_missing_tensors(workspace, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "model"
+    shutil.copytree(workspace / "model", damaged)
+    weights = load_file(damaged / "model.safetensors")
+    removed = sorted(weights)[0]
+    del weights[removed]
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    output = tmp_path / "metrics.json"
+    code = main(["--model", str(damaged), "--dataset", str(workspace / "data"), "--output", str(output), "--no-progress"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert removed in error and str(damaged) in error and "Traceback" not in error
+    assert not output.exists()
+
+
+def test_cli_names_its_boundary_scorer_and_scores_both(workspace, tmp_path, capsys):
+    """`--edge-mode both` gives each scorer's keys, equal to the single-scorer runs; the scorer is announced."""
+    both = tmp_path / "both.json"
+    assert cli(workspace, both, "--tasks", "edge", "--edge-mode", "both") == 0
+    announced = capsys.readouterr().err
+    assert "Boundary scorer: exact and approximate" in announced and "--edge-workers" in announced
+    metrics = json.loads(both.read_text())["metrics"]
+    assert json.loads(both.read_text())["settings"]["edge_mode"] == ["exact", "approximate"]
+    assert sorted(metrics) == ["edge/odsF", "edge/odsF_approx", "edge/oisF", "edge/oisF_approx"]
+    for mode in ("exact", "approximate"):
+        single = tmp_path / f"{mode}.json"
+        assert cli(workspace, single, "--tasks", "edge", "--edge-mode", mode) == 0
+        for key, value in json.loads(single.read_text())["metrics"].items():
+            assert metrics[key] == value, key
 
 
 @pytest.mark.slow

@@ -69,6 +69,36 @@ def test_results_do_not_depend_on_batching_or_order(edge_mode):
         assert results[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
+def test_both_boundary_scorers_at_once_each_under_its_own_key():
+    """edge_mode=[exact, approximate] scores the same predictions with each scorer (in background workers here):
+    the keys name the scorer and the values equal the single-scorer runs."""
+    predictions, labels = make_batch(3)
+    both = make_evaluator(edge_mode=["exact", "approximate"], edge_workers=1)
+    both.update(predictions, labels)
+    assert sum(meter.pending_images for meter in both.meters.values() if hasattr(meter, "pending_images")) > 0
+    both.flush(progress=True)
+    results = both.compute()
+    both.close()
+    assert both.settings["edge_mode"] == ["exact", "approximate"]
+    for mode, keys in (("exact", ("edge/odsF", "edge/oisF")), ("approximate", ("edge/odsF_approx", "edge/oisF_approx"))):
+        single = make_evaluator(edge_mode=mode)
+        single.update(predictions, labels)
+        expected = single.compute()
+        assert all(key in expected for key in keys)
+        for key, value in expected.items():
+            assert results[key] == value, key
+    with pytest.raises(ValueError, match="edge_mode"):
+        make_evaluator(edge_mode=["exact", "exact"])
+
+
+def test_delta_m_uses_the_boundary_scorer_both_sides_have():
+    results = {"edge/odsF": 40.0, "edge/odsF_approx": 50.0}
+    assert compute_delta_m(results, {"edge/odsF": 20.0, "edge/odsF_approx": 100.0}) == pytest.approx(100.0)
+    assert compute_delta_m(results, {"edge/odsF_approx": 25.0}) == pytest.approx(100.0)  # approximate-only baselines
+    with pytest.raises(ValueError, match="baselines have no 'edge/odsF'"):
+        compute_delta_m({"edge/odsF": 40.0}, {"edge/odsF_approx": 25.0})
+
+
 def test_compute_does_not_change_the_state_and_reset_forgets():
     predictions, labels = make_batch(2)
     evaluator = make_evaluator()

@@ -1,16 +1,15 @@
 """Fault injection in training: SIGKILL a 2-process data-parallel run at a random step after its first checkpoint,
-resume from `latest`, and get bit-identical final weights to an uninterrupted 2-process run."""
+resume from `latest`, and get bit-identical final weights to an uninterrupted 2-process run; the kill leaves no
+process of the run behind."""
 
-import os
 import random
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import REPO, run, train_command, train_records
+from training_runs import descendants, is_running, kill_process_tree, run, start, train_command, train_records, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +26,21 @@ def test_two_process_kill_and_resume_gives_identical_weights(synthetic_dataset, 
     # Kill once a random step after the first checkpoint has been logged (seeded: the test is reproducible).
     kill_after = random.Random(0).randrange(SAVE_STEPS, MAX_STEPS)
     output_dir = tmp_path / "interrupted"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    process = subprocess.Popen(train_command(synthetic_dataset, output_dir, *SETTINGS, processes=2), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    first_checkpoint = output_dir / "checkpoints" / f"step_{SAVE_STEPS:08d}" / "trainer_state.json"
-    while not (first_checkpoint.exists() and (output_dir / "train_log.jsonl").exists()
-               and any(r["step"] >= kill_after for r in train_records(output_dir))):  # fmt: skip
-        assert process.poll() is None and time.time() < deadline, "training ended before the chosen step"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once
-    process.wait()
+    process = start(train_command(synthetic_dataset, output_dir, *SETTINGS, processes=2),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        first_checkpoint = output_dir / "checkpoints" / f"step_{SAVE_STEPS:08d}" / "manifest.json"
+        while not (first_checkpoint.exists() and (output_dir / "train_log.jsonl").exists()
+                   and any(r["step"] >= kill_after for r in train_records(output_dir))):  # fmt: skip
+            assert process.poll() is None and time.time() < deadline, "training ended before the chosen step"
+            time.sleep(0.02)
+        workers = {pid for pid in descendants(process.pid) if is_running(pid)}
+    finally:
+        killed = kill_process_tree(process)  # the launcher and both workers, which run in sessions of their own
+    # The launcher's descendants: the elastic agent's 2 workers at least; none of them survives the kill.
+    assert len(workers) >= 2 and workers <= killed
+    assert not wait_until_gone(killed), "a process of the killed run is still running"
     assert not (output_dir / "model.safetensors").exists()
 
     completed = run(train_command(synthetic_dataset, output_dir, *SETTINGS, "--resume_from_checkpoint", "latest", processes=2))

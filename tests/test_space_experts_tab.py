@@ -10,7 +10,6 @@ from space_support import make_modsquad_folder, random_image
 import experts_tab
 import inference
 import model_loading
-from modeling_taskexpert import ModSquadConfig
 from modeling_taskexpert.dense_model_utils import dominant_candidates, mean_candidate_weights
 
 NAMES = SimpleNamespace(layer_names=["first", "second"], candidate_names=[["a", "b", "c"], ["a", "b", "memory"]])
@@ -105,9 +104,6 @@ def test_routing_plots_show_the_mean_weights():
     assert bars.get_title().startswith("Task U")
 
 
-@pytest.mark.skipif(
-    not hasattr(ModSquadConfig, "layer_names"), reason="Mod-Squad's routing report (config.layer_names) is not merged yet"
-)
 def test_mod_squad_models_show_their_routing_through_the_same_report(tmp_path):
     """A Mod-Squad model reports its routing like TaskExpert (per layer, per task, the weights of that layer's
     experts, 0 for the ones a token does not use), and the Space shows it with the same code."""

@@ -1,49 +1,34 @@
-"""train.py end to end: a short run, exact resume after a kill, two processes, and early failures."""
+"""train.py end to end: a short run and what it writes, exact resume after a kill, two processes, whose output folder
+it is, resuming without running pickles, a non-finite loss, and early failures."""
 
 import json
 import os
-import signal
+import re
+import shutil
+import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-
-
-def train_command(dataset, output_dir, *extra, processes=1):
-    launch = [ACCELERATE, "launch", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]  # fmt: skip
-    if processes > 1:
-        launch.append("--multi_gpu")
-    return [*launch, str(REPO / "train.py"), "--config", str(REPO / "hub_configs/synthetic-tiny.yaml"),
-            "--dataset", str(dataset), "--output_dir", str(output_dir), "--max_steps", "8", "--warmup_steps", "2",
-            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
-            "--eval_steps", "0", "--save_steps", "4", "--save_total_limit", "2", *extra]  # fmt: skip
-
-
-def run(command, **kwargs):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-def train_records(output_dir):
-    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if json.loads(line)["kind"] == "train"]
+from training_runs import REPO, kill_process_tree, run, start, train_command, train_records, wait_until_gone
 
 
 @pytest.fixture(scope="module")
 def finished_run(synthetic_dataset, tmp_path_factory):
+    """8 steps with checkpoints at 4 and 8; the final evaluation with both boundary scorers (as the recipe asks)."""
     output_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
     completed = run(train_command(synthetic_dataset, output_dir))
     assert completed.returncode == 0, completed.stderr[-4000:]
     return output_dir
+
+
+def copy_run(finished_run, destination):
+    shutil.copytree(finished_run, destination)
+    return destination
 
 
 @pytest.mark.slow
@@ -55,46 +40,108 @@ def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_datase
 
     files = set(os.listdir(finished_run))
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "metrics.json",
-                 "training_curves.png", "recipe.yaml", "train_log.jsonl", "modeling_taskexpert.py"):  # fmt: skip
+                 "training_curves.png", "recipe.yaml", "train_log.jsonl", "modeling_taskexpert.py", "provenance.json"):  # fmt: skip
         assert name in files, name
     assert sorted(os.listdir(finished_run / "checkpoints")) == ["step_00000004", "step_00000008"]
     records = train_records(finished_run)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert all(r["world_size"] == 1 and r["loss"] > 0 for r in records)
 
-    # The saved model evaluates to the numbers in metrics.json.
+    # The saved model evaluates to the numbers in metrics.json, with each boundary scorer under its own key.
     metrics = json.loads((finished_run / "metrics.json").read_text())
     model = AutoModel.from_pretrained(finished_run)
     metadata = read_dataset_metadata(synthetic_dataset)
     dataset = load_multitask_dataset(synthetic_dataset, "validation").with_transform(build_transforms(metadata, train=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_dense_batch)
-    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode="approximate")
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode=["approximate", "exact"])
     recomputed = evaluate_model(model, loader, evaluator, progress=False)
-    for key in ("semseg/mIoU", "depth/RMSE", "normals/mean", "saliency/maxF", "edge/odsF_approx", "human_parts/mIoU"):
+    for key in ("semseg/mIoU", "depth/RMSE", "normals/mean", "saliency/maxF", "edge/odsF_approx", "edge/odsF", "human_parts/mIoU"):
         assert recomputed[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 
-    # The card's front matter is valid YAML with a model-index holding the metrics.
+    # Provenance: the fields the experiments report reads.
+    provenance = json.loads((finished_run / "provenance.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{64}", provenance["recipe_sha256"])
+    assert provenance["torch_version"] == torch.__version__ and provenance["package_version"]
+    assert set(provenance) >= {"git_commit", "git_dirty", "created"}
+
+
+@pytest.mark.slow
+def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    metrics = json.loads((finished_run / "metrics.json").read_text())
     card = (finished_run / "README.md").read_text()
     front_matter = yaml.safe_load(card.split("---")[1])
-    reported = {m["type"]: m["value"] for result in front_matter["model-index"][0]["results"] for m in result["metrics"]}
-    assert reported["semseg/mIoU"] == pytest.approx(metrics["semseg/mIoU"], abs=1e-4)
-    assert reported["depth/RMSE"] == pytest.approx(metrics["depth/RMSE"], abs=1e-4)
-    assert front_matter["library_name"] == "transformers"
+    assert front_matter["library_name"] == "transformers" and front_matter["license"] == "apache-2.0"
+    assert front_matter["pipeline_tag"] == "image-segmentation" and front_matter["datasets"] == ["synthetic"]
+    assert {"taskexpert", "multi-task-learning", "synthetic-data", "edge-detection"} <= set(front_matter["tags"])
+    assert "base_model" not in front_matter  # the tiny model starts from scratch
+    results = {result["task"]["name"]: result for result in front_matter["model-index"][0]["results"]}
+    assert len(results) == 6  # one entry per task, none merged into another
+    assert results["Salient Object Detection"]["task"]["type"] == "saliency-detection"
+    assert results["Edge Detection"]["task"]["type"] == "edge-detection"
+    reported = {(name, m["name"]): m["value"] for name, r in results.items() for m in r["metrics"]}
+    assert reported[("Semantic Segmentation", "mIoU (%)")] == pytest.approx(metrics["semseg/mIoU"], abs=1e-4)
+    assert reported[("Monocular Depth Estimation", "RMSE (m)")] == pytest.approx(metrics["depth/RMSE"], abs=1e-4)
+    assert reported[("Edge Detection", "odsF, exact scorer (%)")] == pytest.approx(metrics["edge/odsF"], abs=1e-4)
+    assert reported[("Edge Detection", "odsF, approximate scorer (%)")] == pytest.approx(metrics["edge/odsF_approx"], abs=1e-4)
+    # The body: limitations, both scorers, per-class IoU, the curves, a namespaced usage snippet, the citation.
+    assert "synthetic scenes only" in card and "meaningless" in card
+    assert f"| {metrics['edge/odsF']:.2f} |" in card and f"| {metrics['edge/odsF_approx']:.2f} |" in card
+    assert f"| semseg | 2 | sky | {metrics['semseg/IoU/sky']:.2f} |" in card
+    assert "![" in card and "(training_curves.png)" in card and "@inproceedings{ye2023taskexpert" in card
+    assert 'from_pretrained("your-namespace/uninterrupted"' in card
+    # No path of this machine in what goes to the Hub.
+    for name in ("README.md", "recipe.yaml", "config.json", "provenance.json"):
+        text = (finished_run / name).read_text()
+        assert str(finished_run.parent) not in text and str(REPO) not in text and "/tmp/" not in text, name
+    recipe = yaml.safe_load((finished_run / "recipe.yaml").read_text())
+    assert recipe["dataset"] == "synthetic" and "output_dir" not in recipe
+
+    # The usage snippet of the card runs as written (with the local folder in place of the Hub id).
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("your-namespace/uninterrupted", str(finished_run))
+    completed = subprocess.run([sys.executable, "-c", snippet + "\nassert set(maps) == set(result)\n"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    # What upload_folder would push: no checkpoint (optimiser state), no hidden temporary file.
+    train = _train_module()
+    every_file = [p.relative_to(finished_run).as_posix() for p in finished_run.rglob("*") if p.is_file()]
+    pushed = set(filter_repo_objects(every_file, ignore_patterns=train.HUB_IGNORE_PATTERNS))
+    assert "model.safetensors" in pushed and "README.md" in pushed
+    assert not any(path.startswith("checkpoints/") or "/." in f"/{path}" for path in pushed)
+
+    # Every file and folder has the user's normal permissions (mkstemp and safetensors make 0o600 files).
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [finished_run, *finished_run.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
 def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, synthetic_dataset, tmp_path):
-    """SIGKILL the run once its step-4 checkpoint exists, resume from `latest`: the same losses and final weights."""
+    """SIGKILL the run once its step-4 checkpoint exists, resume from `latest`: the same losses and final weights,
+    and no process of the killed run left behind."""
     output_dir = tmp_path / "interrupted"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    process = subprocess.Popen(train_command(synthetic_dataset, output_dir, "--max_steps", "8"), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while not (output_dir / "checkpoints" / "step_00000004" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process = start(train_command(synthetic_dataset, output_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (output_dir / "checkpoints" / "step_00000004" / "manifest.json").exists():
+            assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        killed = kill_process_tree(process)
+    assert killed and not wait_until_gone(killed)
     assert not (output_dir / "model.safetensors").exists()
 
     completed = run(train_command(synthetic_dataset, output_dir, "--resume_from_checkpoint", "latest"))
@@ -109,6 +156,68 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(finished_run, synthe
     assert final_expected.keys() == final_actual.keys()
     for key in final_expected:
         assert torch.equal(final_expected[key], final_actual[key]), key
+    provenance = json.loads((output_dir / "provenance.json").read_text())
+    assert [entry["step"] for entry in provenance["resumes"]] == [4]
+    assert not any(path.suffix == ".pkl" for path in (output_dir / "checkpoints").rglob("*"))
+
+
+@pytest.mark.slow
+def test_output_folder_of_another_run_is_refused(finished_run, synthetic_dataset, tmp_path):
+    """A fresh run, or a resume with another recipe, never takes over the folder of a run; both leave it untouched."""
+    folder = copy_run(finished_run, tmp_path / "taken")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    completed = run(train_command(synthetic_dataset, folder, "--learning_rate", "1e-4", launcher=False))
+    assert completed.returncode == 2
+    assert "already holds checkpoints step_00000004, step_00000008 and model.safetensors and metrics.json of a run of " \
+           "another recipe" in completed.stderr and "--overwrite_output_dir" in completed.stderr
+    completed = run(train_command(synthetic_dataset, folder, "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest",
+                                  launcher=False))  # fmt: skip
+    assert completed.returncode == 2
+    assert "step_00000008 belongs to another recipe (learning_rate: 0.002 there, 0.0001 now)" in completed.stderr
+    assert "Traceback" not in completed.stderr.split("train.py: ")[0]  # the message, not a trace, comes first
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing deleted, nothing added
+
+
+@pytest.mark.slow
+def test_planted_pickle_never_runs_on_resume(finished_run, synthetic_dataset, tmp_path):
+    """An optimizer.bin replaced by a malicious pickle, behind a manifest rewritten to match, is read with
+    weights_only: train.py refuses the checkpoint (exit 2) and the pickle's code never runs. (The other plantings,
+    refused before anything is read, are in test_train_checkpoints.py.)"""
+    from modeling_taskexpert.training.checkpoints import MANIFEST_FILE, _sha256
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    folder = copy_run(finished_run, tmp_path / "planted")
+    checkpoint = folder / "checkpoints" / "step_00000008"
+    torch.save(Payload(), checkpoint / "optimizer.bin")
+    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
+    manifest["files"]["optimizer.bin"] = {"size": (checkpoint / "optimizer.bin").stat().st_size,
+                                          "sha256": _sha256(checkpoint / "optimizer.bin")}  # fmt: skip
+    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+    completed = run(train_command(synthetic_dataset, folder, "--resume_from_checkpoint", "latest", launcher=False))
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"{checkpoint} cannot be loaded safely into this run: UnpicklingError" in completed.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_at_once_and_names_the_step(synthetic_dataset, tmp_path):
+    """lr 1e30 blows the weights up after step 1: the run stops at step 2, naming the tasks and the step-1
+    checkpoint, and writes nothing more. fp16 on a CPU gets a notice, not a silent float32 run."""
+    output_dir = tmp_path / "diverging"
+    completed = run(train_command(synthetic_dataset, output_dir, "--learning_rate", "1e30", "--warmup_steps", "0",
+                                  "--save_steps", "1", "--mixed_precision", "fp16", launcher=False))  # fmt: skip
+    assert completed.returncode == 1
+    assert "Notice: `mixed_precision: fp16` needs a GPU; this CPU run computes in float32" in completed.stdout + completed.stderr
+    message = completed.stderr.split("train.py: ")[-1]
+    assert message.startswith("Training stopped at step 2: the loss is not finite (semseg: nan")
+    assert f"The last good checkpoint is {output_dir / 'checkpoints' / 'step_00000001'}." in message
+    assert sorted(os.listdir(output_dir / "checkpoints")) == ["step_00000001"]
+    assert not (output_dir / "model.safetensors").exists() and not (output_dir / "metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -136,8 +245,8 @@ def test_push_to_hub_offline_fails_before_training(synthetic_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_bad_recipe_and_unwritable_output_fail_cleanly(synthetic_dataset, tmp_path):
-    completed = run(train_command(synthetic_dataset, tmp_path / "x", "--learning_rat", "1"))
-    assert completed.returncode != 0
+    completed = run(train_command(synthetic_dataset, tmp_path / "x", "--learning_rat", "1", launcher=False))
+    assert completed.returncode == 2
     assert "Unknown recipe field 'learning_rat'" in completed.stderr
     completed = run(train_command(synthetic_dataset, tmp_path / "y", "--tasks", "[flow]"))
     assert "Recipe tasks ['flow'] are not in dataset" in completed.stderr

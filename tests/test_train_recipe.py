@@ -1,4 +1,7 @@
-"""Recipes: YAML, inheritance, command-line overrides and their errors."""
+"""Recipes: YAML, inheritance, command-line overrides and their errors; model overrides and loss weights checked
+before training."""
+
+import re
 
 import pytest
 
@@ -43,11 +46,33 @@ def test_overrides_and_inheritance():
         (["--push_to_hub"], "needs `hub_model_id`"),
         (["--model_config", "nowhere.json"], "no such file"),
         (["stray"], "Unexpected argument 'stray'"),
+        (["--learning_rate", ".nan"], "`learning_rate` must be a finite number > 0, got nan"),
+        (["--learning_rate", "inf"], "`learning_rate` must be a finite number > 0, got inf"),
+        (["--learning_rate", "-1e-4"], "`learning_rate` must be a finite number > 0, got -0.0001"),
+        (["--weight_decay", "-1"], "`weight_decay` must be a finite number >= 0"),
+        (["--poly_power", "-0.9"], "`poly_power` must be a finite number >= 0"),
+        (["--poly_power", "nan"], "`poly_power` must be a finite number >= 0, got nan"),
+        (["--dwa_temperature", "0"], "`dwa_temperature` must be a finite number > 0"),
+        (["--adam_beta2", "1.0"], "`adam_beta2` must be a finite number >= 0 and < 1"),
+        (["--max_grad_norm", "inf"], "`max_grad_norm` must be a finite number >= 0"),
+        (["--max_eval_samples", "0"], "`max_eval_samples` must be >= 1"),
+        (["--seed", "-1"], "`seed` must be >= 0"),
+        (["--crop_size", "[64, 0]"], "`crop_size` must be [height, width]"),
+        (["--tasks", "[]"], "`tasks` must be a non-empty list"),
+        (["--edge_mode", "fast"], "`edge_mode` must be one of"),
+        (["--final_edge_modes", "[exact, fast]"], "`final_edge_modes` must list one or both of"),
+        (["--boundary_mode", "exact"], "Recipe field `boundary_mode` in the command line is now called `edge_mode`"),
     ],
 )
 def test_bad_overrides(argv, message):
-    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("`", "`")):
+    with pytest.raises(RecipeError, match=re.escape(message)):
         parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", *argv])
+
+
+def test_exponent_floats_are_numbers():
+    """YAML 1.1 reads 1e-4 (no dot) as a string; recipes read it as the number everyone means."""
+    recipe = parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", "--learning_rate", "1e-4"])
+    assert recipe.learning_rate == 1e-4
 
 
 def test_bad_recipe_files(tmp_path):
@@ -68,6 +93,47 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(str(tmp_path / "broken.yaml"))
     with pytest.raises(RecipeError, match="Recipe file not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    (tmp_path / "old.yaml").write_text("boundary_mode: approximate\n")
+    with pytest.raises(RecipeError, match=r"`boundary_mode` in .*old.yaml is now called `edge_mode`"):
+        load_recipe(str(tmp_path / "old.yaml"))
+
+
+def load_train_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).resolve().parents[1] / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_expert": 3}, r"Unknown key\(s\) \['num_expert'\] in the recipe field `model_overrides`: not fields of taskexpert configs. Valid keys: .*num_experts"),
+        ({"tasks": ["depth"]}, "`model_overrides` cannot set `tasks`: train.py sets it"),
+        ({"loss_weights": {"depth": float("nan")}}, r"loss_weights\['depth'\].* nan"),
+        ({"loss_weights": {"depth": -1.0}}, r"loss_weights\['depth'\].* -1"),
+    ],
+)
+def test_model_overrides_are_checked_before_training(synthetic_dataset, overrides, message):
+    from modeling_taskexpert.data import read_dataset_metadata
+
+    train = load_train_script()
+    recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"model_overrides": overrides})
+    metadata = read_dataset_metadata(synthetic_dataset)
+    with pytest.raises(RecipeError, match=message):
+        config = train.build_model_config(recipe, metadata)
+        LossWeighting_checked(config)
+
+
+def LossWeighting_checked(config):
+    """What train.py does with the config's loss weights right after building it."""
+    try:
+        LossWeighting(list(config.tasks), config.loss_weights)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
 
 
 def test_poly_schedule_with_warmup():

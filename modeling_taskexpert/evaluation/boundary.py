@@ -102,6 +102,11 @@ def _correspond_pixels():
     return seeded_correspond_pixels
 
 
+def require_exact_scorer() -> None:
+    """Raise `BoundaryEvaluationError` now, rather than at the first image, when the exact mode cannot run."""
+    _correspond_pixels()
+
+
 def quantize_like_png(probabilities: np.ndarray) -> np.ndarray:
     """The reference saves ``uint8(255 * p)`` (truncation) and reads it back divided by 255."""
     return np.floor(probabilities.astype(np.float32) * np.float32(255.0)).astype(np.float64) / 255.0

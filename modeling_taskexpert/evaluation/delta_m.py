@@ -49,10 +49,14 @@ def load_baselines(baselines: Union[dict, str, os.PathLike]) -> dict[str, float]
     return baselines
 
 
-def _primary_key(task: str, results: dict) -> tuple[str, bool]:
+def _primary_key(task: str, results: dict, baselines: Optional[dict] = None) -> tuple[str, bool]:
+    """The main metric key of `task`. Boundaries: the exact scorer's odsF, or the approximate one's when the exact
+    one is missing from the results (or, given baselines, from the baselines while both have the approximate one)."""
     key, higher_is_better = PRIMARY_METRICS[task]
-    if task == "edge" and key not in results and APPROXIMATE_EDGE_METRIC in results:
-        key = APPROXIMATE_EDGE_METRIC
+    if task == "edge" and APPROXIMATE_EDGE_METRIC in results:
+        exact_missing = key not in results or (baselines is not None and key not in baselines)
+        if exact_missing and (baselines is None or APPROXIMATE_EDGE_METRIC in baselines):
+            key = APPROXIMATE_EDGE_METRIC
     return key, higher_is_better
 
 
@@ -64,7 +68,8 @@ def compute_delta_m(
     """Δm in % of `results` against `baselines` over `tasks` (default: every task with a main metric in results).
 
     Both mappings use the evaluator's keys; the baseline must give the same key as the results
-    (e.g. "edge/odsF_approx" is only compared with an approximate baseline).
+    (e.g. "edge/odsF_approx" is only compared with an approximate baseline). Boundaries use the exact scorer's
+    odsF when both sides have it, else the approximate one's.
     """
     baselines = load_baselines(baselines)
     if tasks is None:
@@ -74,7 +79,7 @@ def compute_delta_m(
     total = 0.0
     for task in tasks:
         check_task_name(task)
-        key, higher_is_better = _primary_key(task, results)
+        key, higher_is_better = _primary_key(task, results, baselines)
         if key not in results:
             raise ValueError(f"The results have no {key!r}, the main metric of task {task!r}, needed for Δm.")
         if key not in baselines:

@@ -8,7 +8,7 @@ import torch
 
 from ..data import nyud, pascal_context
 from ..task_definitions import TASKS, check_task_name
-from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS
+from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS, require_exact_scorer
 from .delta_m import compute_delta_m, load_baselines
 from .metrics import (
     NORMALS_HISTOGRAM_RESOLUTION,
@@ -72,7 +72,8 @@ class DenseMultiTaskEvaluator:
     semseg and human_parts (human_parts only on samples that carry parts); saliency maxF (β² = 0.3),
     maxF_reference, maxF_standard and mIoU in %; normals mean, median, rmse (degrees) and
     within_11.25 / within_22.5 / within_30 (%); depth RMSE, log_RMSE (metres, log), abs_rel,
-    sq_rel, log10 and delta_1..3 (%); edge odsF and oisF in % (or odsF_approx / oisF_approx); and
+    sq_rel, log10 and delta_1..3 (%); edge odsF and oisF in % from the exact scorer, odsF_approx and
+    oisF_approx from the approximate one (each key names its scorer; both when both are requested); and
     "multi_task/delta_m" (%) when single-task baselines are given.
 
     Data-parallel evaluation: every process updates with its own samples only and `compute()` sums
@@ -91,8 +92,8 @@ class DenseMultiTaskEvaluator:
         boundary_tolerance: boundary matching distance as a fraction of the image diagonal; defaults to
             the protocol's value of `dataset` (0.0075 PASCAL-Context, 0.011 NYUD), required otherwise.
         edge_mode: "exact" (the protocol's NMS + thinning + one-to-one matching over 101 thresholds; needs
-            `pyEdgeEval`) or "approximate" (fast, for periodic evaluation during training, reported as
-            "edge/odsF_approx").
+            `pyEdgeEval`; reported as "edge/odsF"), "approximate" (fast, for periodic evaluation during training,
+            reported as "edge/odsF_approx"), or a sequence of both to score the same predictions with each.
         saliency_maxf_mode: "reference" thresholds sigmoid(p), the quirk of the InvPT/TaskPrompter meter
             that every published maxF on PASCAL-Context was computed with (so it is the default for
             dataset="pascal-context", where numbers are compared with those tables); "standard"
@@ -110,7 +111,7 @@ class DenseMultiTaskEvaluator:
         dataset: Optional[str] = None,
         class_names: Optional[Mapping[str, Union[Sequence[str], Mapping[Any, str]]]] = None,
         boundary_tolerance: Optional[float] = None,
-        edge_mode: str = "exact",
+        edge_mode: Union[str, Sequence[str]] = "exact",
         saliency_maxf_mode: Optional[str] = None,
         single_task_baselines: Optional[Union[Mapping[str, float], str, os.PathLike]] = None,
         edge_workers: int = 0,
@@ -121,8 +122,11 @@ class DenseMultiTaskEvaluator:
             raise ValueError(f"tasks lists a task more than once: {list(tasks)}.")
         for task in tasks:
             check_task_name(task)
-        if edge_mode not in BOUNDARY_MODES:
-            raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, got {edge_mode!r}.")
+        edge_modes = [edge_mode] if isinstance(edge_mode, str) else list(edge_mode)
+        if not edge_modes or any(mode not in BOUNDARY_MODES for mode in edge_modes) or len(set(edge_modes)) != len(edge_modes):
+            raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, or a sequence of both, got {edge_mode!r}.")
+        if "edge" in tasks and "exact" in edge_modes:
+            require_exact_scorer()
         self.tasks = list(tasks)
         self.dataset = dataset
         num_classes = dict(num_classes or {})
@@ -138,7 +142,8 @@ class DenseMultiTaskEvaluator:
         if saliency_maxf_mode is None:
             saliency_maxf_mode = "reference" if dataset == pascal_context.NAME else "standard"
         self.boundary_tolerance = boundary_tolerance
-        self.edge_mode = edge_mode
+        self.edge_modes = edge_modes
+        self.edge_mode = edge_mode if isinstance(edge_mode, str) else list(edge_modes)
         self.saliency_maxf_mode = saliency_maxf_mode
         self.single_task_baselines = None
         if single_task_baselines is not None:
@@ -163,7 +168,10 @@ class DenseMultiTaskEvaluator:
             elif kind == "depth":
                 self.meters[task] = DepthMeter(task)
             else:
-                self.meters[task] = BoundaryMeter(task, boundary_tolerance, edge_mode, workers=edge_workers)
+                # One meter per scorer; the first is keyed by the task, the others by "task:mode".
+                for index, mode in enumerate(edge_modes):
+                    name = task if index == 0 else f"{task}:{mode}"
+                    self.meters[name] = BoundaryMeter(task, boundary_tolerance, mode, workers=edge_workers)
         self.num_samples = torch.zeros(1, dtype=torch.int64)
 
     @classmethod
@@ -227,6 +235,17 @@ class DenseMultiTaskEvaluator:
             if isinstance(meter, BoundaryMeter):
                 meter.close()
 
+    def flush(self, progress: bool = False) -> None:
+        """Wait for the boundary images still being scored in the background (see `edge_workers`), with a progress
+        bar and its ETA when `progress`; `compute` does this by itself, silently."""
+        from tqdm.auto import tqdm
+
+        boundary_meters = [meter for meter in self.meters.values() if isinstance(meter, BoundaryMeter)]
+        pending = sum(meter.pending_images for meter in boundary_meters)
+        with tqdm(total=pending, desc="Scoring boundaries", unit="image", disable=not progress or pending == 0) as bar:
+            for meter in boundary_meters:
+                meter.flush(on_image=lambda: bar.update(1))
+
     def update(
         self,
         predictions: Mapping[str, Union[torch.Tensor, np.ndarray]],
@@ -254,11 +273,12 @@ class DenseMultiTaskEvaluator:
                 raise ValueError(f"Task {task!r} has a batch of {len(label)} samples, the other tasks {batch_size}.")
             checked[task] = prediction, label
         crops = _crops_from_meta(meta, batch_size) if meta is not None and "edge" in self.tasks else None
-        for task, (prediction, label) in checked.items():
-            if task == "edge":
-                self.meters[task].update(prediction, label, crops=crops)
+        for name, meter in self.meters.items():
+            prediction, label = checked[meter.task]
+            if isinstance(meter, BoundaryMeter):
+                meter.update(prediction, label, crops=crops)
             else:
-                self.meters[task].update(prediction, label)
+                meter.update(prediction, label)
         self.num_samples += batch_size
 
     def compute(self, sync: bool = True) -> dict[str, float]:
@@ -268,17 +288,17 @@ class DenseMultiTaskEvaluator:
         """
         for meter in self.meters.values():
             meter.flush()
-        names = [(task, key) for task, meter in self.meters.items() for key in meter.state]
-        local = [self.meters[task].state[key] for task, key in names] + [self.num_samples]
+        names = [(name, key) for name, meter in self.meters.items() for key in meter.state]
+        local = [self.meters[name].state[key] for name, key in names] + [self.num_samples]
         totals = sum_across_processes(local) if sync else [tensor.clone() for tensor in local]
         if int(totals[-1]) == 0:
             raise EmptyEvaluationError("compute() was called before any sample was added with update().")
-        states = {task: {} for task in self.meters}
-        for (task, key), tensor in zip(names, totals):
-            states[task][key] = tensor
+        states = {name: {} for name in self.meters}
+        for (name, key), tensor in zip(names, totals):
+            states[name][key] = tensor
         results = {}
-        for task, meter in self.meters.items():
-            results.update({f"{task}/{key}": value for key, value in meter.summarise(states[task]).items()})
+        for name, meter in self.meters.items():
+            results.update({f"{meter.task}/{key}": value for key, value in meter.summarise(states[name]).items()})
         if self.single_task_baselines is not None:
             results["multi_task/delta_m"] = compute_delta_m(results, self.single_task_baselines, self.tasks)
         return results

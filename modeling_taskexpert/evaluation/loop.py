@@ -78,4 +78,5 @@ def evaluate_model(
             evaluator.update(predictions, batch["labels"], meta=batch)
     finally:
         model.train(was_training)
+    evaluator.flush(progress=show_progress)  # boundary images still being scored in the background
     return evaluator.compute()

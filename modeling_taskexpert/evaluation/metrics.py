@@ -371,10 +371,17 @@ class BoundaryMeter(Meter):
             while len(self._pending) > self.max_pending_per_worker * self.workers:
                 self._add_image(self._pending.popleft().result())
 
-    def flush(self) -> None:
-        """Wait for the images still being scored by the workers and add their counts."""
+    @property
+    def pending_images(self) -> int:
+        """Images handed to the workers whose counts have not been added yet."""
+        return len(self._pending)
+
+    def flush(self, on_image=None) -> None:
+        """Wait for the images still being scored by the workers and add their counts (`on_image()` after each)."""
         while self._pending:
             self._add_image(self._pending.popleft().result())
+            if on_image is not None:
+                on_image()
 
     def close(self) -> None:
         """Stop the worker processes (they are started again if more images come)."""

@@ -1,25 +1,45 @@
-"""Training support for `train.py`: recipes, loss weighting, atomic checkpoints, logs, curves and model cards."""
+"""Training support for `train.py`: recipes, loss weighting, schedules, checkpoints, provenance, logs, curves and
+model cards."""
 
-from .checkpoints import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
-from .loss_weighting import LossWeighting, poly_schedule
-from .recipe import RecipeError, TrainingRecipe, dump_recipe, load_recipe, parse_command_line
-from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log, write_json_atomic
+from ..file_utils import write_json_atomic  # importable from here for existing callers; defined in file_utils
+from .checkpoints import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from .loss_weighting import LossWeighting
+from .provenance import claim_output_dir, read_provenance, recipe_fingerprint, write_provenance
+from .recipe import RecipeError, TrainingRecipe, dump_recipe, hub_recipe, load_recipe, parse_command_line
+from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log
+from .schedules import poly_schedule
 
 __all__ = [
+    "CheckpointError",
     "JsonLinesLogger",
     "LossWeighting",
     "RecipeError",
     "TrainingRecipe",
     "build_model_card",
+    "claim_output_dir",
     "dump_recipe",
+    "hub_recipe",
     "list_checkpoints",
+    "load_checkpoint",
     "load_recipe",
     "parse_command_line",
     "plot_training_curves",
     "poly_schedule",
     "read_log",
+    "read_provenance",
     "read_state",
+    "recipe_fingerprint",
     "resolve_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
     "write_json_atomic",
+    "write_provenance",
 ]

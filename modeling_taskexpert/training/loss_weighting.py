@@ -1,8 +1,12 @@
 """How task losses are combined into the training loss: fixed weights, uncertainty weighting, DWA."""
 
+import math
 
 import torch
 from torch import nn
+
+
+STRATEGIES = ("fixed", "uncertainty", "dwa")
 
 
 class LossWeighting(nn.Module):
@@ -21,6 +25,18 @@ class LossWeighting(nn.Module):
     def __init__(self, tasks: list[str], base_weights: dict[str, float], strategy: str = "fixed",
                  dwa_temperature: float = 2.0, dwa_window: int = 50):  # fmt: skip
         super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Loss weighting must be one of {STRATEGIES}, got {strategy!r}.")
+        for task in tasks:
+            if task not in base_weights:
+                raise ValueError(f"`loss_weights` has no weight for task {task!r} (it has {sorted(base_weights)}).")
+            weight = base_weights[task]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"`loss_weights[{task!r}]` must be a finite number >= 0, got {weight!r}.")
+        if not math.isfinite(dwa_temperature) or dwa_temperature <= 0:
+            raise ValueError(f"`dwa_temperature` must be a finite number > 0, got {dwa_temperature!r}.")
+        if dwa_window < 1:
+            raise ValueError(f"`dwa_window` must be >= 1, got {dwa_window!r}.")
         self.tasks = list(tasks)
         self.strategy = strategy
         self.register_buffer("base_weights", torch.tensor([float(base_weights[t]) for t in self.tasks]))
@@ -73,15 +89,4 @@ class LossWeighting(nn.Module):
         return {f"weight/{task}": float(w) for task, w in zip(self.tasks, self.current_weights())}
 
 
-def poly_schedule(warmup_steps: int, max_steps: int, power: float):
-    """LambdaLR factor: linear warm-up to 1, then (1 - t / T)^power down to 0 (the protocol's poly schedule)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, 1.0 - step / max_steps) ** power
-
-    return factor
-
-
-__all__ = ["LossWeighting", "poly_schedule"]
+__all__ = ["LossWeighting"]

@@ -3,13 +3,17 @@
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-LOSS_WEIGHTINGS = ("fixed", "uncertainty", "dwa")
+from ..evaluation.boundary import BOUNDARY_MODES
+from ..file_utils import looks_like_repo_id, write_text_atomic
+from .loss_weighting import STRATEGIES as LOSS_WEIGHTINGS
+
 OPTIMIZERS = ("adamw", "adam")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -45,11 +49,21 @@ class TrainingRecipe:
         dwa_temperature, dwa_window: DWA temperature and the number of steps over which loss ratios are averaged.
         seed: seed of the model initialisation, the data order and the augmentations.
     Evaluation, checkpoints, output
-        eval_steps: evaluate every N steps (0: only at the end). boundary_mode: "approximate" or "exact" odsF.
+        eval_steps: evaluate every N steps (0: only at the end).
+        edge_mode: boundary scorer of the evaluations during training, "approximate" (fast; reported as
+            `edge/odsF_approx`) or "exact" (the protocol's; `edge/odsF`).
+        final_edge_modes: boundary scorers of the final evaluation, whose numbers go to `metrics.json` and the model
+            card: a list of "approximate" and/or "exact" (default: approximate only; the exact one, the protocol's and
+            the evaluation command line's default, costs about 1-3 s per 128x128 image and tens of seconds per
+            full-size image on one core). "exact" needs `pyEdgeEval`.
+        edge_workers: background processes scoring boundaries in the final evaluation (0: in the main process).
         save_steps: checkpoint every N steps (0: never); save_total_limit: checkpoints kept.
         logging_steps: log the training loss every N steps.
         output_dir: where checkpoints, the final model, its card, curves and metrics go.
-        resume_from_checkpoint: None, "latest", or a checkpoint folder.
+        overwrite_output_dir: start afresh in an `output_dir` that holds another run's checkpoints or model (they
+            are deleted); without it, such a folder is refused.
+        resume_from_checkpoint: None, "latest", or a checkpoint folder. The checkpoint must come from the same
+            recipe (its fingerprint, `recipe_sha256` of `provenance.json`, is checked).
         report_to: trackers besides the JSON-lines log: "tensorboard", "trackio" (used when installed).
         single_task_baselines: JSON of single-task metrics for the multi-task gain (Delta m).
         push_to_hub, hub_model_id, hub_private: upload the final folder to the Hub.
@@ -82,11 +96,14 @@ class TrainingRecipe:
     dwa_window: int = 50
     seed: int = 0
     eval_steps: int = 0
-    boundary_mode: str = "approximate"
+    edge_mode: str = "approximate"
+    final_edge_modes: list = field(default_factory=lambda: ["approximate"])
+    edge_workers: int = 0
     save_steps: int = 0
     save_total_limit: int = 2
     logging_steps: int = 10
     output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
     resume_from_checkpoint: Optional[str] = None
     report_to: list = field(default_factory=list)
     single_task_baselines: Optional[str] = None
@@ -95,25 +112,47 @@ class TrainingRecipe:
     hub_private: bool = False
 
     def validate(self) -> "TrainingRecipe":
+        """Check every field now, so that a bad value fails before any training time is spent."""
         choices = {"optimizer": OPTIMIZERS, "loss_weighting": LOSS_WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
-                   "boundary_mode": ("approximate", "exact")}  # fmt: skip
+                   "edge_mode": BOUNDARY_MODES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RecipeError(f"Recipe field `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
+        if not self.final_edge_modes or any(mode not in BOUNDARY_MODES for mode in self.final_edge_modes):
+            raise RecipeError(
+                f"Recipe field `final_edge_modes` must list one or both of {BOUNDARY_MODES}, got {self.final_edge_modes!r}."
+            )
         positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_total_limit", "dwa_window")  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise RecipeError(f"Recipe field `{name}` must be >= 1, got {getattr(self, name)!r}.")
-        for name in ("eval_steps", "save_steps", "warmup_steps", "num_workers"):
+        for name in ("eval_steps", "save_steps", "warmup_steps", "num_workers", "seed", "edge_workers"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"Recipe field `{name}` must be >= 0, got {getattr(self, name)!r}.")
-        if self.learning_rate <= 0:
-            raise RecipeError(f"Recipe field `learning_rate` must be > 0, got {self.learning_rate}.")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise RecipeError(f"Recipe field `max_eval_samples` must be >= 1 (or null for all), got {self.max_eval_samples!r}.")
+        # Real-valued fields: (lowest allowed, whether the lowest itself is allowed, highest exclusive or None).
+        ranges = {"learning_rate": (0.0, False, None), "weight_decay": (0.0, True, None), "adam_epsilon": (0.0, False, None),
+                  "adam_beta1": (0.0, True, 1.0), "adam_beta2": (0.0, True, 1.0), "poly_power": (0.0, True, None),
+                  "max_grad_norm": (0.0, True, None), "dwa_temperature": (0.0, False, None)}  # fmt: skip
+        for name, (low, inclusive, high) in ranges.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (value == low and not inclusive) or (high is not None and value >= high):
+                bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
+                raise RecipeError(f"Recipe field `{name}` must be a finite number {bound}, got {value!r}.")
+        if self.seed >= 2**32:
+            raise RecipeError(f"Recipe field `seed` must be < 2**32 (numpy's limit), got {self.seed}.")
         if self.warmup_steps >= self.max_steps:
             raise RecipeError(f"`warmup_steps` ({self.warmup_steps}) must be smaller than `max_steps` ({self.max_steps}).")
-        if self.crop_size is not None and (len(self.crop_size) != 2 or min(self.crop_size) < 1):
-            raise RecipeError(f"`crop_size` must be [height, width], got {self.crop_size!r}.")
+        if self.crop_size is not None and (
+            len(self.crop_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.crop_size)
+        ):
+            raise RecipeError(f"`crop_size` must be [height, width] in pixels (integers >= 1), got {self.crop_size!r}.")
+        if self.tasks is not None and (not self.tasks or not all(isinstance(t, str) for t in self.tasks)):
+            raise RecipeError(f"`tasks` must be a non-empty list of task names (or null for all), got {self.tasks!r}.")
+        if not all(isinstance(t, str) for t in self.report_to):
+            raise RecipeError(f"`report_to` must be a list of tracker names, got {self.report_to!r}.")
         if self.push_to_hub and not self.hub_model_id:
             raise RecipeError("`push_to_hub` needs `hub_model_id` (e.g. user/taskexpert-pascal).")
         if not Path(self.model_config).is_file():
@@ -131,6 +170,8 @@ def _field_types() -> dict[str, Any]:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a value against the recipe field's type; strings from the command line are parsed as YAML."""
     fields = _field_types()
+    if name in RENAMED_FIELDS:
+        raise RecipeError(f"Recipe field `{name}` in {source} is now called `{RENAMED_FIELDS[name]}` (same values); rename it.")
     if name not in fields:
         raise RecipeError(f"Unknown recipe field {name!r} in {source}. Valid fields: {', '.join(sorted(fields))}.")
     default = fields[name].default if fields[name].default is not dataclasses.MISSING else fields[name].default_factory()
@@ -144,6 +185,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     expected = type(default) if default is not None else _OPTIONAL_TYPES.get(name, str)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is float and isinstance(value, str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string; Python's float() reads it as every user means it.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise RecipeError(
             f"Recipe field `{name}` in {source} must be of type {expected.__name__}, got {type(value).__name__} ({value!r})."
@@ -151,6 +198,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+# Fields of earlier releases, refused with their new names so that an old recipe fails loudly rather than silently.
+RENAMED_FIELDS = {"boundary_mode": "edge_mode"}
 _STRING_OR_NONE = {"resume_from_checkpoint", "single_task_baselines", "hub_model_id"}
 _OPTIONAL_TYPES = {"tasks": list, "crop_size": list, "max_eval_samples": int}
 
@@ -217,5 +266,34 @@ def parse_command_line(argv: Optional[list[str]] = None) -> TrainingRecipe:
     return load_recipe(known.config, overrides)
 
 
+# Fields that describe this machine's run rather than the recipe: left out of the `recipe.yaml` that goes to the Hub.
+LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_private", "report_to",
+                "num_workers", "edge_workers")  # fmt: skip
+PATH_FIELDS = ("model_config", "dataset", "single_task_baselines")
+
+
+def _portable_path(value: Optional[str]) -> Optional[str]:
+    """A path as it can be published: Hub ids and relative paths as they are, an absolute path relative to the
+    working directory when it lies below it, else only its last component (never a folder of this machine)."""
+    if value is None or looks_like_repo_id(value):
+        return value
+    path = Path(value)
+    if not path.is_absolute():
+        return value if ".." not in path.parts else path.name
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def hub_recipe(recipe: TrainingRecipe) -> dict:
+    """The recipe as published with the model (`recipe.yaml`, the card): without this machine's run settings and
+    without absolute paths."""
+    values = {name: value for name, value in recipe.to_dict().items() if name not in LOCAL_FIELDS}
+    for name in PATH_FIELDS:
+        values[name] = _portable_path(values.get(name))
+    return json.loads(json.dumps(values))
+
+
 def dump_recipe(recipe: TrainingRecipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict())), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(hub_recipe(recipe), sort_keys=False))

@@ -2,28 +2,49 @@
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from ..task_definitions import TASKS
+from ..file_utils import atomic_write, looks_like_repo_id
+from ..task_definitions import PIPELINE_TASK, TASKS
 
-# Hub task ids for the model-index of each dense task.
-HUB_TASK_TYPES = {"segmentation": "image-segmentation", "saliency": "image-segmentation",
-                  "boundary": "image-segmentation", "normals": "image-to-image", "depth": "depth-estimation"}  # fmt: skip
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=2, sort_keys=True)
-    os.replace(temporary, path)
+# Per task: (model-index task type, task name). Hub task ids where one fits (segmentation, depth); the usual names of
+# the benchmark's tasks otherwise (saliency and boundaries are no image segmentation).
+CARD_TASKS = {
+    "semseg": ("image-segmentation", "Semantic Segmentation"),
+    "human_parts": ("human-part-segmentation", "Human Part Segmentation"),
+    "saliency": ("saliency-detection", "Salient Object Detection"),
+    "edge": ("edge-detection", "Edge Detection"),
+    "normals": ("surface-normals-estimation", "Surface Normals Estimation"),
+    "depth": ("depth-estimation", "Monocular Depth Estimation"),
+}
+# Per result key: (model-index metric type, metric name with unit). Keys not listed stay in the card's tables only.
+CARD_METRICS = {
+    "semseg/mIoU": ("mean_iou", "mIoU (%)"),
+    "semseg/pixel_accuracy": ("accuracy", "Pixel accuracy (%)"),
+    "human_parts/mIoU": ("mean_iou", "mIoU (%)"),
+    "saliency/maxF": ("max_f_measure", "maxF, beta^2 = 0.3 (%)"),
+    "saliency/mIoU": ("mean_iou", "mIoU (%)"),
+    "edge/odsF": ("ods_f_measure", "odsF, exact scorer (%)"),
+    "edge/oisF": ("ois_f_measure", "oisF, exact scorer (%)"),
+    "edge/odsF_approx": ("ods_f_measure_approx", "odsF, approximate scorer (%)"),
+    "edge/oisF_approx": ("ois_f_measure_approx", "oisF, approximate scorer (%)"),
+    "normals/mean": ("mean_angular_error", "Mean angular error (degrees)"),
+    "normals/median": ("median_angular_error", "Median angular error (degrees)"),
+    "normals/rmse": ("rmse_angular_error", "RMSE of angles (degrees)"),
+    "depth/RMSE": ("rmse", "RMSE (m)"),
+    "depth/abs_rel": ("abs_rel", "Absolute relative error"),
+    "depth/delta_1": ("delta_1", "delta < 1.25 (%)"),
+}
+# The main metric(s) of each task, as the training curves and the card's summary show them; lower is better for the
+# errors. Boundaries: both scorers where both were run.
+MAIN_METRICS = {
+    "semseg": ("semseg/mIoU",), "human_parts": ("human_parts/mIoU",), "saliency": ("saliency/maxF",),
+    "edge": ("edge/odsF", "edge/odsF_approx"), "normals": ("normals/mean",), "depth": ("depth/RMSE",),
+}  # fmt: skip
+LOWER_IS_BETTER = {"normals/mean", "normals/median", "normals/rmse", "depth/RMSE", "depth/abs_rel"}
 
 
 class JsonLinesLogger:
@@ -48,8 +69,10 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def plot_training_curves(log_path: Path, output_path: Path) -> None:
-    """Training loss (total and per task) and every evaluation metric against the step, as one PNG."""
+def plot_training_curves(log_path: Path, output_path: Path) -> list[tuple[str, list[str]]]:
+    """One panel for the training loss (total and per task) and one per task with its main metric(s) at every
+    evaluation, legends outside the axes; written atomically with normal permissions. Returns the task panels as
+    (task, metric keys)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,12 +81,11 @@ def plot_training_curves(log_path: Path, output_path: Path) -> None:
     records = read_log(log_path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    metric_names = sorted({k for r in evals for k in r if "/" in k and isinstance(r[k], (int, float))})
-    metric_names = [m for m in metric_names if "/IoU/" not in m][:12]
-    panels = 1 + len(metric_names)
-    columns = min(4, panels)
-    rows = math.ceil(panels / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    panels = [(task, [key for key in keys if any(key in r for r in evals)]) for task, keys in MAIN_METRICS.items()]
+    panels = [(task, keys) for task, keys in panels if keys]
+    columns = 4
+    rows = math.ceil((1 + len(panels)) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     axis = axes[0][0]
     if train:
         steps = [r["step"] for r in train]
@@ -71,103 +93,319 @@ def plot_training_curves(log_path: Path, output_path: Path) -> None:
         for key in sorted({k for r in train for k in r if k.startswith("loss/")}):
             axis.plot(steps, [r.get(key, float("nan")) for r in train], label=key[5:], linewidth=0.8)
         axis.set_yscale("log")
-        axis.legend(fontsize=6)
-    axis.set_title("training loss")
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, frameon=False)
+    axis.set_title("training loss (log scale)", fontsize=9)
     axis.set_xlabel("step")
-    for index, name in enumerate(metric_names, start=1):
+    for index, (task, keys) in enumerate(panels, start=1):
         axis = axes[index // columns][index % columns]
-        axis.plot([r["step"] for r in evals], [r.get(name, float("nan")) for r in evals], marker="o")
-        axis.set_title(name, fontsize=9)
+        for key in keys:
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            label = CARD_METRICS.get(key, (key, key))[1]
+            axis.plot(*zip(*points), marker="o", markersize=3, label=label)
+        direction = "lower is better" if keys[0] in LOWER_IS_BETTER else "higher is better"
+        metric = keys[0].split("/")[1] + (" (both scorers)" if len(keys) > 1 else "")
+        axis.set_title(f"{task}: {metric}, {direction}", fontsize=9)
         axis.set_xlabel("step")
-    for index in range(panels, rows * columns):
+        if len(keys) > 1:  # below the axes, so it never covers the curves
+            axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=1, frameon=False)
+    for index in range(1 + len(panels), rows * columns):
         axes[index // columns][index % columns].axis("off")
     figure.tight_layout()
-    output_path = Path(output_path)
-    temporary = output_path.with_name(f".{output_path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
+    atomic_write(output_path, lambda temporary: figure.savefig(temporary, dpi=100, format="png", bbox_inches="tight"))
     plt.close(figure)
-    os.replace(temporary, output_path)
+    return panels
 
 
-def _looks_like_repo_id(value: str) -> bool:
-    parts = str(value).split("/")
-    return len(parts) == 2 and all(parts) and not Path(value).exists() and not str(value).startswith((".", "/"))
+def main_metric_rows(metrics: dict, tasks, chance: Optional[dict] = None) -> list[tuple[str, str, float, Optional[float]]]:
+    """(task, metric label with its direction, value, chance bar or None) of every main metric in `metrics`: the rows
+    of the results table of the model card and of the README."""
+    rows = []
+    for task in tasks:
+        for key in MAIN_METRICS[task]:
+            if key in metrics:
+                direction = "lower is better" if key in LOWER_IS_BETTER else "higher is better"
+                rows.append((task, f"{CARD_METRICS[key][1]}, {direction}", metrics[key], (chance or {}).get(key)))
+    return rows
 
 
-def build_model_card(
-    config, recipe: dict, metrics: dict, dataset_name: str, model_name: str, single_task_reference: bool = False
-) -> str:
-    """A Hub model card (README.md) with a `model-index` holding the evaluation metrics."""
+def _format(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def _dataset_id(recipe) -> str:
+    from .recipe import hub_recipe
+
+    return hub_recipe(recipe)["dataset"]
+
+
+def _pipeline_tag(tasks) -> str:
+    """The Hub task closest to what the model predicts (its full output is the custom pipeline's)."""
+    if "semseg" in tasks or "human_parts" in tasks:
+        return "image-segmentation"
+    if "depth" in tasks:
+        return "depth-estimation"
+    return "image-to-image"
+
+
+def _citation(model_type: str) -> str:
+    if model_type == "modsquad":
+        return """@inproceedings{chen2023modsquad,
+  title     = {Mod-Squad: Designing Mixtures of Experts As Modular Multi-Task Learners},
+  author    = {Chen, Zitian and Shen, Yikang and Ding, Mingyu and Chen, Zhenfang and Zhao, Hengshuang and Learned-Miller, Erik and Gan, Chuang},
+  booktitle = {CVPR},
+  year      = {2023}
+}"""
+    return """@inproceedings{ye2023taskexpert,
+  title     = {TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial Mixture-of-Experts},
+  author    = {Ye, Hanrong and Xu, Dan},
+  booktitle = {ICCV},
+  year      = {2023}
+}"""
+
+
+def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: str,
+                     chance_baseline: Optional[dict] = None) -> str:  # fmt: skip
+    """A Hub model card (README.md): front matter with a `model-index` of the evaluation metrics, then intended uses
+    and limitations, usage, training data and recipe, results (against the chance bar when one was recorded for
+    this data), per-class IoU, the training curves and the citation. No path of the training machine appears in it."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    dataset_id = recipe["dataset"]
-    # A local folder is no Hub dataset id: name the dataset by its metadata name then.
-    dataset_type = dataset_id if _looks_like_repo_id(dataset_id) else dataset_name
+    from .recipe import hub_recipe
+
+    dataset_name = metadata.get("name", "dataset")
+    dataset_id = _dataset_id(recipe)
+    synthetic = dataset_name == "synthetic"
+    dataset_type = dataset_id if looks_like_repo_id(dataset_id) else dataset_name
+    repo_id = model_name if looks_like_repo_id(model_name) else f"your-namespace/{model_name}"
+    tasks = list(config.tasks)
     eval_results = []
     for key, value in sorted(metrics.items()):
         task = key.split("/")[0]
-        if task not in TASKS or not isinstance(value, (int, float)) or "/IoU/" in key or not math.isfinite(value):
+        if key not in CARD_METRICS or task not in tasks or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        eval_results.append(
-            EvalResult(
-                task_type=HUB_TASK_TYPES[TASKS[task].kind],
-                dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="validation",
-                metric_type=key, metric_name=key, metric_value=round(float(value), 4),
-            )
-        )  # fmt: skip
+        task_type, task_name = CARD_TASKS[task]
+        metric_type, metric_name = CARD_METRICS[key]
+        eval_results.append(EvalResult(
+            task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
+            dataset_split="validation", metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4),
+        ))  # fmt: skip
+    backbone_checkpoint = getattr(config, "backbone_checkpoint", None)
+    task_tags = {"semseg": "semantic-segmentation", "human_parts": "human-part-segmentation", "saliency": "saliency-detection",
+                 "edge": "edge-detection", "normals": "surface-normals-estimation", "depth": "depth-estimation"}  # fmt: skip
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        tags=["taskexpert" if config.model_type == "taskexpert" else config.model_type, "multi-task-learning",
-              "dense-prediction", "mixture-of-experts", "vision"],
+        pipeline_tag=_pipeline_tag(tasks),
+        datasets=[dataset_type],
+        base_model=backbone_checkpoint or None,
+        tags=[config.model_type, "multi-task-learning", "dense-prediction", "mixture-of-experts", "vision",
+              *[task_tags[t] for t in tasks], *(["synthetic-data"] if synthetic else [])],
         eval_results=eval_results or None,
         license="apache-2.0",
     )  # fmt: skip
-    tasks = ", ".join(f"`{t}`" for t in config.tasks)
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and "/IoU/" not in k)
-    backbone = getattr(config, "backbone_config", config)  # Mod-Squad configs describe their ViT themselves
+
+    backbone = getattr(config, "backbone_config", None) or config  # Mod-Squad configs describe their ViT themselves
+    size = metadata.get("eval_size") or []
+    size_text = f"{size[0]}x{size[1]}" if len(size) == 2 else "its evaluation size"
+    if synthetic:
+        uses = (f"Trained on **synthetic scenes only** (the package's procedural benchmark: rooms with boxes, spheres, "
+                f"cylinders and figures, rendered at {size_text} pixels). It demonstrates and tests the architecture "
+                "and the tooling; **on real photos its maps are meaningless**. For real images, use a model trained on "
+                "PASCAL-Context or NYUD-v2 (`hub_configs/` of the package has their recipes).")  # fmt: skip
+    else:
+        uses = (f"Dense prediction of {', '.join(TASKS[t].description for t in tasks)} on images like those of "
+                f"{dataset_name} (evaluated at {size_text} pixels). Outside that domain (other scene types, very "
+                "different resolutions or camera geometry) expect degraded maps; depth is metric only for cameras "
+                "like the dataset's. Not evaluated for any safety-critical use.")  # fmt: skip
+    if synthetic:
+        image_code = ("from modeling_taskexpert.data.synthetic import render_sample  # a scene like those it was trained on\n"
+                      f"image = Image.fromarray(render_sample(seed=0, split=\"validation\", index=0, image_size={size[0] if size else 128})[\"image\"])")  # fmt: skip
+    else:
+        image_code = ("import requests\n"
+                      "image = Image.open(requests.get(\"http://images.cocodataset.org/val2017/000000039769.jpg\", stream=True).raw)")  # fmt: skip
+
+    # Results: main metrics per task, against the chance bar when one was recorded for this data.
+    chance = chance_baseline or {}
+    rows = [f"| {task} | {label} | {_format(value)} |" + (f" {_format(bar)} |" if chance else "")
+            for task, label, value, bar in main_metric_rows(metrics, tasks, chance)]  # fmt: skip
+    header = "| task | metric | value |" + (" chance |" if chance else "") + "\n|---|---|---|" + ("---|" if chance else "")
+    other = [f"| {key} | {_format(value)} |" for key, value in sorted(metrics.items())
+             if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in keys for keys in MAIN_METRICS.values())]  # fmt: skip
+    class_rows = []
+    for task in tasks:
+        if TASKS[task].kind != "segmentation":
+            continue
+        for class_id, class_name in sorted(config.task_id2label.get(task, {}).items(), key=lambda item: int(item[0])):
+            key = f"{task}/IoU/{class_name}"
+            if key in metrics:
+                class_rows.append(f"| {task} | {class_id} | {class_name} | {_format(metrics[key])} |"
+                                  + (f" {_format(chance.get(key))} |" if chance else ""))  # fmt: skip
+    class_header = "| task | id | class | IoU (%) |" + (" chance |" if chance else "") + "\n|---|---|---|---|" + ("---|" if chance else "")
+    edge_note = ""
+    if "edge" in tasks:
+        edge_note = ("\nBoundaries: `odsF` comes from the protocol's exact scorer (non-maximum suppression, thinning and "
+                     "one-to-one matching at 101 thresholds, as `python -m modeling_taskexpert.evaluation` computes it by "
+                     "default); `odsF_approx` from the fast approximate scorer used during training (no thinning, no "
+                     "one-to-one matching, so it reads higher). Compare only numbers of the same scorer.\n")  # fmt: skip
+    chance_note = ""
+    if chance:
+        chance_note = ("\nChance: the best input-independent prediction on the same validation images (most frequent "
+                       "class, positive rate, mean normal, mean depth), recorded with "
+                       "`python -m modeling_taskexpert.evaluation.trivial_baselines`.\n")  # fmt: skip
+    splits = metadata.get("splits", {})
+    class_lists = "".join(
+        f"- `{task}` classes: {', '.join(str(name) for _, name in sorted(config.task_id2label[task].items(), key=lambda item: int(item[0])))}\n"
+        for task in tasks if task in getattr(config, "task_id2label", {})
+    )  # fmt: skip
+    recipe_text = yaml.safe_dump(hub_recipe(recipe), sort_keys=False).strip()
+    architecture = "TaskExpert (Ye & Xu, ICCV 2023)" if config.model_type == "taskexpert" else "Mod-Squad (Chen et al., CVPR 2023)"
     body = f"""
 # {model_name}
 
-A {config.model_type} multi-task dense prediction model trained with the `modeling_taskexpert` package on
-`{dataset_id}` ({dataset_name}). Tasks: {tasks}. Backbone: ViT ({backbone.model_type}), hidden size
-{getattr(backbone, "hidden_size", "?")}, {getattr(backbone, "num_hidden_layers", "?")} layers.
+A {architecture} multi-task dense prediction model: one image in, one map per task out ({", ".join(f"`{t}`" for t in tasks)}).
+Backbone: ViT, hidden size {getattr(backbone, "hidden_size", "?")}, {getattr(backbone, "num_hidden_layers", "?")} layers,
+patch size {getattr(config, "patch_size", getattr(backbone, "patch_size", "?"))}{f", initialised from [`{backbone_checkpoint}`](https://huggingface.co/{backbone_checkpoint})" if backbone_checkpoint else ""}.
+Trained with `train.py` of the `modeling_taskexpert` package on `{dataset_id}`.
 
-## Usage
+## Intended uses and limitations
+
+{uses}
+
+## How to use
+
+The model predicts every task at once; the Hub's closest task is `{_pipeline_tag(tasks)}`, and the full output comes from
+the custom pipeline `{PIPELINE_TASK}` shipped with the model (remote code; or install `modeling_taskexpert`).
 
 ```python
-from transformers import AutoImageProcessor, AutoModel
-model = AutoModel.from_pretrained("{model_name}", trust_remote_code=True)  # or `import modeling_taskexpert` first
-processor = AutoImageProcessor.from_pretrained("{model_name}", trust_remote_code=True)
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, pipeline
+
+{image_code}
+model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 inputs = processor(image, return_tensors="pt")
 outputs = model(**inputs)
-maps = processor.post_process_dense_predictions(outputs, target_sizes=[image.size[::-1]])
+maps = processor.post_process_dense_predictions(outputs, target_sizes=[image.size[::-1]])[0]  # task -> map
+
+pipe = pipeline("{PIPELINE_TASK}", model="{repo_id}", trust_remote_code=True)
+result = pipe(image)  # task -> {{"prediction": array, "image": rendering}}
+```
+
+## Training data
+
+`{dataset_name}`: {splits.get("train", "?")} training and {splits.get("validation", "?")} validation images, trained on
+crops of {"x".join(str(v) for v in (recipe.crop_size or metadata.get("train_size") or []))} pixels, evaluated at {size_text}.
+{class_lists}
+## Training procedure
+
+{recipe.max_steps} steps of {recipe.optimizer} (learning rate {recipe.learning_rate:g}, poly decay with power
+{recipe.poly_power:g}, {recipe.warmup_steps} warm-up steps), batch {recipe.per_device_train_batch_size} per device,
+loss weighting `{recipe.loss_weighting}`, seed {recipe.seed}. The full recipe (`recipe.yaml`):
+
+```yaml
+{recipe_text}
 ```
 
 ## Evaluation (validation split, after the last training step)
 
+{header}
+{chr(10).join(rows)}
+{edge_note}{chance_note}
+Per-class IoU:
+
+{class_header}
+{chr(10).join(class_rows) if class_rows else ""}
+
+Every other metric:
+
 | metric | value |
 |---|---|
-{rows}
+{chr(10).join(other)}
 
-Units: mIoU, maxF and odsF in %, normal errors in degrees, depth errors in metres.
-{"Boundary odsF marked `approx` comes from the fast approximate scorer used during training, not the official protocol." if any("approx" in k for k in metrics) else ""}
+Units: mIoU, accuracy, maxF and odsF in %, angles in degrees, depth errors in metres.
 
-## Training recipe
-
-```yaml
-{yaml.safe_dump(recipe, sort_keys=False).strip()}
-```
+![Training loss and the main metric of every task against the step](training_curves.png)
 
 ## Citation
 
 ```bibtex
-@inproceedings{{ye2023taskexpert,
-  title={{TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial Mixture-of-Experts}},
-  author={{Ye, Hanrong and Xu, Dan}},
-  booktitle={{ICCV}},
-  year={{2023}}
-}}
+{_citation(config.model_type)}
 ```
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").content
+
+
+# ---- the README's table of what `make train` reaches -------------------------------------------------------------
+README_START, README_END = "<!-- make-train-results:start -->", "<!-- make-train-results:end -->"
+
+
+def run_summary(run_folder) -> dict:
+    """What the README reports about a finished run, all read from its folder: the metrics, the chance bar the card
+    used, steps, number of validation images, runtime and commit."""
+    run_folder = Path(run_folder)
+    metrics = json.loads((run_folder / "metrics.json").read_text())
+    recipe = yaml.safe_load((run_folder / "recipe.yaml").read_text())
+    config = json.loads((run_folder / "config.json").read_text())
+    provenance = json.loads((run_folder / "provenance.json").read_text())
+    end = ([r for r in read_log(run_folder / "train_log.jsonl") if r.get("kind") == "end"] or [{}])[-1]
+    return {
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "chance": end.get("chance_baseline"),
+        "tasks": config["tasks"],
+        "max_steps": recipe["max_steps"],
+        "runtime_seconds": end.get("runtime_seconds"),
+        "num_eval_samples": end.get("num_eval_samples"),
+        "git_commit": provenance.get("git_commit"),
+        "recipe_sha256": provenance.get("recipe_sha256"),
+    }
+
+
+def render_readme_results(summary: dict) -> str:
+    """The README block: the results table of `make train` against the chance bar, and how it was measured."""
+    rows = main_metric_rows(summary["metrics"], summary["tasks"], summary.get("chance"))
+    lines = ["| task | metric | chance bar | `make train` |", "|---|---|---|---|"]
+    lines += [f"| {task} | {label} | {_format(bar)} | {_format(value)} |" for task, label, value, bar in rows]
+    lower = {label for _, label, _, _ in rows if "lower is better" in label}
+    beaten = [task for task, label, value, bar in rows if bar is not None and ((value < bar) if label in lower else (value > bar))]
+    missed = sorted({task for task, _, _, bar in rows if bar is not None} - set(beaten))
+    runtime = summary.get("runtime_seconds")
+    lines += ["", f"Measured by `make train` ({summary['max_steps']} steps"
+              + (f", {runtime / 60:.1f} minutes including evaluation" if runtime else "")
+              + (f"; validation split, {summary['num_eval_samples']} images" if summary.get("num_eval_samples") else "")
+              + (f"; commit `{summary['git_commit'][:10]}`" if summary.get("git_commit") else "") + "). "
+              + ("Every task clears its bar." if not missed else f"Below the bar: {', '.join(missed)}.")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def update_readme(readme, summary: dict) -> None:
+    """Replace the block between the README's make-train markers with `render_readme_results(summary)`."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block.")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write(readme, lambda temporary: temporary.write_text(
+        f"{head}{README_START}\n{render_readme_results(summary)}\n{README_END}{tail}"))  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    """Record a finished `make train` run and refresh the README's table from it:
+
+        python -m modeling_taskexpert.training.reporting outputs/taskexpert-synthetic-tiny
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m modeling_taskexpert.training.reporting", description=main.__doc__.split("\n")[0])
+    parser.add_argument("run", help="the output folder of the run")
+    parser.add_argument("--record", default="docs/make_train_results.json", help="where the summary is kept")
+    parser.add_argument("--readme", default="README.md")
+    args = parser.parse_args(argv)
+    summary = run_summary(args.run)
+    atomic_write(args.record, lambda temporary: temporary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n"))
+    update_readme(args.readme, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,26 +1,30 @@
-"""The "chance" bar of `make train`: metrics of input-independent predictors on a dataset's validation split.
+"""The "chance" bar: metrics of input-independent predictors on a dataset's validation split.
 
 Each task gets the best constant prediction a model could learn without looking at the image: the most frequent
 class everywhere (segmentation), the positive rate as a probability everywhere (saliency, boundaries), the mean
 normal direction (normals), the mean depth (depth). A trained model is clearly better than chance when it beats these
-on every task. Usage: `python bench/trivial_baselines.py --dataset data/synthetic [--output bench/trivial_baselines.json]`.
+on every task. The bar of the synthetic benchmark is recorded in `bench/trivial_baselines.json`, with the description
+of the dataset it was measured on; `train.py` puts it in the model card of a model evaluated on that same data:
+
+    python -m modeling_taskexpert.evaluation.trivial_baselines --dataset data/synthetic --output bench/trivial_baselines.json
 """
 
 import argparse
-import json
-import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
+from ..file_utils import write_json_atomic
+from ..task_definitions import IGNORE_INDEX, TASKS
+from .boundary import BOUNDARY_MODES
+from .evaluator import DenseMultiTaskEvaluator
 
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset  # noqa: E402
-from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator  # noqa: E402
-from modeling_taskexpert.task_definitions import IGNORE_INDEX, TASKS  # noqa: E402
-from modeling_taskexpert.training import write_json_atomic  # noqa: E402
+# Metadata fields that identify the data a recorded bar belongs to.
+IDENTITY_FIELDS = ("name", "eval_size", "boundary_tolerance", "splits")
 
 
 def label_statistics(loader, tasks) -> dict:
@@ -67,7 +71,15 @@ def constant_predictions(batch, statistics) -> dict:
     return predictions
 
 
-def trivial_baseline_metrics(dataset: str, edge_mode: str = "approximate") -> dict:
+def dataset_identity(metadata: dict, num_samples: int) -> dict:
+    """What a recorded bar was measured on: the dataset's description and the number of validation samples scored."""
+    return {**{key: metadata.get(key) for key in IDENTITY_FIELDS}, "num_samples": num_samples}
+
+
+def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
+    """{"dataset": identity, "metrics": the constant predictors' metrics} on the validation split of `dataset`, with
+    every boundary scorer of `edge_mode` (both by default: the exact scorer's bar is far lower than the approximate
+    one's, since it thins a constant map to a one-pixel grid before matching)."""
     metadata = read_dataset_metadata(dataset)
     tasks = [task for task in TASKS if task in metadata["tasks"]]
     data = load_multitask_dataset(dataset, "validation").with_transform(build_transforms(metadata, train=False, tasks=tasks))
@@ -76,21 +88,36 @@ def trivial_baseline_metrics(dataset: str, edge_mode: str = "approximate") -> di
     evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=tasks, edge_mode=edge_mode)
     for batch in loader:
         evaluator.update(constant_predictions(batch, statistics), batch["labels"], meta=batch)
-    return evaluator.compute()
+    return {"dataset": dataset_identity(metadata, len(data)), "metrics": evaluator.compute(sync=False)}
+
+
+def recorded_baseline(path, metadata: dict, num_samples: int) -> Optional[dict]:
+    """The metrics of a recorded bar (a file written by this module) when it was measured on the same data as
+    described by `metadata` and `num_samples`; None otherwise (or when there is no such file)."""
+    import json
+
+    try:
+        recorded = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("dataset") != json.loads(json.dumps(dataset_identity(metadata, num_samples))):
+        return None
+    return recorded.get("metrics")
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m modeling_taskexpert.evaluation.trivial_baselines",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
     parser.add_argument("--dataset", default="data/synthetic")
-    parser.add_argument("--output", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    metrics = trivial_baseline_metrics(args.dataset)
-    for key in sorted(metrics):
+    result = trivial_baseline_metrics(args.dataset)
+    for key, value in sorted(result["metrics"].items()):
         if "/IoU/" not in key:
-            print(f"{key:28s} {metrics[key]:.4g}")
+            print(f"{key:28s} {value:.4g}")
     if args.output:
-        write_json_atomic(Path(args.output), metrics)
-    return metrics
+        write_json_atomic(Path(args.output), result, sort_keys=True)
+    return result
 
 
 if __name__ == "__main__":
