@@ -234,6 +234,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             except Exception as error:  # a failure of the app: the log gets the traceback, the user a message
                 logger.exception("Inference failed")
                 fail(f"Inference failed ({type(error).__name__}: {error}).", request)
+            janitor.sweep()  # make room before this request's files are written: only earlier files can go
             device = "GPU" if demo_model.model.device.type == "cuda" else "CPU"
             maps = [
                 None if task not in prediction.predictions
@@ -241,7 +242,6 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                 for task in task_outputs
             ]  # fmt: skip
             arrays = save_npz(prediction, arrays_file.GRADIO_CACHE)
-            janitor.sweep()
             depth = prediction.predictions.get("depth")
             state = ExpertsState.from_prediction(prediction.image, prediction.routing, depth)
             return status_text(prediction, device), *maps, str(arrays), state

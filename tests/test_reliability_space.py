@@ -10,9 +10,11 @@ pytestmark = pytest.mark.slow
 
 def test_space_files_stay_bounded_and_go_on_sigterm(monkeypatch):
     # A 1 MB budget and no minimum age: every request's files push the previous ones out (sequential sessions only,
-    # so no client is still downloading what is deleted).
+    # so no client is still downloading what is deleted). Only the sweep at the start of each request runs (none on
+    # the timer), so what it can delete is always the earlier requests' files.
     monkeypatch.setenv("TASKEXPERT_SPACE_CACHE_MAX_MB", "1")
     monkeypatch.setenv("TASKEXPERT_SPACE_CACHE_MIN_AGE_S", "0.01")
+    monkeypatch.setenv("TASKEXPERT_SPACE_SWEEP_INTERVAL_S", "3600")
     results = load_test.run_load_test(sessions=8, clients=0, requests_per_client=1, image_side=256, time_limit=300)
     assert results["failures"] == 0, results["failure_examples"]
     samples = results["sequential"]
