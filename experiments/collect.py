@@ -86,7 +86,7 @@ def load_run(folder: Path) -> dict:
     return {
         "folder": folder, "metrics": metrics, "tasks": list(config["tasks"]), "recipe": recipe, "log": log,
         "model_type": config["model_type"], "step_seconds": step_seconds(log, recipe),
-        "provenance": provenance, "revision": revision_of(provenance),
+        "provenance": provenance, "revision": revision_of(provenance), "short_revision": short_revision(provenance),
         "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if launches else None,
     }  # fmt: skip
 
@@ -122,6 +122,15 @@ def revision_of(provenance: Optional[dict]) -> str:
     revisions = [_describe(provenance)] + [_describe(resume) for resume in provenance.get("resumes", [])]
     distinct = list(dict.fromkeys(revisions))
     return distinct[0] if len(distinct) == 1 else "mixed: " + "; ".join(distinct)
+
+
+def short_revision(provenance: Optional[dict]) -> str:
+    """The commit of a run in 12 hex digits ("+changes" when the tree had uncommitted changes), for table cells."""
+    if provenance is None:
+        return UNRECORDED
+    commits = [provenance] + list(provenance.get("resumes", []))
+    texts = list(dict.fromkeys(f"{(p.get('git_commit') or 'no-commit')[:12]}{'+changes' if p.get('git_dirty') else ''}" for p in commits))
+    return texts[0] if len(texts) == 1 else "mixed " + "/".join(texts)
 
 
 def revisions(collected: dict) -> dict[str, list[str]]:
@@ -299,8 +308,10 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
         difference = paired.compare(values, reference_values, sign)
         if difference is not None:
             per_task[task] = {"metric": key, "higher_is_better": higher_is_better(task), "difference": difference}
+    compared = list(runs.values()) + [run for task_runs in references.values() for run in task_runs.values()]
     return {"comparison": comparison, "delta_m": delta_m, "per_task": per_task,
-            "verdict": delta_m.verdict() if (delta_m is not None and comparison.claim) else None}  # fmt: skip
+            "verdict": delta_m.verdict() if (delta_m is not None and comparison.claim) else None,
+            "revisions": sorted({run["short_revision"] for run in compared})}  # fmt: skip
 
 
 def comparisons(collected: dict, summary: dict) -> list[dict]:
@@ -311,7 +322,7 @@ def comparisons(collected: dict, summary: dict) -> list[dict]:
 def comparisons_to_json(results: list[dict]) -> list[dict]:
     return [{
         "name": r["comparison"].name, "variant": r["comparison"].variant, "reference": r["comparison"].reference,
-        "claim": r["comparison"].claim, "verdict": r["verdict"],
+        "claim": r["comparison"].claim, "verdict": r["verdict"], "revisions": r["revisions"],
         "delta_m": r["delta_m"].to_dict() if r["delta_m"] else None,
         "per_task": {task: {"metric": v["metric"], "higher_is_better": v["higher_is_better"], **v["difference"].to_dict()}
                      for task, v in r["per_task"].items()},

@@ -320,14 +320,16 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     lines += ["## The paper's claims on this benchmark", ""]
     claims = [r for r in results if r["comparison"].claim]
     rows = [[r["comparison"].claim, f"{r['comparison'].variant} − {_reference_label(r['comparison'].reference)}",
-             _interval(r["delta_m"]), r["delta_m"].n if r["delta_m"] else 0, r["verdict"] or "n/a"] for r in claims]  # fmt: skip
-    lines += _table(["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "verdict"], rows)
+             _interval(r["delta_m"]), r["delta_m"].n if r["delta_m"] else 0, r["verdict"] or "n/a",
+             ", ".join(f"`{revision}`" for revision in r["revisions"])] for r in claims]  # fmt: skip
+    lines += _table(["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "verdict", "revision"], rows)
     others = [r for r in results if not r["comparison"].claim]
     if others:
         lines += ["", "Other paired comparisons (no claim of the paper):", ""]
-        lines += _table(["comparison", "Δm difference, mean [95 % CI]", "seeds"],
-                        [[f"{r['comparison'].variant} − {r['comparison'].reference}" + _variant_revision(collected, summary, r["comparison"].reference),
-                          _interval(r["delta_m"]), r["delta_m"].n if r["delta_m"] else 0] for r in others])  # fmt: skip
+        lines += _table(["comparison", "Δm difference, mean [95 % CI]", "seeds", "revision"],
+                        [[f"{r['comparison'].variant} − {r['comparison'].reference}", _interval(r["delta_m"]),
+                          r["delta_m"].n if r["delta_m"] else 0, ", ".join(f"`{revision}`" for revision in r["revisions"])]
+                         for r in others])  # fmt: skip
     tasks = [t for t in TASKS if any(t in r["per_task"] for r in results)]
     lines += ["", f"Per task: paired difference of the main metric, mean [95 % CI], signed so that positive means the "
               f"first model is better ({UNITS}).", ""]  # fmt: skip

@@ -169,6 +169,7 @@ def test_paired_comparisons_of_the_study(tmp_path):
     gain = results["multi-task-gain"]
     assert gain["delta_m"].differences == {0: pytest.approx(23.75), 1: pytest.approx(-17.5)}
     assert gain["per_task"]["semseg"]["difference"].differences == {0: pytest.approx(15.0), 1: pytest.approx(-15.0)}
+    assert shared["revisions"] == [COMMIT[:12]]
     as_json = collect.comparisons_to_json(list(results.values()))
     assert json.loads(json.dumps(as_json))[0]["delta_m"]["method"] == paired.METHOD
 
@@ -183,11 +184,11 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
                "shared-decoder": [1.0, 2.0, 1.5, 2.5, 3.0], "no-memory": [-1.0, 1.0, -0.5, 0.5, 0.2]}  # fmt: skip
     for name, deltas in offsets.items():
         runs = {seed: {"metrics": {"semseg/mIoU": 50.0 * (1 + deltas[seed] / 100)}, "tasks": ["semseg"],
-                       "revision": "r1", "step_seconds": None, "cpu_seconds": None, "folder": tmp_path}
+                       "revision": "r1", "short_revision": "r1", "step_seconds": None, "cpu_seconds": None, "folder": tmp_path}
                 for seed in seeds}  # fmt: skip
         collected["variants"][name] = {"name": name, "kind": variants[name].kind, "runs": runs, "missing": []}
     collected["variants"]["single-semseg"] = {"name": "single-semseg", "kind": "single-task", "missing": [], "runs": {
-        seed: {"metrics": {"semseg/mIoU": 50.0}, "tasks": ["semseg"], "revision": "r1", "step_seconds": None,
+        seed: {"metrics": {"semseg/mIoU": 50.0}, "tasks": ["semseg"], "revision": "r1", "short_revision": "r1", "step_seconds": None,
                "cpu_seconds": None, "folder": tmp_path} for seed in seeds}}  # fmt: skip
     summary = collect.aggregate(collected)
     results = {r["comparison"].name: r for r in collect.comparisons(collected, summary)}
@@ -218,7 +219,9 @@ def test_mixed_revisions_are_refused_unless_allowed(tmp_path):
     resumed = provenance(resumes=[{**provenance("e" * 40), "step": 30}])
     assert collect.revision_of(resumed).startswith("mixed: commit 0123456789ab") and "eeeeeeeeeeee" in collect.revision_of(resumed)
     assert collect.revision_of(provenance(dirty=True)).startswith("commit 0123456789ab with uncommitted changes")
-    assert collect.revision_of(None) == collect.UNRECORDED
+    assert collect.revision_of(None) == collect.short_revision(None) == collect.UNRECORDED
+    assert collect.short_revision(resumed) == "mixed 0123456789ab/eeeeeeeeeeee"
+    assert collect.short_revision(provenance(dirty=True)) == "0123456789ab+changes"
 
 
 def test_best_model_is_promoted_without_checkpoints_and_replaced_atomically(tmp_path):
