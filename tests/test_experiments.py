@@ -150,6 +150,7 @@ def test_aggregation_delta_m_and_step_time_match_hand_computation(tmp_path):
     assert taskexpert["cpu_seconds"][0] == pytest.approx(90.0)
     assert "delta_m" not in summary["variants"]["single-depth"]
     assert taskexpert["revisions"] == [f"commit {COMMIT[:12]}, package 0.1.0, torch 2.13.0"]
+    assert taskexpert["recipe_sha256"] == {0: "ab" * 32, 1: "ab" * 32}
 
     best = collect.best_run(collected, summary)
     assert best["seed"] == 0 and best["delta_m"] == pytest.approx(10.0)
