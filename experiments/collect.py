@@ -256,7 +256,7 @@ def aggregate(collected: dict) -> dict:
         entry = {"seeds": sorted(runs), "missing": variant["missing"], "tasks": first["tasks"], "metrics": metrics,
                  "primary": {task: primary_key(task, first["metrics"]) for task in first["tasks"]},
                  "revisions": sorted({run["revision"] for run in runs.values()}),
-                 "recipe_sha256": {seed: (run["provenance"] or {}).get("recipe_sha256") for seed, run in sorted(runs.items())}}  # fmt: skip
+                 "recipe_sha256": {seed: (run.get("provenance") or {}).get("recipe_sha256") for seed, run in sorted(runs.items())}}  # fmt: skip
         times = [run["step_seconds"] for run in runs.values() if run["step_seconds"] is not None]
         entry["step_seconds"] = mean_std(times) if times else None
         cpu = [run["cpu_seconds"] for run in runs.values() if run["cpu_seconds"] is not None]
