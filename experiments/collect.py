@@ -87,8 +87,14 @@ def load_run(folder: Path) -> dict:
         "folder": folder, "metrics": metrics, "tasks": list(config["tasks"]), "recipe": recipe, "log": log,
         "model_type": config["model_type"], "step_seconds": step_seconds(log, recipe),
         "provenance": provenance, "revision": revision_of(provenance), "short_revision": short_revision(provenance),
-        "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if launches else None,
+        "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if _complete(launches) else None,
     }  # fmt: skip
+
+
+def _complete(launches: list[dict]) -> bool:
+    """Whether the launches cover the whole run: the first one started it afresh (records without "fresh" predate
+    that field and were written by complete runs only)."""
+    return bool(launches) and launches[0].get("fresh", True)
 
 
 def step_seconds(log: list[dict], recipe: dict) -> Optional[float]:
@@ -175,7 +181,22 @@ def collect(output_root: Path) -> dict:
     order = {kind: index for index, kind in enumerate(KINDS)}
     ordered = sorted(variants.values(), key=lambda v: order[v["kind"]])  # stable: the study's order within a kind
     return {"mode": study["mode"], "dataset": study["dataset"], "jobs": study.get("jobs", 1),
-            "cpu_count": study.get("cpu_count"), "variants": {v["name"]: v for v in ordered}}  # fmt: skip
+            "cpu_count": study.get("cpu_count"), "variants": {v["name"]: v for v in ordered},
+            "boundary_scorer": one_boundary_scorer(ordered)}  # fmt: skip
+
+
+def one_boundary_scorer(variants: list[dict]) -> Optional[str]:
+    """Compare every model on one boundary scorer: the exact one when every run with boundaries has it, else the
+    approximate one, whose keys every run has (the exact keys are then dropped from the runs' metrics). Returns
+    "exact", "approximate", or None without a boundary task."""
+    runs = [run for variant in variants for run in variant["runs"].values() if "edge" in run["tasks"]]
+    if not runs:
+        return None
+    if all(PRIMARY_METRICS["edge"][0] in run["metrics"] for run in runs):
+        return "exact"
+    for run in runs:
+        run["metrics"] = {k: v for k, v in run["metrics"].items() if not k.startswith("edge/") or k.endswith("_approx")}
+    return "approximate"
 
 
 def primary_key(task: str, metrics: dict) -> str:

@@ -137,6 +137,9 @@ def _launch_subprocess(command: list[str], log_path: Path, threads: Optional[int
     environment = dict(os.environ)
     if threads is not None:
         environment["OMP_NUM_THREADS"] = str(threads)
+    # A launch into a folder without checkpoints trains from the first step: the run's CPU time is complete only
+    # when its first launch was such a fresh one (a runner killed mid-run records nothing for that launch).
+    fresh = not any((Path(log_path).parent / "checkpoints").glob("*"))
     start = time.perf_counter()
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
@@ -144,7 +147,7 @@ def _launch_subprocess(command: list[str], log_path: Path, threads: Optional[int
         process.returncode = os.waitstatus_to_exitcode(wait_status)
     record_launch(Path(log_path).parent, {
         "exit_status": process.returncode, "wall_seconds": time.perf_counter() - start,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads, "fresh": fresh,
     })  # fmt: skip
     return process.returncode
 

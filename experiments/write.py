@@ -306,8 +306,8 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
               f"is *inconclusive* when it contains 0, and is not decided with fewer than {paired.MIN_SEEDS} seeds.",
               "- Δm: `compute_delta_m` against the seed-mean of the single-task models, over the model's tasks (main "
               "metrics: " + ", ".join(f"{t} {k}" for t, (k, _) in PRIMARY_METRICS.items()) + "); for the multi-task gain, "
-              "against the single-task models of the same seed. Boundary odsF is the approximate scorer used during "
-              f"training. {UNITS}.",
+              "against the single-task models of the same seed. Boundary odsF: the "
+              f"{collected['boundary_scorer'] or 'n/a'} scorer for every model. {UNITS}.",
               "- Cost: parameters; FLOPs of one forward pass of one image at the evaluation size, all tasks "
               "(`torch.utils.flop_counter`, a multiply-add = 2 FLOPs); step time = median over logging windows of one "
               f"optimiser step as logged, {_step_time_conditions(collected)}; CPU time per run as measured by the runner.",

@@ -248,3 +248,18 @@ def test_report_without_study_names_the_folder(tmp_path):
     (tmp_path / "study.json").write_text('{"mode": "big", "runs": []}')
     with pytest.raises(collect.StudyError, match="must hold 'mode'"):
         collect.collect(tmp_path)
+
+
+def test_every_model_is_compared_on_one_boundary_scorer():
+    def run_with(metrics):
+        return {"tasks": ["edge"], "metrics": dict(metrics)}
+
+    exact = {"edge/odsF": 50.0, "edge/oisF": 51.0, "edge/odsF_approx": 48.0}
+    approximate = {"edge/odsF_approx": 47.0}
+    variants = [{"runs": {0: run_with(exact), 1: run_with(exact)}}, {"runs": {0: run_with(approximate)}}]
+    assert collect.one_boundary_scorer(variants) == "approximate"
+    assert variants[0]["runs"][0]["metrics"] == {"edge/odsF_approx": 48.0}  # the exact keys are dropped everywhere
+    assert collect.primary_key("edge", variants[0]["runs"][0]["metrics"]) == "edge/odsF_approx"
+    variants = [{"runs": {0: run_with(exact)}}]
+    assert collect.one_boundary_scorer(variants) == "exact" and variants[0]["runs"][0]["metrics"] == exact
+    assert collect.one_boundary_scorer([{"runs": {0: {"tasks": ["depth"], "metrics": {}}}}]) is None

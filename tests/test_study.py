@@ -83,7 +83,7 @@ def test_modes_and_seeds():
         assert sorted(r.seed for r in full if r.variant.name == name) == list(expected)
         assert name not in claims or expected == study.SEEDS  # the models of a claim train with every seed
     assert len(study.DESCRIPTIVE_SEEDS) >= 5 and study.DESCRIPTIVE_SEEDS == study.SEEDS[: len(study.DESCRIPTIVE_SEEDS)]
-    assert all(r.all_overrides == {} for r in full)  # the full study trains the recipes as they are
+    assert all(r.all_overrides == study.STUDY_OVERRIDES for r in full)  # the recipes as they are, one boundary scorer
     pilot = study.study_runs("pilot")
     assert {r.variant.name for r in pilot if len([p for p in pilot if p.variant == r.variant]) > 1} == set(study.PILOT_VARIANTS)
     assert {r.seed for r in pilot if r.variant.kind in ("single-task", "modsquad")} == {0}
