@@ -98,7 +98,7 @@ def build_report(output_root: Path, output: Path, notes_output: Optional[Path] =
     write.plot_paired_differences(results, output.parent / figures["paired"])
     for name, data in usage.items():
         write.plot_routing(name, data, output.parent / figures["usage"][name])
-    notes = write.build_notes(collected, summary, results, costs, estimate, pairing)
+    notes = write.build_notes(collected, summary, results, costs, estimate, pairing, plan)
     best_text = {k: v for k, v in best.items() if k != "run"} if best else None
     gpu_recipes = [measure.recipe_cost(name) for name in measure.GPU_RECIPES]
     write_text_atomic(output, write.build_markdown(collected, summary, results, costs, usage, figures, notes, estimate,

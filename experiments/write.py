@@ -210,7 +210,7 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
 
 
 def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict, estimate: Optional[dict],
-                pairing: Optional[dict]) -> str:  # fmt: skip
+                pairing: Optional[dict], plan: Optional[dict] = None) -> str:  # fmt: skip
     """The "Reading these results" notes: sentences chosen by the computed values, every number filled in by code."""
     mode = collected["mode"]
     lines = ["### Reading these results", ""]
@@ -230,6 +230,8 @@ def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict
         )
     if estimate is not None:
         lines.append(_power_sentence(estimate, mode))
+    if plan is not None:
+        lines.append("- **Plan.** " + _plan_sentence(plan, estimate))
     resolution = estimate["detectable_difference"] if estimate else None
     claims = [r for r in results if r["comparison"].claim]
     if mode == "full" or claims:
@@ -347,12 +349,7 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     else:
         lines += _power_table(estimate)
     if plan is not None:
-        lines += ["", f"The full study: `{plan['command']}` trains {plan['runs']} runs ({plan['variants']} models; "
-                  f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
-                  f"{', '.join(plan['descriptive'])}); the measured CPU time of the {estimate['mode']} runs gives about {plan['cpu_hours']:.1f} "
-                  f"CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle cores with "
-                  f"`JOBS={plan['jobs']}`." + (f" Not measured in the {estimate['mode']} runs (counted at the TaskExpert run's cost): "
-                                              f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""), ""]  # fmt: skip
+        lines += ["", _plan_sentence(plan, estimate), ""]
 
     # Overview
     lines += ["## Overview", "", *_table(["model", "kind", "seeds", "parameters (M)", "GFLOPs", "s / step", "CPU min / run", "Δm (%)"], [
@@ -402,6 +399,16 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
         lines += ["No checkpoint is promoted: only the full study's models are served.", ""]
     lines += [gpu_guide(gpu_recipes), ""]
     return "\n".join(lines)
+
+
+def _plan_sentence(plan: dict, estimate: dict) -> str:
+    return (f"The full study, `{plan['command']}`, trains {plan['runs']} runs ({plan['variants']} models; "
+            f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
+            f"{', '.join(plan['descriptive'])}); the CPU time measured in the {estimate['mode']} runs gives about "
+            f"{plan['cpu_hours']:.1f} CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle "
+            f"cores with `JOBS={plan['jobs']}`."
+            + (f" Not measured in the {estimate['mode']} runs (counted at a TaskExpert run's cost): "
+               f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""))
 
 
 def _power_table(estimate: dict) -> list[str]:
