@@ -25,7 +25,7 @@ from modeling_taskexpert.file_utils import write_json_atomic
 from . import paired
 from .collect import StudyError, aggregate, collect
 from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT
-from .study import COMPARISONS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
+from .study import COMPARISONS, DESCRIPTIVE_VARIANTS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
 
 ALPHA = 1 - paired.CONFIDENCE
 TARGET_DIFFERENCE = 1.0  # Δm points the study should resolve
@@ -33,6 +33,7 @@ TARGET_POWER = 0.8
 SIGMA_UPPER_LEVEL = 0.8  # one-sided confidence of the upper bound of σ
 MAX_SEEDS = 1000
 POWER_FILE = "power.json"
+BIGGER_RECIPE = "hub_configs/synthetic-small.yaml"  # the larger synthetic recipe the study could move to
 
 
 def power(n: int, sigma: float, difference: float = TARGET_DIFFERENCE, alpha: float = ALPHA) -> float:
@@ -108,6 +109,43 @@ def study_cpu_seconds(summary: dict) -> dict:
     return {"per_run_seconds": per_run, "runs": counts, "total_seconds": total, "unmeasured_kinds": missing}
 
 
+def training_flops(recipe_path: str) -> float:
+    """Counted FLOPs of the forward passes of one training run of a synthetic recipe (forward FLOPs of one image at
+    its training crop × batch × steps; the backward pass scales both sizes alike), on the meta device."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from bench.measure import count_flops
+    from modeling_taskexpert.training import load_recipe
+
+    with contextlib.chdir(REPO_ROOT):
+        recipe = load_recipe(recipe_path)
+        settings = json.loads(Path(recipe.model_config).read_text())
+    settings.update(recipe.model_overrides)
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.for_model(**settings))
+    size = settings.get("image_size") or settings["backbone_config"]["image_size"]
+    pixel_values = torch.zeros(1, 3, size, size, device="meta")
+    with torch.no_grad():
+        flops = count_flops(lambda: model(pixel_values=pixel_values))
+    return float(flops) * recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * recipe.max_steps
+
+
+def bigger_recipe(estimate: dict, recipe: str = BIGGER_RECIPE, reference: str = "hub_configs/synthetic-tiny.yaml") -> dict:
+    """What the study's CPU time buys at a bigger recipe: its cost per run relative to the study's (counted training
+    FLOPs), the paired seeds that CPU time affords there, and the paired noise it would need to resolve
+    `TARGET_DIFFERENCE` with `TARGET_POWER` at that many seeds (the noise at that size is not measured)."""
+    ratio = training_flops(recipe) / training_flops(reference)
+    per_run = estimate["cpu"]["per_run_seconds"]
+    per_seed = sum(per_run.get(_cost_kind(v.name), 0.0) for v in VARIANTS if v.name not in DESCRIPTIVE_VARIANTS)
+    seeds = int(estimate["cpu"]["total_seconds"] // (ratio * per_seed)) if per_seed else 0
+    needed = TARGET_DIFFERENCE / detectable_difference(seeds, 1.0) if seeds >= 2 else 0.0
+    return {"recipe": recipe, "cost_ratio": ratio, "affordable_seeds": seeds, "sigma_needed": needed,
+            "sigma_ratio": estimate["sigma"] / needed if needed else math.inf}  # fmt: skip
+
+
 def _cost_kind(name: str) -> str:
     variant = next(v for v in VARIANTS if v.name == name)
     return {"single-task": "single-task", "modsquad": "modsquad"}.get(variant.kind, "taskexpert")
@@ -141,7 +179,7 @@ def estimate_from(collected: dict, summary: dict) -> dict:
     sigma, df = pooled_std(groups)
     upper = sigma_upper_bound(sigma, df)
     cpu = study_cpu_seconds(summary)
-    return {
+    result = {
         "mode": collected["mode"],
         "comparisons": per_comparison,
         "sigma": sigma, "df": df, "sigma_upper": upper, "sigma_upper_level": SIGMA_UPPER_LEVEL,
@@ -154,6 +192,8 @@ def estimate_from(collected: dict, summary: dict) -> dict:
         "detectable_difference_upper": detectable_difference(len(SEEDS), upper),
         "cpu": cpu,
     }  # fmt: skip
+    result["bigger_recipe"] = bigger_recipe(result)
+    return result
 
 
 def main(argv=None) -> int:
@@ -174,6 +214,9 @@ def main(argv=None) -> int:
           f"{result['detectable_difference']:.2f} points (upper bound {result['detectable_difference_upper']:.2f})")
     print(f"full study: {sum(result['cpu']['runs'].values())} runs, about "
           f"{result['cpu']['total_seconds'] / 3600:.1f} CPU-hours")
+    bigger = result["bigger_recipe"]
+    print(f"{bigger['recipe']}: {bigger['cost_ratio']:.1f}x a run's FLOPs; the same CPU time affords {bigger['affordable_seeds']} "
+          f"seeds, which resolve {TARGET_DIFFERENCE:g} point only with a paired noise below {bigger['sigma_needed']:.2f}")
     return 0
 
 

@@ -232,6 +232,8 @@ def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict
         lines.append(_power_sentence(estimate, mode))
     if plan is not None:
         lines.append("- **Plan.** " + _plan_sentence(plan, estimate))
+    if estimate is not None and estimate.get("bigger_recipe"):
+        lines.append("- **Model size.** " + _size_sentence(estimate))
     resolution = estimate["detectable_difference"] if estimate else None
     claims = [r for r in results if r["comparison"].claim]
     if mode == "full" or claims:
@@ -409,6 +411,20 @@ def _plan_sentence(plan: dict, estimate: dict) -> str:
             f"cores with `JOBS={plan['jobs']}`."
             + (f" Not measured in the {estimate['mode']} runs (counted at a TaskExpert run's cost): "
                f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""))
+
+
+def _size_sentence(estimate: dict) -> str:
+    """Why the study stays at the tiny recipe (or what a bigger one would need), from the measured noise and costs."""
+    bigger = estimate["bigger_recipe"]
+    name = Path(bigger["recipe"]).stem
+    if bigger["affordable_seeds"] < 2:
+        return (f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs): the study's CPU time "
+                "would not even give it two paired seeds, so the study stays at the tiny size.")
+    return (f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs); the study's CPU time "
+            f"affords {bigger['affordable_seeds']} paired seeds there, which resolve a {estimate['target_difference']:g}-point "
+            f"difference only if its paired noise is below {bigger['sigma_needed']:.2f} points, {bigger['sigma_ratio']:.1f}× "
+            f"below the {estimate['sigma']:.2f} measured at the tiny size. That noise is not measured (a pilot at that "
+            "size costs as much as the tiny study), so the study stays at the tiny size, with the resolution stated above.")
 
 
 def _power_table(estimate: dict) -> list[str]:

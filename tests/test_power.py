@@ -51,3 +51,19 @@ def test_power_with_many_seeds_matches_the_normal_approximation():
     n, sigma = 400, 10.0
     expected = stats.norm.cdf(math.sqrt(n) / sigma - stats.norm.ppf(0.975))
     assert power.power(n, sigma, 1.0) == pytest.approx(expected, abs=0.005)
+
+
+def test_bigger_recipe_is_judged_on_the_same_cpu_time():
+    # Costs per run of the pilot (seconds) and the full study's total: the bigger recipe costs `ratio` times more per
+    # run, so the same total affords fewer seeds; at that many seeds, the noise that still resolves 1 point.
+    from experiments import study
+
+    per_run = {"taskexpert": 300.0, "single-task": 120.0, "modsquad": 800.0}
+    estimate = {"sigma": 4.0, "cpu": {"per_run_seconds": per_run, "total_seconds": 400_000.0}}
+    bigger = power.bigger_recipe(estimate)
+    ratio = power.training_flops(power.BIGGER_RECIPE) / power.training_flops("hub_configs/synthetic-tiny.yaml")
+    assert bigger["cost_ratio"] == pytest.approx(ratio) and ratio > 1
+    per_seed = sum(per_run[power._cost_kind(v.name)] for v in study.VARIANTS if v.name not in study.DESCRIPTIVE_VARIANTS)
+    assert bigger["affordable_seeds"] == int(400_000.0 // (ratio * per_seed))
+    assert power.detectable_difference(bigger["affordable_seeds"], bigger["sigma_needed"]) == pytest.approx(1.0, rel=1e-6)
+    assert bigger["sigma_ratio"] == pytest.approx(4.0 / bigger["sigma_needed"])
