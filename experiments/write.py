@@ -295,8 +295,8 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     elif mode == "pilot":
         lines += ["> **PILOT — NOT THE STUDY.** These runs (`make experiments PILOT=1`) measure the seed noise of the",
                   "> paired comparisons, from which the number of seeds of the full study is chosen (section *Power and",
-                  "> the study plan*). With so few seeds no claim is decided; `make experiments` (the full study)",
-                  "> replaces this page.", ""]  # fmt: skip
+                  "> the study plan*). Their verdicts cover a few models and seeds only; `make experiments` (the full",
+                  "> study, on one code revision) replaces this page.", ""]  # fmt: skip
     else:
         lines += ["Produced by `make experiments` (the full study).", ""]
     lines += ["## Setup", "",
