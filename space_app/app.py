@@ -105,6 +105,26 @@ class ImageUpload(gr.Image):
         return str(payload.path)
 
 
+class TaskChoice(gr.CheckboxGroup):
+    """`gr.CheckboxGroup` of tasks that refuses an unknown task (sent through the API) with the tasks the model has,
+    and without a traceback in the server log (a user's mistake, not a failure of the app).
+
+    A template of `gr.CheckboxGroup`: the page shows the standard component.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload):
+        known = [value for _, value in self.choices]
+        unknown = [str(value) for value in payload or [] if value not in known]
+        if unknown:
+            raise gr.Error(
+                f"Unknown task(s) {', '.join(unknown)}; this model predicts {', '.join(map(str, known)) or 'nothing'}.",
+                print_exception=False,
+            )
+        return super().preprocess(payload)
+
+
 @dataclass
 class SpaceDemo:
     """The page and what serves it: the model (None when unavailable), the cache janitor and the limits."""
@@ -161,7 +181,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                     label="Image", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                     height=300, elem_id="input-image",
                 )  # fmt: skip
-                task_choice = gr.CheckboxGroup(
+                task_choice = TaskChoice(
                     choices=[(task_title(task), task) for task in tasks], value=tasks, label="Tasks"
                 )
                 run_button = gr.Button("Run", variant="primary", interactive=demo_model is not None, elem_id="run")
@@ -224,7 +244,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
 
         def run(image, chosen_tasks, request: gr.Request):
             if demo_model is None:
-                fail(problem, request)
+                fail(problem.replace("`", ""), request)  # Markdown on the page, plain text in a toast or API error
             if image is None:
                 fail("Upload an image or pick an example first.", request)
             try:

@@ -130,8 +130,27 @@ def test_user_mistakes_get_reasons_and_no_traceback_in_the_server_log(client, tm
         client.predict(None, ALL_TASKS, api_name="/predict")
     with pytest.raises(AppError, match="Choose at least one task"):
         client.predict(handle_file(str(EXAMPLE)), [], api_name="/predict")
+    with pytest.raises(AppError, match="Unknown task\\(s\\) sky; this model predicts semseg, human_parts"):
+        client.predict(handle_file(str(EXAMPLE)), ["sky"], api_name="/predict")
     log = capfd.readouterr()
     assert "Traceback" not in log.out + log.err
+
+
+def test_page_without_a_model_explains_and_refuses_plainly(gradio_temp, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    with running_space(tmp_path / "missing") as (space, url):
+        components = space.blocks.config["components"]
+        texts = " ".join(str(c["props"].get("value")) for c in components if c["type"] == "markdown")
+        assert "does not exist" in texts and "make train" in texts
+        (run,) = [c for c in components if c["props"].get("elem_id") == "run"]
+        assert run["props"]["interactive"] is False
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="The model folder .*missing does not exist") as raised:
+            client.predict(handle_file(str(EXAMPLE)), [], api_name="/predict")  # the model has no task to choose
+        assert "`" not in str(raised.value)
+        client.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
