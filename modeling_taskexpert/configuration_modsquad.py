@@ -3,6 +3,7 @@
 from typing import Optional
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .configuration_common import (
     HEAD_CHOICES,
@@ -18,19 +19,62 @@ from .configuration_common import (
     validate_task_settings,
 )
 
+logger = logging.get_logger(__name__)
+
 MOE_LAYOUTS = ("twice", "every")
+MUTUAL_INFORMATION_ESTIMATORS = ("reference", "exact")
+
+# What a config written before the model followed the reference code computed (see `ModSquadConfig`, "Earlier
+# versions"); applied to a config that carries the field only those versions wrote.
+EARLIER_VERSION_FIELDS = {
+    "use_task_embedding": False,
+    "renormalize_gates": True,
+    "routing_epsilon": 0.0,
+    "attention_expert_bias": True,
+    "mutual_information_estimator": "exact",
+    "aux_loss_min_tasks": 1,
+}
 
 
 class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
     r"""
     Configuration of a [`ModSquadModel`] / [`ModSquadForDensePrediction`]: a ViT whose blocks hold mixture-of-experts
-    layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, trained
-    with a task-expert mutual-information loss, and one light dense head per task (Mod-Squad, Chen et al.,
-    CVPR 2023, arXiv 2212.08066).
+    layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, a learned
+    task embedding added before every block, a task-expert mutual-information loss, and one light dense head per task
+    (Mod-Squad, Chen et al., CVPR 2023, arXiv 2212.08066).
 
-    The defaults describe the paper's main model, ViT-B/16 (12 blocks, width 768, 12 heads) with the "twice" layout:
-    24 attention experts (head width 128, top-12) and 16 MLP experts (top-4). Fields marked *(interpretation)* are
-    choices this implementation makes where the paper leaves room.
+    The defaults compute what the authors' code computes for their main model, ViT-B/16 (12 blocks, width 768, 12
+    heads) with the "twice" layout: 24 attention experts of width 128 (top-12) in the even blocks, 16 MLP experts
+    (top-4) in the odd blocks, dense attention with heads of width 128 elsewhere, gates = the top-k routing
+    probabilities (not renormalised), mutual-information loss weight 0.005 with the reference's epsilons.
+    `ModSquadForDensePrediction.from_pretrained` of a checkpoint converted with
+    `python -m modeling_taskexpert.convert_modsquad_original` computes the reference's backbone function.
+
+    Remaining differences from the reference code, each with its reason:
+
+    - The dense heads are this package's light per-task heads (the reference's Taskonomy heads are linear patch
+      decoders for other tasks); the converter drops `task_heads.*`.
+    - All requested tasks run in one pass, stacked in the batch dimension, instead of one forward call per task: the
+      same function, with batched matmuls instead of one call per task.
+    - Position embeddings are interpolated bicubically for inputs other than `image_size` (the reference accepts
+      224x224 only), so dense prediction can run at any multiple of the patch size.
+    - Routing runs in float32 even under autocast (ties and tiny logit gaps decide the experts).
+    - The z-loss is computed as log(exp(logsumexp(logits)) + 1e-4)^2 with a stable `logaddexp` (same value; the
+      reference's log(sum(exp(logits)) + 1e-4) overflows for large logits).
+    - Sample-top-k training (random extra experts, `sample_topk` in the reference) and the reference's "top-k loss"
+      (`w_topk_loss`) are not implemented: the main model uses neither (both 0).
+    - Dropout and drop-path are not implemented (the reference's MI models use 0 for dropout; set drop-path through
+      your training code if needed).
+    - Per-task usage statistics for extraction are exact selection counts (plus a moving average) instead of the
+      reference's 0.95/0.05 moving average of counts; extraction compares shares, so both give the same ranking.
+
+    Earlier versions of this package computed something else in six places; each stays reachable:
+    `use_task_embedding=False` (no task embedding; blocks before the first MoE layer then run once for all tasks),
+    `renormalize_gates=True` with `routing_epsilon=0.0` (gates = probabilities renormalised over the top-k),
+    `attention_expert_bias=True` (biases on the attention experts' query and output projections),
+    `dense_attention_head_dim=hidden_size // num_attention_heads` (the usual ViT head width in dense attention),
+    `mutual_information_estimator="exact"` (normalised joint, no epsilons) and `aux_loss_min_tasks=1`. A
+    `config.json` written by those versions (it has `load_balance_loss_weight`) loads with these values.
 
     Args:
         image_size (`int`, *optional*, defaults to 224):
@@ -45,9 +89,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         num_hidden_layers (`int`, *optional*, defaults to 12):
             Number of transformer blocks.
         num_attention_heads (`int`, *optional*, defaults to 12):
-            Heads of the dense attention layers (head width `hidden_size / num_attention_heads`).
+            Heads of the dense attention layers.
         intermediate_size (`int`, *optional*, defaults to 3072):
-            Hidden width of the dense MLP layers.
+            Hidden width H of the dense MLP layers (4 C in the reference); the MoE MLP experts have H / `mlp_top_k`.
         qkv_bias (`bool`, *optional*, defaults to `True`):
             Whether the dense query/key/value projection has a bias.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
@@ -65,23 +109,57 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         attention_top_k (`int`, *optional*, defaults to 12):
             Experts (= attention heads) each token selects in an MoE attention layer.
         attention_head_dim (`int`, *optional*, defaults to 128):
-            Width of one attention-head expert (query, shared key/value, input of its output projection).
+            Head width of the MoE attention experts (query, shared key/value, input of the output projection); the
+            scale is `attention_head_dim ** -0.5`.
+        dense_attention_head_dim (`int`, *optional*):
+            Head width of the dense attention layers: qkv = Linear(C, 3 * heads * width), proj = Linear(heads * width,
+            C). Defaults to `attention_head_dim`, as in the reference (128 = 2 C / heads in the base model);
+            `hidden_size // num_attention_heads` gives the usual ViT attention.
+        attention_expert_bias (`bool`, *optional*, defaults to `False`):
+            Whether the attention experts' query and output projections have biases (the reference's have none; the
+            shared key/value projection always has one).
         num_mlp_experts (`int`, *optional*, defaults to 16):
             Experts per MoE MLP layer.
         mlp_top_k (`int`, *optional*, defaults to 4):
             Experts each token selects in an MoE MLP layer.
         mlp_expert_hidden_size (`int`, *optional*):
-            Hidden width of one MLP expert; defaults to `intermediate_size // mlp_top_k`, so a token's MoE MLP costs
-            as much as the dense MLP (as in the authors' code).
-        experts_per_layer (`list[int]`, *optional*):
-            Number of experts of every MoE layer, in network order (block by block, attention before MLP). Left
-            `None` for a full model (every MoE attention layer has `num_attention_experts`, every MoE MLP
-            `num_mlp_experts`); set by [`ModSquadForDensePrediction.extract_task_model`] for a per-task model.
+            Hidden width of one MLP expert (C -> this -> C, with biases and GELU); defaults to
+            `intermediate_size // mlp_top_k`, so a token's MoE MLP costs as much as the dense MLP (as in the reference).
+        use_task_embedding (`bool`, *optional*, defaults to `True`):
+            Learn a task embedding (1, T, C) (standard-normal init) and add the task's row to every token before every
+            block, as the reference does; each task then takes its own pass through all blocks (stacked in the batch
+            dimension). `False`: no task embedding; blocks before the first MoE layer run once for all tasks.
+        renormalize_gates (`bool`, *optional*, defaults to `False`):
+            Divide the top-k gates by their sum. The reference does not: the gates are the selected routing
+            probabilities as they are (at initialisation 0.5 in total for 12 of 24 experts).
+        routing_epsilon (`float`, *optional*, defaults to 1e-4):
+            Added to the softmax of the router logits before the top-k (the reference's 1e-4); these probabilities
+            are the gates and feed the auxiliary losses.
+        noisy_gating (`bool`, *optional*, defaults to `False`):
+            Routers output 2E logits; the second half gives a learned noise scale softplus(.) + 0.01 and the gating
+            logits are the first half plus standard-normal noise times that scale, in training and evaluation alike
+            (as in the reference, whose main MI models switch it off). Outputs are then random.
+        kept_experts (`list[list[int]]`, *optional*):
+            Per MoE layer in network order, the ids of the experts this model has, out of `num_attention_experts` /
+            `num_mlp_experts`. `None` for a full model; set by [`ModSquadForDensePrediction.extract_task_model`]. The
+            routers keep all logits; top-k runs over the kept experts.
         mutual_information_loss_weight (`float`, *optional*, defaults to 0.005):
-            Weight of the task-expert mutual-information loss of each MoE layer (the terms are summed over layers).
-        load_balance_loss_weight (`float`, *optional*, defaults to 0.0):
-            Weight of an optional switch-style load-balancing loss per MoE layer and task (off in the paper's main
-            model).
+            Weight of each MoE layer's mutual-information term (summed over layers).
+        mutual_information_estimator (`str`, *optional*, defaults to `"reference"`):
+            `"reference"`: the reference's estimate with its epsilons (see [`mutual_information_loss`]); `"exact"`: the
+            joint normalised to sum 1, no epsilons.
+        cv_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the squared coefficient of variation of the per-expert sums of the gates (per layer, over all
+            tasks' tokens); 0 in the reference's MI models.
+        switch_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the switch load-balancing loss E * sum_e P_e f_e (per layer, over all tasks' tokens); 0 in the
+            reference's MI models.
+        z_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the router z-loss mean(log(sum exp(logits) + 1e-4)^2) (per layer); 0 in the reference's MI
+            models.
+        aux_loss_min_tasks (`int`, *optional*, defaults to 3):
+            The auxiliary routing losses join `loss` only when a forward pass runs at least this many tasks (the
+            reference adds them with more than 2 tasks); 1 adds them always.
         expert_usage_momentum (`float`, *optional*, defaults to 0.99):
             Momentum of the exponential moving average of per-task expert usage kept beside the exact counts.
         tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
@@ -99,7 +177,14 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         edge_positive_weight (`float`, *optional*, defaults to 0.95):
             Weight of boundary pixels in the weighted binary cross-entropy of the `edge` task.
         initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the truncated normal weight initialisation (routers start at zero).
+            Standard deviation of the truncated normal weight initialisation (routers start at zero, the task
+            embedding at standard normal).
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MoE layer
+    (`"block 0 attention"`, `"block 1 mlp"`, ...), and `candidate_names`, per layer the names of its experts in gate
+    order (`"expert 7"`: id 7 of the full layer, as in `kept_experts`).
 
     Example:
 
@@ -131,12 +216,22 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         num_attention_experts: int = 24,
         attention_top_k: int = 12,
         attention_head_dim: int = 128,
+        dense_attention_head_dim: Optional[int] = None,
+        attention_expert_bias: bool = False,
         num_mlp_experts: int = 16,
         mlp_top_k: int = 4,
         mlp_expert_hidden_size: Optional[int] = None,
-        experts_per_layer: Optional[list[int]] = None,
+        use_task_embedding: bool = True,
+        renormalize_gates: bool = False,
+        routing_epsilon: float = 1e-4,
+        noisy_gating: bool = False,
+        kept_experts: Optional[list[list[int]]] = None,
         mutual_information_loss_weight: float = 0.005,
-        load_balance_loss_weight: float = 0.0,
+        mutual_information_estimator: str = "reference",
+        cv_loss_weight: float = 0.0,
+        switch_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+        aux_loss_min_tasks: int = 3,
         expert_usage_momentum: float = 0.99,
         tasks: Optional[list[str]] = None,
         task_id2label: Optional[dict[str, dict[int, str]]] = None,
@@ -146,8 +241,10 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         loss_weights: Optional[dict[str, float]] = None,
         edge_positive_weight: float = 0.95,
         initializer_range: float = 0.02,
+        output_gates: bool = False,
         **kwargs,
     ):
+        earlier_version = _earlier_version_fields(kwargs)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -168,15 +265,33 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.num_attention_experts = num_attention_experts
         self.attention_top_k = attention_top_k
         self.attention_head_dim = attention_head_dim
+        if dense_attention_head_dim is None:
+            if earlier_version and is_integer(hidden_size) and is_integer(num_attention_heads):
+                dense_attention_head_dim = hidden_size // max(num_attention_heads, 1)
+            else:
+                dense_attention_head_dim = attention_head_dim
+        self.dense_attention_head_dim = dense_attention_head_dim
+        self.attention_expert_bias = attention_expert_bias
         self.num_mlp_experts = num_mlp_experts
         self.mlp_top_k = mlp_top_k
         if mlp_expert_hidden_size is None and is_integer(intermediate_size) and is_integer(mlp_top_k):
             mlp_expert_hidden_size = max(intermediate_size // max(mlp_top_k, 1), 1)
         self.mlp_expert_hidden_size = mlp_expert_hidden_size
-        self.experts_per_layer = as_list(experts_per_layer)
+        self.use_task_embedding = use_task_embedding
+        self.renormalize_gates = renormalize_gates
+        self.routing_epsilon = routing_epsilon
+        self.noisy_gating = noisy_gating
+        self.kept_experts = [as_list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
         self.mutual_information_loss_weight = mutual_information_loss_weight
-        self.load_balance_loss_weight = load_balance_loss_weight
+        self.mutual_information_estimator = mutual_information_estimator
+        self.cv_loss_weight = cv_loss_weight
+        self.switch_loss_weight = switch_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.aux_loss_min_tasks = aux_loss_min_tasks
         self.expert_usage_momentum = expert_usage_momentum
+        if earlier_version:  # those configs cannot hold these fields: they did not exist
+            for field, value in EARLIER_VERSION_FIELDS.items():
+                setattr(self, field, value)
 
         self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
         self.head_hidden_size = head_hidden_size
@@ -184,6 +299,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.depth_activation = depth_activation
         self.edge_positive_weight = edge_positive_weight
         self.initializer_range = initializer_range
+        self.output_gates = output_gates
         super().__init__(**kwargs)
         self.validate_modsquad()
 
@@ -199,13 +315,31 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
                 layers.append((block, "mlp"))
         return layers
 
+    def router_experts_of(self, kind: str) -> int:
+        """Experts a full MoE layer of `kind` ("attention" or "mlp") has: the width of its routers."""
+        return self.num_attention_experts if kind == "attention" else self.num_mlp_experts
+
+    @property
+    def expert_ids_per_layer(self) -> list[list[int]]:
+        """Per MoE layer in network order, the ids of the experts the model has (`kept_experts`, or all)."""
+        if self.kept_experts is not None:
+            return [list(ids) for ids in self.kept_experts]
+        return [list(range(self.router_experts_of(kind))) for _, kind in self.moe_layer_kinds]
+
     @property
     def num_experts_per_layer(self) -> list[int]:
-        """Number of experts of every MoE layer, in network order (`experts_per_layer`, or the defaults)."""
-        if self.experts_per_layer is not None:
-            return list(self.experts_per_layer)
-        full = {"attention": self.num_attention_experts, "mlp": self.num_mlp_experts}
-        return [full[kind] for _, kind in self.moe_layer_kinds]
+        """Number of experts of every MoE layer, in network order."""
+        return [len(ids) for ids in self.expert_ids_per_layer]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Name of every routing (MoE) layer, in network order: `"block 0 attention"`, `"block 1 mlp"`, ..."""
+        return [f"block {block} {kind}" for block, kind in self.moe_layer_kinds]
+
+    @property
+    def candidate_names(self) -> list[list[str]]:
+        """Per routing layer, the names of its experts in gate order (`"expert 7"`: id 7 of the full layer)."""
+        return [[f"expert {i}" for i in ids] for ids in self.expert_ids_per_layer]
 
     def top_k_of(self, kind: str) -> int:
         """Experts a token selects in an MoE layer of `kind` ("attention" or "mlp")."""
@@ -215,20 +349,17 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         """Check every field; raise a ValueError naming the field and what was expected."""
         positive = (
             "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "num_attention_experts", "attention_top_k", "attention_head_dim", "num_mlp_experts", "mlp_top_k",
-            "mlp_expert_hidden_size", "head_hidden_size",
+            "num_attention_experts", "attention_top_k", "attention_head_dim", "dense_attention_head_dim",
+            "num_mlp_experts", "mlp_top_k", "mlp_expert_hidden_size", "head_hidden_size", "aux_loss_min_tasks",
         )  # fmt: skip
         for field in positive:
             check_int(field, getattr(self, field), minimum=1)
-        check_bool("qkv_bias", self.qkv_bias)
+        for field in ("qkv_bias", "attention_expert_bias", "use_task_embedding", "renormalize_gates", "noisy_gating", "output_gates"):
+            check_bool(field, getattr(self, field))
         check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
         check_number("initializer_range", self.initializer_range, minimum=0.0)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB input), got {self.num_channels!r}.")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` ({self.num_attention_heads})."
-            )
         if self.image_size % self.patch_size:
             raise ValueError(f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size}).")
         for field in ("moe_attention_layers", "moe_mlp_layers"):
@@ -249,26 +380,57 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             )
         if self.mlp_top_k > self.num_mlp_experts:
             raise ValueError(f"`mlp_top_k` ({self.mlp_top_k}) exceeds `num_mlp_experts` ({self.num_mlp_experts}).")
-        kinds = self.moe_layer_kinds
-        check_int_list("experts_per_layer", self.experts_per_layer, allow_none=True)
-        if self.experts_per_layer is not None:
-            if len(self.experts_per_layer) != len(kinds):
-                raise ValueError(
-                    f"`experts_per_layer` has {len(self.experts_per_layer)} entries; the model has {len(kinds)} MoE layers."
-                )
-            for (block, kind), count in zip(kinds, self.experts_per_layer):
-                top_k = self.top_k_of(kind)
-                if not isinstance(count, int) or isinstance(count, bool) or count < top_k:
-                    raise ValueError(
-                        f"`experts_per_layer` gives {count!r} experts to the MoE {kind} of block {block}; it needs an "
-                        f"integer >= its top-k ({top_k})."
-                    )
-        for field in ("mutual_information_loss_weight", "load_balance_loss_weight"):
+        self._validate_kept_experts()
+        for field in ("mutual_information_loss_weight", "cv_loss_weight", "switch_loss_weight", "z_loss_weight", "routing_epsilon"):
             check_number(field, getattr(self, field), minimum=0.0)
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
+        check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
         validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
         for field, choices in HEAD_CHOICES.items():
             check_choice(field, getattr(self, field), choices)
+
+    def _validate_kept_experts(self) -> None:
+        if self.kept_experts is None:
+            return
+        kinds = self.moe_layer_kinds
+        if not isinstance(self.kept_experts, list) or len(self.kept_experts) != len(kinds):
+            count = len(self.kept_experts) if isinstance(self.kept_experts, list) else self.kept_experts
+            raise ValueError(f"`kept_experts` must list the experts of each of the {len(kinds)} MoE layers, got {count!r}.")
+        for (block, kind), ids in zip(kinds, self.kept_experts):
+            width, top_k = self.router_experts_of(kind), self.top_k_of(kind)
+            field = f"kept_experts entry of the MoE {kind} of block {block}"
+            check_int_list(field, ids, minimum=0, maximum=width - 1)
+            if list(ids) != sorted(set(ids)) or len(ids) < top_k:
+                raise ValueError(
+                    f"`{field}` must be at least {top_k} (its top-k) increasing expert ids in 0..{width - 1}, got {ids!r}."
+                )
+
+
+def _earlier_version_fields(kwargs: dict) -> bool:
+    """Whether `kwargs` come from a config.json written before the model followed the reference code (those versions
+    always wrote `load_balance_loss_weight` and `experts_per_layer`); removes those two fields. Refuses what cannot be
+    loaded with the earlier behaviour."""
+    if "load_balance_loss_weight" not in kwargs and "experts_per_layer" not in kwargs:
+        return False
+    weight = kwargs.pop("load_balance_loss_weight", 0.0)
+    experts_per_layer = kwargs.pop("experts_per_layer", None)
+    if weight:
+        raise ValueError(
+            f"`load_balance_loss_weight` ({weight}) was the per-task switch loss of earlier versions; it is gone. Use "
+            "`switch_loss_weight` (the reference's switch loss over all tasks' tokens) instead."
+        )
+    if experts_per_layer is not None:
+        raise ValueError(
+            "This config describes a per-task model extracted by an earlier version (`experts_per_layer`), whose "
+            "routers kept only the kept experts' logits. Extract it again from the full model with "
+            "`extract_task_model` (the new extracted models keep the task's whole router)."
+        )
+    logger.warning(
+        "This Mod-Squad config was written before the model followed the reference code; it loads with the earlier "
+        "behaviour: %s and dense_attention_head_dim = hidden_size // num_attention_heads.",
+        ", ".join(f"{field}={value!r}" for field, value in EARLIER_VERSION_FIELDS.items()),
+    )
+    return True
 
 
 __all__ = ["ModSquadConfig"]

@@ -1,13 +1,16 @@
 """PyTorch Mod-Squad: a ViT with task-routed mixture-of-experts layers and dense task heads.
 
-Data flow for B images and T' requested tasks (see the config docstring for every option):
+Data flow for B images and T' requested tasks, as the authors' code computes it (see the config docstring for every
+option and the remaining differences):
 
-    patch embedding + class token + position embeddings  ->  tokens (B, L, C)
-    dense blocks before the first MoE layer run once on the B images; then the batch is stacked once per task
-    (task-major, T'*B samples, sample s belongs to task s // B) so that all tasks share one backbone pass:
-    MoE layer    router_t(token) -> softmax p (E) -> top-k experts with gates = p renormalised over the k
-                 MLP experts:       y = sum_k gate_k MLP_{e_k}(x)
-                 attention experts: head k = attention(q_{e_k}(x), shared key, shared value); y = sum_k gate_k O_{e_k}(head k)
+    patch embedding + class token + position embeddings  ->  tokens (B, L, C), L = 1 + h*w
+    stack the batch once per task (task-major, T'*B samples, sample s belongs to task s // B): every task takes its own
+    pass through all blocks, batched
+    every block:  x = x + task_embedding[t]          (added again before each block)
+                  x = x + attention(LN(x));  x = x + mlp(LN(x))     (either may be an MoE layer)
+    MoE layer:    router_t(token) -> p = softmax(logits) + 1e-4 (E) -> the k largest p are the gates (not renormalised)
+                  MLP experts:       y = sum_j gate_j MLP_{e_j}(x)
+                  attention experts: head j = attention(q_{e_j}(x), shared key, shared value); y = sum_j gate_j O_{e_j}(head j)
     final norm, class token dropped  ->  per-task token maps (B, T', C, h, w)  ->  one light dense head per task
 
 Experts are computed in one batched matmul per projection: token slots are sorted by expert into a padded
@@ -15,6 +18,7 @@ Experts are computed in one batched matmul per projection: token slots are sorte
 """
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -29,6 +33,14 @@ from transformers.utils import ModelOutput
 from .configuration_modsquad import ModSquadConfig
 from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
 
+# Floor of the learned noise scale of noisy gating (the reference's value).
+NOISE_SCALE_FLOOR = 1e-2
+# The reference's epsilons: of the mutual-information estimate and inside the z-loss logarithm.
+MUTUAL_INFORMATION_EPSILON = 1e-4
+Z_LOSS_EPSILON = 1e-4
+# Names of the auxiliary routing terms, in the order the MoE layers return them.
+AUX_LOSS_NAMES = ("mutual_information", "cv", "switch", "z")
+
 
 @dataclass
 class ModSquadModelOutput(ModelOutput):
@@ -41,22 +53,26 @@ class ModSquadModelOutput(ModelOutput):
         tasks (`tuple[str]`):
             The tasks of `task_features`, in order.
         aux_losses (`dict[str, torch.FloatTensor]`):
-            Auxiliary routing losses of this batch, unweighted and summed over MoE layers: `"mutual_information"`
-            (minus the task-expert mutual information, see [`mutual_information_loss`]) and `"load_balance"`.
-        expert_usage (`dict[str, torch.FloatTensor]`):
-            Per task, a `(num_moe_layers, max_experts)` tensor: the fraction of the task's token slots (tokens x top-k)
-            routed to each expert of each MoE layer in this batch (rows sum to 1; layers with fewer experts than
-            `max_experts` are padded with zeros, see `config.num_experts_per_layer`).
+            Auxiliary routing terms of this batch, unweighted, each summed over the MoE layers:
+            `"mutual_information"` (minus the task-expert mutual information, [`mutual_information_loss`]), `"cv"`
+            ([`cv_squared_loss`]), `"switch"` ([`switch_loss`]) and `"z"` ([`z_loss`]).
+        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
+            Per MoE layer (network order, named by `config.layer_names`), per task, the gate of every expert of the
+            layer for every patch token, `(batch, h, w, num_experts)` in the order of `config.candidate_names`: the
+            selected experts' routing probabilities, 0 for the others (the class token is left out). Returned with
+            `output_gates=True`.
         hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            Token maps (num_tasks * batch or batch, C, h, w) after the embeddings and after every block (the class
-            token dropped); blocks after the task stacking hold the task-major stacked batch. Returned with
-            `output_hidden_states=True`.
+            The input of the first block and the output of every block, the tensors the model computes with (so
+            `retain_grad()` works): `(num_tasks * batch, 1 + h * w, hidden_size)`, task-major (row s is image s % batch
+            routed for task s // batch), the class token first, before the task embedding of the next block is added.
+            With `use_task_embedding=False`, blocks before the first MoE layer run once: their outputs are
+            `(batch, 1 + h * w, hidden_size)`. Returned with `output_hidden_states=True`.
     """
 
     task_features: Optional[torch.FloatTensor] = None
     tasks: Optional[tuple[str, ...]] = None
     aux_losses: Optional[dict[str, torch.FloatTensor]] = None
-    expert_usage: Optional[dict[str, torch.FloatTensor]] = None
+    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
@@ -71,15 +87,15 @@ class ModSquadOutput(ModelOutput):
         task_losses (`dict[str, torch.FloatTensor]`, *optional*):
             Unweighted loss of every task that had labels.
         aux_loss (`torch.FloatTensor`, *optional*):
-            The weighted routing terms included in `loss`: mutual_information_loss_weight *
-            aux_losses["mutual_information"] + load_balance_loss_weight * aux_losses["load_balance"], over the terms
-            with a positive weight (the same field as TaskExpert's, so training code adds it to any re-weighted task
-            losses).
+            The weighted routing terms included in `loss` (when `labels` are given): the sum of
+            `mutual_information_loss_weight`, `cv_loss_weight`, `switch_loss_weight` and `z_loss_weight` times the
+            matching `aux_losses`, over the terms with a positive weight; None when the pass ran fewer than
+            `config.aux_loss_min_tasks` tasks (the terms are then left out of `loss`, as in the reference).
         aux_losses (`dict[str, torch.FloatTensor]`):
             As in [`ModSquadModelOutput`].
         logits (`dict[str, torch.FloatTensor]`):
             Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
-        expert_usage (`dict[str, torch.FloatTensor]`):
+        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
             As in [`ModSquadModelOutput`].
         hidden_states (`tuple[torch.FloatTensor]`, *optional*):
             As in [`ModSquadModelOutput`].
@@ -90,22 +106,34 @@ class ModSquadOutput(ModelOutput):
     aux_loss: Optional[torch.FloatTensor] = None
     aux_losses: Optional[dict[str, torch.FloatTensor]] = None
     logits: Optional[dict[str, torch.FloatTensor]] = None
-    expert_usage: Optional[dict[str, torch.FloatTensor]] = None
+    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
     hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Routing losses
+# Routing losses (one MoE layer; the model sums them over layers)
 # ---------------------------------------------------------------------------------------------------------------------
-def mutual_information_loss(task_expert_mass: torch.Tensor) -> torch.Tensor:
+def mutual_information_loss(task_expert_mass: torch.Tensor, num_tokens: int, estimator: str = "reference") -> torch.Tensor:
     """Minus the mutual information between tasks and experts of one MoE layer.
 
-    `task_expert_mass` (T, E) holds, per task, the sum over its tokens of the routing probabilities. Normalised to a
-    joint distribution P(t, e) with marginals P(t) and P(e), the loss is -sum_{t,e} P(t,e) log(P(t,e) / (P(t) P(e))).
-    It is 0 when every task routes like the others and reaches -log(min(T, E)) when tasks use disjoint experts
-    evenly; minimising it makes each task depend on few experts while all experts stay in use.
+    `task_expert_mass` (T, E) holds, per task, the sum over its tokens of the routing probabilities; `num_tokens` is
+    the number of routed tokens of all tasks together.
+
+    `"reference"` (the authors' estimate): P(t,e) = mass / (num_tokens + 1e-4), P(t) = sum_e P(t,e) + 1e-4,
+    P(e) = sum_t P(t,e) + 1e-4, loss = -sum_{t,e} P(t,e) log(P(t,e) / P(t) / P(e) + 1e-4).
+    `"exact"`: the joint normalised to sum 1, loss = -sum P(t,e) log(P(t,e) / (P(t) P(e))) with 0 log 0 = 0.
+
+    Both are about 0 when every task routes like the others and approach -log(min(T, E)) when tasks use disjoint
+    experts evenly: minimising makes each task depend on few experts while all experts stay in use.
     """
     mass = task_expert_mass.float()
+    if estimator == "reference":
+        joint = mass / (num_tokens + MUTUAL_INFORMATION_EPSILON)
+        task_marginal = joint.sum(dim=1, keepdim=True) + MUTUAL_INFORMATION_EPSILON
+        expert_marginal = joint.sum(dim=0, keepdim=True) + MUTUAL_INFORMATION_EPSILON
+        return -(joint * torch.log(joint / task_marginal / expert_marginal + MUTUAL_INFORMATION_EPSILON)).sum()
+    if estimator != "exact":
+        raise ValueError(f"Unknown mutual-information estimator {estimator!r}; use 'reference' or 'exact'.")
     joint = mass / mass.sum()
     task_marginal = joint.sum(dim=1, keepdim=True)
     expert_marginal = joint.sum(dim=0, keepdim=True)
@@ -114,14 +142,31 @@ def mutual_information_loss(task_expert_mass: torch.Tensor) -> torch.Tensor:
     return -(joint * log_ratio).sum()
 
 
-def load_balance_loss(probabilities: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Switch-style load balance of one MoE layer, averaged over tasks: E * sum_e f_e * P_e, with f_e the fraction
-    of the task's token slots routed to expert e and P_e its mean routing probability. It is 1 for even routing.
+def cv_squared_loss(gates: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation (unbiased variance / (mean^2 + 1e-10)) of the per-expert sums of the gates,
+    L1-normalised; `gates` (..., E) with 0 for unselected experts. 0 for a single expert."""
+    importance = F.normalize(gates.float().reshape(-1, gates.shape[-1]).sum(dim=0), p=1, dim=0)
+    if importance.numel() == 1:
+        return importance.new_zeros(())
+    return importance.var() / (importance.mean() ** 2 + 1e-10)
 
-    probabilities (T, M, E) of M tokens per task; counts (T, E) of selections."""
+
+def switch_loss(probabilities: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_e P_e f_e, with P the L1-normalised per-expert sums of the routing
+    probabilities and f the L1-normalised number of tokens that selected each expert (gate > 0); both (..., E). It is
+    1 for even routing."""
     num_experts = probabilities.shape[-1]
-    fraction = counts.float() / counts.sum(dim=-1, keepdim=True).clamp_min(1)
-    return (num_experts * (fraction * probabilities.float().mean(dim=1)).sum(dim=-1)).mean()
+    mass = F.normalize(probabilities.float().reshape(-1, num_experts).sum(dim=0), p=1, dim=0)
+    frequency = F.normalize((gates.reshape(-1, num_experts) > 0).float().sum(dim=0), p=1, dim=0)
+    return (mass * frequency).sum() * num_experts
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: the mean over tokens of log(sum_e exp(logit_e) + 1e-4)^2, computed without overflow;
+    `logits` (..., E)."""
+    log_sum_exp = logits.float().logsumexp(dim=-1)
+    log_partition = torch.logaddexp(log_sum_exp, log_sum_exp.new_full((), math.log(Z_LOSS_EPSILON)))
+    return (log_partition**2).mean()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,16 +210,6 @@ class ExpertDispatch:
         return torch.einsum("nkd,nk->nd", self.per_slot(grouped), gates.to(grouped.dtype))
 
 
-def expert_linear(inputs: torch.Tensor, expert_index: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-token inputs (N, I), selected experts (N, k), expert weights (E, I, O) and biases (E, O) ->
-    (N, k, O): slot (n, j) is inputs[n] @ weight[e] + bias[e] with e = expert_index[n, j]; one batched matmul."""
-    dispatch = ExpertDispatch(expert_index, weight.shape[0])
-    grouped = torch.bmm(dispatch.dispatch(inputs), weight)
-    if bias is not None:
-        grouped = grouped + bias[:, None]
-    return dispatch.per_slot(grouped)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,19 +243,21 @@ class ModSquadEmbeddings(nn.Module):
 
 
 class ModSquadAttention(nn.Module):
-    """Dense multi-head self-attention."""
+    """Dense multi-head self-attention with heads of width `dense_attention_head_dim`: qkv = Linear(C, 3 * heads *
+    width), proj = Linear(heads * width, C), scale width ** -0.5."""
 
     def __init__(self, config: ModSquadConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        inner = config.num_attention_heads * config.dense_attention_head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * inner, bias=config.qkv_bias)
+        self.proj = nn.Linear(inner, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, None]:
-        batch, length, channels = hidden.shape
+    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        batch, length, _ = hidden.shape
         qkv = self.qkv(hidden).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(attended.transpose(1, 2).reshape(batch, length, channels)), None
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, -1)), None, None
 
 
 class ModSquadMLP(nn.Module):
@@ -231,52 +268,89 @@ class ModSquadMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.fc2(F.gelu(self.fc1(hidden))), None
+    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return self.fc2(F.gelu(self.fc1(hidden))), None, None
 
 
 @dataclass
-class RoutingInfo:
-    """What one MoE layer reports about its routing of a task-stacked batch (T' tasks, M tokens per task)."""
+class RoutingReport:
+    """What one MoE layer reports about its routing of a task-stacked batch (T' tasks, M tokens per task, class tokens
+    included), besides its auxiliary terms."""
 
-    probabilities: torch.Tensor  # (T', M, E) float32 softmax of the router logits
-    counts: torch.Tensor  # (T', E) selections of every expert (M * k per task in total)
+    gates: torch.Tensor  # (T', M, E) gate of every expert of the layer, 0 where not selected
+    counts: torch.Tensor  # (T', E) int64 selections of every expert (M * k per task in total)
 
 
 class ModSquadMoELayer(nn.Module):
-    """Common part of the MoE layers: the per-task routers (bias-free, zero-initialised, weight (T, C, E)), top-k
-    routing, and the per-task usage statistics (persistent buffers, saved with the model):
+    """Common part of the MoE layers: the per-task routers (bias-free, zero-initialised, weight (T, C, R) with R the
+    full layer's expert count, 2R with noisy gating), top-k routing, the auxiliary routing terms, and the per-task
+    usage statistics (persistent buffers, saved with the model):
 
     - `expert_counts` (T, E) int64: selections of every expert by every task since the last reset,
     - `expert_usage_ema` (T, E): exponential moving average of the per-batch fraction of slots per expert.
 
-    Subclasses list their per-expert parameters (expert dimension first) in `expert_parameters`.
+    A layer of an extracted model has E < R experts, listed by `expert_ids` (ids among the R); its routers keep all R
+    logits, and top-k runs over the kept experts. Subclasses list their per-expert parameters (expert dimension
+    first) in `expert_parameters`.
     """
 
     expert_parameters: tuple[str, ...] = ()
 
-    def __init__(self, config: ModSquadConfig, num_experts: int, top_k: int):
+    def __init__(self, config: ModSquadConfig, expert_ids: list[int], router_experts: int, top_k: int):
         super().__init__()
         num_tasks = len(config.tasks)
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.router_experts, self.top_k = len(expert_ids), router_experts, top_k
         self.momentum = config.expert_usage_momentum
-        self.router_weight = nn.Parameter(torch.zeros(num_tasks, config.hidden_size, num_experts))
-        self.register_buffer("expert_counts", torch.zeros(num_tasks, num_experts, dtype=torch.long))
-        self.register_buffer("expert_usage_ema", torch.zeros(num_tasks, num_experts))
+        self.noisy_gating = config.noisy_gating
+        self.renormalize_gates = config.renormalize_gates
+        self.epsilon = config.routing_epsilon
+        self.mutual_information_estimator = config.mutual_information_estimator
+        logits_per_task = 2 * router_experts if config.noisy_gating else router_experts
+        self.router_weight = nn.Parameter(torch.zeros(num_tasks, config.hidden_size, logits_per_task))
+        self.register_buffer("expert_counts", torch.zeros(num_tasks, self.num_experts, dtype=torch.long))
+        self.register_buffer("expert_usage_ema", torch.zeros(num_tasks, self.num_experts))
+        # Ids among the router's experts, None for a full layer (not a buffer: the config's `kept_experts` holds them).
+        self.expert_ids = None if list(expert_ids) == list(range(router_experts)) else tuple(expert_ids)
 
-    def route(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingInfo]:
-        """hidden (T'*B, L, C), task-major -> gates (N, k), expert indices (N, k) for the N = T'*B*L tokens."""
+    def route(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingReport]:
+        """hidden (T'*B, L, C), task-major -> gates (N, k), expert indices (N, k) for the N = T'*B*L tokens, the
+        auxiliary terms (4,) in the order of `AUX_LOSS_NAMES`, and the routing report."""
         num_tasks = task_index.numel()
         # Routing in float32 even under autocast: ties and tiny logit gaps decide the experts.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             tokens = hidden.float().reshape(num_tasks, -1, hidden.shape[-1])
-            logits = torch.bmm(tokens, self.router_weight[task_index].float())  # (T', M, E)
-            probabilities = logits.softmax(dim=-1)
-            top_logits, top_index = logits.topk(self.top_k, dim=-1)
-            gates = top_logits.softmax(dim=-1)  # = the probabilities renormalised over the selected experts
+            logits = torch.bmm(tokens, self.router_weight[task_index].float())  # (T', M, R), 2R with noise
+            if self.noisy_gating:
+                logits, raw_noise_scale = logits.chunk(2, dim=-1)
+                logits = logits + torch.randn_like(logits) * (F.softplus(raw_noise_scale) + NOISE_SCALE_FLOOR)
+            probabilities = logits.softmax(dim=-1) + self.epsilon  # (T', M, R)
+            expert_ids = None if self.expert_ids is None else torch.tensor(self.expert_ids, device=hidden.device)
+            # Top-k among the experts this layer has; their gates stay the full softmax's probabilities.
+            candidates = probabilities if expert_ids is None else probabilities[..., expert_ids]
+            top, index = candidates.topk(self.top_k, dim=-1)  # index: among this layer's experts
+            if not self.renormalize_gates:
+                gates = top
+            elif self.epsilon:
+                gates = top / top.sum(dim=-1, keepdim=True)
+            else:  # the same value, from the logits (softmax over the selected ones)
+                selected_logits = logits if expert_ids is None else logits[..., expert_ids]
+                gates = selected_logits.gather(-1, index).softmax(dim=-1)
+            layer_gates = torch.zeros_like(candidates).scatter(-1, index, gates)  # (T', M, E)
+            if expert_ids is None:
+                router_gates = layer_gates
+            else:
+                router_gates = torch.zeros_like(probabilities).index_copy(-1, expert_ids, layer_gates)
+            aux_terms = torch.stack([
+                mutual_information_loss(probabilities.sum(dim=1), probabilities.shape[0] * probabilities.shape[1],
+                                        self.mutual_information_estimator),
+                cv_squared_loss(router_gates),
+                switch_loss(probabilities, router_gates),
+                z_loss(logits),
+            ])  # fmt: skip
         counts = torch.zeros(num_tasks, self.num_experts, dtype=torch.long, device=hidden.device)
-        counts.scatter_add_(1, top_index.reshape(num_tasks, -1), torch.ones_like(top_index).reshape(num_tasks, -1))
-        return gates.reshape(-1, self.top_k), top_index.reshape(-1, self.top_k), RoutingInfo(probabilities, counts)
+        counts.scatter_add_(1, index.reshape(num_tasks, -1), torch.ones_like(index).reshape(num_tasks, -1))
+        report = RoutingReport(gates=layer_gates.detach(), counts=counts)
+        return gates.reshape(-1, self.top_k), index.reshape(-1, self.top_k), aux_terms, report
 
     @torch.no_grad()
     def update_usage(self, task_index: torch.Tensor, counts: torch.Tensor) -> None:
@@ -289,13 +363,14 @@ class ModSquadMoELayer(nn.Module):
         self.expert_counts[task_index] += counts
 
     def extract_state(self, task_index: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This layer's state for a one-task model that keeps the experts `keep` (sorted ids) of task `task_index`."""
+        """This layer's state for a one-task model that keeps the experts `keep` (sorted positions among this layer's
+        experts) of task `task_index`: their parameters and statistics, and the task's whole router."""
         state = {}
         for name, value in self.state_dict().items():
             if name in self.expert_parameters:
                 value = value[keep]
             elif name == "router_weight":
-                value = value[task_index, :, keep][None]
+                value = value[task_index][None]
             elif name in ("expert_counts", "expert_usage_ema"):
                 value = value[task_index, keep][None]
             state[name] = value.clone()
@@ -303,62 +378,69 @@ class ModSquadMoELayer(nn.Module):
 
 
 class ModSquadMoEAttention(ModSquadMoELayer):
-    """Mixture of attention heads: each of the E experts is one head's query projection (C -> D) and output
-    projection (D -> C); a token selects k experts (= k heads), keys and values come from one shared projection
-    (multi-query attention), and the selected heads' projected outputs are summed with the gates."""
+    """Mixture of attention heads: each of the E experts is one head's query projection (C -> D, weight (E, C, D))
+    and output projection (D -> C, weight (E, D, C)), without biases by default; a token selects k experts (= k
+    heads), keys and values come from one shared projection Linear(C, 2D) with bias (multi-query attention), head j
+    goes through the output projection of the expert that made its query, and the k results are summed weighted by
+    the gates."""
 
-    expert_parameters = ("query_weight", "query_bias", "output_weight", "output_bias")
-
-    def __init__(self, config: ModSquadConfig, num_experts: int):
-        super().__init__(config, num_experts, config.attention_top_k)
-        channels, dim = config.hidden_size, config.attention_head_dim
+    def __init__(self, config: ModSquadConfig, expert_ids: list[int]):
+        super().__init__(config, expert_ids, config.num_attention_experts, config.attention_top_k)
+        channels, dim, num_experts = config.hidden_size, config.attention_head_dim, len(expert_ids)
         self.head_dim = dim
+        bias = config.attention_expert_bias
+        self.expert_parameters = ("query_weight", "query_bias", "output_weight", "output_bias") if bias else ("query_weight", "output_weight")
         self.query_weight = nn.Parameter(torch.empty(num_experts, channels, dim))
-        self.query_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        self.key_value = nn.Linear(channels, 2 * dim, bias=config.qkv_bias)
+        self.query_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.key_value = nn.Linear(channels, 2 * dim)
         self.output_weight = nn.Parameter(torch.empty(num_experts, dim, channels))
-        self.output_bias = nn.Parameter(torch.zeros(num_experts, channels))
+        self.output_bias = nn.Parameter(torch.zeros(num_experts, channels)) if bias else None
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
         batch, length, channels = hidden.shape
-        gates, expert_index, routing = self.route(hidden, task_index)
+        gates, expert_index, aux_terms, report = self.route(hidden, task_index)
         dispatch = ExpertDispatch(expert_index, self.num_experts)
-        flat = hidden.reshape(-1, channels)
-        queries = dispatch.per_slot(torch.bmm(dispatch.dispatch(flat), self.query_weight) + self.query_bias[:, None])
-        queries = queries.view(batch, length, self.top_k, self.head_dim).transpose(1, 2)  # (B, k, L, D)
+        queries = torch.bmm(dispatch.dispatch(hidden.reshape(-1, channels)), self.query_weight)
+        if self.query_bias is not None:
+            queries = queries + self.query_bias[:, None]
+        queries = dispatch.per_slot(queries).view(batch, length, self.top_k, self.head_dim).transpose(1, 2)  # (B, k, L, D)
         key, value = self.key_value(hidden).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, L, D) each, shared by the heads
-        heads = F.scaled_dot_product_attention(queries, key, value, enable_gqa=True)  # (B, k, L, D)
+        heads = F.scaled_dot_product_attention(queries, key, value, enable_gqa=True)  # (B, k, L, D), scale D ** -0.5
         heads = heads.transpose(1, 2).reshape(-1, self.head_dim)  # one row per token slot
-        projected = torch.bmm(dispatch.dispatch(heads), self.output_weight) + self.output_bias[:, None]
-        return dispatch.combine(projected, gates).view(batch, length, channels), routing
+        projected = torch.bmm(dispatch.dispatch(heads), self.output_weight)
+        if self.output_bias is not None:
+            projected = projected + self.output_bias[:, None]
+        return dispatch.combine(projected, gates).view(batch, length, channels), aux_terms, report
 
 
 class ModSquadMoEMLP(ModSquadMoELayer):
-    """Mixture of MLP experts: E two-layer GELU MLPs; a token runs through its top-k and sums them with the gates."""
+    """Mixture of MLP experts: E two-layer GELU MLPs C -> H/k -> C with biases; a token runs through its top-k and
+    sums them weighted by the gates."""
 
     expert_parameters = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
-    def __init__(self, config: ModSquadConfig, num_experts: int):
-        super().__init__(config, num_experts, config.mlp_top_k)
-        channels, dim = config.hidden_size, config.mlp_expert_hidden_size
+    def __init__(self, config: ModSquadConfig, expert_ids: list[int]):
+        super().__init__(config, expert_ids, config.num_mlp_experts, config.mlp_top_k)
+        channels, dim, num_experts = config.hidden_size, config.mlp_expert_hidden_size, len(expert_ids)
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, channels, dim))
         self.fc1_bias = nn.Parameter(torch.zeros(num_experts, dim))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, channels))
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, channels))
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
-        gates, expert_index, routing = self.route(hidden, task_index)
+    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
+        gates, expert_index, aux_terms, report = self.route(hidden, task_index)
         dispatch = ExpertDispatch(expert_index, self.num_experts)
         grouped = dispatch.dispatch(hidden.reshape(-1, hidden.shape[-1]))
         grouped = F.gelu(torch.bmm(grouped, self.fc1_weight) + self.fc1_bias[:, None])
         grouped = torch.bmm(grouped, self.fc2_weight) + self.fc2_bias[:, None]
-        return dispatch.combine(grouped, gates).view(hidden.shape), routing
+        return dispatch.combine(grouped, gates).view(hidden.shape), aux_terms, report
 
 
 class ModSquadBlock(GradientCheckpointingLayer):
-    """Pre-norm transformer block whose attention and/or MLP may be MoE layers."""
+    """Pre-norm transformer block whose attention and/or MLP may be MoE layers; the task embedding (one row per
+    sample, or None) is added to the input first."""
 
-    def __init__(self, config: ModSquadConfig, attention_experts: Optional[int], mlp_experts: Optional[int]):
+    def __init__(self, config: ModSquadConfig, attention_experts: Optional[list[int]], mlp_experts: Optional[list[int]]):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = (
@@ -368,14 +450,19 @@ class ModSquadBlock(GradientCheckpointingLayer):
         self.mlp = ModSquadMoEMLP(config, mlp_experts) if mlp_experts is not None else ModSquadMLP(config)
         self.has_moe = attention_experts is not None or mlp_experts is not None
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, list[RoutingInfo]]:
-        routing = []
-        update, info = self.attention(self.norm1(hidden), task_index)
+    def forward(
+        self, hidden: torch.Tensor, task_index: torch.Tensor, task_embedding: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[RoutingReport]]:
+        """-> (output, auxiliary terms (num MoE layers of the block, 4) or None, routing reports). The terms are a
+        top-level tensor so that reentrant gradient checkpointing passes their gradients on."""
+        if task_embedding is not None:
+            hidden = hidden + task_embedding
+        update, attention_terms, attention_report = self.attention(self.norm1(hidden), task_index)
         hidden = hidden + update
-        routing += [info] if info is not None else []
-        update, info = self.mlp(self.norm2(hidden), task_index)
-        routing += [info] if info is not None else []
-        return hidden + update, routing
+        update, mlp_terms, mlp_report = self.mlp(self.norm2(hidden), task_index)
+        terms = [t for t in (attention_terms, mlp_terms) if t is not None]
+        reports = [r for r in (attention_report, mlp_report) if r is not None]
+        return hidden + update, torch.stack(terms) if terms else None, reports
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -399,17 +486,23 @@ class ModSquadPreTrainedModel(DenseMultiTaskPreTrainedModel):
         elif isinstance(module, ModSquadEmbeddings):
             init.trunc_normal_(module.cls_token, std=std)
             init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, ModSquadModel) and module.task_embedding is not None:
+            init.normal_(module.task_embedding, std=1.0)  # torch.randn, as in the reference
         else:
             super()._init_weights(module)
 
 
 class ModSquadModel(ModSquadPreTrainedModel):
-    """The Mod-Squad ViT; returns per-task token maps, the routing losses and the expert usage of the batch."""
+    """The Mod-Squad ViT; returns per-task token maps, the routing terms and, on request, the gates."""
 
     def __init__(self, config: ModSquadConfig):
         super().__init__(config)
         self.embeddings = ModSquadEmbeddings(config)
-        experts = dict(zip(config.moe_layer_kinds, config.num_experts_per_layer))
+        num_tasks = len(config.tasks)
+        self.task_embedding = (
+            nn.Parameter(torch.zeros(1, num_tasks, config.hidden_size)) if config.use_task_embedding else None
+        )
+        experts = dict(zip(config.moe_layer_kinds, config.expert_ids_per_layer))
         self.blocks = nn.ModuleList(
             ModSquadBlock(config, experts.get((block, "attention")), experts.get((block, "mlp")))
             for block in range(config.num_hidden_layers)
@@ -418,23 +511,38 @@ class ModSquadModel(ModSquadPreTrainedModel):
         self._force_usage_tracking: Optional[bool] = None
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (a Conv2d), so that `enable_input_require_grads()` can make its output require grad."""
+        return self.embeddings.patch_embeddings
+
     @property
     def moe_layers(self) -> list[tuple[str, ModSquadMoELayer]]:
-        """(name, module) of every MoE layer, in network order (the order of `expert_usage` rows)."""
+        """(name, module) of every MoE layer, in network order (that of `config.layer_names` and of `gates`)."""
         return [(name, module) for name, module in self.named_modules() if isinstance(module, ModSquadMoELayer)]
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The patch embedding (what `enable_input_require_grads` hooks)."""
-        return self.embeddings.patch_embeddings
 
     def forward(
         self,
         pixel_values: torch.Tensor,
         tasks: Optional[list[str]] = None,
         output_hidden_states: Optional[bool] = None,
+        output_gates: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ) -> Union[ModSquadModelOutput, tuple]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+                Normalised images; height and width multiples of the patch size (see [`TaskExpertImageProcessor`]).
+            tasks (`list[str]`, *optional*):
+                Run only these tasks' passes (default: all tasks of the config).
+            output_hidden_states (`bool`, *optional*):
+                Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
+            output_gates (`bool`, *optional*):
+                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
+            return_dict (`bool`, *optional*):
+                Return a [`ModSquadModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+        """
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_gates = self.config.output_gates if output_gates is None else output_gates
         return_dict = self.config.return_dict if return_dict is None else return_dict
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
         tasks = self.resolve_tasks(tasks)
@@ -442,44 +550,43 @@ class ModSquadModel(ModSquadPreTrainedModel):
         batch, num_tasks = pixel_values.shape[0], len(tasks)
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
         hidden = self.embeddings(pixel_values)
-        all_hidden, routing, stacked = [hidden], [], False
+        task_embedding, stacked = None, False
+        if self.task_embedding is not None:
+            # Every task takes its own pass through every block: one copy of the batch per task, task-major.
+            hidden, stacked = hidden.repeat(num_tasks, 1, 1), True
+            task_embedding = self.task_embedding[0, task_index].repeat_interleave(batch, dim=0).unsqueeze(1)
+        all_hidden, aux_terms, reports = [hidden], [], []
         for block in self.blocks:
-            if block.has_moe and not stacked:
-                # From here on each task takes its own route: one copy of the batch per task, task-major.
+            if block.has_moe and not stacked:  # without task embedding, tasks part ways at the first MoE layer
                 hidden, stacked = hidden.repeat(num_tasks, 1, 1), True
             # Positional arguments: GradientCheckpointingLayer needs them to recompute under checkpointing.
-            hidden, block_routing = block(hidden, task_index)
-            routing.extend(block_routing)
+            hidden, block_terms, block_reports = block(hidden, task_index, task_embedding)
+            if block_terms is not None:
+                aux_terms.extend(block_terms.unbind(0))
+            reports.extend(block_reports)
             all_hidden.append(hidden)
         # Statistics are updated here rather than in the layers, which gradient checkpointing runs twice.
         if self.training if self._force_usage_tracking is None else self._force_usage_tracking:
-            for (_, layer), info in zip(self.moe_layers, routing):
-                layer.update_usage(task_index, info.counts)
-        hidden = self.norm(hidden)[:, 1:]  # drop the class token
-        maps = hidden.transpose(1, 2).reshape(num_tasks, batch, -1, *grid).transpose(0, 1)
+            for (_, layer), report in zip(self.moe_layers, reports):
+                layer.update_usage(task_index, report.counts)
+        features = self.norm(hidden)[:, 1:]  # drop the class token
+        maps = features.transpose(1, 2).reshape(num_tasks, batch, -1, *grid).transpose(0, 1)
 
-        aux_losses = {
-            "mutual_information": torch.stack([mutual_information_loss(r.probabilities.sum(dim=1)) for r in routing]).sum(),
-            "load_balance": torch.stack([load_balance_loss(r.probabilities, r.counts) for r in routing]).sum(),
-        }
-        max_experts = max(r.counts.shape[-1] for r in routing)
-        usage = torch.stack(
-            [F.pad(r.counts.float() / r.counts.sum(-1, keepdim=True), (0, max_experts - r.counts.shape[-1])) for r in routing],
-            dim=1,
-        )  # (T', layers, max_experts)
+        aux_losses = {name: torch.stack([terms[i] for terms in aux_terms]).sum() for i, name in enumerate(AUX_LOSS_NAMES)}
+        gates = None
+        if output_gates:
+            gates = tuple(
+                {task: g[i] for i, task in enumerate(tasks)}
+                for g in (r.gates.view(num_tasks, batch, -1, r.gates.shape[-1])[:, :, 1:].unflatten(2, grid) for r in reports)
+            )
         output = ModSquadModelOutput(
             task_features=maps,
             tasks=tuple(tasks),
             aux_losses=aux_losses,
-            expert_usage={task: usage[i] for i, task in enumerate(tasks)},
-            hidden_states=tuple(_token_maps(h, grid) for h in all_hidden) if output_hidden_states else None,
+            gates=gates,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
-
-
-def _token_maps(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(S, 1 + h*w, C) tokens -> (S, C, h, w) map of the patch tokens."""
-    return hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, *grid)
 
 
 class ModSquadForDensePrediction(ModSquadPreTrainedModel):
@@ -495,19 +602,13 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.modsquad.get_input_embeddings()
 
-    @property
-    def aux_loss_weights(self) -> dict[str, float]:
-        return {
-            "mutual_information": self.config.mutual_information_loss_weight,
-            "load_balance": self.config.load_balance_loss_weight,
-        }
-
     def forward(
         self,
         pixel_values: torch.Tensor,
         labels: Optional[dict[str, torch.Tensor]] = None,
         tasks: Optional[list[str]] = None,
         output_hidden_states: Optional[bool] = None,
+        output_gates: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ) -> Union[ModSquadOutput, tuple]:
         r"""
@@ -517,29 +618,43 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
             labels (`dict[str, torch.Tensor]`, *optional*):
                 Per task, labels following `task_definitions` (ignore value 255). Tasks without labels get no loss.
             tasks (`list[str]`, *optional*):
-                Run only these tasks' routes and heads (default: all tasks of the config).
+                Run only these tasks' passes and heads (default: all tasks of the config).
             output_hidden_states (`bool`, *optional*):
-                Return the token maps after the embeddings and every block; defaults to `config.output_hidden_states`.
+                Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
+            output_gates (`bool`, *optional*):
+                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
             return_dict (`bool`, *optional*):
                 Return a [`ModSquadOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         tasks = self.resolve_tasks(tasks)
         self.check_label_tasks(labels)
-        outputs = self.modsquad(pixel_values, tasks=tasks, output_hidden_states=output_hidden_states, return_dict=True)
-        decoded = self.decode_and_loss(
-            outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels=labels, aux_losses=outputs.aux_losses
+        outputs = self.modsquad(
+            pixel_values, tasks=tasks, output_hidden_states=output_hidden_states, output_gates=output_gates, return_dict=True
         )
+        # The reference adds the routing terms only when more than two tasks ran (`aux_loss_min_tasks`).
+        joined = outputs.aux_losses if len(tasks) >= self.config.aux_loss_min_tasks else None
+        decoded = self.decode_and_loss(outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels, joined)
         output = ModSquadOutput(
             loss=decoded.loss,
             task_losses=decoded.task_losses,
             aux_loss=decoded.aux_loss,
             aux_losses=outputs.aux_losses,
             logits=decoded.logits,
-            expert_usage=outputs.expert_usage,
+            gates=outputs.gates,
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
+
+    @property
+    def aux_loss_weights(self) -> dict[str, float]:
+        config = self.config
+        return {
+            "mutual_information": config.mutual_information_loss_weight,
+            "cv": config.cv_loss_weight,
+            "switch": config.switch_loss_weight,
+            "z": config.z_loss_weight,
+        }
 
     # ------------------------------------------------------------------------------------------------------------
     # Expert usage statistics
@@ -569,9 +684,9 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
             layer.expert_usage_ema.zero_()
 
     def expert_usage_statistics(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Per task: `"counts"` (num_moe_layers, max_experts) int64 selections since the last reset, `"share"` the
-        counts normalised per layer, `"ema"` the moving average of per-batch shares; zero-padded like `expert_usage`.
-        Layer names are `[name for name, _ in model.modsquad.moe_layers]`."""
+        """Per task: `"counts"` (num_moe_layers, max_experts) int64 selections since the last reset (class tokens
+        included), `"share"` the counts normalised per layer, `"ema"` the moving average of per-batch shares. Rows
+        follow `config.layer_names`, columns `config.candidate_names`; layers with fewer experts are zero-padded."""
         layers = [layer for _, layer in self.modsquad.moe_layers]
         max_experts = max(layer.num_experts for layer in layers)
 
@@ -589,6 +704,27 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
             }
         return statistics
 
+    @torch.no_grad()
+    def _calibration_counts(self, task: str, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Per MoE layer, how often `task` selects each expert on `batches` (eval mode, class tokens included); the
+        stored statistics are left as they were."""
+        layers = [layer for _, layer in self.modsquad.moe_layers]
+        saved = [(layer.expert_counts.clone(), layer.expert_usage_ema.clone()) for layer in layers]
+        was_training = self.training
+        self.eval()
+        try:
+            self.reset_expert_usage()
+            with self.track_expert_usage(True):
+                for pixel_values in batches:
+                    self.modsquad(pixel_values, tasks=[task])
+            task_index = self.config.tasks.index(task)
+            return [layer.expert_counts[task_index].clone() for layer in layers]
+        finally:
+            for layer, (counts, ema) in zip(layers, saved):
+                layer.expert_counts.copy_(counts)
+                layer.expert_usage_ema.copy_(ema)
+            self.train(was_training)
+
     # ------------------------------------------------------------------------------------------------------------
     # Per-task extraction
     # ------------------------------------------------------------------------------------------------------------
@@ -605,61 +741,59 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         Args:
             task (`str`): the task to keep.
             by (`str`, *optional*, defaults to `"usage"`):
-                How the experts are chosen, per MoE layer.
-                `"usage"`: from the accumulated statistics (see [`track_expert_usage`]): experts whose share of the
-                task's selections is above `threshold` (`None`: every expert selected at least once).
-                `"router"`: every expert the task's router puts in the top-k of at least one token of
-                `calibration_pixel_values` (one batch or an iterable of batches).
-            threshold (`float`, *optional*): minimum usage share for `by="usage"`.
+                Where the per-expert selection counts of the task come from. `"usage"`: the accumulated statistics
+                (see [`track_expert_usage`]). `"router"`: a pass of `calibration_pixel_values` (one batch or an
+                iterable of batches) through the task's routes.
+            threshold (`float`, *optional*):
+                In a layer with top-k, keep the experts whose share of the task's selections exceeds `threshold / k`
+                (the reference's rule), i.e. experts selected by more than a `threshold` fraction of the task's tokens;
+                `None` (or 0) keeps every expert selected at least once.
             calibration_pixel_values: images for `by="router"`.
 
         Every layer keeps at least its top-k experts (topped up with the most used, then the lowest ids). The new
-        model has the task's router columns of the kept experts and only the task's head; `config.experts_per_layer`
-        records the layer sizes. Its outputs equal the full model's for the task on any input whose tokens select
-        only kept experts (top-k over the kept experts picks the same experts with the same renormalised gates).
+        model has the kept experts, the task's whole router (all logits of the full layer), its task-embedding row
+        and its head; `config.kept_experts` records the kept ids.
+
+        What stays identical: for a given layer input, the extracted layer computes the same router logits and
+        softmax over all experts as the full layer, then takes the top-k among the kept experts. So every token whose
+        full-model top-k lies within the kept experts gets bit-identical gates and the same experts (the gates are
+        probabilities of the full softmax, renormalised or not); a token that chose a dropped expert gets the
+        best-ranked kept expert(s) in its place, each with its full-model probability as gate. If every token of
+        every layer selects only kept experts (true on the images whose counts chose the experts, with `threshold`
+        None), the extracted model computes the full model's function for the task, up to floating-point rounding
+        of batched matmuls whose shapes differ.
         """
         if task not in self.config.tasks:
             raise ValueError(f"Unknown task {task!r}; this model predicts {self.config.tasks}.")
+        if threshold is not None and (isinstance(threshold, bool) or not 0.0 <= threshold < 1.0):
+            raise ValueError(f"`threshold` must be in [0, 1) (a fraction of the task's tokens), got {threshold!r}.")
         task_index = self.config.tasks.index(task)
         layers = self.modsquad.moe_layers
         if by == "usage":
-            if threshold is not None and not 0.0 <= threshold < 1.0:
-                raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}.")
+            if calibration_pixel_values is not None:
+                raise ValueError("`calibration_pixel_values` applies to by='router' only.")
             counts = [layer.expert_counts[task_index].float() for _, layer in layers]
             if all(c.sum() == 0 for c in counts):
                 raise ValueError(
                     f"No expert usage has been recorded for task {task!r}: train the model, or run data through it "
                     "under `model.track_expert_usage()`, or use by='router' with calibration images."
                 )
-            scores = [c / c.sum().clamp_min(1) for c in counts]
-            selected = [s > (threshold if threshold is not None else 0.0) for s in scores]
         elif by == "router":
-            if threshold is not None:
-                raise ValueError("`threshold` applies to by='usage' only.")
             if calibration_pixel_values is None:
                 raise ValueError("by='router' needs `calibration_pixel_values` (a batch or an iterable of batches).")
             batches = [calibration_pixel_values] if isinstance(calibration_pixel_values, torch.Tensor) else calibration_pixel_values
-            scores = [torch.zeros(layer.num_experts, device=layer.router_weight.device) for _, layer in layers]
-            was_training = self.training
-            self.eval()
-            try:
-                with self.track_expert_usage(False):
-                    for pixel_values in batches:
-                        usage = self.modsquad(pixel_values, tasks=[task]).expert_usage[task]
-                        for i, (_, layer) in enumerate(layers):
-                            scores[i] += usage[i, : layer.num_experts]
-            finally:
-                self.train(was_training)
-            if all(s.sum() == 0 for s in scores):
+            counts = [c.float() for c in self._calibration_counts(task, batches)]
+            if all(c.sum() == 0 for c in counts):
                 raise ValueError("`calibration_pixel_values` held no images.")
-            selected = [s > 0 for s in scores]
         else:
             raise ValueError(f"`by` must be 'usage' or 'router', got {by!r}.")
 
         keep = []
-        for (_, layer), chosen, score in zip(layers, selected, scores):
+        for (_, layer), count in zip(layers, counts):
+            share = count / count.sum().clamp_min(1)
+            chosen = share > (threshold or 0.0) / layer.top_k
             if int(chosen.sum()) < layer.top_k:  # top-k routing needs k experts: add the most used ones
-                ranking = sorted(range(layer.num_experts), key=lambda e: (not bool(chosen[e]), -float(score[e]), e))
+                ranking = sorted(range(layer.num_experts), key=lambda e: (not bool(chosen[e]), -float(share[e]), e))
                 chosen = torch.zeros_like(chosen)
                 chosen[ranking[: layer.top_k]] = True
             keep.append(chosen.nonzero().flatten())
@@ -668,7 +802,9 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         config.tasks = [task]
         config.task_id2label = {t: labels for t, labels in config.task_id2label.items() if t == task}
         config.loss_weights = {task: config.loss_weights[task]}
-        config.experts_per_layer = [int(k.numel()) for k in keep]
+        config.kept_experts = [
+            [self.config.expert_ids_per_layer[i][int(position)] for position in kept] for i, kept in enumerate(keep)
+        ]
         config.validate_modsquad()
         extracted = type(self)(config).to(device=self.device, dtype=self.dtype)
 
@@ -683,6 +819,8 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
                 continue
             if key.startswith("heads.") and not key.startswith(f"heads.{task}."):
                 continue
+            if key == f"{self.base_model_prefix}.task_embedding":
+                value = value[:, task_index : task_index + 1]
             state[key] = value
         extracted.load_state_dict(state, strict=True)
         extracted.train(self.training)
@@ -708,5 +846,8 @@ __all__ = [
     "ModSquadModelOutput",
     "ModSquadOutput",
     "ModSquadPreTrainedModel",
+    "cv_squared_loss",
     "mutual_information_loss",
+    "switch_loss",
+    "z_loss",
 ]

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny TaskExpert configs and label batches made here, offline."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# The Space is a folder of top-level modules (on a Space it is the root); its tests import them by name. Appended, so
+# that they never shadow another module.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "space_app"))
 
 ALL_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge", "depth"]
 

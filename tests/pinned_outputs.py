@@ -47,7 +47,13 @@ def modsquad_configs() -> dict:
         num_attention_experts=6, attention_top_k=2, attention_head_dim=16, num_mlp_experts=5, mlp_top_k=2,
         tasks=ALL_TASKS, task_id2label=LABELS, head_hidden_size=16,
     )  # fmt: skip
-    return {"modsquad": ModSquadConfig(**common)}
+    # `modsquad_legacy`: the fields that give the behaviour of the versions before the model followed the authors'
+    # code; it reproduces the values those versions pinned under `modsquad/*` bit for bit.
+    legacy = dict(
+        use_task_embedding=False, renormalize_gates=True, routing_epsilon=0.0, attention_expert_bias=True,
+        dense_attention_head_dim=16, mutual_information_estimator="exact", aux_loss_min_tasks=1,
+    )  # fmt: skip
+    return {"modsquad": ModSquadConfig(**common), "modsquad_legacy": ModSquadConfig(**common, **legacy)}
 
 
 def _model_outputs(prefix: str, model_class, config, output_kwargs: dict) -> dict[str, torch.Tensor]:
@@ -70,8 +76,6 @@ def _model_outputs(prefix: str, model_class, config, output_kwargs: dict) -> dic
         for layer, gates in enumerate(getattr(out, "gates", None) or ()):
             for task, value in gates.items():
                 pinned[f"{prefix}/gates/{layer}/{task}"] = value
-        for task, value in (getattr(out, "expert_usage", None) or {}).items():
-            pinned[f"{prefix}/expert_usage/{task}"] = value
         for name, value in (getattr(out, "aux_losses", None) or {}).items():
             pinned[f"{prefix}/aux_losses/{name}"] = value.reshape(1)
         subset = model(pixel_values, tasks=["depth", "semseg"])
@@ -142,7 +146,7 @@ def compute_pinned() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     for name, config in taskexpert_configs().items():
         tensors.update(_model_outputs(name, TaskExpertForDensePrediction, config, {"output_gates": True}))
     for name, config in modsquad_configs().items():
-        tensors.update(_model_outputs(name, ModSquadForDensePrediction, config, {}))
+        tensors.update(_model_outputs(name, ModSquadForDensePrediction, config, {"output_gates": True}))
     tensors.update(processor_outputs())
     tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
     return tensors, evaluator_metrics()

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from test_modsquad import build
+from modsquad_reference import build_modsquad as build
 from transformers import AutoImageProcessor
 
 from modeling_taskexpert import TaskExpertImageProcessor

@@ -13,7 +13,7 @@ from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from test_data_converters import _png, nyud_raw  # noqa: F401 - the raw NYUD-v2 fixture
-from test_space import REPO_ROOT, load_app_module, make_model_folder
+from space_support import REPO_ROOT, make_model_folder
 from transformers import AutoConfig, AutoModel, pipeline
 
 from modeling_taskexpert import (
@@ -90,16 +90,18 @@ def test_processor_refuses_a_huge_array_before_copying_it():
 
 @pytest.mark.parametrize("name", CASES)
 def test_space_answers_every_corpus_file(corpus, name):
-    app = load_app_module()
+    import model_loading  # space_app/ (conftest puts it on the import path)
+
     case = corpus[name]
     if case.accept:
-        rgb, _ = app.load_image(str(case.path))
+        rgb, _ = model_loading.load_image(str(case.path))
         assert rgb.shape == (*case.size, 3) and rgb.dtype == np.uint8
     else:
-        # The Space names the file for the reasons it checks itself; the loader's NaN refusal reaches it unnamed.
-        reason = "contains NaN or infinite values" if name == "nan_float.tif" else rf"`{name}` (is damaged|is not an image|is \d+×\d+ pixels)"
-        with pytest.raises(ValueError, match=reason):
-            app.load_image(str(case.path))
+        # The Space names the upload (by its name only, never a server path) and the reason.
+        reason = rf"“{name}”(: the image cannot be decoded|: the image contains NaN| is not an image| is \d+×\d+ pixels)"
+        with pytest.raises(ValueError, match=reason) as raised:
+            model_loading.load_image(str(case.path))
+        assert str(case.path.parent) not in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_missing_or_truncated_weights_are_named(model_folder, tmp_path, damage):
 
 
 def test_space_reports_a_pickle_checkpoint_as_unavailable(model_folder, tmp_path):
-    app = load_app_module()
+    import model_loading as app  # space_app/model_loading.py
     folder = tmp_path / "pickled"
     shutil.copytree(model_folder, folder)
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
