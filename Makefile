@@ -41,19 +41,25 @@ space: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
-# The TaskExpert study (experiments/study.py, 45 runs, about 1¾ hours on 2 CPU cores): trains every run that is not
-# finished, JOBS runs at once (the tiny models use one core well and a second one poorly), then rebuilds
-# docs/results.md from the run folders.
-# QUICK=1: a few minutes' smoke test of the same machinery.
+# The TaskExpert study (experiments/study.py): trains every run that is not finished, JOBS runs at once (the tiny
+# models use one core well and a second one poorly), then rebuilds docs/results.md and experiments/study_notes.md
+# from the run folders; the full study also copies its best TaskExpert to outputs/ for `make space`. The plan (runs,
+# CPU time) is in docs/results.md, section "Power and the study plan".
+# PILOT=1: the pilot whose seed noise sizes the full study (python -m experiments.power).
+# QUICK=1: a few minutes' smoke test of the same machinery (report in outputs/experiments-quick/results.md).
 JOBS ?= 2
 experiments: $(STAMP)
 ifdef QUICK
-	$(PY) -m experiments.run --quick
+	$(PY) -m experiments.run --quick --jobs $(JOBS)
 	$(PY) -m experiments.report --output-root outputs/experiments-quick
+else ifdef PILOT
+	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
+	$(PY) -m experiments.run --pilot --jobs $(JOBS)
+	$(PY) -m experiments.report --output-root outputs/experiments-pilot --jobs $(JOBS)
 else
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
 	$(PY) -m experiments.run --jobs $(JOBS)
-	$(PY) -m experiments.report
+	$(PY) -m experiments.report --jobs $(JOBS)
 endif
 
 clean:

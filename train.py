@@ -187,10 +187,12 @@ def main(argv=None) -> dict:
         accelerator.print(f"Notice: {notice}")
     if recipe.push_to_hub and accelerator.is_main_process:
         check_hub_access(recipe)
-    set_seed(recipe.seed)
 
     # ---- data and model ------------------------------------------------------------------------------------
-    metadata = read_dataset_metadata(recipe.dataset)
+    try:
+        metadata = read_dataset_metadata(recipe.dataset)
+    except (ValueError, OSError) as error:  # missing folder, unreachable Hub id, damaged metadata
+        raise RecipeError(f"Recipe field `dataset`: {error}") from None
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
     try:
@@ -211,6 +213,10 @@ def main(argv=None) -> dict:
         raise RecipeError(f"{error} (recipe fields `edge_mode` / `final_edge_modes`)") from None
     except (ValueError, OSError) as error:
         raise RecipeError(f"Evaluation settings of the recipe: {error}") from None
+    # Seeded right before the model is built, whose backbone comes first: its initial weights depend on the seed
+    # alone, so every variant of a study's seed starts from the same backbone (data order and augmentations have
+    # their own seeded generators).
+    set_seed(recipe.seed)
     model = AutoModel.from_config(config)
     if getattr(config, "backbone_checkpoint", None):
         model.load_pretrained_backbone()

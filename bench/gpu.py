@@ -1,6 +1,7 @@
 """Accelerator part of the benchmark (`python bench/run.py --gpu`): bf16 training-step throughput and MFU of
 TaskExpert with SDPA and eager attention, with and without torch.compile, and bf16 forward ratios."""
 
+
 import time
 from dataclasses import asdict
 from typing import Callable, Optional
@@ -9,7 +10,8 @@ import torch
 
 from .measure import count_flops, interleaved_times, median, median_ratio, summarize
 from .models import build_model, inference_call, load_config, random_labels, random_pixels, train_step
-from .suites import Setting
+from .plan import Setting, SuiteContext
+from .report import mib, ratio, setting_label, table
 
 # Dense bf16 tensor-core peak of common data-centre GPUs (FLOP/s, no sparsity), keyed by a name fragment.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -121,3 +123,46 @@ def _autocast(function: Callable[[], object], device: torch.device) -> Callable[
             return function()
 
     return call
+
+
+KEY = "gpu"
+TITLE = "GPU"
+GPU_COMMAND = "python bench/run.py --gpu"
+
+
+def measure(context: SuiteContext) -> dict:
+    """The accelerator part when asked for and possible; otherwise the reason it was skipped."""
+    args, plan = context.args, context.plan
+    if not getattr(args, "gpu", False):
+        return {"skipped": "not requested (run with --gpu on a machine with a CUDA device)"}
+    if not torch.cuda.is_available():
+        return {"skipped": "--gpu was given but no CUDA device is available"}
+    setting = Setting(plan.headline.preset, plan.headline.image_size, 2 if args.quick else 8)
+    peak = args.gpu_peak_tflops * 1e12 if args.gpu_peak_tflops else None
+    return gpu_suite(setting, "cuda", compile_options=(False,) if args.no_compile else (False, True), peak_flops=peak)
+
+
+def sections(section: dict, plots: dict[str, str], results: dict) -> list[tuple[str, str]]:
+    return [(TITLE, _gpu_text(section))]
+
+
+def _gpu_text(gpu: dict) -> str:
+    if "skipped" in gpu:
+        return (
+            f"**Not measured in this run** ({gpu['skipped']}). On a machine with a CUDA device, "
+            f"`{GPU_COMMAND}` adds: bf16 (autocast) training-step throughput of the headline model at batch 8 with SDPA "
+            "and eager attention, each with and without `torch.compile`; MFU from the counted training FLOPs and the "
+            "device's peak bf16 FLOP/s (`--gpu-peak-tflops` for devices not in `bench/gpu.py`); bf16 forward ratios "
+            "(TaskExpert / backbone, one task / all tasks)."
+        )
+    rows = [[name, f"{row['items_per_s']:.1f}", f"{row['achieved_tflops']:.1f}",
+             "—" if row["mfu"] is None else f"{row['mfu']:.1%}", mib(row["peak_memory_bytes"]), f"{row['first_step_s']:.1f}"]
+            for name, row in gpu["train_step"].items()]  # fmt: skip
+    return "\n\n".join([
+        f"Device: {gpu['device']}, {setting_label(gpu['setting'])}, bf16 autocast.",
+        table(["attention / compile", "images/s", "TFLOP/s", "MFU", "peak MiB", "first step s"], rows),
+        f"torch.compile speedup: {', '.join(f'{k} {ratio(v)}' for k, v in gpu['compile_speedup'].items()) or '—'}; "
+        f"SDPA vs eager attention: {ratio(gpu['sdpa_vs_eager_speedup'])}; bf16 forward TaskExpert / backbone: "
+        f"{ratio(gpu['mmoe_overhead_ratio_bf16'])}; one task / all tasks (whole forward): "
+        f"{ratio(gpu['one_task_vs_all_forward_ratio_bf16'])}.",
+    ])

@@ -1,6 +1,7 @@
 """Train every run of the study (each in its own folder), skipping finished runs and resuming unfinished ones.
 
     python -m experiments.run                      # the full study (hours on 2 CPU cores)
+    python -m experiments.run --pilot              # the pilot of the power estimate (experiments/power.py)
     python -m experiments.run --quick              # a smoke test of the machinery (minutes)
     python -m experiments.run --only taskexpert single-semseg
     python -m experiments.run --jobs 2             # two runs at once, one thread each (on 2 cores)
@@ -16,7 +17,9 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,18 +27,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from modeling_taskexpert.data import generate_synthetic_dataset, has_dataset_metadata, read_dataset_metadata
-from modeling_taskexpert.training import load_recipe, write_json_atomic
+from modeling_taskexpert.file_utils import write_json_atomic
+from modeling_taskexpert.training import load_recipe
 
-from .study import QUICK_DATASET, Run, study_runs
+from .collect import StudyError, aggregate, best_run, collect, read_study
+from .paths import DEFAULT_OUTPUT_ROOTS, LAUNCH_FILE, REPO_ROOT, STUDY_BEST_MODEL_DIR, STUDY_FILE
+from .study import MODES, QUICK_DATASET, Run, study_runs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT_ROOT = "outputs/experiments"
-DEFAULT_QUICK_OUTPUT_ROOT = "outputs/experiments-quick"
-STUDY_FILE = "study.json"
-
-
-class StudyError(RuntimeError):
-    """A study that cannot run as asked; the message says which run or file and why."""
 
 
 def run_dir(output_root: Path, run: Run) -> Path:
@@ -87,7 +85,7 @@ def prepare_quick_dataset(output_root: Path) -> str:
 def run_study(
     runs: list[Run],
     output_root: Path,
-    quick: bool = False,
+    mode: str = "full",
     dataset: Optional[str] = None,
     launcher: Callable[[list[str], Path], int] = None,
     jobs: int = 1,
@@ -105,13 +103,15 @@ def run_study(
     if launcher is None:
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
         launcher = functools.partial(_launch_subprocess, threads=threads)
-    _check_mode(output_root, quick)
-    if dataset is None and quick:
+    if mode not in MODES:
+        raise StudyError(f"Unknown study mode {mode!r}; the modes are {MODES}.")
+    _check_mode(output_root, mode)
+    if dataset is None and mode == "quick":
         dataset = prepare_quick_dataset(output_root)
     if dataset is not None:
         read_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
     check_runs(runs, dataset)
-    _record_study(output_root, runs, quick, dataset, jobs)
+    _record_study(output_root, runs, mode, dataset, jobs)
 
     def train(index: int, run: Run) -> str:
         folder = run_dir(output_root, run)
@@ -132,22 +132,39 @@ def run_study(
 
 
 def _launch_subprocess(command: list[str], log_path: Path, threads: Optional[int] = None) -> int:
+    """Run one training command, its output appended to `log_path`; its wall and CPU time (the process and every
+    process it waited for, e.g. train.py under `accelerate launch`) are appended to `launch.json` beside it."""
     environment = dict(os.environ)
     if threads is not None:
         environment["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
     with open(log_path, "a") as log:
-        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment).returncode
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        _, wait_status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(wait_status)
+    record_launch(Path(log_path).parent, {
+        "exit_status": process.returncode, "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads,
+    })  # fmt: skip
+    return process.returncode
 
 
-def _check_mode(output_root: Path, quick: bool) -> None:
-    """A quick and a full study never share an output root (the report could not tell their runs apart)."""
+def record_launch(folder: Path, launch: dict) -> None:
+    """Append one launch (a run that was resumed has several) to `folder/launch.json`."""
+    path = Path(folder) / LAUNCH_FILE
+    launches = json.loads(path.read_text()) if path.is_file() else []
+    write_json_atomic(path, [*launches, launch])
+
+
+def _check_mode(output_root: Path, mode: str) -> None:
+    """Studies of different modes never share an output root (the report could not tell their runs apart)."""
     if (Path(output_root) / STUDY_FILE).is_file():
         recorded = read_study(output_root)["mode"]
-        if recorded != ("quick" if quick else "full"):
-            raise StudyError(f"{Path(output_root) / STUDY_FILE} records a {recorded} study; use another --output-root for this mode.")
+        if recorded != mode:
+            raise StudyError(f"{Path(output_root) / STUDY_FILE} records a {recorded} study; use another --output-root for the {mode} study.")
 
 
-def _record_study(output_root: Path, runs: list[Run], quick: bool, dataset: Optional[str], jobs: int = 1) -> None:
+def _record_study(output_root: Path, runs: list[Run], mode: str, dataset: Optional[str], jobs: int = 1) -> None:
     """`study.json`: the mode, how many runs trained at once (their step times depend on it) and every run of the
     study, merged with the runs recorded before (e.g. by `--only`)."""
     path = output_root / STUDY_FILE
@@ -160,7 +177,7 @@ def _record_study(output_root: Path, runs: list[Run], quick: bool, dataset: Opti
             "folder": str(Path(run.variant.name) / f"seed{run.seed}"),
         }  # fmt: skip
     dataset = dataset or recipe_dataset(runs[0])
-    write_json_atomic(path, {"mode": "quick" if quick else "full", "dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count(),
+    write_json_atomic(path, {"mode": mode, "dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count(),
                              "runs": list(entries.values())})  # fmt: skip
 
 
@@ -171,37 +188,53 @@ def recipe_dataset(run: Run) -> str:
     return str(REPO_ROOT / dataset) if (REPO_ROOT / dataset).exists() else dataset
 
 
-def read_study(output_root: Path) -> dict:
-    path = Path(output_root) / STUDY_FILE
+def promote_best_model(output_root: Path, destination: Path = REPO_ROOT / STUDY_BEST_MODEL_DIR) -> Optional[dict]:
+    """Copy the default TaskExpert's seed with the highest Δm, push-ready, to `destination` (what `make space`
+    serves). Returns {"seed", "delta_m", "folder"} of the copied run, or None when Δm is not available."""
+    collected = collect(output_root)
+    best = best_run(collected, aggregate(collected))
+    if best is None:
+        return None
+    copy_model_folder(best["run"]["folder"], destination)
+    return {"seed": best["seed"], "delta_m": best["delta_m"], "folder": str(best["run"]["folder"])}
+
+
+def copy_model_folder(source: Path, destination: Path) -> None:
+    """Copy a finished run folder without its resumable checkpoints, the runner's files and hidden files, through
+    a temporary folder renamed into place (an existing destination is replaced only once the copy is complete)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
     try:
-        study = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StudyError(f"No {STUDY_FILE} under {output_root}: run `python -m experiments.run` first.") from None
-    except json.JSONDecodeError as error:
-        raise StudyError(f"{path} is not valid JSON: {error}") from None
-    if study.get("mode") not in ("quick", "full") or not isinstance(study.get("runs"), list):
-        raise StudyError(f"{path} must hold 'mode' (quick or full) and a list of 'runs'.")
-    return study
+        shutil.copytree(source, staging / "folder", ignore=shutil.ignore_patterns("checkpoints", "launch.log", LAUNCH_FILE, ".*"))
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging / "folder", destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the runs of the TaskExpert study (see experiments/study.py).")
-    parser.add_argument("--quick", action="store_true", help="a few steps of a few variants on a toy dataset")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few steps of a few variants on a toy dataset")
+    mode.add_argument("--pilot", action="store_true", help="the pilot runs of the power estimate (experiments/power.py)")
     parser.add_argument("--only", nargs="+", default=(), metavar="NAME", help="train only these variants")
     parser.add_argument("--output-root", type=Path, default=None,
-                        help=f"runs go to OUTPUT_ROOT/VARIANT/seedS (default: {DEFAULT_OUTPUT_ROOT}, "
-                             f"or {DEFAULT_QUICK_OUTPUT_ROOT} with --quick)")  # fmt: skip
+                        help="runs go to OUTPUT_ROOT/VARIANT/seedS (default: "
+                             + ", ".join(f"{path} for the {name} study" for name, path in DEFAULT_OUTPUT_ROOTS.items()) + ")")  # fmt: skip
     parser.add_argument("--dataset", default=None, help="dataset folder for every run (default: each recipe's)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with CPU cores / JOBS threads (default: 1)")  # fmt: skip
     args = parser.parse_args(argv)
-    output_root = args.output_root or Path(DEFAULT_QUICK_OUTPUT_ROOT if args.quick else DEFAULT_OUTPUT_ROOT)
+    study_mode = "quick" if args.quick else "pilot" if args.pilot else "full"
+    output_root = args.output_root or Path(DEFAULT_OUTPUT_ROOTS[study_mode])
     try:
-        runs = study_runs(quick=args.quick, only=tuple(args.only))
+        runs = study_runs(study_mode, only=tuple(args.only))
         dataset = str(Path(args.dataset).resolve()) if args.dataset else None
-        if dataset is None and not args.quick:
+        if dataset is None and study_mode != "quick":
             read_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named
-        outcome = run_study(runs, output_root.resolve(), quick=args.quick, dataset=dataset, jobs=args.jobs)
+        outcome = run_study(runs, output_root.resolve(), mode=study_mode, dataset=dataset, jobs=args.jobs)
     except (StudyError, ValueError, FileNotFoundError) as error:
         print(f"experiments.run: {error}", file=sys.stderr)
         return 2
@@ -209,6 +242,11 @@ def main(argv=None) -> int:
     if failed:
         print(f"experiments.run: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if study_mode == "full":
+        with contextlib.chdir(REPO_ROOT):  # run folders name their datasets relative to the repository root
+            best = promote_best_model(output_root.resolve())
+        if best is not None:
+            print(f"Best TaskExpert seed {best['seed']} (Δm {best['delta_m']:+.2f} %) copied to {STUDY_BEST_MODEL_DIR}")
     return 0
 
 

@@ -1,15 +1,34 @@
-"""The study of `make experiments`, defined in one place: which models are trained, with which recipe and seeds.
+"""The study of `make experiments`, defined in one place: which models are trained, with which recipe and seeds, and
+which paired comparisons settle the paper's claims.
 
 Every variant is a recipe of `hub_configs/` (plus command-line overrides); the study trains each with every seed into
-`<output_root>/<variant>/seed<seed>`. The quick mode trains a few variants for a few steps on a generated toy dataset
-to exercise the machinery (runner, report, figures) in minutes; its numbers are no evidence of anything.
+`<output_root>/<variant>/seed<seed>`. Every ablation changes exactly one thing against the model it is compared with
+(its recipe says which). Runs of one seed are paired: `train.py` seeds the backbone's initial weights, the data order
+and the augmentation draws from the seed alone, so two variants of a seed differ only by what the variant changes
+(`tests/test_experiments_pairing.py` checks it).
+
+Three modes:
+- `full`: every variant with every seed of `SEEDS` (`make experiments`).
+- `pilot`: the few runs that estimate the seed noise of the paired differences, from which `experiments/power.py`
+  derives how many seeds the full study needs (`make experiments PILOT=1`).
+- `quick`: a few variants for a few steps on a generated toy dataset, to exercise the machinery in minutes; its
+  numbers are no evidence of anything.
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from modeling_taskexpert.task_definitions import TASKS
 
-SEEDS = (0, 1, 2)
+MODES = ("full", "pilot", "quick")
+
+# Seeds of the full study. Chosen from the pilot's power estimate (experiments/power.py, written into
+# experiments/study_notes.md): see there for the resolution this number of seeds buys. The models of the paper's
+# claims train with every seed; the descriptive variants (no claim rests on them) with the first `DESCRIPTIVE_SEEDS`,
+# enough for an interval.
+SEEDS = tuple(range(10))
+DESCRIPTIVE_SEEDS = SEEDS[:5]
+DESCRIPTIVE_VARIANTS = ("two-experts", "twelve-experts", "last-layer-only", "modsquad")
 
 # Kinds of variants, in the order the report lists them.
 KINDS = ("taskexpert", "ablation", "baseline", "modsquad", "single-task")
@@ -48,20 +67,44 @@ class Run:
         return {**self.variant.overrides, **self.overrides}
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A claim as a paired comparison: `variant` against `reference`, seed by seed.
+
+    The claim is that `variant` is better (higher Δm, better main metrics). `reference` is another variant, or
+    `SINGLE_TASK` for the multi-task gain (Δm of `variant` against the single-task models of the same seed).
+    `claim` is None for a comparison the paper makes no claim about (shown with its interval, without a verdict).
+    """
+
+    name: str
+    variant: str
+    reference: str
+    claim: Optional[str]
+
+
+SINGLE_TASK = "single-task"
 ABLATIONS = "hub_configs/ablations"
 VARIANTS = (
     Variant("taskexpert", "hub_configs/synthetic-tiny.yaml", "taskexpert",
-            "TaskExpert (default): 4 experts, dynamic gates, memory, MMoE at layers 2 and 4"),
-    Variant("no-memory", f"{ABLATIONS}/synthetic-tiny-no-memory.yaml", "ablation", "without the multi-task memory"),
+            "TaskExpert (default): 4 experts, dynamic gates, memory, MMoE at layers 2 and 4, heads read the final memory"),
+    Variant("all-layer-heads", f"{ABLATIONS}/synthetic-tiny-all-layer-heads.yaml", "taskexpert",
+            "TaskExpert whose heads read every MMoE layer's task features (head_uses_all_layers)"),
+    Variant("no-memory", f"{ABLATIONS}/synthetic-tiny-no-memory.yaml", "ablation",
+            "taskexpert without the multi-task memory (heads read the last MMoE layer)"),
+    Variant("all-layer-heads-no-memory", f"{ABLATIONS}/synthetic-tiny-all-layer-heads-no-memory.yaml", "ablation",
+            "all-layer-heads without the multi-task memory"),
     Variant("uniform-gates", f"{ABLATIONS}/synthetic-tiny-uniform-gates.yaml", "ablation",
-            "uniform instead of dynamic gates"),
-    Variant("one-expert", f"{ABLATIONS}/synthetic-tiny-one-expert.yaml", "ablation", "1 expert (with memory)"),
-    Variant("two-experts", f"{ABLATIONS}/synthetic-tiny-two-experts.yaml", "ablation", "2 experts"),
-    Variant("twelve-experts", f"{ABLATIONS}/synthetic-tiny-twelve-experts.yaml", "ablation", "12 experts"),
+            "taskexpert with uniform instead of dynamic gates"),
+    Variant("one-expert", f"{ABLATIONS}/synthetic-tiny-one-expert.yaml", "ablation", "taskexpert with 1 expert"),
+    Variant("two-experts", f"{ABLATIONS}/synthetic-tiny-two-experts.yaml", "ablation", "taskexpert with 2 experts"),
+    Variant("twelve-experts", f"{ABLATIONS}/synthetic-tiny-twelve-experts.yaml", "ablation",
+            "taskexpert with 12 experts"),
     Variant("last-layer-only", f"{ABLATIONS}/synthetic-tiny-last-layer-only.yaml", "ablation",
-            "MMoE at the last layer only"),
+            "taskexpert with MMoE at the last layer only"),
     Variant("shared-decoder", f"{ABLATIONS}/synthetic-tiny-shared-decoder.yaml", "baseline",
-            "shared-decoder multi-task baseline: 1 expert, no memory, uniform gates"),
+            "shared-decoder multi-task baseline of taskexpert: 1 expert, uniform gates, no memory"),
+    Variant("all-layer-heads-shared-decoder", f"{ABLATIONS}/synthetic-tiny-all-layer-heads-shared-decoder.yaml",
+            "baseline", "shared-decoder multi-task baseline of all-layer-heads"),
     Variant("modsquad", "hub_configs/modsquad-synthetic-tiny.yaml", "modsquad",
             "Mod-Squad (tiny): MoE attention and MLP with per-task routers"),
 ) + tuple(
@@ -70,11 +113,35 @@ VARIANTS = (
     for task in TASKS
 )  # fmt: skip
 
+COMPARISONS = (
+    Comparison("gating", "taskexpert", "uniform-gates", "Dynamic gating helps (TaskExpert vs uniform gates)"),
+    Comparison("memory", "taskexpert", "no-memory", "The multi-task memory helps (TaskExpert vs no memory)"),
+    Comparison("memory-all-layer-heads", "all-layer-heads", "all-layer-heads-no-memory",
+               "The multi-task memory helps, heads reading every MMoE layer"),
+    Comparison("experts", "taskexpert", "one-expert", "Several experts help (TaskExpert vs 1 expert)"),
+    Comparison("shared-decoder", "taskexpert", "shared-decoder", "TaskExpert beats a shared decoder"),
+    Comparison("shared-decoder-all-layer-heads", "all-layer-heads", "all-layer-heads-shared-decoder",
+               "TaskExpert beats a shared decoder, heads reading every MMoE layer"),
+    Comparison("multi-task-gain", "taskexpert", SINGLE_TASK, "Multi-task gain: Δm > 0 (TaskExpert vs single-task models)"),
+    Comparison("all-layer-heads", "all-layer-heads", "taskexpert", None),
+    Comparison("twelve-experts", "twelve-experts", "taskexpert", None),
+    Comparison("modsquad", "taskexpert", "modsquad", None),
+)  # fmt: skip
+
+# The pilot: the default TaskExpert and the two ablations whose seed noise was the largest in earlier studies,
+# three seeds each, the single-task models of one seed (their metrics only scale Δm differences) and Mod-Squad with
+# one seed (its measured CPU time plans the full study).
+PILOT_VARIANTS = ("taskexpert", "no-memory", "shared-decoder")
+PILOT_SEEDS = (0, 1, 2)
+PILOT_ONE_SEED_VARIANTS = ("modsquad",) + tuple(f"single-{task}" for task in TASKS)
+
 # The quick mode: two tasks (one higher- and one lower-is-better main metric, so that Δm is exercised both ways),
-# the variants needed for every section of the report, one seed, three steps on a toy dataset.
+# the variants needed for every section of the report, two seeds (so that paired intervals exist; Mod-Squad, the
+# slowest, one), three steps on a toy dataset.
 QUICK_TASKS = ("semseg", "depth")
 QUICK_VARIANTS = ("taskexpert", "shared-decoder", "modsquad", "single-semseg", "single-depth")
-QUICK_SEEDS = (0,)
+QUICK_SEEDS = (0, 1)
+QUICK_ONE_SEED_VARIANTS = ("modsquad",)
 QUICK_OVERRIDES = {
     "max_steps": 3, "warmup_steps": 0, "eval_steps": 0, "save_steps": 0, "logging_steps": 1,
     "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4,
@@ -86,23 +153,41 @@ def variants_by_name() -> dict[str, Variant]:
     return {variant.name: variant for variant in VARIANTS}
 
 
-def study_runs(quick: bool = False, only: tuple[str, ...] = ()) -> list[Run]:
-    """The runs of the full study (or of the quick mode), optionally restricted to some variants by name."""
+def mode_variants(mode: str) -> tuple[str, ...]:
+    """Names of the variants a mode trains."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown study mode {mode!r}; the modes are {MODES}.")
+    if mode == "quick":
+        return QUICK_VARIANTS
+    if mode == "pilot":
+        return PILOT_VARIANTS + PILOT_ONE_SEED_VARIANTS
+    return tuple(variant.name for variant in VARIANTS)
+
+
+def mode_seeds(mode: str, variant: Variant) -> tuple[int, ...]:
+    if mode == "quick":
+        return QUICK_SEEDS[:1] if variant.name in QUICK_ONE_SEED_VARIANTS else QUICK_SEEDS
+    if mode == "pilot":
+        return PILOT_SEEDS[:1] if variant.name in PILOT_ONE_SEED_VARIANTS else PILOT_SEEDS
+    return DESCRIPTIVE_SEEDS if variant.name in DESCRIPTIVE_VARIANTS else SEEDS
+
+
+def study_runs(mode: str = "full", only: tuple[str, ...] = ()) -> list[Run]:
+    """The runs of a mode (see the module docstring), optionally restricted to some variants by name."""
     known = variants_by_name()
     unknown = [name for name in only if name not in known]
     if unknown:
         raise ValueError(f"Unknown study variant(s) {unknown}; the study has {sorted(known)}.")
-    names = QUICK_VARIANTS if quick else tuple(known)
+    names = mode_variants(mode)
     if only:
         names = tuple(name for name in names if name in only)
         if not names:
-            raise ValueError(f"None of {list(only)} is part of the {'quick' if quick else 'full'} study ({list(QUICK_VARIANTS if quick else known)}).")
-    seeds = QUICK_SEEDS if quick else SEEDS
+            raise ValueError(f"None of {list(only)} is part of the {mode} study ({list(mode_variants(mode))}).")
     runs = []
     for name in names:
         variant = known[name]
-        overrides = dict(QUICK_OVERRIDES) if quick else {}
-        if quick and variant.kind != "single-task":
+        overrides = dict(QUICK_OVERRIDES) if mode == "quick" else {}
+        if mode == "quick" and variant.kind != "single-task":
             overrides["tasks"] = list(QUICK_TASKS)
-        runs.extend(Run(variant, seed, overrides) for seed in seeds)
+        runs.extend(Run(variant, seed, overrides) for seed in mode_seeds(mode, variant))
     return runs

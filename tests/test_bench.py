@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench import measure, models, suites
-from bench.run import parse_args, run, run_gpu
+from bench import batched_vs_loop, gpu, measure, models, modsquad_extraction, plan, targets
+from bench.run import SUITES, main, parse_args, run
 
 
 def test_interleaved_times_rotates_the_order_and_fits_the_rounds():
@@ -107,9 +107,9 @@ def test_train_step_updates_every_variant():
 
 
 def test_batched_experts_match_the_loop():
-    plan = suites.quick_plan()
-    rows = suites.batched_vs_loop(plan)
-    assert [row["num_experts"] for row in rows] == list(plan.expert_counts)
+    quick = plan.quick_plan()
+    rows = batched_vs_loop.batched_vs_loop(quick)
+    assert [row["num_experts"] for row in rows] == list(quick.expert_counts)
     for row in rows:
         assert row["outputs_match"] and row["max_abs_difference"] < 1e-5
         assert row["speedup"] > 0
@@ -118,16 +118,14 @@ def test_batched_experts_match_the_loop():
 def test_gpu_part_is_skipped_cleanly_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    skipped = run_gpu(SimpleNamespace(gpu=True, quick=True), suites.quick_plan())
-    assert skipped == {"skipped": "--gpu was given but no CUDA device is available"}
-    assert "not requested" in run_gpu(SimpleNamespace(gpu=False), suites.quick_plan())["skipped"]
+    context = plan.SuiteContext(plan.quick_plan(), {}, SimpleNamespace(gpu=True, quick=True))
+    assert gpu.measure(context) == {"skipped": "--gpu was given but no CUDA device is available"}
+    assert "not requested" in gpu.measure(plan.SuiteContext(plan.quick_plan(), {}, SimpleNamespace(gpu=False)))["skipped"]
 
 
 @pytest.mark.slow
 def test_gpu_suite_code_path_on_cpu():
-    from bench.gpu import gpu_suite
-
-    result = gpu_suite(suites.Setting("tiny", 32, 1), device="cpu", compile_options=(False,), budget_s=0.0, min_rounds=1)
+    result = gpu.gpu_suite(plan.Setting("tiny", 32, 1), device="cpu", compile_options=(False,), budget_s=0.0, min_rounds=1)
     assert set(result["train_step"]) == {"sdpa", "eager"}
     assert result["train_step_flops"] > 0 and result["train_step"]["sdpa"]["mfu"] is None
     assert set(result["forward_bf16"]) == {"taskexpert", "backbone", "one_task"}
@@ -160,7 +158,7 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
     assert variant["train_step_flops"]["taskexpert"] > variant["forward_flops"]["taskexpert"]
     assert all(row["outputs_match"] for row in sections["batched_vs_loop"])
     assert set(sections["scaling"]) == {"setting", "num_experts", "num_tasks", "num_mmoe_layers", "image_size"}
-    assert sections["memory_growth"]["model"]["calls"] == suites.quick_plan().memory_model_calls
+    assert sections["memory_growth"]["model"]["calls"] == plan.quick_plan().memory_model_calls
     assert "skipped" in sections["gpu"]
 
     report = (tmp_path / "docs" / "benchmarks.md").read_text()
@@ -171,14 +169,26 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
         assert f"(../plots/{name}.png)" in report  # linked relatively
     assert str(tmp_path) not in report
     assert not list(tmp_path.rglob("*.tmp"))
+    # Every suite's sections are on the page, in the order of SUITES.
+    titles = [title for suite in SUITES for title, _ in suite.sections(sections[suite.KEY], {
+        "scaling": "s", "variants": "v", "batched_vs_loop": "b", "memory_growth": "m"}, results)]  # fmt: skip
+    positions = [report.index(f"## {title}\n") for title in titles]
+    assert positions == sorted(positions)
+
+    # --render rewrites the page from the recorded results alone, identically.
+    (tmp_path / "docs" / "benchmarks.md").unlink()
+    argv = ["--render", "--results", str(tmp_path / "results.json"), "--report", str(tmp_path / "docs" / "benchmarks.md"),
+            "--plots-dir", str(tmp_path / "plots")]  # fmt: skip
+    assert main(argv) == 0 and (tmp_path / "docs" / "benchmarks.md").read_text() == report
+    assert main(["--render", "--results", str(tmp_path / "missing.json")]) == 2
 
 
 @pytest.mark.slow
 def test_modsquad_extraction_keeps_outputs_with_fewer_parameters():
-    plan = suites.quick_plan()
-    result = suites.modsquad_extraction(plan)
-    model = suites.build_specialised_modsquad()
-    assert [row["task"] for row in result["tasks"]] == list(plan.modsquad_tasks)
+    quick = plan.quick_plan()
+    result = modsquad_extraction.modsquad_extraction(quick)
+    model = modsquad_extraction.build_specialised_modsquad()
+    assert [row["task"] for row in result["tasks"]] == list(quick.modsquad_tasks)
     for row in result["tasks"]:
         # The specialised routers send every token to the task's preferred half of the experts.
         assert row["experts_per_layer_full"] == [8, 8, 8, 8]
@@ -203,7 +213,7 @@ def test_compare_revisions_times_both_revisions_and_checks_their_outputs(tmp_pat
     recorded result renders into the report."""
     import subprocess
 
-    from bench import compare_revisions, report
+    from bench import compare_revisions
 
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=compare_revisions.REPO_ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
@@ -216,8 +226,17 @@ def test_compare_revisions_times_both_revisions_and_checks_their_outputs(tmp_pat
     assert result["after_vs_before_ratio"] == pytest.approx(
         result["round_medians_s"]["after"][0] / result["round_medians_s"]["before"][0]
     )
-    text = report._before_after_text(output)
+    text = compare_revisions.before_after_text(output)
     assert f"`{result['before'][:7]}`" in text and "outputs match" in text
-    assert report._before_after_text(tmp_path / "missing.json") == ""
+    assert compare_revisions.before_after_text(tmp_path / "missing.json") == ""
     with pytest.raises(SystemExit):
         compare_revisions.main(["--preset", "tiny"])  # --before is required
+
+
+def test_targets_compare_against_their_bounds():
+    assert targets.meets(1.15, "<=", 1.15) and not targets.meets(1.2, "<=", 1.15)
+    assert targets.meets(3.0, ">=", 3.0) and not targets.meets(2.9, ">=", 3.0)
+    assert targets.meets(None, "<=", 1.0) is None
+    values = {key: bound for key, (_, bound) in targets.TARGETS.items()}
+    assert all(target["met"] for target in targets.assess(values).values())
+    assert set(targets.TARGET_DESCRIPTIONS) == set(targets.TARGETS)

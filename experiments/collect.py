@@ -1,0 +1,327 @@
+"""Reading the study's run folders and aggregating them: metrics per variant (mean ± sample standard deviation over
+seeds), Δm per seed, the code revision of every run, and the paired comparisons of `study.COMPARISONS`.
+
+A run folder (written by `train.py`) holds `metrics.json` (final evaluation), `config.json`, `recipe.yaml`,
+`train_log.jsonl`, `provenance.json` (git commit, package and torch versions, recipe hash) and, from the runner,
+`launch.json` (wall and CPU time). Nothing here trains or loads a model (that is `measure.py`).
+"""
+
+import json
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from modeling_taskexpert.evaluation import PRIMARY_METRICS, compute_delta_m
+from modeling_taskexpert.evaluation.delta_m import APPROXIMATE_EDGE_METRIC
+
+from . import paired
+from .paths import LAUNCH_FILE, STUDY_FILE
+from .study import COMPARISONS, KINDS, MODES, SINGLE_TASK, Comparison
+
+PROVENANCE_FILE = "provenance.json"
+UNRECORDED = "unrecorded"  # the revision of a run without provenance.json
+
+
+class StudyError(RuntimeError):
+    """A study that cannot run or be reported as asked; the message names the run or file and what is wrong."""
+
+
+def read_study(output_root: Path) -> dict:
+    """`study.json` of an output root: the mode, and every run with its variant, seed and folder."""
+    path = Path(output_root) / STUDY_FILE
+    try:
+        study = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"No {STUDY_FILE} under {output_root}: run `python -m experiments.run` first.") from None
+    except json.JSONDecodeError as error:
+        raise StudyError(f"{path} is not valid JSON: {error}") from None
+    if study.get("mode") not in MODES or not isinstance(study.get("runs"), list):
+        raise StudyError(f"{path} must hold 'mode' (one of {', '.join(MODES)}) and a list of 'runs'.")
+    return study
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run folder
+# ---------------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StudyError(f"Missing {path}.") from None
+    except json.JSONDecodeError as error:
+        raise StudyError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_log(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise StudyError(f"{path}, line {number}: not valid JSON ({error}).") from None
+    return records
+
+
+def load_run(folder: Path) -> dict:
+    """The final metrics, tasks, recipe, log, revision and cost of one finished run folder."""
+    folder = Path(folder)
+    metrics = _read_json(folder / "metrics.json")
+    config = _read_json(folder / "config.json")
+    try:
+        recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+        log = read_log(folder / "train_log.jsonl")
+    except FileNotFoundError as error:
+        raise StudyError(f"Run folder {folder} is incomplete: missing {Path(error.filename).name}.") from None
+    except yaml.YAMLError as error:
+        raise StudyError(f"Run folder {folder}: cannot parse recipe.yaml ({error}).") from None
+    for key in ("tasks", "model_type"):
+        if key not in config:
+            raise StudyError(f"{folder / 'config.json'} has no {key!r}.")
+    provenance = _read_json(folder / PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else None
+    launches = _read_json(folder / LAUNCH_FILE) if (folder / LAUNCH_FILE).is_file() else []
+    return {
+        "folder": folder, "metrics": metrics, "tasks": list(config["tasks"]), "recipe": recipe, "log": log,
+        "model_type": config["model_type"], "step_seconds": step_seconds(log, recipe),
+        "provenance": provenance, "revision": revision_of(provenance),
+        "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if launches else None,
+    }  # fmt: skip
+
+
+def step_seconds(log: list[dict], recipe: dict) -> Optional[float]:
+    """Median wall time of one optimiser step, from the logged throughput. The first logging window holds the
+    warm-up (allocator, lazy initialisation) and is left out when there are others."""
+    records = [r for r in log if r.get("kind") == "train" and r.get("images_per_second")]
+    if len(records) > 1:
+        records = records[1:]
+    if not records:
+        return None
+    images_per_step = recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"]
+    return statistics.median(images_per_step * r.get("world_size", 1) / r["images_per_second"] for r in records)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Revisions
+# ---------------------------------------------------------------------------------------------------------------------
+def _describe(provenance: dict) -> str:
+    commit = provenance.get("git_commit")
+    text = f"commit {commit[:12]}" if commit else "no git commit"
+    if provenance.get("git_dirty"):
+        text += " with uncommitted changes"
+    return f"{text}, package {provenance.get('package_version')}, torch {provenance.get('torch_version')}"
+
+
+def revision_of(provenance: Optional[dict]) -> str:
+    """The code a run was trained with, as one string: commit (and whether the tree had uncommitted changes), package
+    and torch versions. A run resumed under other code is "mixed: A; B"."""
+    if provenance is None:
+        return UNRECORDED
+    revisions = [_describe(provenance)] + [_describe(resume) for resume in provenance.get("resumes", [])]
+    distinct = list(dict.fromkeys(revisions))
+    return distinct[0] if len(distinct) == 1 else "mixed: " + "; ".join(distinct)
+
+
+def revisions(collected: dict) -> dict[str, list[str]]:
+    """Revision -> the runs ("variant/seedS") trained with it."""
+    found: dict[str, list[str]] = {}
+    for name, variant in collected["variants"].items():
+        for seed, run in sorted(variant["runs"].items()):
+            found.setdefault(run["revision"], []).append(f"{name}/seed{seed}")
+    return found
+
+
+def check_one_revision(collected: dict, allow_mixed: bool = False) -> None:
+    """Refuse a study whose runs come from more than one revision (their differences would mix code changes with the
+    compared factor), unless `allow_mixed`."""
+    found = revisions(collected)
+    if len(found) > 1 and not allow_mixed:
+        listing = "; ".join(f"{revision}: {len(runs)} run(s), e.g. {', '.join(runs[:3])}" for revision, runs in found.items())
+        raise StudyError(
+            f"The runs come from {len(found)} code revisions ({listing}). Retrain the runs of the other revisions "
+            "(delete their folders and run `python -m experiments.run` again), or pass --allow-mixed-revisions to "
+            "report them anyway, each model marked with its revision."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------------------------------
+def collect(output_root: Path) -> dict:
+    """Every variant of the study with its finished seeds (runs still missing are listed, not fatal)."""
+    study = read_study(output_root)
+    variants: dict[str, dict] = {}
+    for entry in study["runs"]:
+        variant = variants.setdefault(entry["variant"], {
+            "name": entry["variant"], "kind": entry["kind"], "description": entry["description"],
+            "recipe": entry["recipe"], "runs": {}, "missing": [],
+        })  # fmt: skip
+        folder = Path(output_root) / entry["folder"]
+        if (folder / "metrics.json").is_file():
+            variant["runs"][entry["seed"]] = load_run(folder)
+        else:
+            variant["missing"].append(entry["seed"])
+    order = {kind: index for index, kind in enumerate(KINDS)}
+    ordered = sorted(variants.values(), key=lambda v: order[v["kind"]])  # stable: the study's order within a kind
+    return {"mode": study["mode"], "dataset": study["dataset"], "jobs": study.get("jobs", 1),
+            "cpu_count": study.get("cpu_count"), "variants": {v["name"]: v for v in ordered}}  # fmt: skip
+
+
+def primary_key(task: str, metrics: dict) -> str:
+    """The main metric of a task as reported (boundary odsF from the approximate scorer when the exact one is absent)."""
+    key = PRIMARY_METRICS[task][0]
+    return APPROXIMATE_EDGE_METRIC if task == "edge" and key not in metrics and APPROXIMATE_EDGE_METRIC in metrics else key
+
+
+def higher_is_better(task: str) -> bool:
+    return PRIMARY_METRICS[task][1]
+
+
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def single_task_runs(collected: dict) -> dict[str, dict[int, dict]]:
+    """Task -> seed -> the run of that task's single-task model."""
+    found = {}
+    for variant in collected["variants"].values():
+        if variant["kind"] == "single-task":
+            for seed, run in variant["runs"].items():
+                if len(run["tasks"]) != 1:
+                    raise StudyError(f"{run['folder']}: a single-task model must have one task, it has {run['tasks']}.")
+                found.setdefault(run["tasks"][0], {})[seed] = run
+    return found
+
+
+def single_task_baselines(collected: dict) -> dict[str, float]:
+    """Mean over seeds of every metric of the single-task models (each holds the metrics of its one task)."""
+    baselines = {}
+    for runs in single_task_runs(collected).values():
+        runs = list(runs.values())
+        for key in runs[0]["metrics"]:
+            values = [run["metrics"][key] for run in runs if isinstance(run["metrics"].get(key), (int, float))]
+            if values and len(values) == len(runs):
+                baselines[key] = statistics.fmean(values)
+    return baselines
+
+
+def delta_m_of(run: dict, baselines: dict) -> Optional[float]:
+    """Δm of one multi-task run over its tasks; None when a task has no single-task reference."""
+    if not all(primary_key(task, run["metrics"]) in baselines for task in run["tasks"]):
+        return None
+    return compute_delta_m(run["metrics"], baselines, tasks=run["tasks"])
+
+
+def same_seed_delta_m(run: dict, seed: int, singles: dict[str, dict[int, dict]]) -> Optional[float]:
+    """Δm of a multi-task run against the single-task models of the same seed (None when one is missing)."""
+    if not all(seed in singles.get(task, {}) for task in run["tasks"]):
+        return None
+    baselines = {}
+    for task in run["tasks"]:
+        baselines.update(singles[task][seed]["metrics"])
+    return delta_m_of(run, baselines)
+
+
+def aggregate(collected: dict) -> dict:
+    """Per variant: mean ± std over seeds of every metric, Δm per seed (against the seed-mean of the single-task
+    models, and against the single-task models of the same seed) and its mean ± std, the step time, the revision."""
+    baselines = single_task_baselines(collected)
+    singles = single_task_runs(collected)
+    summary = {}
+    for name, variant in collected["variants"].items():
+        runs = variant["runs"]
+        if not runs:
+            summary[name] = {"seeds": [], "missing": variant["missing"], "metrics": {}}
+            continue
+        first = next(iter(runs.values()))
+        metric_keys = [k for k, v in first["metrics"].items() if isinstance(v, (int, float)) and "/IoU/" not in k]
+        missing_keys = [(seed, k) for seed, run in runs.items() for k in metric_keys if k not in run["metrics"]]
+        if missing_keys:
+            seed, key = missing_keys[0]
+            raise StudyError(f"{runs[seed]['folder'] / 'metrics.json'} has no {key!r}, which the other seeds of {name} have.")
+        metrics = {key: mean_std([run["metrics"][key] for run in runs.values()]) for key in sorted(metric_keys)}
+        entry = {"seeds": sorted(runs), "missing": variant["missing"], "tasks": first["tasks"], "metrics": metrics,
+                 "primary": {task: primary_key(task, first["metrics"]) for task in first["tasks"]},
+                 "revisions": sorted({run["revision"] for run in runs.values()})}  # fmt: skip
+        times = [run["step_seconds"] for run in runs.values() if run["step_seconds"] is not None]
+        entry["step_seconds"] = mean_std(times) if times else None
+        cpu = [run["cpu_seconds"] for run in runs.values() if run["cpu_seconds"] is not None]
+        entry["cpu_seconds"] = mean_std(cpu) if cpu else None
+        if variant["kind"] != "single-task":
+            deltas = {seed: delta_m_of(run, baselines) for seed, run in sorted(runs.items())}
+            entry["delta_m_per_seed"] = deltas
+            entry["delta_m"] = mean_std(list(deltas.values())) if deltas and None not in deltas.values() else None
+            entry["delta_m_same_seed"] = {seed: same_seed_delta_m(run, seed, singles) for seed, run in sorted(runs.items())}
+        summary[name] = entry
+    return {"baselines": baselines, "variants": summary}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paired comparisons
+# ---------------------------------------------------------------------------------------------------------------------
+def _known(values: dict) -> dict:
+    return {seed: value for seed, value in values.items() if value is not None}
+
+
+def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[dict]:
+    """The paired differences of one comparison: Δm, and each task's main metric (signed so that positive means the
+    variant is better), with their t intervals and the verdict on Δm. None when a model of it was not trained."""
+    variants = collected["variants"]
+    if comparison.variant not in variants or not variants[comparison.variant]["runs"]:
+        return None
+    runs = variants[comparison.variant]["runs"]
+    tasks = summary["variants"][comparison.variant]["tasks"]
+    if comparison.reference == SINGLE_TASK:
+        singles = single_task_runs(collected)
+        if not all(task in singles for task in tasks):
+            return None
+        delta_m = paired.compare(_known(summary["variants"][comparison.variant]["delta_m_same_seed"]), {seed: 0.0 for seed in runs})
+        references = {task: singles[task] for task in tasks}
+    else:
+        if comparison.reference not in variants or not variants[comparison.reference]["runs"]:
+            return None
+        reference_runs = variants[comparison.reference]["runs"]
+        delta_m = paired.compare(_known(summary["variants"][comparison.variant].get("delta_m_per_seed", {})),
+                                 _known(summary["variants"][comparison.reference].get("delta_m_per_seed", {})))  # fmt: skip
+        reference_tasks = summary["variants"][comparison.reference]["tasks"]
+        tasks = [task for task in tasks if task in reference_tasks]
+        references = {task: reference_runs for task in tasks}
+    per_task = {}
+    for task in tasks:
+        key = primary_key(task, next(iter(runs.values()))["metrics"])
+        sign = 1.0 if higher_is_better(task) else -1.0
+        values = {seed: run["metrics"][key] for seed, run in runs.items()}
+        reference_values = {seed: run["metrics"][key] for seed, run in references[task].items() if key in run["metrics"]}
+        difference = paired.compare(values, reference_values, sign)
+        if difference is not None:
+            per_task[task] = {"metric": key, "higher_is_better": higher_is_better(task), "difference": difference}
+    return {"comparison": comparison, "delta_m": delta_m, "per_task": per_task,
+            "verdict": delta_m.verdict() if (delta_m is not None and comparison.claim) else None}  # fmt: skip
+
+
+def comparisons(collected: dict, summary: dict) -> list[dict]:
+    """Every comparison of the study whose two models were trained."""
+    return [result for result in (compare(c, collected, summary) for c in COMPARISONS) if result is not None]
+
+
+def comparisons_to_json(results: list[dict]) -> list[dict]:
+    return [{
+        "name": r["comparison"].name, "variant": r["comparison"].variant, "reference": r["comparison"].reference,
+        "claim": r["comparison"].claim, "verdict": r["verdict"],
+        "delta_m": r["delta_m"].to_dict() if r["delta_m"] else None,
+        "per_task": {task: {"metric": v["metric"], "higher_is_better": v["higher_is_better"], **v["difference"].to_dict()}
+                     for task, v in r["per_task"].items()},
+    } for r in results]  # fmt: skip
+
+
+def best_run(collected: dict, summary: dict, variant: str = "taskexpert") -> Optional[dict]:
+    """{"seed", "delta_m", "run"} of the seed of `variant` with the highest Δm (None when Δm is not available)."""
+    deltas = _known(summary["variants"].get(variant, {}).get("delta_m_per_seed") or {})
+    if not deltas:
+        return None
+    seed = max(deltas, key=deltas.get)
+    return {"seed": seed, "delta_m": deltas[seed], "run": collected["variants"][variant]["runs"][seed]}

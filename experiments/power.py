@@ -1,0 +1,181 @@
+"""How many seeds the study needs: the power of the paired t-test, estimated from the pilot's seed noise.
+
+    python -m experiments.power                        # from outputs/experiments-pilot (`make experiments PILOT=1`)
+
+The pilot (`study.PILOT_VARIANTS`, `study.PILOT_SEEDS`) trains the default TaskExpert and two ablations with a few
+paired seeds. The standard deviation of their per-seed Δm differences, pooled over the pilot's comparisons, is the
+noise a comparison of the full study will see. With it, the number of seeds n at which a paired two-sided t-test at
+α = 0.05 detects a true difference of `TARGET_DIFFERENCE` Δm points with probability `TARGET_POWER` follows from the
+noncentral t distribution (power = P(|T| > t_{1-α/2, n-1}), T ~ t_{n-1}(δ√n / σ); see `power`). Because a few seeds estimate σ
+loosely, the same is computed with an upper confidence bound of σ (χ² with the pooled degrees of freedom). The
+runner's `launch.json` gives the CPU time of every pilot run, hence the CPU time of the full study.
+"""
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from scipy import integrate, optimize, stats
+
+from modeling_taskexpert.file_utils import write_json_atomic
+
+from . import paired
+from .collect import StudyError, aggregate, collect
+from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT
+from .study import COMPARISONS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
+
+ALPHA = 1 - paired.CONFIDENCE
+TARGET_DIFFERENCE = 1.0  # Δm points the study should resolve
+TARGET_POWER = 0.8
+SIGMA_UPPER_LEVEL = 0.8  # one-sided confidence of the upper bound of σ
+MAX_SEEDS = 1000
+POWER_FILE = "power.json"
+
+
+def power(n: int, sigma: float, difference: float = TARGET_DIFFERENCE, alpha: float = ALPHA) -> float:
+    """Probability that the paired two-sided t-test (n seeds, level α) rejects "no difference" when the true mean
+    difference is `difference` and the per-seed differences have standard deviation `sigma`.
+
+    T = (Z + λ) / sqrt(V / df) with Z standard normal, V ~ χ²_df and λ = difference·√n/σ, so the power is the mean
+    over V of Φ(λ - c·sqrt(V/df)) + Φ(-λ - c·sqrt(V/df)), c = t_{1-α/2, df}: integrated numerically (scipy's noncentral
+    t is not finite for one degree of freedom and a large λ)."""
+    if n < 2:
+        return 0.0
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    noncentrality = difference * math.sqrt(n) / sigma
+
+    def rejection(v: float) -> float:
+        scale = critical * math.sqrt(v / df)
+        return (stats.norm.cdf(noncentrality - scale) + stats.norm.cdf(-noncentrality - scale)) * stats.chi2.pdf(v, df)
+
+    # Over the bulk of the χ² density (quad over [0, ∞) misses its narrow peak for many degrees of freedom).
+    low, high = stats.chi2.ppf(1e-12, df), stats.chi2.ppf(1 - 1e-12, df)
+    value, _ = integrate.quad(rejection, low, high, limit=200)
+    return float(min(max(value, 0.0), 1.0))
+
+
+def required_seeds(sigma: float, difference: float = TARGET_DIFFERENCE, target: float = TARGET_POWER,
+                   alpha: float = ALPHA, max_seeds: int = MAX_SEEDS) -> Optional[int]:  # fmt: skip
+    """The smallest number of paired seeds with `power >= target` (None beyond `max_seeds`)."""
+    for n in range(2, max_seeds + 1):
+        if power(n, sigma, difference, alpha) >= target:
+            return n
+    return None
+
+
+def detectable_difference(n: int, sigma: float, target: float = TARGET_POWER, alpha: float = ALPHA) -> float:
+    """The true difference that n paired seeds detect with probability `target` (the study's resolution)."""
+    if n < 2:
+        return math.inf
+    high = sigma
+    while power(n, sigma, high, alpha) < target:  # bracket the root (power grows with the difference)
+        high *= 2
+    return float(optimize.brentq(lambda d: power(n, sigma, d, alpha) - target, 0.0, high))
+
+
+def pooled_std(groups: list[list[float]]) -> tuple[float, int]:
+    """(pooled standard deviation, degrees of freedom) of several samples, each about its own mean."""
+    groups = [group for group in groups if len(group) > 1]
+    df = sum(len(group) - 1 for group in groups)
+    if df == 0:
+        raise ValueError("A pooled standard deviation needs a sample of at least two values.")
+    squares = sum(sum((value - sum(group) / len(group)) ** 2 for value in group) for group in groups)
+    return math.sqrt(squares / df), df
+
+
+def sigma_upper_bound(sigma: float, df: int, level: float = SIGMA_UPPER_LEVEL) -> float:
+    """One-sided upper confidence bound of a standard deviation estimated with `df` degrees of freedom."""
+    return sigma * math.sqrt(df / stats.chi2.ppf(1 - level, df))
+
+
+def study_cpu_seconds(summary: dict) -> dict:
+    """CPU time of the full study from measured runs: the mean CPU time of a run of each kind of model (a TaskExpert-
+    size model, a single-task model, Mod-Squad) times the full study's runs of that kind (`study.study_runs`)."""
+    per_kind = {}
+    for name, entry in summary["variants"].items():
+        if entry.get("cpu_seconds"):
+            per_kind.setdefault(_cost_kind(name), []).extend([entry["cpu_seconds"][0]] * len(entry["seeds"]))
+    per_run = {kind: sum(values) / len(values) for kind, values in per_kind.items()}
+    counts = {}
+    for run in study_runs("full"):
+        counts[_cost_kind(run.variant.name)] = counts.get(_cost_kind(run.variant.name), 0) + 1
+    missing = sorted(set(counts) - set(per_run))
+    total = sum(per_run[kind] * count for kind, count in counts.items() if kind in per_run)
+    return {"per_run_seconds": per_run, "runs": counts, "total_seconds": total, "unmeasured_kinds": missing}
+
+
+def _cost_kind(name: str) -> str:
+    variant = next(v for v in VARIANTS if v.name == name)
+    return {"single-task": "single-task", "modsquad": "modsquad"}.get(variant.kind, "taskexpert")
+
+
+def estimate(output_root: Path) -> dict:
+    """The power estimate of the study under `output_root` (a pilot, or any study: its own comparisons' noise)."""
+    collected = collect(output_root)
+    return estimate_from(collected, aggregate(collected))
+
+
+def estimate_from(collected: dict, summary: dict) -> dict:
+    """`estimate` of collected and aggregated runs."""
+    groups, per_comparison = [], {}
+    for comparison in COMPARISONS:
+        if comparison.reference == SINGLE_TASK:
+            continue  # its noise includes the single-task models', which the pilot trains with one seed
+        variant, reference = summary["variants"].get(comparison.variant), summary["variants"].get(comparison.reference)
+        if not variant or not reference or not variant.get("delta_m_per_seed") or not reference.get("delta_m_per_seed"):
+            continue
+        difference = paired.compare({s: v for s, v in variant["delta_m_per_seed"].items() if v is not None},
+                                    {s: v for s, v in reference["delta_m_per_seed"].items() if v is not None})  # fmt: skip
+        if difference is None or difference.n < 2:
+            continue
+        groups.append(list(difference.differences.values()))
+        per_comparison[comparison.name] = {"n": difference.n, "mean": difference.mean, "std": difference.std,
+                                           "variant": comparison.variant, "reference": comparison.reference}  # fmt: skip
+    if not groups:
+        raise StudyError("No paired comparison with two or more seeds in this study: run the pilot first "
+                         "(`python -m experiments.run --pilot`).")  # fmt: skip
+    sigma, df = pooled_std(groups)
+    upper = sigma_upper_bound(sigma, df)
+    cpu = study_cpu_seconds(summary)
+    return {
+        "mode": collected["mode"],
+        "comparisons": per_comparison,
+        "sigma": sigma, "df": df, "sigma_upper": upper, "sigma_upper_level": SIGMA_UPPER_LEVEL,
+        "target_difference": TARGET_DIFFERENCE, "target_power": TARGET_POWER, "alpha": ALPHA,
+        "required_seeds": required_seeds(sigma), "required_seeds_upper": required_seeds(upper),
+        "study_seeds": len(SEEDS),
+        "power_at_study_seeds": power(len(SEEDS), sigma),
+        "power_at_study_seeds_upper": power(len(SEEDS), upper),
+        "detectable_difference": detectable_difference(len(SEEDS), sigma),
+        "detectable_difference_upper": detectable_difference(len(SEEDS), upper),
+        "cpu": cpu,
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Seeds needed by the study, from the pilot's paired seed noise.")
+    parser.add_argument("--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["pilot"]), help="the pilot's runs")
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.chdir(REPO_ROOT):
+            result = estimate(args.output_root.resolve())
+    except StudyError as error:
+        print(f"experiments.power: {error}", file=sys.stderr)
+        return 2
+    write_json_atomic(args.output_root / POWER_FILE, result)
+    print(f"pooled σ of paired Δm differences: {result['sigma']:.2f} points ({result['df']} degrees of freedom; "
+          f"{SIGMA_UPPER_LEVEL:.0%} upper bound {result['sigma_upper']:.2f})")
+    print(f"seeds for {TARGET_POWER:.0%} power at a {TARGET_DIFFERENCE:g}-point difference: {result['required_seeds']} "
+          f"(upper bound: {result['required_seeds_upper']}); the study has {result['study_seeds']}, which resolve "
+          f"{result['detectable_difference']:.2f} points (upper bound {result['detectable_difference_upper']:.2f})")
+    print(f"full study: {sum(result['cpu']['runs'].values())} runs, about "
+          f"{result['cpu']['total_seconds'] / 3600:.1f} CPU-hours")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""experiments/power.py: power of the paired t-test against published values and a simulation, the seeds it asks
+for, the pooled noise and its upper bound."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import power
+
+
+def test_power_matches_published_sample_sizes():
+    # Paired t-test, two-sided α = 0.05, power 0.8 (G*Power's "difference between two dependent means"): effect size
+    # d = 0.5 needs 34 pairs (power 0.8078), d = 1 needs 10 (power 0.8031).
+    assert power.required_seeds(sigma=2.0, difference=1.0) == 34
+    assert power.power(34, sigma=2.0, difference=1.0) == pytest.approx(0.8078, abs=5e-4)
+    assert power.required_seeds(sigma=1.0, difference=1.0) == 10
+    assert power.power(10, sigma=1.0, difference=1.0) == pytest.approx(0.8031, abs=5e-4)
+    assert power.power(33, sigma=2.0, difference=1.0) < 0.8 <= power.power(34, sigma=2.0, difference=1.0)
+
+
+def test_power_matches_a_simulation():
+    rng = np.random.default_rng(0)
+    n, sigma, difference, trials = 6, 1.5, 1.2, 20_000
+    samples = rng.normal(difference, sigma, (trials, n))
+    statistic = samples.mean(axis=1) / (samples.std(axis=1, ddof=1) / math.sqrt(n))
+    rejected = np.mean(np.abs(statistic) > stats.t.ppf(0.975, n - 1))
+    assert power.power(n, sigma, difference) == pytest.approx(rejected, abs=0.01)
+
+
+def test_detectable_difference_inverts_the_power():
+    difference = power.detectable_difference(8, sigma=1.3)
+    assert power.power(8, sigma=1.3, difference=difference) == pytest.approx(power.TARGET_POWER, abs=1e-6)
+    assert power.detectable_difference(1, sigma=1.0) == math.inf
+    assert power.required_seeds(sigma=100.0, max_seeds=50) is None
+
+
+def test_pooled_std_and_its_upper_bound():
+    # Two samples about their own means: squares 2 + 8 over 1 + 2 degrees of freedom.
+    sigma, df = power.pooled_std([[1.0, 3.0], [0.0, 2.0, 4.0]])
+    assert df == 3 and sigma == pytest.approx(math.sqrt(10 / 3))
+    # Upper bound: sigma * sqrt(df / chi2_{0.2, df}); chi2_{0.2, 3} = 1.005174 (tables).
+    assert power.sigma_upper_bound(sigma, df, level=0.8) == pytest.approx(sigma * math.sqrt(3 / 1.005174), rel=1e-5)
+    with pytest.raises(ValueError, match="at least two"):
+        power.pooled_std([[1.0]])
+
+
+def test_power_with_many_seeds_matches_the_normal_approximation():
+    # With hundreds of seeds t is nearly normal: power ≈ Φ(δ√n/σ - z_{0.975}) (the other tail is negligible).
+    n, sigma = 400, 10.0
+    expected = stats.norm.cdf(math.sqrt(n) / sigma - stats.norm.ppf(0.975))
+    assert power.power(n, sigma, 1.0) == pytest.approx(expected, abs=0.005)

@@ -1,0 +1,177 @@
+"""experiments/study.py: the variants are single-factor changes of the model they are compared with, and runs of one
+seed are paired (train.py gives every variant of a seed the same initial backbone weights and the same first batch)."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from experiments import study
+from modeling_taskexpert.task_definitions import TASKS
+from modeling_taskexpert.training import load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipes() -> dict:
+    with contextlib.chdir(REPO_ROOT):
+        return {variant.name: load_recipe(variant.recipe) for variant in study.VARIANTS}
+
+
+def _model_settings(recipe) -> dict:
+    """Every field of the model config a recipe trains (its model config file with its overrides, defaults filled)."""
+    import modeling_taskexpert  # noqa: F401 - registers the model types
+
+    settings = json.loads((REPO_ROOT / recipe.model_config).read_text())
+    settings.update(recipe.model_overrides)
+    return AutoConfig.for_model(**settings).to_dict()
+
+
+def test_every_comparison_changes_exactly_one_thing():
+    recipes = _recipes()
+    variants = study.variants_by_name()
+    expected_changes = {  # comparison -> the model fields in which its two models differ
+        "gating": {"gating"},
+        "memory": {"use_memory"},
+        "memory-all-layer-heads": {"use_memory"},
+        "experts": {"num_experts"},
+        "shared-decoder": {"num_experts", "use_memory", "gating"},  # the one factor: the decoder (one shared MLP)
+        "shared-decoder-all-layer-heads": {"num_experts", "use_memory", "gating"},
+        "all-layer-heads": {"head_uses_all_layers"},
+        "twelve-experts": {"num_experts"},
+    }
+    for comparison in study.COMPARISONS:
+        assert comparison.variant in variants
+        assert comparison.reference in variants or comparison.reference == study.SINGLE_TASK
+        if comparison.name not in expected_changes:
+            continue
+        a, b = recipes[comparison.variant], recipes[comparison.reference]
+        settings_a, settings_b = _model_settings(a), _model_settings(b)
+        changed = {k for k in settings_a.keys() | settings_b.keys() if settings_a.get(k) != settings_b.get(k)}
+        assert changed == expected_changes[comparison.name], comparison.name
+        # Everything else of the recipe is the same: data, schedule, tasks, evaluation.
+        fields_a = {k: v for k, v in a.to_dict().items() if k not in ("model_overrides", "output_dir")}
+        fields_b = {k: v for k, v in b.to_dict().items() if k not in ("model_overrides", "output_dir")}
+        assert fields_a == fields_b, comparison.name
+    shared = recipes["shared-decoder"].model_overrides
+    assert shared == {"num_experts": 1, "use_memory": False, "gating": "uniform"}
+    assert recipes["no-memory"].model_overrides == {"use_memory": False}
+
+
+def test_every_study_model_trains_with_the_same_schedule():
+    recipes = _recipes()
+    assert recipes["modsquad"].model_config.endswith("modsquad-tiny.json")
+    assert {(r.max_steps, r.learning_rate, r.per_device_train_batch_size) for r in recipes.values()} == {(600, 2e-3, 8)}
+    for task in TASKS:
+        assert recipes[f"single-{task}"].tasks == [task]
+
+
+def test_modes_and_seeds():
+    full = study.study_runs()
+    assert len(study.SEEDS) >= 5  # the verdicts need at least five paired seeds
+    assert {r.variant.name for r in full} == set(study.variants_by_name())
+    claims = {name for c in study.COMPARISONS if c.claim for name in (c.variant, c.reference)} - {study.SINGLE_TASK}
+    for name in study.variants_by_name():
+        expected = study.DESCRIPTIVE_SEEDS if name in study.DESCRIPTIVE_VARIANTS else study.SEEDS
+        assert sorted(r.seed for r in full if r.variant.name == name) == list(expected)
+        assert name not in claims or expected == study.SEEDS  # the models of a claim train with every seed
+    assert len(study.DESCRIPTIVE_SEEDS) >= 5 and study.DESCRIPTIVE_SEEDS == study.SEEDS[: len(study.DESCRIPTIVE_SEEDS)]
+    assert all(r.all_overrides == {} for r in full)  # the full study trains the recipes as they are
+    pilot = study.study_runs("pilot")
+    assert {r.variant.name for r in pilot if len([p for p in pilot if p.variant == r.variant]) > 1} == set(study.PILOT_VARIANTS)
+    assert {r.seed for r in pilot if r.variant.kind in ("single-task", "modsquad")} == {0}
+    with pytest.raises(ValueError, match="Unknown study mode 'fast'"):
+        study.study_runs("fast")
+
+
+def test_only_restricts_and_unknown_names_are_reported():
+    assert {r.variant.name for r in study.study_runs(only=("taskexpert", "single-edge"))} == {"taskexpert", "single-edge"}
+    with pytest.raises(ValueError, match="Unknown study variant.*'tsakexpert'"):
+        study.study_runs(only=("tsakexpert",))
+    with pytest.raises(ValueError, match="quick study"):
+        study.study_runs("quick", only=("twelve-experts",))
+
+
+# ---- pairing: what train.py gives each variant of a seed --------------------------------------------------------------
+# Runs train.py (in its own process, as the study does) with the model construction and the model's forward spied on,
+# and saves the backbone's initial weights and the first training batch.
+SPY = """
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
+
+import train
+
+capture_path, argv = sys.argv[1], sys.argv[2:]
+captured = {}
+build = AutoModel.from_config
+
+
+def spy(config, **kwargs):
+    model = build(config, **kwargs)
+    if config.model_type == "taskexpert":
+        for name, tensor in model.get_backbone_module().state_dict().items():
+            captured[f"backbone/{name}"] = tensor.detach().clone()
+
+    def first_batch(module, args, kwargs):
+        if module.training and "batch/pixel_values" not in captured:
+            captured["batch/pixel_values"] = kwargs["pixel_values"].detach().clone()
+            for task, label in kwargs["labels"].items():
+                captured[f"batch/labels/{task}"] = label.detach().clone()
+
+    model.register_forward_pre_hook(first_batch, with_kwargs=True)
+    return model
+
+
+AutoModel.from_config = spy
+train.main(argv)
+save_file({k: v.contiguous() for k, v in captured.items()}, capture_path)
+"""
+
+
+def _initial_state(recipe: str, seed: int, dataset: Path, folder: Path) -> dict:
+    folder.mkdir(parents=True)
+    argv = ["--config", recipe, "--dataset", str(dataset), "--output_dir", str(folder / "run"), "--seed", str(seed),
+            "--max_steps", "1", "--warmup_steps", "0", "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_eval_samples", "4"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run([sys.executable, "-c", SPY, str(folder / "captured.safetensors"), *argv], cwd=REPO_ROOT,
+                               env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return load_file(folder / "captured.safetensors")
+
+
+def _part(captured: dict, prefix: str) -> dict:
+    return {key[len(prefix) :]: value for key, value in captured.items() if key.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_variants_of_a_seed_share_initial_backbone_and_first_batch(synthetic_dataset, tmp_path):
+    variants = study.variants_by_name()
+    names = ("taskexpert", "no-memory", "single-semseg", "modsquad")
+    runs = {name: _initial_state(variants[name].recipe, 1, synthetic_dataset, tmp_path / name) for name in names}
+    other_seed = _initial_state(variants["taskexpert"].recipe, 2, synthetic_dataset, tmp_path / "other-seed")
+
+    reference = runs["taskexpert"]
+    backbone, batch = _part(reference, "backbone/"), _part(reference, "batch/")
+    assert len(backbone) > 10 and "pixel_values" in batch
+    for name in ("no-memory", "single-semseg"):  # TaskExpert models: same backbone module
+        other = _part(runs[name], "backbone/")
+        assert other.keys() == backbone.keys(), name
+        assert all(torch.equal(other[key], backbone[key]) for key in backbone), f"{name}: different initial backbone"
+    for name in names[1:]:  # every model of the seed, Mod-Squad included, reads the same images and labels
+        other = _part(runs[name], "batch/")
+        assert torch.equal(other["pixel_values"], batch["pixel_values"]), f"{name}: different first batch"
+        for key, label in other.items():
+            assert torch.equal(label, batch[key]), f"{name}: different {key}"
+    # The test can fail: another seed changes both.
+    assert not torch.equal(_part(other_seed, "batch/")["pixel_values"], batch["pixel_values"])
+    assert not all(torch.equal(value, backbone[key]) for key, value in _part(other_seed, "backbone/").items())
