@@ -47,8 +47,9 @@ from resources import CacheJanitor, ErrorNotes, ResourceLimits, stop_on_sigterm
 
 logger = logging.getLogger(__name__)
 
-# Requests waiting in the queue at most; the model serves one request at a time.
-MAX_QUEUE_SIZE = 16
+# Requests waiting in the queue at most (beyond, a request is refused with "Queue is full"); the model serves one
+# request at a time. A waiting request holds only its upload, which is on disk and counted in the cache budget.
+MAX_QUEUE_SIZE = 32
 
 TITLE = "TaskExpert: multi-task dense prediction with task experts and memory"
 DESCRIPTION = (
