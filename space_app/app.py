@@ -11,6 +11,9 @@ and disk, cleanup on exit).
 
 import html
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -361,19 +364,28 @@ def launch(space: SpaceDemo, **launch_kwargs):
 
 def serve(model_path: Optional[str] = None, **launch_kwargs) -> None:
     """Serve the page until Ctrl-C or SIGTERM, then close it (ending open connections at once) and delete every file
-    the app created."""
+    the app created. Unless `GRADIO_TEMP_DIR` names a folder, the app's files go to a new folder of the system's
+    temporary folder, removed whole at the end (no other app shares it)."""
     stop_on_sigterm()
-    space = build_demo(model_path)
-    launch(space, prevent_thread_lock=True, **launch_kwargs)
+    own_folder = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        own_folder = tempfile.mkdtemp(prefix="taskexpert-space-")
+        os.environ["GRADIO_TEMP_DIR"] = own_folder
+    space = None
     try:
+        space = build_demo(model_path)
+        launch(space, prevent_thread_lock=True, **launch_kwargs)
         while space.blocks.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:
         logger.info("Stopping the server.")
     finally:
-        space.close()
-        space.janitor.stop()
-        space.janitor.delete_all()
+        if space is not None:
+            space.close()
+            space.janitor.stop()
+            space.janitor.delete_all()
+        if own_folder is not None:
+            shutil.rmtree(own_folder, ignore_errors=True)
 
 
 def main() -> None:
