@@ -189,7 +189,10 @@ def main(argv=None) -> dict:
         check_hub_access(recipe)
 
     # ---- data and model ------------------------------------------------------------------------------------
-    metadata = read_dataset_metadata(recipe.dataset)
+    try:
+        metadata = read_dataset_metadata(recipe.dataset)
+    except (ValueError, OSError) as error:  # missing folder, unreachable Hub id, damaged metadata
+        raise RecipeError(f"Recipe field `dataset`: {error}") from None
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
     try:

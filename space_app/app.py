@@ -11,6 +11,9 @@ and disk, cleanup on exit).
 
 import html
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -47,8 +50,9 @@ from resources import CacheJanitor, ErrorNotes, ResourceLimits, stop_on_sigterm
 
 logger = logging.getLogger(__name__)
 
-# Requests waiting in the queue at most; the model serves one request at a time.
-MAX_QUEUE_SIZE = 16
+# Requests waiting in the queue at most (beyond, a request is refused with "Queue is full"); the model serves one
+# request at a time. A waiting request holds only its upload, which is on disk and counted in the cache budget.
+MAX_QUEUE_SIZE = 32
 
 TITLE = "TaskExpert: multi-task dense prediction with task experts and memory"
 DESCRIPTION = (
@@ -103,6 +107,26 @@ class ImageUpload(gr.Image):
         if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
             return super().preprocess(payload)
         return str(payload.path)
+
+
+class TaskChoice(gr.CheckboxGroup):
+    """`gr.CheckboxGroup` of tasks that refuses an unknown task (sent through the API) with the tasks the model has,
+    and without a traceback in the server log (a user's mistake, not a failure of the app).
+
+    A template of `gr.CheckboxGroup`: the page shows the standard component.
+    """
+
+    is_template = True
+
+    def preprocess(self, payload):
+        known = [value for _, value in self.choices]
+        unknown = [str(value) for value in payload or [] if value not in known]
+        if unknown:
+            raise gr.Error(
+                f"Unknown task(s) {', '.join(unknown)}; this model predicts {', '.join(map(str, known)) or 'nothing'}.",
+                print_exception=False,
+            )
+        return super().preprocess(payload)
 
 
 @dataclass
@@ -161,7 +185,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                     label="Image", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                     height=300, elem_id="input-image",
                 )  # fmt: skip
-                task_choice = gr.CheckboxGroup(
+                task_choice = TaskChoice(
                     choices=[(task_title(task), task) for task in tasks], value=tasks, label="Tasks"
                 )
                 run_button = gr.Button("Run", variant="primary", interactive=demo_model is not None, elem_id="run")
@@ -224,7 +248,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
 
         def run(image, chosen_tasks, request: gr.Request):
             if demo_model is None:
-                fail(problem, request)
+                fail(problem.replace("`", ""), request)  # Markdown on the page, plain text in a toast or API error
             if image is None:
                 fail("Upload an image or pick an example first.", request)
             try:
@@ -340,19 +364,28 @@ def launch(space: SpaceDemo, **launch_kwargs):
 
 def serve(model_path: Optional[str] = None, **launch_kwargs) -> None:
     """Serve the page until Ctrl-C or SIGTERM, then close it (ending open connections at once) and delete every file
-    the app created."""
+    the app created. Unless `GRADIO_TEMP_DIR` names a folder, the app's files go to a new folder of the system's
+    temporary folder, removed whole at the end (no other app shares it)."""
     stop_on_sigterm()
-    space = build_demo(model_path)
-    launch(space, prevent_thread_lock=True, **launch_kwargs)
+    own_folder = None
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        own_folder = tempfile.mkdtemp(prefix="taskexpert-space-")
+        os.environ["GRADIO_TEMP_DIR"] = own_folder
+    space = None
     try:
+        space = build_demo(model_path)
+        launch(space, prevent_thread_lock=True, **launch_kwargs)
         while space.blocks.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:
         logger.info("Stopping the server.")
     finally:
-        space.close()
-        space.janitor.stop()
-        space.janitor.delete_all()
+        if space is not None:
+            space.close()
+            space.janitor.stop()
+            space.janitor.delete_all()
+        if own_folder is not None:
+            shutil.rmtree(own_folder, ignore_errors=True)
 
 
 def main() -> None:

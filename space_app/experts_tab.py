@@ -203,9 +203,9 @@ def plot_routing(routing: RoutingView, task: str, layer: int, task_titles: Optio
     bars, heat = figure.subplots(1, 2)
     rows = np.arange(num_layers)[::-1]
     shown = set()
-    for row, layer in zip(rows, range(num_layers)):
+    for row, each_layer in zip(rows, range(num_layers)):
         left = 0.0
-        for name, weight in zip(routing.candidate_names[layer], routing.mean_weights(task, layer)):
+        for name, weight in zip(routing.candidate_names[each_layer], routing.mean_weights(task, each_layer)):
             label = None if name in shown else name
             shown.add(name)
             bars.barh(row, weight, left=left, color=colors[name], label=label, edgecolor="white", height=0.7)
@@ -221,6 +221,6 @@ def plot_routing(routing: RoutingView, task: str, layer: int, task_titles: Optio
     image = heat.imshow(table, vmin=0.0, vmax=max(float(table.max()), 1e-6), cmap="viridis", aspect="auto")
     heat.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=8)
     heat.set_yticks(np.arange(len(routing.tasks)), [titles.get(t, t) for t in routing.tasks], fontsize=8)
-    heat.set_title(f"Every task at {routing.layer_names[layer]}", fontsize=10)
+    heat.set_title(f"Every task\n{routing.layer_names[layer]}", fontsize=10)
     figure.colorbar(image, ax=heat, shrink=0.8)
     return figure

@@ -179,8 +179,9 @@ def run_load_test(
         inputs.mkdir()
         model_folder = model or str(save_tiny_model(work / "model"))
         port = free_port()
-        env = dict(os.environ, TMPDIR=str(server_temp), GRADIO_TEMP_DIR=str(server_temp / "gradio"),
-                   GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")  # fmt: skip
+        # The server's temporary folder: `serve` makes its cache folder there (GRADIO_TEMP_DIR unset, as on a Space).
+        env = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+        env.update(TMPDIR=str(server_temp), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
         log_path = work / "server.log"
         with open(log_path, "wb") as log:  # a file, not a pipe: a chatty server never blocks on it
             server = subprocess.Popen(

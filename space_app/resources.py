@@ -5,7 +5,8 @@
 - Every file the app hands out (uploads, maps, the `.npz` downloads) lives in Gradio's cache folder, and
   `CacheJanitor` deletes those older than `cache_max_age_s` and, beyond `cache_max_mb`, the oldest ones first (but
   none younger than `cache_min_age_s`: a client may still be fetching it, or the request may be waiting in the queue).
-- When the server stops (Ctrl-C, SIGTERM, `Blocks.close`), every file the app created is deleted.
+- When the server stops (Ctrl-C, SIGTERM, `Blocks.close`), every file the app created is deleted; `app.serve` gives
+  the app a cache folder of its own (unless `GRADIO_TEMP_DIR` names one) and removes it whole.
 """
 
 import os
@@ -86,11 +87,11 @@ class CacheJanitor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def _tracked(self, include_kept: bool = False) -> list[tuple[str, set]]:
+    def _tracked(self) -> list[tuple[str, set]]:
         """(path, the set that records it) of every file the app created, less the ones Gradio keeps for good."""
         keep = set()
         for block in self.blocks.blocks.values():
-            keep.update(() if include_kept else getattr(block, "keep_in_cache", ()))
+            keep.update(getattr(block, "keep_in_cache", ()))
         return [(path, files) for files in self.blocks.temp_file_sets for path in list(files) if path not in keep]
 
     def sweep(self, now: Optional[float] = None) -> SweepReport:
@@ -123,25 +124,26 @@ class CacheJanitor:
         return report
 
     def delete_all(self) -> SweepReport:
-        """Delete every file the app created (at shutdown), the ones Gradio keeps for good too (cached examples: they
-        are copied again when the app starts)."""
+        """Delete every file the app created (at shutdown), less the ones Gradio keeps for good (the cached examples,
+        which another app sharing the cache folder may show; `serve` gives the app a folder of its own and removes it
+        whole)."""
         report = SweepReport()
-        root = Path(self.blocks.GRADIO_CACHE).resolve()
         with self._lock:
-            kept = [(path, files) for block in self.blocks.blocks.values()
-                    for files in [getattr(block, "keep_in_cache", set())] for path in list(files)]  # fmt: skip
-            for path, files in self._tracked(include_kept=True) + kept:
+            for path, files in self._tracked():
                 try:
                     size = os.lstat(path).st_size
                 except FileNotFoundError:
                     files.discard(path)
                     continue
-                if Path(path).resolve().is_relative_to(root) and self._delete(path, files):
+                if self._delete(path, files):
                     report.deleted_files += 1
                     report.deleted_bytes += size
         return report
 
     def _delete(self, path: str, files: set) -> bool:
+        """Delete a recorded file if it lies in the cache folder (a recorded path elsewhere is never touched)."""
+        if not Path(path).resolve().is_relative_to(Path(self.blocks.GRADIO_CACHE).resolve()):
+            return False
         try:
             os.remove(path)
         except FileNotFoundError:

@@ -130,8 +130,27 @@ def test_user_mistakes_get_reasons_and_no_traceback_in_the_server_log(client, tm
         client.predict(None, ALL_TASKS, api_name="/predict")
     with pytest.raises(AppError, match="Choose at least one task"):
         client.predict(handle_file(str(EXAMPLE)), [], api_name="/predict")
+    with pytest.raises(AppError, match="Unknown task\\(s\\) sky; this model predicts semseg, human_parts"):
+        client.predict(handle_file(str(EXAMPLE)), ["sky"], api_name="/predict")
     log = capfd.readouterr()
     assert "Traceback" not in log.out + log.err
+
+
+def test_page_without_a_model_explains_and_refuses_plainly(gradio_temp, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    with running_space(tmp_path / "missing") as (space, url):
+        components = space.blocks.config["components"]
+        texts = " ".join(str(c["props"].get("value")) for c in components if c["type"] == "markdown")
+        assert "does not exist" in texts and "make train" in texts
+        (run,) = [c for c in components if c["props"].get("elem_id") == "run"]
+        assert run["props"]["interactive"] is False
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="The model folder .*missing does not exist") as raised:
+            client.predict(handle_file(str(EXAMPLE)), [], api_name="/predict")  # the model has no task to choose
+        assert "`" not in str(raised.value)
+        client.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +171,8 @@ def wait_for(condition, timeout: float = 30.0) -> bool:
 
 def test_sessions_keep_little_and_let_it_go(gradio_temp, model_folder, tmp_path):
     """Each session's state is small, goes when its client disconnects or after the time limit, and at most
-    `max_sessions` sessions are kept; every file the app created is gone once it stops."""
+    `max_sessions` sessions are kept; every file the app created is gone once it stops (but the cached examples,
+    which Gradio keeps for good: the cache folder may be shared; `serve` removes its own folder whole)."""
     from gradio_client import Client, handle_file
 
     limits = resources.ResourceLimits(state_ttl_s=8.0, max_sessions=2)
@@ -175,7 +195,9 @@ def test_sessions_keep_little_and_let_it_go(gradio_temp, model_folder, tmp_path)
         survivor.predict(handle_file(str(image)), ["depth"], api_name="/predict")
         assert experts_states(space) == 1
         assert wait_for(lambda: experts_states(space) == 0)  # expired after 8 s, client still there
-        created = set().union(*space.blocks.temp_file_sets)
+        kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in space.blocks.blocks.values()))
+        assert {Path(path).name for path in kept} <= {path.name for path in EXAMPLE.parent.iterdir()}  # examples only
+        created = set().union(*space.blocks.temp_file_sets) - kept
         assert any(path.endswith(".npz") for path in created) and all(Path(path).exists() for path in created)
         survivor.close()
     assert not any(Path(path).exists() for path in created)

@@ -89,18 +89,22 @@ def test_dominant_overlay_names_every_candidate_compared(tmp_path):
     assert experts_tab.candidate_color_map(["a", "memory"]) == {"a": "#800000", "memory": "#008000"}
 
 
-def test_routing_plots_show_the_mean_weights():
+@pytest.mark.parametrize("layer", [0, 1])
+def test_routing_plots_show_the_mean_weights(layer):
     rng = np.random.default_rng(2)
     layers = [{task: torch.from_numpy(rng.dirichlet(np.ones(3), (1, 4, 4))) for task in ("t", "u")} for _ in range(2)]
     view = experts_tab.routing_view(NAMES, tuple(layers), ["t", "u"], (16, 16), (16, 16), (0, 0))
-    figure = experts_tab.plot_routing(view, "u", 1, {"u": "Task U"})
+    figure = experts_tab.plot_routing(view, "u", layer, {"u": "Task U"})
     bars, heat = figure.axes[:2]
-    # Layer "first" is the top row: its three bars, then the three of "second".
+    # Every layer's bars whatever layer is chosen: "first" is the top row, its three bars, then the three of "second".
     widths = np.array([patch.get_width() for patch in bars.patches]).reshape(2, 3)
     np.testing.assert_allclose(widths, [view.mean_weights("u", 0), view.mean_weights("u", 1)], rtol=1e-6)
     assert [text.get_text() for text in bars.get_legend().get_texts()] == ["a", "b", "c", "memory"]
+    # The heat map is the chosen layer's: rows are tasks, columns that layer's candidates.
     table = heat.images[0].get_array()
-    np.testing.assert_allclose(table, [view.mean_weights("t", 1), view.mean_weights("u", 1)], rtol=1e-6)
+    np.testing.assert_allclose(table, [view.mean_weights("t", layer), view.mean_weights("u", layer)], rtol=1e-6)
+    assert heat.get_title().endswith(NAMES.layer_names[layer])
+    assert [label.get_text() for label in heat.get_xticklabels()] == NAMES.candidate_names[layer]
     assert bars.get_title().startswith("Task U")
 
 

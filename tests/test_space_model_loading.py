@@ -207,3 +207,19 @@ def test_a_truncated_file_is_named_without_the_server_path(tmp_path):
     with pytest.raises(ValueError, match="“cut.png”: the image cannot be decoded; the file is damaged or truncated") as raised:
         model_loading.load_image(tmp_path / "cut.png")
     assert str(tmp_path) not in str(raised.value)
+
+
+@pytest.mark.parametrize("dataset, title, synthetic", [("synthetic", "the package's synthetic benchmark", True),
+                                                        ("pascal-context", "PASCAL-Context", False)])  # fmt: skip
+def test_the_card_train_py_writes_names_the_training_data(tmp_path, dataset, title, synthetic):
+    """The card `train.py` writes (modeling_taskexpert.training) is what the page reads first."""
+    from conftest import tiny_config
+
+    from modeling_taskexpert.training import build_model_card, load_recipe
+
+    recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"dataset": str(tmp_path / "data" / dataset)})
+    metadata = {"name": dataset, "eval_size": [64, 64], "train_size": [64, 64], "splits": {"train": 8, "validation": 4}}
+    card = build_model_card(tiny_config(), recipe, {"semseg/mIoU": 40.0, "depth/RMSE": 1.0}, metadata, "tiny")
+    (tmp_path / "README.md").write_text(card)
+    data = model_loading.read_training_data(tmp_path)
+    assert (data.name, data.title, data.synthetic) == (dataset, title, synthetic)

@@ -250,6 +250,8 @@ def test_bad_recipe_and_unwritable_output_fail_cleanly(synthetic_dataset, tmp_pa
     assert "Unknown recipe field 'learning_rat'" in completed.stderr
     completed = run(train_command(synthetic_dataset, tmp_path / "y", "--tasks", "[flow]"))
     assert "Recipe tasks ['flow'] are not in dataset" in completed.stderr
+    completed = run(train_command(tmp_path / "no-dataset", tmp_path / "w", launcher=False))
+    assert completed.returncode == 2 and "Recipe field `dataset`:" in completed.stderr and "Traceback" not in completed.stderr
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     completed = run(train_command(synthetic_dataset, blocker / "out"))

@@ -61,6 +61,20 @@ def test_card_shows_the_chance_bar_beside_the_results():
     assert 'from_pretrained("your-namespace/tiny"' in card
 
 
+def test_readme_results_are_the_recorded_make_train_run():
+    """The README's table is generated from the recorded `make train` run, never typed: they must agree."""
+    from pathlib import Path
+
+    from modeling_taskexpert.training.reporting import README_END, README_START, render_readme_results
+
+    repo = Path(__file__).resolve().parents[1]
+    summary = json.loads((repo / "docs" / "make_train_results.json").read_text())
+    readme = (repo / "README.md").read_text()
+    block = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert block == render_readme_results(summary)
+    assert {"edge/odsF", "edge/odsF_approx"} <= set(summary["metrics"]) and summary["chance"]
+
+
 def test_readme_block_is_rewritten_in_place(tmp_path):
     from modeling_taskexpert.training.reporting import README_END, README_START, render_readme_results, update_readme
 

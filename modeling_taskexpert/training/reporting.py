@@ -387,25 +387,3 @@ def update_readme(readme, summary: dict) -> None:
     _, tail = rest.split(README_END, 1)
     atomic_write(readme, lambda temporary: temporary.write_text(
         f"{head}{README_START}\n{render_readme_results(summary)}\n{README_END}{tail}"))  # fmt: skip
-
-
-def main(argv=None) -> dict:
-    """Record a finished `make train` run and refresh the README's table from it:
-
-        python -m modeling_taskexpert.training.reporting outputs/taskexpert-synthetic-tiny
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m modeling_taskexpert.training.reporting", description=main.__doc__.split("\n")[0])
-    parser.add_argument("run", help="the output folder of the run")
-    parser.add_argument("--record", default="docs/make_train_results.json", help="where the summary is kept")
-    parser.add_argument("--readme", default="README.md")
-    args = parser.parse_args(argv)
-    summary = run_summary(args.run)
-    atomic_write(args.record, lambda temporary: temporary.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n"))
-    update_readme(args.readme, summary)
-    return summary
-
-
-if __name__ == "__main__":
-    main()
