@@ -24,6 +24,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..file_utils import write_json_atomic, write_text_atomic
+from ..process_utils import end_with_parent
 from .schema import CARD_FILENAME, DATA_DIRNAME, METADATA_FILENAME, SPLITS, build_features
 
 try:
@@ -89,7 +90,8 @@ def _rows(make_row, split, ids, num_workers):
         for sample_id in ids:
             yield _call(make_row, split, sample_id)
         return
-    with multiprocessing.get_context().Pool(num_workers) as pool:
+    # The workers end with this process, however it ends (killed, they would otherwise wait on forever).
+    with multiprocessing.get_context().Pool(num_workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
         tasks = [(make_row, split, sample_id) for sample_id in ids]
         yield from pool.imap(_star_call, tasks, chunksize=4)
 

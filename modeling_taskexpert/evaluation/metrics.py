@@ -11,12 +11,14 @@ import collections
 import concurrent.futures
 import math
 import multiprocessing
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..process_utils import end_with_parent
 from ..task_definitions import IGNORE_INDEX
 from .boundary import BOUNDARY_THRESHOLDS, boundary_counts, counts_to_f
 
@@ -392,9 +394,12 @@ class BoundaryMeter(Meter):
 
     def _get_executor(self):
         if self._executor is None:
-            # "spawn": forking a process that runs torch threads can deadlock the child.
+            # "spawn": forking a process that runs torch threads can deadlock the child. The workers end with this
+            # process, however it ends (killed during the final evaluation, they would otherwise wait on forever).
             context = multiprocessing.get_context("spawn")
-            self._executor = concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context, initializer=end_with_parent, initargs=(os.getpid(),)
+            )
         return self._executor
 
     def _add_image(self, counts: np.ndarray) -> None:
