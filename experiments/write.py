@@ -252,8 +252,8 @@ def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict
         shares = ", ".join(f"{task} {count}/{pairing['samples']}" for task, count in pairing["identical"].items())
         lines.append(
             "- **Pairing.** Runs of one seed share the initial backbone weights, the data order and the augmentation "
-            "draws (tests/test_study.py). A single-task model without semseg sees the multi-task model's augmented image "
-            f"unless the protocol's crop check (which reads semseg) rejected a crop: identical training samples in "
+            "draws (tests/test_experiments_study.py). A single-task model without semseg sees the multi-task model's "
+            f"augmented image unless the protocol's crop check (which reads semseg) rejected a crop: identical training samples in "
             f"epoch 0 of seed {pairing['seed']}: {shares}."
         )
     lines.append(f"- **Code revision** of the runs: {_revision_text(collected)}.")

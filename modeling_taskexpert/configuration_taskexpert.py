@@ -112,7 +112,8 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
 
     The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MMoE layer, and
-    `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 1"`, ..., `"memory"`).
+    `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 0"`, ..., `"memory"`;
+    experts are numbered from 0, their index in the gates, as in Mod-Squad).
 
     Example:
 
@@ -212,7 +213,7 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
     @property
     def candidate_names(self) -> list[list[str]]:
         """Per routing layer, the names of the gate's candidates in gate order: the experts, then the memory."""
-        names = [f"expert {e + 1}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
+        names = [f"expert {e}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
         return [list(names) for _ in self.mmoe_layers]
 
     def validate_taskexpert(self) -> None:

@@ -212,11 +212,6 @@ def load_rgb_image(
     return _to_uint8_rgb(array, name, convert_rgb)
 
 
-def to_rgb_array(image, name: str = "image") -> np.ndarray:
-    """The earlier name of `load_rgb_image` (default pixel limit), kept until its last callers move."""
-    return load_rgb_image(image, name=name)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,5 +610,4 @@ __all__ = [
     "TaskExpertImageProcessor",
     "load_rgb_image",
     "logits_to_predictions",
-    "to_rgb_array",
 ]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from raw_datasets import nyud_raw, pascal_raw  # noqa: F401 - fixtures of raw-format archives
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

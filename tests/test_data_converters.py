@@ -25,93 +25,7 @@ from modeling_taskexpert.data import (
 from modeling_taskexpert.data import pascal_context
 from modeling_taskexpert.data.__main__ import main
 
-# A few Context ids from the protocol's list of classes with valid normals, and a few outside it.
-VALID_NORMAL_IDS = [3, 4, 427]
-INVALID_NORMAL_IDS = [0, 1, 2, 5]
-PART_IDS = {"head": 1, "hair": 1, "neck": 2, "torso": 2, "luarm": 3, "rlarm": 4, "rhand": 4, "luleg": 5, "lfoot": 6}
-
-
-def _png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def _parts_struct(objects, image_name):
-    """A PASCAL-Part `anno` struct: objects given as (class name, class index, mask, [(part, mask)])."""
-    part_dtype = [("part_name", "O"), ("mask", "O")]
-    object_dtype = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
-    records = np.zeros((1, len(objects)), dtype=object_dtype)
-    for i, (name, index, mask, parts) in enumerate(objects):
-        if parts:
-            part_records = np.zeros((1, len(parts)), dtype=part_dtype)
-            for j, (part_name, part_mask) in enumerate(parts):
-                part_records[0, j] = (part_name, part_mask.astype(np.uint8))
-        else:
-            part_records = np.zeros((0, 0))
-        records[0, i] = (name, np.array([[index]], dtype=np.uint8), mask.astype(np.uint8), part_records)
-    anno = np.zeros((1, 1), dtype=[("imname", "O"), ("objects", "O")])
-    anno[0, 0] = (image_name, records)
-    return {"anno": anno}
-
-
-def _write_pascal_sample(root, sample_id, rng, shape, person, semseg_folder="VOC12"):
-    """Write the six raw files of one sample; return the raw arrays to derive expectations from."""
-    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=90)
-    semseg = rng.choice(np.array([0, 7, 15, 20, 255], dtype=np.uint8), size=shape)
-    _png(root / "semseg" / semseg_folder / f"{sample_id}.png", semseg)
-    label_map = np.zeros(shape, dtype=np.uint16)
-    label_map[:, : shape[1] // 2] = 3
-    label_map[shape[0] // 3 :, shape[1] // 3 :] = 427
-    label_map[shape[0] // 2 :, : shape[1] // 4] = 5
-    label_map[2:4, 2:4] = 2
-    label_map[-3:, -3:] = 4
-    (root / "pascal-context" / "trainval").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": label_map})
-    normals = rng.integers(1, 256, (*shape, 3), dtype=np.uint8)
-    _png(root / "normals_distill" / f"{sample_id}.png", normals)
-    saliency = rng.integers(0, 256, shape, dtype=np.uint8)
-    saliency[0, :3] = (127, 128, 129)
-    _png(root / "sal_distill" / f"{sample_id}.png", saliency)
-
-    full = np.ones(shape, dtype=bool)
-    objects = []
-    if person:
-        head, torso, arm, foot, hair = (np.zeros(shape, dtype=bool) for _ in range(5))
-        head[1:4, 1:5] = True
-        hair[1:2, 1:6] = True  # overlaps the head; painted later, same group
-        torso[4:9, 2:6] = True
-        arm[5:8, 5:8] = True  # overlaps the torso; painted later, wins
-        foot[-2:, 1:3] = True
-        second_torso = np.zeros(shape, dtype=bool)
-        second_torso[2:6, -4:] = True
-        objects = [
-            ("cat", 8, full, [("head", head)]),  # another category's parts are ignored
-            ("person", 15, full, [("head", head), ("hair", hair), ("torso", torso), ("rlarm", arm)]),
-            ("person", 15, full, []),  # a person without part annotations
-            ("person", 15, full, [("neck", second_torso), ("lfoot", foot)]),
-        ]
-    else:
-        objects = [("dog", 12, full, [("head", full)])]
-    parts_dir = root / "human_parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(parts_dir / f"{sample_id}.mat", _parts_struct(objects, sample_id))
-    return {"semseg": semseg, "label_map": label_map, "normals": normals, "saliency": saliency, "objects": objects}
-
-
-@pytest.fixture()
-def pascal_raw(tmp_path):
-    root = tmp_path / "PASCALContext"
-    rng = np.random.default_rng(0)
-    samples = {
-        "2008_000001": _write_pascal_sample(root, "2008_000001", rng, (14, 17), person=True),
-        "2008_000002": _write_pascal_sample(root, "2008_000002", rng, (12, 10), person=False, semseg_folder="pascal-context"),
-        "2008_000003": _write_pascal_sample(root, "2008_000003", rng, (16, 12), person=True),
-    }
-    (root / "ImageSets" / "Context").mkdir(parents=True)
-    (root / "ImageSets" / "Context" / "train.txt").write_text("2008_000001\n2008_000002\n")
-    (root / "ImageSets" / "Context" / "val.txt").write_text("2008_000003\n")
-    return tmp_path, root, samples
+from raw_datasets import INVALID_NORMAL_IDS, PART_IDS, VALID_NORMAL_IDS, parts_struct, write_png  # noqa: F401
 
 
 def _expected_edges(label_map):
@@ -194,7 +108,7 @@ def test_pascal_unknown_part_name_is_reported(pascal_raw, tmp_path):
     raw_dir, root, _ = pascal_raw
     mask = np.ones((16, 12), dtype=bool)
     scipy.io.savemat(root / "human_parts" / "2008_000003.mat",
-                     _parts_struct([("person", 15, mask, [("tail", mask)])], "2008_000003"))  # fmt: skip
+                     parts_struct([("person", 15, mask, [("tail", mask)])], "2008_000003"))  # fmt: skip
     with pytest.raises(DatasetConversionError, match="unknown person part name 'tail'"):
         convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
 
@@ -229,35 +143,6 @@ def test_cli_reports_bad_raw_dir_and_bad_input(pascal_raw, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-# ----------------------------------------------------------------------------- NYUD-v2
-
-
-@pytest.fixture()
-def nyud_raw(tmp_path):
-    root = tmp_path / "NYUDv2"
-    rng = np.random.default_rng(1)
-    samples = {}
-    for sample_id, shape in (("0001", (9, 12)), ("0002", (10, 8)), ("0003", (7, 7))):
-        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        semseg = rng.integers(0, 41, shape, dtype=np.uint8)
-        semseg[0, :3] = (0, 1, 40)
-        depth = rng.uniform(0.5, 9.0, shape).astype(np.float32)
-        depth[1, 1] = 0.0
-        normals = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        edge = (rng.random(shape) < 0.2).astype(np.uint8) * 255
-        _png(root / "images" / f"{sample_id}.png", image)
-        _png(root / "segmentation" / f"{sample_id}.png", semseg)
-        _png(root / "normals" / f"{sample_id}.png", normals)
-        _png(root / "edge" / f"{sample_id}.png", edge)
-        (root / "depth").mkdir(exist_ok=True)
-        np.save(root / "depth" / f"{sample_id}.npy", depth[..., None] if sample_id == "0002" else depth)
-        samples[sample_id] = {"image": image, "semseg": semseg, "depth": depth, "normals": normals, "edge": edge}
-    (root / "gt_sets").mkdir()
-    (root / "gt_sets" / "train.txt").write_text("0001\n0002\n")
-    (root / "gt_sets" / "val.txt").write_text("0003\n")
-    return tmp_path, root, samples
-
-
 def test_nyud_values_are_exact(nyud_raw, tmp_path):
     raw_dir, _, samples = nyud_raw
     output = convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
@@ -288,7 +173,7 @@ def test_nyud_bad_values_name_file_and_sample(nyud_raw, tmp_path):
         convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
     assert "0002.npy" in str(error.value) and "'0002'" in str(error.value) and "finite" in str(error.value)
     np.save(root / "depth" / "0002.npy", np.ones((10, 8), dtype=np.float32))
-    _png(root / "edge" / "0001.png", np.full((9, 12), 7, dtype=np.uint8))
+    write_png(root / "edge" / "0001.png", np.full((9, 12), 7, dtype=np.uint8))
     with pytest.raises(DatasetConversionError, match=r"0001\.png.*'0001'.*only 0 and 255"):
         convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
     output = convert_nyud(raw_dir, tmp_path / "out", num_workers=0, on_error="skip")
@@ -352,7 +237,7 @@ def test_pascal_semseg_ids_beyond_the_class_count_are_refused(pascal_raw, tmp_pa
     semseg = samples["2008_000003"]["semseg"].copy()
     semseg[0, 0] = 21
     semseg[1, 1] = 59
-    _png(root / "semseg" / "VOC12" / "2008_000003.png", semseg)
+    write_png(root / "semseg" / "VOC12" / "2008_000003.png", semseg)
     with pytest.raises(DatasetConversionError) as error:
         convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
     message = str(error.value)
@@ -381,7 +266,7 @@ def test_nyud_images_are_made_rgb_like_the_image_processor(nyud_raw, tmp_path):
     gray16 = np.random.default_rng(5).integers(0, 65536, (9, 12), dtype=np.uint16)
     Image.fromarray(gray16).save(root / "images" / "0001.png")
     rgba = np.random.default_rng(6).integers(0, 256, (10, 8, 4), dtype=np.uint8)
-    _png(root / "images" / "0002.png", rgba)
+    write_png(root / "images" / "0002.png", rgba)
     output = convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
     rows = {row["id"]: row for row in load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache"))}
 

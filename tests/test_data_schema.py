@@ -8,7 +8,6 @@ import pytest
 from modeling_taskexpert.data import (
     DatasetNotAvailableError,
     has_dataset_metadata,
-    load_dataset_metadata,
     load_multitask_dataset,
     push_dataset_to_hub,
     read_dataset_metadata,
@@ -94,8 +93,6 @@ def test_metadata_under_its_earlier_name_is_read(tmp_path):
     current = json.loads((folder / "taskexpert_dataset.json").read_text()) | {"name": "current"}
     (folder / "dense_multitask_dataset.json").write_text(json.dumps(current))
     assert read_dataset_metadata(folder)["name"] == "current"
-    with pytest.warns(FutureWarning, match="renamed `read_dataset_metadata`"):
-        assert load_dataset_metadata(folder)["name"] == "current"
 
 
 def test_hub_repository_with_the_earlier_metadata_name(tmp_path, monkeypatch):

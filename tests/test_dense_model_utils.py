@@ -82,7 +82,7 @@ def test_uniform_gating_reports_no_gate_regulariser(generator):
 def test_taskexpert_routing_report_matches_its_names(use_memory):
     config = tiny_config(use_memory=use_memory, head_uses_all_layers=not use_memory)
     assert config.layer_names == ["MMoE 1 (after backbone layer 2)", "MMoE 2 (after backbone layer 4)"]
-    expected = ["expert 1", "expert 2", "expert 3"] + (["memory"] if use_memory else [])
+    expected = ["expert 0", "expert 1", "expert 2"] + (["memory"] if use_memory else [])
     assert config.candidate_names == [expected, expected]
     assert "layer_names" not in config.to_dict() and "candidate_names" not in config.to_dict()  # derived, not saved
     model = TaskExpertForDensePrediction(config).eval()

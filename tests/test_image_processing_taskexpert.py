@@ -17,6 +17,7 @@ from modeling_taskexpert.image_processing_taskexpert import (
     DEFAULT_MAX_IMAGE_PIXELS,
     TaskExpertImageProcessor,
     load_rgb_image,
+    logits_to_predictions,
 )
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -432,3 +433,110 @@ def test_files_that_cannot_be_read_are_named(tmp_path):
         load_rgb_image(tmp_path)
     with pytest.raises(ValueError, match="expected a file path, a PIL image, a numpy array or a torch tensor, got dict"):
         load_rgb_image({"image": 1})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The protocol's evaluation transform, post-processing and prediction conventions
+# ---------------------------------------------------------------------------------------------------------------------
+PROTOCOL_MEAN = np.array([0.485, 0.456, 0.406])
+PROTOCOL_STD = np.array([0.229, 0.224, 0.225])
+
+
+def test_preprocess_pads_centred_and_normalises_like_the_protocol():
+    processor = TaskExpertImageProcessor(size={"height": 32, "width": 48}, size_divisor=8)
+    image = np.random.default_rng(0).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    pixels = processor(image)["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 48)
+    top, left = (32 - 21) // 2, (48 - 30) // 2  # floor(delta / 2), as the protocol
+    expected = ((image / 255.0 - PROTOCOL_MEAN) / PROTOCOL_STD).transpose(2, 0, 1)
+    np.testing.assert_allclose(pixels[0, :, top : top + 21, left : left + 30].numpy(), expected, atol=1e-5)
+    # Padding is 0 after normalisation.
+    mask = torch.ones(32, 48, dtype=torch.bool)
+    mask[top : top + 21, left : left + 30] = False
+    assert (pixels[0][:, mask] == 0).all()
+
+
+def test_shrink_resizes_only_large_images_and_geometry_round_trips():
+    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    assert processor.geometry((20, 10)) == (1.0, (20, 10), (6, 11))
+    scale, resized, offset = processor.geometry((64, 128))
+    assert scale == 0.25 and resized == (16, 32) and offset == (8, 0)
+    fit = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="fit")
+    assert fit.geometry((8, 16)) == (2.0, (16, 32), (8, 0))
+    strict = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="none")
+    with pytest.raises(ValueError, match="larger than the canvas"):
+        strict.geometry((40, 10))
+
+
+def test_post_process_crops_padding_and_restores_original_size():
+    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    # Logits built so that each pixel's class is known: class 1 inside the image region, 0 in the padding.
+    scale, (h, w), (top, left) = processor.geometry((20, 10))
+    semseg = torch.zeros(1, 2, 32, 32)
+    semseg[0, 1, top : top + h, left : left + w] = 5.0
+    depth = torch.full((1, 1, 32, 32), -1.0)
+    depth[0, 0, top : top + h, left : left + w] = 3.0
+    normals = torch.zeros(1, 3, 32, 32)
+    normals[:, 2] = 2.0
+    logits = {"semseg": semseg, "depth": depth, "normals": normals, "edge": torch.zeros(1, 1, 32, 32)}
+    result = processor.post_process_dense_predictions({"logits": logits}, target_sizes=[(20, 10)])[0]
+    assert result["semseg"].shape == (20, 10) and (result["semseg"] == 1).all()
+    torch.testing.assert_close(result["depth"], torch.full((20, 10), 3.0))
+    torch.testing.assert_close(result["normals"][2], torch.ones(20, 10))
+    torch.testing.assert_close(result["edge"], torch.full((20, 10), 0.5))
+
+
+def test_depth_is_rescaled_for_resized_images():
+    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    logits = {"depth": torch.full((1, 1, 32, 32), 2.0)}
+    (result,) = processor.post_process_dense_predictions({"logits": logits}, target_sizes=[(64, 64)])
+    # The image was shrunk by 0.5: the model sees it twice as far, so the prediction is halved back.
+    torch.testing.assert_close(result["depth"], torch.full((64, 64), 1.0))
+
+
+def test_logits_to_predictions_follow_the_conventions():
+    logits = {
+        "semseg": torch.tensor([[[[0.0]], [[2.0]], [[1.0]]]]),
+        "saliency": torch.tensor([[[[0.0]]]]),
+        "normals": torch.tensor([[[[3.0]], [[0.0]], [[4.0]]]]),
+        "depth": torch.tensor([[[[-2.0]]]]),
+    }
+    predictions = logits_to_predictions(logits)
+    assert predictions["semseg"].tolist() == [[[1]]]
+    assert predictions["saliency"].tolist() == [[[0.5]]]
+    torch.testing.assert_close(predictions["normals"][0, :, 0, 0], torch.tensor([0.6, 0.0, 0.8]))
+    assert predictions["depth"].tolist() == [[[0.0]]]
+
+
+def test_image_conversions():
+    gray = Image.fromarray(np.full((4, 5), 100, dtype=np.uint8), mode="L")
+    assert (load_rgb_image(gray) == 100).all() and load_rgb_image(gray).shape == (4, 5, 3)
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent -> white
+    assert (load_rgb_image(rgba) == 255).all()
+    sixteen = Image.fromarray(np.full((3, 3), 65535, dtype=np.uint16))
+    assert (load_rgb_image(sixteen) == 255).all()
+    assert (load_rgb_image(np.full((2, 2, 3), 0.5, dtype=np.float32)) == 128).all()
+    chw = torch.zeros(3, 6, 7, dtype=torch.uint8)
+    assert load_rgb_image(chw).shape == (6, 7, 3)
+    with pytest.raises(ValueError, match=r"float images must hold values in \[0, 1\]"):
+        load_rgb_image(np.full((2, 2, 3), 200.0))
+    with pytest.raises(ValueError, match="NaN"):
+        load_rgb_image(np.full((2, 2, 3), np.nan))
+    with pytest.raises(ValueError, match=r"images\[0\]: expected one image of shape"):
+        TaskExpertImageProcessor()([np.zeros((2, 2, 2, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="'not an image': no such file"):
+        load_rgb_image("not an image")
+    with pytest.raises(ValueError, match="expected a file path, a PIL image"):
+        load_rgb_image(b"bytes")
+
+
+def test_processor_save_and_load_round_trip(tmp_path):
+    processor = TaskExpertImageProcessor(size={"height": 64, "width": 96}, resize_mode="fit", size_divisor=8)
+    processor.save_pretrained(tmp_path)
+    loaded = TaskExpertImageProcessor.from_pretrained(tmp_path)
+    assert loaded.size == {"height": 64, "width": 96} and loaded.resize_mode == "fit"
+    image = np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    torch.testing.assert_close(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+    with pytest.raises(ValueError, match="multiples of size_divisor"):
+        TaskExpertImageProcessor(size={"height": 30, "width": 32})

@@ -143,3 +143,28 @@ def test_errors_name_the_input(pipe, tmp_path):
         pipe(str(tmp_path / "missing.png"))
     with pytest.raises(ValueError, match="contains NaN or infinite values"):
         pipe(torch.full((3, 8, 8), float("nan")))
+
+
+def test_pipeline_on_a_pil_image(tmp_path):
+    torch.manual_seed(0)
+    model = TaskExpertForDensePrediction(tiny_config()).eval()
+    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline(PIPELINE_TASK, model=str(tmp_path), pipeline_class=MultiTaskDensePredictionPipeline)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 28, 3), dtype=np.uint8))
+    result = pipe(image, tasks=["semseg", "normals", "depth"])
+    assert set(result) == {"semseg", "normals", "depth"}
+    assert result["semseg"]["prediction"].shape == (20, 28)
+    assert result["normals"]["prediction"].shape == (3, 20, 28)
+    assert result["depth"]["image"].size == (28, 20) and result["depth"]["image"].mode == "RGB"
+    # Same numbers as calling processor + model + post-processing by hand.
+    with torch.no_grad():
+        out = model(processor(image)["pixel_values"], tasks=["semseg"])
+    expected = processor.post_process_dense_predictions(out, target_sizes=[(20, 28)])[0]["semseg"]
+    np.testing.assert_array_equal(result["semseg"]["prediction"], expected.numpy())
+    # A path works too.
+    image.save(tmp_path / "image.png")
+    assert pipe(str(tmp_path / "image.png"))["edge"]["prediction"].shape == (20, 28)
+    with pytest.raises(ValueError, match="Unknown task"):
+        pipe(image, tasks=["flow"])

@@ -12,7 +12,7 @@ from bad_inputs import build_image_corpus
 from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
-from test_data_converters import _png, nyud_raw  # noqa: F401 - the raw NYUD-v2 fixture
+from raw_datasets import write_png
 from space_support import REPO_ROOT, make_model_folder
 from transformers import AutoConfig, AutoModel, pipeline
 
@@ -183,7 +183,7 @@ def test_config_files_are_validated_before_any_module_is_built(model_folder, tmp
      ("label_16_bit", r"segmentation/0002\.png \(sample '0002'\): .*expected an 8-bit"),
      ("inf_depth", r"depth/0002\.npy \(sample '0002'\): .*finite")],
 )  # fmt: skip
-def test_converter_names_the_file_and_sample(nyud_raw, tmp_path, damage, expected):  # noqa: F811
+def test_converter_names_the_file_and_sample(nyud_raw, tmp_path, damage, expected):
     from modeling_taskexpert.data import DatasetConversionError, convert_nyud
 
     raw_dir, root, _ = nyud_raw
@@ -193,7 +193,7 @@ def test_converter_names_the_file_and_sample(nyud_raw, tmp_path, damage, expecte
     elif damage == "zero_byte_label":
         (root / "segmentation" / "0002.png").write_bytes(b"")
     elif damage == "label_wrong_size":
-        _png(root / "segmentation" / "0002.png", np.zeros((3, 3), np.uint8))
+        write_png(root / "segmentation" / "0002.png", np.zeros((3, 3), np.uint8))
     elif damage == "label_16_bit":
         Image.fromarray(np.zeros((10, 8), np.uint16)).save(root / "segmentation" / "0002.png")
     else:

@@ -55,7 +55,7 @@ def test_routing_of_an_image_that_fills_the_canvas(demo_model):
     gates = reference_gates(demo_model, rgb)
     routing = prediction.routing
     assert routing.tasks == ["semseg", "depth"] and routing.num_layers == len(gates) == 2
-    assert routing.candidate_names == [["expert 1", "expert 2", "expert 3", "memory"]] * 2
+    assert routing.candidate_names == [["expert 0", "expert 1", "expert 2", "memory"]] * 2
     for task in ("semseg", "depth"):
         for layer, layer_gates in enumerate(gates):
             tokens = layer_gates[task][0].numpy()  # (8, 8, E + 1)
@@ -117,7 +117,7 @@ def test_npz_round_trip(demo_model, tmp_path):
             "mean_weight/edge/0", "mean_weight/edge/1",
         }  # fmt: skip
         np.testing.assert_array_equal(arrays["normals"], prediction.predictions["normals"])
-        assert list(arrays["candidate_names/1"]) == ["expert 1", "expert 2", "expert 3", "memory"]
+        assert list(arrays["candidate_names/1"]) == ["expert 0", "expert 1", "expert 2", "memory"]
         assert arrays["dominant_candidate/edge"].shape == (2, 24, 40)
         np.testing.assert_array_equal(arrays["dominant_candidate/edge"][1], prediction.routing.dominant_map("edge", 1, (24, 40)))
         np.testing.assert_allclose(arrays["mean_weight/edge/0"], prediction.routing.mean_weights("edge", 0))

@@ -182,7 +182,7 @@ def test_output_folder_of_another_run_is_refused(finished_run, synthetic_dataset
 def test_planted_pickle_never_runs_on_resume(finished_run, synthetic_dataset, tmp_path):
     """An optimizer.bin replaced by a malicious pickle, behind a manifest rewritten to match, is read with
     weights_only: train.py refuses the checkpoint (exit 2) and the pickle's code never runs. (The other plantings,
-    refused before anything is read, are in test_train_checkpoints.py.)"""
+    refused before anything is read, are in test_training_checkpoints.py.)"""
     from modeling_taskexpert.training.checkpoints import MANIFEST_FILE, _sha256
 
     marker = tmp_path / "pwned"

@@ -10,7 +10,6 @@ pushed to the Hub as it is.
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -142,14 +141,6 @@ def read_dataset_metadata(path_or_repo_id) -> dict:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{metadata_path}: cannot read the dataset metadata ({error}).") from error
     return validate_metadata(metadata, str(metadata_path))
-
-
-def load_dataset_metadata(path_or_repo_id) -> dict:
-    """Deprecated name of `read_dataset_metadata`."""
-    warnings.warn(
-        "`load_dataset_metadata` is renamed `read_dataset_metadata`; the old name will be removed.", FutureWarning, stacklevel=2
-    )
-    return read_dataset_metadata(path_or_repo_id)
 
 
 def _folder_fingerprint(folder: Path) -> str:

@@ -305,7 +305,7 @@ def build_transforms(
     """The transform of a dataset for `with_transform`/`set_transform`.
 
     Args:
-        metadata: the dataset metadata (`load_dataset_metadata`).
+        metadata: the dataset metadata (`read_dataset_metadata`).
         train: protocol training augmentation, or evaluation (normalise and centred pad only).
         tasks: tasks whose labels are produced (default: all of the dataset).
         size: (height, width) overriding the metadata's train_size (training) / eval_size (evaluation).

@@ -1,7 +1,6 @@
 """Training support for `train.py`: recipes, loss weighting, schedules, checkpoints, provenance, logs, curves and
 model cards."""
 
-from ..file_utils import write_json_atomic  # importable from here for existing callers; defined in file_utils
 from .checkpoints import (
     CheckpointError,
     list_checkpoints,
@@ -40,6 +39,5 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
-    "write_json_atomic",
     "write_provenance",
 ]

@@ -3,7 +3,7 @@
     python -m modeling_taskexpert.training outputs/taskexpert-synthetic-tiny
 
 writes `docs/make_train_results.json` (metrics, the chance bar the card used, steps, runtime, commit: all read from the
-run's folder) and the README block between its make-train markers (`tests/test_train_reporting.py` checks that the
+run's folder) and the README block between its make-train markers (`tests/test_training_reporting.py` checks that the
 two agree).
 """
 

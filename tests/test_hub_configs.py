@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 # The raw fixtures are those of the converter tests (imported, so that pytest uses them as fixtures here too).
-from test_data_converters import nyud_raw, pascal_raw  # noqa: F401
 
 from modeling_taskexpert.data import convert_nyud, convert_pascal_context, read_dataset_metadata
 from modeling_taskexpert.evaluation import PRIMARY_METRICS
@@ -48,7 +47,7 @@ def _check_run(output_dir: Path, metrics: dict, tasks: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["pascal-context-vits", "pascal-context-vitl"])
-def test_pascal_context_recipe_trains_and_evaluates(recipe, pascal_raw, tmp_path):  # noqa: F811
+def test_pascal_context_recipe_trains_and_evaluates(recipe, pascal_raw, tmp_path):
     raw_dir, _, _ = pascal_raw
     dataset = convert_pascal_context(raw_dir, tmp_path / "pascal-context", num_workers=0)
     metadata = read_dataset_metadata(dataset)
@@ -60,7 +59,7 @@ def test_pascal_context_recipe_trains_and_evaluates(recipe, pascal_raw, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["nyud-vits"])
-def test_nyud_recipe_trains_and_evaluates(recipe, nyud_raw, tmp_path):  # noqa: F811
+def test_nyud_recipe_trains_and_evaluates(recipe, nyud_raw, tmp_path):
     raw_dir, _, _ = nyud_raw
     dataset = convert_nyud(raw_dir, tmp_path / "nyud", num_workers=0)
     assert read_dataset_metadata(dataset)["eval_size"] == [448, 576]
