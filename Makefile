@@ -46,6 +46,7 @@ bench: $(STAMP)
 # from the run folders; the full study also copies its best TaskExpert to outputs/ for `make space`. The plan (runs,
 # CPU time) is in docs/results.md, section "Power and the study plan".
 # PILOT=1: the pilot whose seed noise sizes the full study (python -m experiments.power).
+# SEEDS=N: only the first N seeds of the full study; ONLY="a b": only these variants (a later full run adds the rest).
 # QUICK=1: a few minutes' smoke test of the same machinery (report in outputs/experiments-quick/results.md).
 JOBS ?= 2
 experiments: $(STAMP)
@@ -58,7 +59,7 @@ else ifdef PILOT
 	$(PY) -m experiments.report --output-root outputs/experiments-pilot --jobs $(JOBS)
 else
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
-	$(PY) -m experiments.run --jobs $(JOBS)
+	$(PY) -m experiments.run --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ONLY),--only $(ONLY))
 	$(PY) -m experiments.report --jobs $(JOBS)
 endif
 

@@ -33,7 +33,12 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
 from modeling_taskexpert import TaskExpertImageProcessor
-from modeling_taskexpert.data import build_transforms, collate_dense_batch, load_multitask_dataset, read_dataset_metadata
+from modeling_taskexpert.data import (
+    build_transforms,
+    collate_dense_batch,
+    load_multitask_dataset,
+    read_dataset_metadata,
+)
 from modeling_taskexpert.evaluation import BoundaryEvaluationError, DenseMultiTaskEvaluator, evaluate_model
 from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
 from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
@@ -101,7 +106,10 @@ def build_model_config(recipe, metadata):
     if settings["model_type"] not in CONFIG_MAPPING:
         raise RecipeError(f"Model config {recipe.model_config}: unknown model_type {settings['model_type']!r}.")
     valid = valid_model_config_keys(settings["model_type"])
-    for source, values in ((f"model config {recipe.model_config}", settings), ("recipe field `model_overrides`", recipe.model_overrides)):
+    for source, values in (
+        (f"model config {recipe.model_config}", settings),
+        ("recipe field `model_overrides`", recipe.model_overrides),
+    ):
         unknown = sorted(set(values) - valid - {"model_type"})
         if unknown:
             raise RecipeError(
@@ -127,7 +135,9 @@ def build_model_config(recipe, metadata):
     try:
         return AutoConfig.for_model(**settings)
     except (ValueError, TypeError, KeyError) as error:
-        raise RecipeError(f"Model config {recipe.model_config} with `model_overrides` {recipe.model_overrides}: {error}") from None
+        raise RecipeError(
+            f"Model config {recipe.model_config} with `model_overrides` {recipe.model_overrides}: {error}"
+        ) from None
 
 
 def check_output_dir(output_dir: str, min_free_bytes: int) -> None:
@@ -152,11 +162,15 @@ def check_hub_access(recipe) -> None:
     from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        raise RecipeError("--push_to_hub was requested but the Hub is offline (HF_HUB_OFFLINE=1); unset it or drop --push_to_hub.")
+        raise RecipeError(
+            "--push_to_hub was requested but the Hub is offline (HF_HUB_OFFLINE=1); unset it or drop --push_to_hub."
+        )
     try:
         HfApi().whoami()
     except Exception as error:  # no token, no network, or a revoked token: all mean the upload would fail later
-        raise RecipeError(f"--push_to_hub: cannot reach the Hub as a logged-in user ({type(error).__name__}: {error}).") from None
+        raise RecipeError(
+            f"--push_to_hub: cannot reach the Hub as a logged-in user ({type(error).__name__}: {error})."
+        ) from None
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
@@ -196,7 +210,9 @@ def main(argv=None) -> dict:
     config = build_model_config(recipe, metadata)
     tasks = list(config.tasks)
     try:
-        weighting = LossWeighting(tasks, config.loss_weights, recipe.loss_weighting, recipe.dwa_temperature, recipe.dwa_window)
+        weighting = LossWeighting(
+            tasks, config.loss_weights, recipe.loss_weighting, recipe.dwa_temperature, recipe.dwa_window
+        )
     except ValueError as error:
         raise RecipeError(f"Loss weighting of model config {recipe.model_config}: {error}") from None
     try:  # built now so that a scorer that cannot run fails before training, not after it
@@ -238,7 +254,9 @@ def main(argv=None) -> dict:
         write_provenance(recipe.output_dir, fingerprint, resumed_at_step=found[1]["step"] if found else None)
 
     eval_size = tuple(metadata["eval_size"])
-    processor = TaskExpertImageProcessor(size={"height": eval_size[0], "width": eval_size[1]}, size_divisor=config.patch_size)
+    processor = TaskExpertImageProcessor(
+        size={"height": eval_size[0], "width": eval_size[1]}, size_divisor=config.patch_size
+    )
     train_transform = build_transforms(metadata, train=True, tasks=tasks, size=recipe.crop_size, seed=recipe.seed)
     train_dataset = load_multitask_dataset(recipe.dataset, "train").with_transform(train_transform)
     eval_dataset = load_multitask_dataset(recipe.dataset, "validation")
@@ -252,11 +270,17 @@ def main(argv=None) -> dict:
     parameters = list(model.parameters()) + list(weighting.parameters())
     betas = (recipe.adam_beta1, recipe.adam_beta2)
     if recipe.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay
+        )
     else:
-        optimizer = torch.optim.Adam(parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay)
+        optimizer = torch.optim.Adam(
+            parameters, lr=recipe.learning_rate, betas=betas, eps=recipe.adam_epsilon, weight_decay=recipe.weight_decay
+        )
     # Stepped by hand once per optimiser step (a prepared scheduler would step once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(recipe.warmup_steps, recipe.max_steps, recipe.poly_power))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_schedule(recipe.warmup_steps, recipe.max_steps, recipe.poly_power)
+    )
 
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     weighting = weighting.to(accelerator.device)
@@ -268,7 +292,11 @@ def main(argv=None) -> dict:
         load_checkpoint(accelerator, last_checkpoint, state, scheduler, weighting, warn=accelerator.print)
         completed_steps = state["step"]
         accelerator.print(f"Resumed from {last_checkpoint} at step {completed_steps}.")
-    log = JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if found else None) if accelerator.is_main_process else None
+    log = (
+        JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if found else None)
+        if accelerator.is_main_process
+        else None
+    )
     if accelerator.is_main_process:
         dump_recipe(recipe, Path(recipe.output_dir) / "recipe.yaml")
     accelerator.init_trackers("taskexpert", config=_scalar_items(recipe.to_dict()))
@@ -286,7 +314,9 @@ def main(argv=None) -> dict:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     metrics: dict = {}
-    progress = tqdm(total=recipe.max_steps, initial=completed_steps, desc="Training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=recipe.max_steps, initial=completed_steps, desc="Training", disable=not accelerator.is_local_main_process
+    )
     running, window_start, window_steps = {}, time.perf_counter(), 0
     epoch = completed_steps // steps_per_epoch
     skip_batches = (completed_steps % steps_per_epoch) * recipe.gradient_accumulation_steps
@@ -308,7 +338,9 @@ def main(argv=None) -> dict:
                         accelerator.clip_grad_norm_(parameters, recipe.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            values = _accumulate(running, loss, {**outputs.task_losses, **(getattr(outputs, "aux_losses", None) or {})}, accelerator)
+            values = _accumulate(
+                running, loss, {**outputs.task_losses, **(getattr(outputs, "aux_losses", None) or {})}, accelerator
+            )
             _stop_if_not_finite(values, completed_steps + 1, last_checkpoint)
             if not accelerator.sync_gradients:
                 continue
@@ -380,7 +412,11 @@ def _stop_if_not_finite(values: dict, step: int, last_checkpoint) -> None:
     `values` are averages over the processes, so every process stops at the same step."""
     if all(math.isfinite(value) for value in values.values()):
         return
-    bad = [f"{name.removeprefix('loss/')}: {value}" for name, value in values.items() if name != "loss" and not math.isfinite(value)]
+    bad = [
+        f"{name.removeprefix('loss/')}: {value}"
+        for name, value in values.items()
+        if name != "loss" and not math.isfinite(value)
+    ]
     where = f"the loss is not finite ({', '.join(bad)})" if bad else f"the total loss is not finite ({values['loss']})"
     resume = (f"The last good checkpoint is {last_checkpoint}." if last_checkpoint is not None
               else "No checkpoint was written before it (see `save_steps`).")  # fmt: skip
@@ -443,7 +479,9 @@ def _tracker_installed(name: str) -> bool:
 
 def _scalar_items(values: dict) -> dict:
     """Trackers accept scalars and strings only."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in values.items() if v is not None}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in values.items() if v is not None
+    }
 
 
 if __name__ == "__main__":

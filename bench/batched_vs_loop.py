@@ -40,7 +40,10 @@ def batched_vs_loop(plan: BenchPlan) -> list[dict]:
                 batched, looped = module(tokens, grid), taskexpert_experts_loop(module, tokens, grid)
                 max_difference = float((batched - looped).abs().max())
                 times = interleaved_times(
-                    {"batched": lambda: module(tokens, grid), "loop": lambda: taskexpert_experts_loop(module, tokens, grid)},
+                    {
+                        "batched": lambda: module(tokens, grid),
+                        "loop": lambda: taskexpert_experts_loop(module, tokens, grid),
+                    },
                     plan.small_budget_s,
                     max(plan.min_rounds, 5),
                     max_rounds=50,

@@ -54,7 +54,9 @@ def worker(root: Path, preset: str, size: int, calls: int) -> dict:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    fingerprint = {task: [float(value.double().sum()), float(value.double().abs().sum())] for task, value in logits.items()}
+    fingerprint = {
+        task: [float(value.double().sum()), float(value.double().abs().sum())] for task, value in logits.items()
+    }
     return {"times_s": times, "fingerprint": fingerprint}
 
 

@@ -52,7 +52,9 @@ def data_pipeline(plan: BenchPlan) -> dict:
     model = build_model(config)
     pixels = random_pixels(plan.data_batch, plan.data_image_size)
     labels = random_labels(config, plan.data_batch, plan.data_image_size)
-    step_times = interleaved_times({"train_step": train_step(model, pixels, labels)}, plan.small_budget_s, plan.min_rounds)
+    step_times = interleaved_times(
+        {"train_step": train_step(model, pixels, labels)}, plan.small_budget_s, plan.min_rounds
+    )
     train_rate = summarize(step_times["train_step"], plan.data_batch)
     most_workers = f"{max(plan.data_workers)}_workers"
     return {
@@ -80,9 +82,11 @@ def _data_text(data: dict) -> str:
     rows = [[name.replace("_", " "), f"{rate['items_per_s']:.1f}", ratio(data["loader_vs_train_rate"][name])]
             for name, rate in data["loader"].items()]  # fmt: skip
     rows.append(["tiny model train step", f"{data['train_step']['items_per_s']:.1f}", "1.00×"])
-    return "\n\n".join([
-        f"A synthetic dataset of {data['samples']} images at {data['image_size']} px is generated for the run; the "
-        f"DataLoader applies the protocol's training transforms and the collate at batch {data['batch']} (one full "
-        "epoch per round, worker start-up included); the tiny model's training step runs at the same batch and size.",
-        table(["", "samples/s (context)", "ratio to the train step"], rows),
-    ])
+    return "\n\n".join(
+        [
+            f"A synthetic dataset of {data['samples']} images at {data['image_size']} px is generated for the run; the "
+            f"DataLoader applies the protocol's training transforms and the collate at batch {data['batch']} (one full "
+            "epoch per round, worker start-up included); the tiny model's training step runs at the same batch and size.",
+            table(["", "samples/s (context)", "ratio to the train step"], rows),
+        ]
+    )

@@ -1,7 +1,6 @@
 """Accelerator part of the benchmark (`python bench/run.py --gpu`): bf16 training-step throughput and MFU of
 TaskExpert with SDPA and eager attention, with and without torch.compile, and bf16 forward ratios."""
 
-
 import time
 from dataclasses import asdict
 from typing import Callable, Optional
@@ -158,11 +157,13 @@ def _gpu_text(gpu: dict) -> str:
     rows = [[name, f"{row['items_per_s']:.1f}", f"{row['achieved_tflops']:.1f}",
              "—" if row["mfu"] is None else f"{row['mfu']:.1%}", mib(row["peak_memory_bytes"]), f"{row['first_step_s']:.1f}"]
             for name, row in gpu["train_step"].items()]  # fmt: skip
-    return "\n\n".join([
-        f"Device: {gpu['device']}, {setting_label(gpu['setting'])}, bf16 autocast.",
-        table(["attention / compile", "images/s", "TFLOP/s", "MFU", "peak MiB", "first step s"], rows),
-        f"torch.compile speedup: {', '.join(f'{k} {ratio(v)}' for k, v in gpu['compile_speedup'].items()) or '—'}; "
-        f"SDPA vs eager attention: {ratio(gpu['sdpa_vs_eager_speedup'])}; bf16 forward TaskExpert / backbone: "
-        f"{ratio(gpu['mmoe_overhead_ratio_bf16'])}; one task / all tasks (whole forward): "
-        f"{ratio(gpu['one_task_vs_all_forward_ratio_bf16'])}.",
-    ])
+    return "\n\n".join(
+        [
+            f"Device: {gpu['device']}, {setting_label(gpu['setting'])}, bf16 autocast.",
+            table(["attention / compile", "images/s", "TFLOP/s", "MFU", "peak MiB", "first step s"], rows),
+            f"torch.compile speedup: {', '.join(f'{k} {ratio(v)}' for k, v in gpu['compile_speedup'].items()) or '—'}; "
+            f"SDPA vs eager attention: {ratio(gpu['sdpa_vs_eager_speedup'])}; bf16 forward TaskExpert / backbone: "
+            f"{ratio(gpu['mmoe_overhead_ratio_bf16'])}; one task / all tasks (whole forward): "
+            f"{ratio(gpu['one_task_vs_all_forward_ratio_bf16'])}.",
+        ]
+    )

@@ -92,7 +92,7 @@ def _headline_text(headline: dict) -> str:
 
 def _subset_text(headline: dict) -> str:
     return (
-        f"`model(pixel_values, tasks=[\"{headline['subset_task']}\"])` against all {headline['num_tasks']} tasks at "
+        f'`model(pixel_values, tasks=["{headline["subset_task"]}"])` against all {headline["num_tasks"]} tasks at '
         f"{setting_label(headline['setting'])}, on the MMoE + heads part (model minus backbone): "
         f"**{headline['subset_vs_all_ratio']:.2f}** of the all-task cost. The backbone cost is the same for any subset."
     )

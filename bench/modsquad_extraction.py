@@ -73,7 +73,10 @@ def modsquad_extraction(plan: BenchPlan) -> dict:
 
         max_difference = float((extracted_call() - full_call()).abs().max())
         times = interleaved_times(
-            {"full": full_call, "extracted": extracted_call}, plan.small_budget_s, max(plan.min_rounds, 9), max_rounds=50
+            {"full": full_call, "extracted": extracted_call},
+            plan.small_budget_s,
+            max(plan.min_rounds, 9),
+            max_rounds=50,
         )
         rows.append({
             "task": task,

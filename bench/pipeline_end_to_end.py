@@ -58,7 +58,9 @@ def _build_pipeline(setting: Setting) -> tuple[MultiTaskDensePredictionPipeline,
     pipe = MultiTaskDensePredictionPipeline(model=model, image_processor=processor)
     # A landscape photo-sized image larger than the canvas, so the processor resizes and pads.
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (setting.image_size * 3 // 4 + 8, setting.image_size + 40, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        rng.integers(0, 256, (setting.image_size * 3 // 4 + 8, setting.image_size + 40, 3), dtype=np.uint8)
+    )
     return pipe, image
 
 

@@ -56,7 +56,6 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-
 def setting_label(setting: dict) -> str:
     return f"{setting['preset']} {setting['image_size']}² b{setting['batch']}"
 

@@ -63,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks the machinery only")
     mode.add_argument("--full", action="store_true", help="also time the training steps of the 512² ViT settings")
-    mode.add_argument("--render", action="store_true", help="rewrite the report and plots from --results, measuring nothing")
+    mode.add_argument(
+        "--render", action="store_true", help="rewrite the report and plots from --results, measuring nothing"
+    )
     parser.add_argument("--gpu", action="store_true", help="add the accelerator part (needs a CUDA device)")
     parser.add_argument("--gpu-peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile in the accelerator part")
@@ -119,7 +121,9 @@ def main(argv=None) -> int:
     results = run(args)
     for key, target in results["targets"].items():
         verdict = "met" if target["met"] else "MISSED"
-        logger.info("%s = %.3f (target %s %s): %s", key, target["value"], target["comparison"], target["bound"], verdict)
+        logger.info(
+            "%s = %.3f (target %s %s): %s", key, target["value"], target["comparison"], target["bound"], verdict
+        )
     logger.info("done in %.0f s; wrote %s and %s", results["duration_s"], args.results.name, args.report.name)
     return 0
 

@@ -25,12 +25,16 @@ def scaling(plan: BenchPlan) -> dict:
     """
     base = plan.sweep
     all_tasks = list(load_config(base.preset).tasks)
-    extra_tasks = [task for task in ("semseg", "human_parts", "saliency", "normals", "edge", "depth") if task not in all_tasks]
+    extra_tasks = [
+        task for task in ("semseg", "human_parts", "saliency", "normals", "edge", "depth") if task not in all_tasks
+    ]
     task_pool = all_tasks + extra_tasks
     sweeps = {
         "num_experts": [(value, {"num_experts": value}, base.image_size) for value in plan.sweep_experts],
         "num_tasks": [(value, {"tasks": task_pool[:value]}, base.image_size) for value in plan.sweep_tasks],
-        "num_mmoe_layers": [(len(value), {"mmoe_layers": list(value)}, base.image_size) for value in plan.sweep_mmoe_layers],
+        "num_mmoe_layers": [
+            (len(value), {"mmoe_layers": list(value)}, base.image_size) for value in plan.sweep_mmoe_layers
+        ],
         "image_size": [(value, {}, value) for value in plan.sweep_image_sizes],
     }
     backbone_cache = {}
@@ -46,14 +50,18 @@ def scaling(plan: BenchPlan) -> dict:
             meta_pixels = pixels.to("meta")
             if key not in backbone_cache:
                 times = interleaved_times(
-                    {"backbone": inference_call(model.taskexpert.backbone, pixels)}, plan.small_budget_s, plan.min_rounds
+                    {"backbone": inference_call(model.taskexpert.backbone, pixels)},
+                    plan.small_budget_s,
+                    plan.min_rounds,
                 )
                 backbone_flops = count_flops(inference_call(meta_model.taskexpert.backbone, meta_pixels))
                 backbone_cache[key] = (median(times["backbone"]), backbone_flops)
             backbone_s, backbone_flops = backbone_cache[key]
             flops = count_flops(inference_call(meta_model, meta_pixels))
             replay_backbone(model, pixels)
-            times = interleaved_times({"part": inference_call(model, pixels)}, plan.small_budget_s, max(plan.min_rounds, 3))
+            times = interleaved_times(
+                {"part": inference_call(model, pixels)}, plan.small_budget_s, max(plan.min_rounds, 3)
+            )
             part_s = median(times["part"])
             rows.append({
                 "value": value,
@@ -72,7 +80,12 @@ def write_plots(section, folder: Path) -> dict[str, Path]:
     """Write this suite's PNG plot under `folder`; returns name -> path."""
     plt = pyplot()
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    labels = {"num_experts": "experts", "num_tasks": "tasks", "num_mmoe_layers": "MMoE layers", "image_size": "image size (px)"}
+    labels = {
+        "num_experts": "experts",
+        "num_tasks": "tasks",
+        "num_mmoe_layers": "MMoE layers",
+        "image_size": "image size (px)",
+    }
     for axis, (key, label) in zip(axes, labels.items()):
         rows = section[key]
         values = [row["value"] for row in rows]
@@ -83,7 +96,9 @@ def write_plots(section, folder: Path) -> dict[str, Path]:
         axis.set_ylabel("TaskExpert / backbone")
     axes[0].legend(fontsize=8)
     setting = section["setting"]
-    figure.suptitle(f"Cost of the MMoE layers and heads relative to the backbone ({setting['preset']}, batch {setting['batch']})")
+    figure.suptitle(
+        f"Cost of the MMoE layers and heads relative to the backbone ({setting['preset']}, batch {setting['batch']})"
+    )
     return {"scaling": save_plot(figure, folder / "scaling.png")}
 
 
@@ -96,7 +111,12 @@ def _scaling_text(scaling: dict, plots: dict[str, str]) -> str:
         f"Base: {setting_label(scaling['setting'])} with its published config; one quantity changes at a time. The MMoE + "
         "heads part is timed alone (replayed backbone) and the ratio is 1 + part / backbone."
     ]
-    for key, label in (("num_experts", "experts"), ("num_tasks", "tasks"), ("num_mmoe_layers", "MMoE layers"), ("image_size", "image size")):
+    for key, label in (
+        ("num_experts", "experts"),
+        ("num_tasks", "tasks"),
+        ("num_mmoe_layers", "MMoE layers"),
+        ("image_size", "image size"),
+    ):
         parts.append(table(
             [label, "time ratio", "FLOP ratio", "MMoE + heads ms (context)", "parameters"],
             [[row["value"], ratio(row["overhead_ratio"]), ratio(row["flops_ratio"]), ms(row["mmoe_and_heads_s"]),

@@ -37,14 +37,21 @@ def target_values(sections: dict, plan: BenchPlan) -> dict:
         "mmoe_overhead_ratio_decomposed": sections["headline"]["overhead_ratio_decomposed"],
         "batched_vs_loop_speedup": next(row["speedup"] for row in loop_rows if row["num_experts"] == middle_experts),
         "subset_vs_all_ratio": sections["headline"]["subset_vs_all_ratio"],
-        "data_vs_train_rate_ratio": sections["data_pipeline"]["loader_vs_train_rate"][sections["data_pipeline"]["target_workers"]],
+        "data_vs_train_rate_ratio": sections["data_pipeline"]["loader_vs_train_rate"][
+            sections["data_pipeline"]["target_workers"]
+        ],
         "memory_growth_mib": max(growth[name]["growth_bytes"] for name in ("model", "pipeline")) / 2**20,
     }
 
 
 def assess(values: dict) -> dict:
     return {
-        key: {"value": values[key], "comparison": comparison, "bound": bound, "met": meets(values[key], comparison, bound)}
+        key: {
+            "value": values[key],
+            "comparison": comparison,
+            "bound": bound,
+            "met": meets(values[key], comparison, bound),
+        }
         for key, (comparison, bound) in TARGETS.items()
     }
 
@@ -91,7 +98,9 @@ def target_notes(results: dict) -> str:
     )
     missed = [key for key, target in results["targets"].items() if not target["met"]]
     if missed:
-        notes.append("- Missed targets and what bounds them: " + "; ".join(_missed_reason(key, results) for key in missed) + ".")
+        notes.append(
+            "- Missed targets and what bounds them: " + "; ".join(_missed_reason(key, results) for key in missed) + "."
+        )
     return "\n".join(notes)
 
 

@@ -6,7 +6,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .measure import flops_and_peak_memory, interleaved_times, median_ratio, summarize
-from .models import build_variants, count_parameters, inference_call, load_config, random_labels, random_pixels, train_step
+from .models import (
+    build_variants,
+    count_parameters,
+    inference_call,
+    load_config,
+    random_labels,
+    random_pixels,
+    train_step,
+)
 from .plan import BenchPlan, Setting, SuiteContext
 from .report import mib, millions, ms, pyplot, ratio, save_plot, setting_label, table
 
@@ -71,7 +79,12 @@ def write_plots(section, folder: Path) -> dict[str, Path]:
     names = [f"{row['setting']['preset']} {row['setting']['image_size']}²" for row in rows]
     positions = range(len(rows))
     for offset, variant in ((-0.2, "taskexpert"), (0.2, "shared_decoder")):
-        axis.bar([p + offset for p in positions], [row["forward_time_ratio_to_backbone"][variant] for row in rows], 0.4, label=variant)
+        axis.bar(
+            [p + offset for p in positions],
+            [row["forward_time_ratio_to_backbone"][variant] for row in rows],
+            0.4,
+            label=variant,
+        )
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xticks(list(positions), names)
     axis.set_ylabel("forward time / backbone")

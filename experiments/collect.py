@@ -135,7 +135,11 @@ def short_revision(provenance: Optional[dict]) -> str:
     if provenance is None:
         return UNRECORDED
     commits = [provenance] + list(provenance.get("resumes", []))
-    texts = list(dict.fromkeys(f"{(p.get('git_commit') or 'no-commit')[:12]}{'+changes' if p.get('git_dirty') else ''}" for p in commits))
+    texts = list(
+        dict.fromkeys(
+            f"{(p.get('git_commit') or 'no-commit')[:12]}{'+changes' if p.get('git_dirty') else ''}" for p in commits
+        )
+    )
     return texts[0] if len(texts) == 1 else "mixed " + "/".join(texts)
 
 
@@ -153,7 +157,9 @@ def check_one_revision(collected: dict, allow_mixed: bool = False) -> None:
     compared factor), unless `allow_mixed`."""
     found = revisions(collected)
     if len(found) > 1 and not allow_mixed:
-        listing = "; ".join(f"{revision}: {len(runs)} run(s), e.g. {', '.join(runs[:3])}" for revision, runs in found.items())
+        listing = "; ".join(
+            f"{revision}: {len(runs)} run(s), e.g. {', '.join(runs[:3])}" for revision, runs in found.items()
+        )
         raise StudyError(
             f"The runs come from {len(found)} code revisions ({listing}). Retrain the runs of the other revisions "
             "(delete their folders and run `python -m experiments.run` again), or pass --allow-mixed-revisions to "
@@ -202,7 +208,9 @@ def one_boundary_scorer(variants: list[dict]) -> Optional[str]:
 def primary_key(task: str, metrics: dict) -> str:
     """The main metric of a task as reported (boundary odsF from the approximate scorer when the exact one is absent)."""
     key = PRIMARY_METRICS[task][0]
-    return APPROXIMATE_EDGE_METRIC if task == "edge" and key not in metrics and APPROXIMATE_EDGE_METRIC in metrics else key
+    return (
+        APPROXIMATE_EDGE_METRIC if task == "edge" and key not in metrics and APPROXIMATE_EDGE_METRIC in metrics else key
+    )
 
 
 def higher_is_better(task: str) -> bool:
@@ -272,7 +280,9 @@ def aggregate(collected: dict) -> dict:
         missing_keys = [(seed, k) for seed, run in runs.items() for k in metric_keys if k not in run["metrics"]]
         if missing_keys:
             seed, key = missing_keys[0]
-            raise StudyError(f"{runs[seed]['folder'] / 'metrics.json'} has no {key!r}, which the other seeds of {name} have.")
+            raise StudyError(
+                f"{runs[seed]['folder'] / 'metrics.json'} has no {key!r}, which the other seeds of {name} have."
+            )
         metrics = {key: mean_std([run["metrics"][key] for run in runs.values()]) for key in sorted(metric_keys)}
         entry = {"seeds": sorted(runs), "missing": variant["missing"], "tasks": first["tasks"], "metrics": metrics,
                  "primary": {task: primary_key(task, first["metrics"]) for task in first["tasks"]},
@@ -286,7 +296,9 @@ def aggregate(collected: dict) -> dict:
             deltas = {seed: delta_m_of(run, baselines) for seed, run in sorted(runs.items())}
             entry["delta_m_per_seed"] = deltas
             entry["delta_m"] = mean_std(list(deltas.values())) if deltas and None not in deltas.values() else None
-            entry["delta_m_same_seed"] = {seed: same_seed_delta_m(run, seed, singles) for seed, run in sorted(runs.items())}
+            entry["delta_m_same_seed"] = {
+                seed: same_seed_delta_m(run, seed, singles) for seed, run in sorted(runs.items())
+            }
         summary[name] = entry
     return {"baselines": baselines, "variants": summary}
 
@@ -310,7 +322,9 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
         singles = single_task_runs(collected)
         if not all(task in singles for task in tasks):
             return None
-        delta_m = paired.compare(_known(summary["variants"][comparison.variant]["delta_m_same_seed"]), {seed: 0.0 for seed in runs})
+        delta_m = paired.compare(
+            _known(summary["variants"][comparison.variant]["delta_m_same_seed"]), {seed: 0.0 for seed in runs}
+        )
         references = {task: singles[task] for task in tasks}
     else:
         if comparison.reference not in variants or not variants[comparison.reference]["runs"]:
@@ -326,7 +340,9 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
         key = primary_key(task, next(iter(runs.values()))["metrics"])
         sign = 1.0 if higher_is_better(task) else -1.0
         values = {seed: run["metrics"][key] for seed, run in runs.items()}
-        reference_values = {seed: run["metrics"][key] for seed, run in references[task].items() if key in run["metrics"]}
+        reference_values = {
+            seed: run["metrics"][key] for seed, run in references[task].items() if key in run["metrics"]
+        }
         difference = paired.compare(values, reference_values, sign)
         if difference is not None:
             per_task[task] = {"metric": key, "higher_is_better": higher_is_better(task), "difference": difference}

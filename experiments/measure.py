@@ -84,7 +84,9 @@ def augmentation_pairing(dataset: str, tasks: list[str], seed: int = 0, samples:
     identical = {}
     for task in tasks:
         single = split.with_transform(build_transforms(metadata, train=True, tasks=[task], seed=seed))
-        identical[task] = sum(torch.equal(single[index]["pixel_values"], reference_pixels[index]) for index in range(len(split)))
+        identical[task] = sum(
+            torch.equal(single[index]["pixel_values"], reference_pixels[index]) for index in range(len(split))
+        )
     return {"samples": len(split), "seed": seed, "identical": identical}
 
 
@@ -108,7 +110,9 @@ def recipe_cost(name: str) -> dict:
     source = SOURCES[Path(recipe.dataset).name]
     settings.update({key: value for key, value in recipe.model_overrides.items() if key != "backbone_checkpoint"})
     settings["tasks"] = list(recipe.tasks or source.tasks)
-    settings["task_id2label"] = {task: dict(enumerate(names)) for task, names in source.class_names.items() if task in settings["tasks"]}
+    settings["task_id2label"] = {
+        task: dict(enumerate(names)) for task, names in source.class_names.items() if task in settings["tasks"]
+    }
     with torch.device("meta"):
         model = AutoModel.from_config(AutoConfig.for_model(**settings))
     height, width = source.eval_size

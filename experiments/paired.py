@@ -58,7 +58,9 @@ def paired_differences(variant: dict[int, float], reference: dict[int, float], s
     return {seed: sign * (variant[seed] - reference[seed]) for seed in sorted(variant.keys() & reference.keys())}
 
 
-def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, Optional[float], Optional[float], Optional[float]]:
+def t_interval(
+    values: list[float], confidence: float = CONFIDENCE
+) -> tuple[float, Optional[float], Optional[float], Optional[float]]:
     """(mean, sample standard deviation, low, high) of Student's t interval for the mean of `values`."""
     if not values:
         raise ValueError("No values: a confidence interval needs at least one paired difference.")

@@ -8,7 +8,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDY_BEST_MODEL_DIR = "outputs/taskexpert-synthetic-best"
 
 # Output root of each mode of the study (experiments/study.py).
-DEFAULT_OUTPUT_ROOTS = {"full": "outputs/experiments", "pilot": "outputs/experiments-pilot", "quick": "outputs/experiments-quick"}
+DEFAULT_OUTPUT_ROOTS = {
+    "full": "outputs/experiments",
+    "pilot": "outputs/experiments-pilot",
+    "quick": "outputs/experiments-quick",
+}
 STUDY_FILE = "study.json"  # in the output root: the mode and every run of the study
 LAUNCH_FILE = "launch.json"  # in a run folder: wall and CPU time of every launch of the run
 RESULTS_FILE = "docs/results.md"  # the report of a full study (and of the pilot, until the full study has run)

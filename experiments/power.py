@@ -133,7 +133,9 @@ def training_flops(recipe_path: str) -> float:
     return float(flops) * recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * recipe.max_steps
 
 
-def bigger_recipe(estimate: dict, recipe: str = BIGGER_RECIPE, reference: str = "hub_configs/synthetic-tiny.yaml") -> dict:
+def bigger_recipe(
+    estimate: dict, recipe: str = BIGGER_RECIPE, reference: str = "hub_configs/synthetic-tiny.yaml"
+) -> dict:
     """What the study's CPU time buys at a bigger recipe: its cost per run relative to the study's (counted training
     FLOPs), the paired seeds that CPU time affords there, and the paired noise it would need to resolve
     `TARGET_DIFFERENCE` with `TARGET_POWER` at that many seeds (the noise at that size is not measured)."""
@@ -157,8 +159,10 @@ def estimate(output_root: Path) -> dict:
     return estimate_from(collected, aggregate(collected))
 
 
-def estimate_from(collected: dict, summary: dict) -> dict:
-    """`estimate` of collected and aggregated runs."""
+def estimate_from(collected: dict, summary: dict, study_seeds: Optional[int] = None) -> dict:
+    """`estimate` of collected and aggregated runs; the power figures are for `study_seeds` paired seeds (default:
+    the planned full study's `SEEDS`)."""
+    study_seeds = len(SEEDS) if study_seeds is None else study_seeds
     groups, per_comparison = [], {}
     for comparison in COMPARISONS:
         if comparison.reference == SINGLE_TASK:
@@ -185,11 +189,11 @@ def estimate_from(collected: dict, summary: dict) -> dict:
         "sigma": sigma, "df": df, "sigma_upper": upper, "sigma_upper_level": SIGMA_UPPER_LEVEL,
         "target_difference": TARGET_DIFFERENCE, "target_power": TARGET_POWER, "alpha": ALPHA,
         "required_seeds": required_seeds(sigma), "required_seeds_upper": required_seeds(upper),
-        "study_seeds": len(SEEDS),
-        "power_at_study_seeds": power(len(SEEDS), sigma),
-        "power_at_study_seeds_upper": power(len(SEEDS), upper),
-        "detectable_difference": detectable_difference(len(SEEDS), sigma),
-        "detectable_difference_upper": detectable_difference(len(SEEDS), upper),
+        "study_seeds": study_seeds, "planned_seeds": len(SEEDS),
+        "power_at_study_seeds": power(study_seeds, sigma),
+        "power_at_study_seeds_upper": power(study_seeds, upper),
+        "detectable_difference": detectable_difference(study_seeds, sigma),
+        "detectable_difference_upper": detectable_difference(study_seeds, upper),
         "cpu": cpu,
     }  # fmt: skip
     result["bigger_recipe"] = bigger_recipe(result)
@@ -198,7 +202,9 @@ def estimate_from(collected: dict, summary: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Seeds needed by the study, from the pilot's paired seed noise.")
-    parser.add_argument("--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["pilot"]), help="the pilot's runs")
+    parser.add_argument(
+        "--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["pilot"]), help="the pilot's runs"
+    )
     args = parser.parse_args(argv)
     try:
         with contextlib.chdir(REPO_ROOT):
@@ -207,16 +213,24 @@ def main(argv=None) -> int:
         print(f"experiments.power: {error}", file=sys.stderr)
         return 2
     write_json_atomic(args.output_root / POWER_FILE, result)
-    print(f"pooled σ of paired Δm differences: {result['sigma']:.2f} points ({result['df']} degrees of freedom; "
-          f"{SIGMA_UPPER_LEVEL:.0%} upper bound {result['sigma_upper']:.2f})")
-    print(f"seeds for {TARGET_POWER:.0%} power at a {TARGET_DIFFERENCE:g}-point difference: {result['required_seeds']} "
-          f"(upper bound: {result['required_seeds_upper']}); the study has {result['study_seeds']}, which resolve "
-          f"{result['detectable_difference']:.2f} points (upper bound {result['detectable_difference_upper']:.2f})")
-    print(f"full study: {sum(result['cpu']['runs'].values())} runs, about "
-          f"{result['cpu']['total_seconds'] / 3600:.1f} CPU-hours")
+    print(
+        f"pooled σ of paired Δm differences: {result['sigma']:.2f} points ({result['df']} degrees of freedom; "
+        f"{SIGMA_UPPER_LEVEL:.0%} upper bound {result['sigma_upper']:.2f})"
+    )
+    print(
+        f"seeds for {TARGET_POWER:.0%} power at a {TARGET_DIFFERENCE:g}-point difference: {result['required_seeds']} "
+        f"(upper bound: {result['required_seeds_upper']}); the study has {result['study_seeds']}, which resolve "
+        f"{result['detectable_difference']:.2f} points (upper bound {result['detectable_difference_upper']:.2f})"
+    )
+    print(
+        f"full study: {sum(result['cpu']['runs'].values())} runs, about "
+        f"{result['cpu']['total_seconds'] / 3600:.1f} CPU-hours"
+    )
     bigger = result["bigger_recipe"]
-    print(f"{bigger['recipe']}: {bigger['cost_ratio']:.1f}x a run's FLOPs; the same CPU time affords {bigger['affordable_seeds']} "
-          f"seeds, which resolve {TARGET_DIFFERENCE:g} point only with a paired noise below {bigger['sigma_needed']:.2f}")
+    print(
+        f"{bigger['recipe']}: {bigger['cost_ratio']:.1f}x a run's FLOPs; the same CPU time affords {bigger['affordable_seeds']} "
+        f"seeds, which resolve {TARGET_DIFFERENCE:g} point only with a paired noise below {bigger['sigma_needed']:.2f}"
+    )
     return 0
 
 

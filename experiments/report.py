@@ -32,7 +32,7 @@ from .collect import (
     read_study,
     revisions,
 )
-from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT, RESULTS_FILE, STUDY_NOTES_FILE
+from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT, RESULTS_FILE, STUDY_FILE, STUDY_NOTES_FILE
 
 SUMMARY_FILE = "summary.json"
 
@@ -82,10 +82,16 @@ def build_report(output_root: Path, output: Path, notes_output: Optional[Path] =
     try:
         if collected["mode"] != "full":  # a pilot (or the quick mode's smoke test) estimates from its own runs
             estimate = power.estimate_from(collected, summary)
-        elif pilot_root is not None:
-            estimate = power.estimate(Path(pilot_root))
-        else:
-            no_estimate = "no pilot was given (--pilot-root)"
+        else:  # the study's own paired noise, at the seeds it ran; the pilot's only when the study has no pair yet
+            seeds_run = max(
+                (r["delta_m"].n for r in results if r["delta_m"] is not None and r["comparison"].claim), default=0
+            )
+            try:
+                estimate = power.estimate_from(collected, summary, study_seeds=seeds_run)
+            except StudyError:
+                if pilot_root is None or not (Path(pilot_root) / STUDY_FILE).is_file():
+                    raise
+                estimate = power.estimate(Path(pilot_root))
     except StudyError as error:
         no_estimate = str(error)
     if estimate is not None:
@@ -120,16 +126,29 @@ def build_report(output_root: Path, output: Path, notes_output: Optional[Path] =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Build docs/results.md from the study's run folders.")
-    parser.add_argument("--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["full"]), help="the runner's output root")
+    parser.add_argument(
+        "--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["full"]), help="the runner's output root"
+    )
     parser.add_argument("--output", type=Path, default=None,
                         help=f"the markdown report (default: {RESULTS_FILE} for the full study and the pilot, "
                              "OUTPUT_ROOT/results.md for the quick mode)")  # fmt: skip
-    parser.add_argument("--notes", type=Path, default=None,
-                        help=f"where the reading notes go too (default: {STUDY_NOTES_FILE}, not in the quick mode)")
-    parser.add_argument("--pilot-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["pilot"]),
-                        help="the pilot whose power estimate plans the full study")
-    parser.add_argument("--allow-mixed-revisions", action="store_true",
-                        help="report runs of several code revisions (each model marked with its revision)")
+    parser.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help=f"where the reading notes go too (default: {STUDY_NOTES_FILE}, not in the quick mode)",
+    )
+    parser.add_argument(
+        "--pilot-root",
+        type=Path,
+        default=Path(DEFAULT_OUTPUT_ROOTS["pilot"]),
+        help="the pilot whose power estimate plans the full study",
+    )
+    parser.add_argument(
+        "--allow-mixed-revisions",
+        action="store_true",
+        help="report runs of several code revisions (each model marked with its revision)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once in the planned full study (default: 2)")
     args = parser.parse_args(argv)
     try:

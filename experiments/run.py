@@ -4,6 +4,7 @@
     python -m experiments.run --pilot              # the pilot of the power estimate (experiments/power.py)
     python -m experiments.run --quick              # a smoke test of the machinery (minutes)
     python -m experiments.run --only taskexpert single-semseg
+    python -m experiments.run --seeds 5            # the full study's first 5 seeds (add the rest later)
     python -m experiments.run --jobs 2             # two runs at once, one thread each (on 2 cores)
 
 Each run is `accelerate launch train.py --config RECIPE --seed S --output_dir ROOT/VARIANT/seedS ...`, with its console
@@ -33,7 +34,6 @@ from modeling_taskexpert.training import load_recipe
 from .collect import StudyError, aggregate, best_run, collect, read_study
 from .paths import DEFAULT_OUTPUT_ROOTS, LAUNCH_FILE, REPO_ROOT, STUDY_BEST_MODEL_DIR, STUDY_FILE
 from .study import MODES, QUICK_DATASET, Run, study_runs
-
 
 
 def run_dir(output_root: Path, run: Run) -> Path:
@@ -164,7 +164,9 @@ def _check_mode(output_root: Path, mode: str) -> None:
     if (Path(output_root) / STUDY_FILE).is_file():
         recorded = read_study(output_root)["mode"]
         if recorded != mode:
-            raise StudyError(f"{Path(output_root) / STUDY_FILE} records a {recorded} study; use another --output-root for the {mode} study.")
+            raise StudyError(
+                f"{Path(output_root) / STUDY_FILE} records a {recorded} study; use another --output-root for the {mode} study."
+            )
 
 
 def _record_study(output_root: Path, runs: list[Run], mode: str, dataset: Optional[str], jobs: int = 1) -> None:
@@ -209,7 +211,9 @@ def copy_model_folder(source: Path, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}."))
     try:
-        shutil.copytree(source, staging / "folder", ignore=shutil.ignore_patterns("checkpoints", "launch.log", LAUNCH_FILE, ".*"))
+        shutil.copytree(
+            source, staging / "folder", ignore=shutil.ignore_patterns("checkpoints", "launch.log", LAUNCH_FILE, ".*")
+        )
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging / "folder", destination)
@@ -221,7 +225,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the runs of the TaskExpert study (see experiments/study.py).")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a few steps of a few variants on a toy dataset")
-    mode.add_argument("--pilot", action="store_true", help="the pilot runs of the power estimate (experiments/power.py)")
+    mode.add_argument(
+        "--pilot", action="store_true", help="the pilot runs of the power estimate (experiments/power.py)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="full study only: train its first N seeds (descriptive variants: the first half, rounded up) "
+                             "instead of all of them; a later run with more seeds completes the same study")  # fmt: skip
     parser.add_argument("--only", nargs="+", default=(), metavar="NAME", help="train only these variants")
     parser.add_argument("--output-root", type=Path, default=None,
                         help="runs go to OUTPUT_ROOT/VARIANT/seedS (default: "
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
     study_mode = "quick" if args.quick else "pilot" if args.pilot else "full"
     output_root = args.output_root or Path(DEFAULT_OUTPUT_ROOTS[study_mode])
     try:
-        runs = study_runs(study_mode, only=tuple(args.only))
+        runs = study_runs(study_mode, only=tuple(args.only), seed_count=args.seeds)
         dataset = str(Path(args.dataset).resolve()) if args.dataset else None
         if dataset is None and study_mode != "quick":
             read_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named

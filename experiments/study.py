@@ -169,16 +169,26 @@ def mode_variants(mode: str) -> tuple[str, ...]:
     return tuple(variant.name for variant in VARIANTS)
 
 
-def mode_seeds(mode: str, variant: Variant) -> tuple[int, ...]:
+def mode_seeds(mode: str, variant: Variant, seed_count: Optional[int] = None) -> tuple[int, ...]:
+    """Seeds a variant trains with. `seed_count` (full study only) replaces `SEEDS` by its first `seed_count` seeds,
+    e.g. seeds 0-4 of a study cut to fit a smaller CPU budget (the descriptive variants then train with the first half,
+    rounded up); a later run with more seeds adds the missing ones to the same study."""
     if mode == "quick":
         return QUICK_SEEDS[:1] if variant.name in QUICK_ONE_SEED_VARIANTS else QUICK_SEEDS
     if mode == "pilot":
         return PILOT_SEEDS[:1] if variant.name in PILOT_ONE_SEED_VARIANTS else PILOT_SEEDS
-    return DESCRIPTIVE_SEEDS if variant.name in DESCRIPTIVE_VARIANTS else SEEDS
+    if seed_count is None:
+        return DESCRIPTIVE_SEEDS if variant.name in DESCRIPTIVE_VARIANTS else SEEDS
+    seeds = tuple(range(seed_count))
+    return seeds[: (seed_count + 1) // 2] if variant.name in DESCRIPTIVE_VARIANTS else seeds
 
 
-def study_runs(mode: str = "full", only: tuple[str, ...] = ()) -> list[Run]:
-    """The runs of a mode (see the module docstring), optionally restricted to some variants by name."""
+def study_runs(mode: str = "full", only: tuple[str, ...] = (), seed_count: Optional[int] = None) -> list[Run]:
+    """The runs of a mode (see the module docstring), optionally restricted to some variants by name and, in the full
+    study, to its first `seed_count` seeds (`mode_seeds`)."""
+    if seed_count is not None and (mode != "full" or seed_count < 1):
+        raise ValueError(f"A seed count applies to the full study only and must be at least 1, got {seed_count} "
+                         f"for the {mode} study.")  # fmt: skip
     known = variants_by_name()
     unknown = [name for name in only if name not in known]
     if unknown:
@@ -194,5 +204,5 @@ def study_runs(mode: str = "full", only: tuple[str, ...] = ()) -> list[Run]:
         overrides = {**STUDY_OVERRIDES, **(QUICK_OVERRIDES if mode == "quick" else {})}
         if mode == "quick" and variant.kind != "single-task":
             overrides["tasks"] = list(QUICK_TASKS)
-        runs.extend(Run(variant, seed, overrides) for seed in mode_seeds(mode, variant))
+        runs.extend(Run(variant, seed, overrides) for seed in mode_seeds(mode, variant, seed_count))
     return runs

@@ -18,7 +18,7 @@ from modeling_taskexpert.task_definitions import TASKS
 from . import paired, power
 from .collect import UNRECORDED, primary_key, revisions
 from .paths import STUDY_BEST_MODEL_DIR
-from .study import DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SINGLE_TASK, VARIANTS
+from .study import COMPARISONS, DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SINGLE_TASK, VARIANTS
 
 UNITS = "Units: mIoU and maxF/odsF in %, normals in degrees, depth in metres"
 
@@ -176,7 +176,9 @@ def _step_time_conditions(collected: dict) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,25 +189,47 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
     reference = _reference_label(comparison.reference)
     if difference is None:
         return f"**{comparison.claim}**: not assessed (Δm is not available)."
-    interval = f"{difference.mean:+.2f} points, 95 % interval {difference.low:+.2f} to {difference.high:+.2f}, {difference.n} seeds" if difference.low is not None else f"{difference.mean:+.2f} points, {difference.n} seed"
+    interval = (
+        f"{difference.mean:+.2f} points, 95 % interval {difference.low:+.2f} to {difference.high:+.2f}, {difference.n} seeds"
+        if difference.low is not None
+        else f"{difference.mean:+.2f} points, {difference.n} seed"
+    )
     if verdict == paired.HOLDS:
-        text = f"**{comparison.claim}: holds.** {comparison.variant}'s Δm is above {reference}'s on average ({interval})."
+        text = (
+            f"**{comparison.claim}: holds.** {comparison.variant}'s Δm is above {reference}'s on average ({interval})."
+        )
     elif verdict == paired.FAILS:
         text = f"**{comparison.claim}: fails.** {comparison.variant}'s Δm is below {reference}'s ({interval})."
     elif verdict == paired.INCONCLUSIVE:
         text = f"**{comparison.claim}: inconclusive.** The interval contains 0 ({interval})"
-        text += (f"; with this many seeds the study resolves differences of about {resolution:.2f} points." if resolution else ".")
+        text += (
+            f"; with this many seeds the study resolves differences of about {resolution:.2f} points."
+            if resolution
+            else "."
+        )
     else:
         text = f"**{comparison.claim}: not decided** ({interval}; a verdict needs {paired.MIN_SEEDS} or more paired seeds)."
-    better = [t for t, v in result["per_task"].items() if v["difference"].n >= paired.MIN_SEEDS and v["difference"].low is not None and v["difference"].low > 0]
-    worse = [t for t, v in result["per_task"].items() if v["difference"].n >= paired.MIN_SEEDS and v["difference"].high is not None and v["difference"].high < 0]
+    better = [
+        t
+        for t, v in result["per_task"].items()
+        if v["difference"].n >= paired.MIN_SEEDS and v["difference"].low is not None and v["difference"].low > 0
+    ]
+    worse = [
+        t
+        for t, v in result["per_task"].items()
+        if v["difference"].n >= paired.MIN_SEEDS and v["difference"].high is not None and v["difference"].high < 0
+    ]
     if better or worse:
         parts = []
         if better:
             parts.append(f"better on {', '.join(better)}")
         if worse:
             parts.append(f"worse on {', '.join(worse)}")
-        text += f" Per task (main metric, same test): {comparison.variant} is " + " and ".join(parts) + "; the other tasks are not resolved."
+        text += (
+            f" Per task (main metric, same test): {comparison.variant} is "
+            + " and ".join(parts)
+            + "; the other tasks are not resolved."
+        )
     return text
 
 
@@ -219,7 +243,11 @@ def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict
     variants = summary["variants"]
     reference = variants.get("taskexpert", {})
     seeds = len(reference.get("seeds", []))
-    first = next(iter(collected["variants"]["taskexpert"]["runs"].values()), None) if "taskexpert" in collected["variants"] else None
+    first = (
+        next(iter(collected["variants"]["taskexpert"]["runs"].values()), None)
+        if "taskexpert" in collected["variants"]
+        else None
+    )
     if first is not None and "taskexpert" in costs:
         recipe = first["recipe"]
         lines.append(
@@ -270,8 +298,13 @@ def _power_sentence(estimate: dict, mode: str) -> str:
         f"{estimate['sigma_upper_level']:.0%} upper bound {estimate['sigma_upper']:.2f}). A paired t-test at "
         f"{estimate['alpha']:.2f} detects a true {estimate['target_difference']:g}-point difference with "
         f"{estimate['target_power']:.0%} probability from {required if required else 'more than ' + str(power.MAX_SEEDS)} "
-        f"seeds ({required_upper if required_upper else 'more than ' + str(power.MAX_SEEDS)} at the upper bound). The full "
-        f"study has {estimate['study_seeds']} seeds: power {estimate['power_at_study_seeds']:.0%} at "
+        f"seeds ({required_upper if required_upper else 'more than ' + str(power.MAX_SEEDS)} at the upper bound). "
+        + (
+            f"The full study has {estimate['study_seeds']} seeds"
+            if estimate["study_seeds"] == estimate.get("planned_seeds", estimate["study_seeds"])
+            else f"This study ran {estimate['study_seeds']} of the plan's {estimate['planned_seeds']} seeds"
+        )
+        + f": power {estimate['power_at_study_seeds']:.0%} at "
         f"{estimate['target_difference']:g} point ({estimate['power_at_study_seeds_upper']:.0%} at the upper bound); it "
         f"resolves (80 % power) differences of {estimate['detectable_difference']:.2f} points "
         f"({estimate['detectable_difference_upper']:.2f} at the upper bound)."
@@ -326,7 +359,17 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     rows = [[r["comparison"].claim, f"{r['comparison'].variant} − {_reference_label(r['comparison'].reference)}",
              _interval(r["delta_m"]), r["delta_m"].n if r["delta_m"] else 0, r["verdict"] or "n/a",
              ", ".join(f"`{revision}`" for revision in r["revisions"])] for r in claims]  # fmt: skip
-    lines += _table(["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "verdict", "revision"], rows)
+    lines += _table(
+        ["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "verdict", "revision"], rows
+    )
+    not_run = [c for c in COMPARISONS if c.claim and c.name not in {r["comparison"].name for r in claims}]
+    if not_run:
+        lines += [
+            "",
+            "Not part of this study (a model has no finished run; `make experiments` trains what is missing): "
+            + "; ".join(f"{c.claim} ({c.variant} − {_reference_label(c.reference)})" for c in not_run)
+            + ".",
+        ]
     others = [r for r in results if not r["comparison"].claim]
     if others:
         lines += ["", "Other paired comparisons (no claim of the paper):", ""]
@@ -362,7 +405,13 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
          "reference" if collected["variants"][name]["kind"] == "single-task" else _format(entry.get("delta_m"))]
         for name, entry in variants.items() if entry["seeds"]
     ])]  # fmt: skip
-    lines += ["", "Models: " + "; ".join(f"**{n}**: {v['description']}" for n, v in collected["variants"].items() if v["runs"]) + ".", ""]
+    lines += [
+        "",
+        "Models: "
+        + "; ".join(f"**{n}**: {v['description']}" for n, v in collected["variants"].items() if v["runs"])
+        + ".",
+        "",
+    ]
 
     # Per task
     lines += ["## Metrics per task", "", "Mean ± sample standard deviation over seeds; the main metric in bold.", ""]
@@ -404,13 +453,19 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
 
 
 def _plan_sentence(plan: dict, estimate: dict) -> str:
-    return (f"The full study, `{plan['command']}`, trains {plan['runs']} runs ({plan['variants']} models; "
-            f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
-            f"{', '.join(plan['descriptive'])}); the CPU time measured in the {estimate['mode']} runs gives about "
-            f"{plan['cpu_hours']:.1f} CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle "
-            f"cores with `JOBS={plan['jobs']}`."
-            + (f" Not measured in the {estimate['mode']} runs (counted at a TaskExpert run's cost): "
-               f"{', '.join(plan['unmeasured'])}." if plan["unmeasured"] else ""))
+    return (
+        f"The full study, `{plan['command']}`, trains {plan['runs']} runs ({plan['variants']} models; "
+        f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
+        f"{', '.join(plan['descriptive'])}); the CPU time measured in the {estimate['mode']} runs gives about "
+        f"{plan['cpu_hours']:.1f} CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle "
+        f"cores with `JOBS={plan['jobs']}`."
+        + (
+            f" Not measured in the {estimate['mode']} runs (counted at a TaskExpert run's cost): "
+            f"{', '.join(plan['unmeasured'])}."
+            if plan["unmeasured"]
+            else ""
+        )
+    )
 
 
 def _size_sentence(estimate: dict) -> str:
@@ -418,13 +473,17 @@ def _size_sentence(estimate: dict) -> str:
     bigger = estimate["bigger_recipe"]
     name = Path(bigger["recipe"]).stem
     if bigger["affordable_seeds"] < 2:
-        return (f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs): the study's CPU time "
-                "would not even give it two paired seeds, so the study stays at the tiny size.")
-    return (f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs); the study's CPU time "
-            f"affords {bigger['affordable_seeds']} paired seeds there, which resolve a {estimate['target_difference']:g}-point "
-            f"difference only if its paired noise is below {bigger['sigma_needed']:.2f} points, {bigger['sigma_ratio']:.1f}× "
-            f"below the {estimate['sigma']:.2f} measured at the tiny size. That noise is not measured (a pilot at that "
-            "size costs as much as the tiny study), so the study stays at the tiny size, with the resolution stated above.")
+        return (
+            f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs): the study's CPU time "
+            "would not even give it two paired seeds, so the study stays at the tiny size."
+        )
+    return (
+        f"`{name}` costs {bigger['cost_ratio']:.1f}× a tiny run (counted training FLOPs); the study's CPU time "
+        f"affords {bigger['affordable_seeds']} paired seeds there, which resolve a {estimate['target_difference']:g}-point "
+        f"difference only if its paired noise is below {bigger['sigma_needed']:.2f} points, {bigger['sigma_ratio']:.1f}× "
+        f"below the {estimate['sigma']:.2f} measured at the tiny size. That noise is not measured (a pilot at that "
+        "size costs as much as the tiny study), so the study stays at the tiny size, with the resolution stated above."
+    )
 
 
 def _power_table(estimate: dict) -> list[str]:
@@ -442,8 +501,10 @@ def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
     hours = cpu["total_seconds"] / 3600
     # Counted at the TaskExpert cost when a kind was not measured (the pilot has no Mod-Squad run, say).
     if cpu["unmeasured_kinds"] and "taskexpert" in cpu["per_run_seconds"]:
-        hours += sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
-    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["study_seeds"],
+        hours += (
+            sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
+        )
+    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate.get("planned_seeds", estimate["study_seeds"]),
             "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
             "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
             "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip
@@ -469,7 +530,9 @@ def gpu_guide(recipes: list[dict]) -> str:
     steps = {r["max_steps"] for r in recipes}
     step_text = " / ".join(f"{s:,}" for s in sorted(steps))
     rates = ", ".join(f"{r['learning_rate']:g} ({r['recipe']})" for r in large)
-    settings = sorted({(r["optimizer"], r["weight_decay"], r["batch"], r["max_grad_norm"], r["mixed_precision"]) for r in recipes})
+    settings = sorted(
+        {(r["optimizer"], r["weight_decay"], r["batch"], r["max_grad_norm"], r["mixed_precision"]) for r in recipes}
+    )
     optimizer, weight_decay, batch, clip, precision = settings[0]
     lines = ["## Reproducing the paper's tables on a GPU", "",
              "No GPU run of the real benchmarks has been measured for this page yet. The commands below are complete; "

@@ -14,7 +14,14 @@ from typing import Any, Optional
 from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES, check_task_name
 
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
-PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
+PROTOCOL_LOSS_WEIGHTS = {
+    "semseg": 1.0,
+    "human_parts": 2.0,
+    "saliency": 5.0,
+    "normals": 10.0,
+    "edge": 50.0,
+    "depth": 1.0,
+}
 DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
 # Options of the dense heads every model type shares.
 HEAD_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
@@ -47,7 +54,9 @@ def check_bool(field: str, value: Any) -> None:
         raise ValueError(f"`{field}` must be true or false, got {_shown(value)}.")
 
 
-def check_int(field: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None, allow_none: bool = False) -> None:
+def check_int(
+    field: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None, allow_none: bool = False
+) -> None:
     """An integer in [minimum, maximum] (bounds optional), or None when `allow_none`."""
     if value is None and allow_none:
         return
@@ -100,7 +109,9 @@ def check_int_list(
     if value is None and allow_none:
         return
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"`{field}` must be a list of integers{' or null' if allow_none else ''}, got {_shown(value)}.")
+        raise ValueError(
+            f"`{field}` must be a list of integers{' or null' if allow_none else ''}, got {_shown(value)}."
+        )
     for entry in value:
         if not is_integer(entry):
             raise ValueError(f"`{field}` must be a list of integers; entry {_shown(entry)} is not one.")
@@ -174,7 +185,9 @@ def validate_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, ed
             if not labels or len(labels) < 2:
                 raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
             if sorted(labels) != list(range(len(labels))):
-                raise ValueError(f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}.")
+                raise ValueError(
+                    f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}."
+                )
     for task in task_id2label:
         if task not in tasks:
             raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {tasks}.")

@@ -281,7 +281,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.renormalize_gates = renormalize_gates
         self.routing_epsilon = routing_epsilon
         self.noisy_gating = noisy_gating
-        self.kept_experts = [as_list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
+        self.kept_experts = (
+            [as_list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
+        )
         self.mutual_information_loss_weight = mutual_information_loss_weight
         self.mutual_information_estimator = mutual_information_estimator
         self.cv_loss_weight = cv_loss_weight
@@ -354,14 +356,23 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         )  # fmt: skip
         for field in positive:
             check_int(field, getattr(self, field), minimum=1)
-        for field in ("qkv_bias", "attention_expert_bias", "use_task_embedding", "renormalize_gates", "noisy_gating", "output_gates"):
+        for field in (
+            "qkv_bias",
+            "attention_expert_bias",
+            "use_task_embedding",
+            "renormalize_gates",
+            "noisy_gating",
+            "output_gates",
+        ):
             check_bool(field, getattr(self, field))
         check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
         check_number("initializer_range", self.initializer_range, minimum=0.0)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB input), got {self.num_channels!r}.")
         if self.image_size % self.patch_size:
-            raise ValueError(f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size}).")
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be a multiple of `patch_size` ({self.patch_size})."
+            )
         for field in ("moe_attention_layers", "moe_mlp_layers"):
             layers = getattr(self, field)
             check_int_list(field, layers)
@@ -373,7 +384,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             if list(layers) != sorted(set(layers)):
                 raise ValueError(f"`{field}` must be strictly increasing, got {layers}.")
         if not self.moe_attention_layers and not self.moe_mlp_layers:
-            raise ValueError("`moe_attention_layers` and `moe_mlp_layers` are both empty: Mod-Squad needs an MoE layer.")
+            raise ValueError(
+                "`moe_attention_layers` and `moe_mlp_layers` are both empty: Mod-Squad needs an MoE layer."
+            )
         if self.attention_top_k > self.num_attention_experts:
             raise ValueError(
                 f"`attention_top_k` ({self.attention_top_k}) exceeds `num_attention_experts` ({self.num_attention_experts})."
@@ -381,7 +394,13 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         if self.mlp_top_k > self.num_mlp_experts:
             raise ValueError(f"`mlp_top_k` ({self.mlp_top_k}) exceeds `num_mlp_experts` ({self.num_mlp_experts}).")
         self._validate_kept_experts()
-        for field in ("mutual_information_loss_weight", "cv_loss_weight", "switch_loss_weight", "z_loss_weight", "routing_epsilon"):
+        for field in (
+            "mutual_information_loss_weight",
+            "cv_loss_weight",
+            "switch_loss_weight",
+            "z_loss_weight",
+            "routing_epsilon",
+        ):
             check_number(field, getattr(self, field), minimum=0.0)
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
@@ -395,7 +414,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         kinds = self.moe_layer_kinds
         if not isinstance(self.kept_experts, list) or len(self.kept_experts) != len(kinds):
             count = len(self.kept_experts) if isinstance(self.kept_experts, list) else self.kept_experts
-            raise ValueError(f"`kept_experts` must list the experts of each of the {len(kinds)} MoE layers, got {count!r}.")
+            raise ValueError(
+                f"`kept_experts` must list the experts of each of the {len(kinds)} MoE layers, got {count!r}."
+            )
         for (block, kind), ids in zip(kinds, self.kept_experts):
             width, top_k = self.router_experts_of(kind), self.top_k_of(kind)
             field = f"kept_experts entry of the MoE {kind} of block {block}"

@@ -167,7 +167,9 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
                 raise ValueError("`backbone_config` given as a dict needs a 'model_type' key (e.g. 'vit', 'dinov2').")
             backbone_config = AutoConfig.for_model(**backbone_config)
         elif not isinstance(backbone_config, PretrainedConfig):
-            raise TypeError(f"`backbone_config` must be a PretrainedConfig or a dict, got {type(backbone_config).__name__}.")
+            raise TypeError(
+                f"`backbone_config` must be a PretrainedConfig or a dict, got {type(backbone_config).__name__}."
+            )
         self.backbone_config = backbone_config
         self.backbone_checkpoint = backbone_checkpoint
 
@@ -232,10 +234,14 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             raise ValueError("`mmoe_layers` must name at least one backbone layer.")
         for layer in self.mmoe_layers:
             if not 1 <= layer <= num_layers:
-                raise ValueError(f"`mmoe_layers` entry {layer!r} is out of range: the backbone has layers 1..{num_layers}.")
+                raise ValueError(
+                    f"`mmoe_layers` entry {layer!r} is out of range: the backbone has layers 1..{num_layers}."
+                )
         if list(self.mmoe_layers) != sorted(set(self.mmoe_layers)):
             raise ValueError(f"`mmoe_layers` must be strictly increasing, got {self.mmoe_layers}.")
-        check_int("gate_top_k", self.gate_top_k, minimum=1, maximum=self.num_experts + int(self.use_memory), allow_none=True)
+        check_int(
+            "gate_top_k", self.gate_top_k, minimum=1, maximum=self.num_experts + int(self.use_memory), allow_none=True
+        )
         check_number("memory_ema_momentum", self.memory_ema_momentum, 0.0, 1.0)
         check_number("gate_balance_loss_weight", self.gate_balance_loss_weight, minimum=0.0)
         check_number("initializer_range", self.initializer_range, minimum=0.0)

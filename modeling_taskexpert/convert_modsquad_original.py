@@ -46,7 +46,12 @@ ARCHITECTURE_FIELDS = (
     "noisy_gating",
 )  # fmt: skip
 # How the authors' code routes; a --config that says otherwise is an error.
-REFERENCE_FIELDS = {"use_task_embedding": True, "renormalize_gates": False, "routing_epsilon": 1e-4, "attention_expert_bias": False}
+REFERENCE_FIELDS = {
+    "use_task_embedding": True,
+    "renormalize_gates": False,
+    "routing_epsilon": 1e-4,
+    "attention_expert_bias": False,
+}
 
 
 class ConversionError(ValueError):
@@ -95,7 +100,9 @@ def infer_architecture(state: dict[str, torch.Tensor], num_heads: Optional[int],
     moe_attention = [b for b in blocks if f"blocks.{b}.attn.q_proj.experts.w" in state]
     moe_mlp = [b for b in blocks if f"blocks.{b}.mlp.experts.w" in state]
     if not moe_attention and not moe_mlp:
-        raise ConversionError("The checkpoint has no MoE layer (no `blocks.*.attn.q_proj.*` or `blocks.*.mlp.experts.*`).")
+        raise ConversionError(
+            "The checkpoint has no MoE layer (no `blocks.*.attn.q_proj.*` or `blocks.*.mlp.experts.*`)."
+        )
     fields = {
         "hidden_size": hidden, "patch_size": patch, "image_size": grid * patch, "num_hidden_layers": len(blocks),
         "moe_attention_layers": moe_attention, "moe_mlp_layers": moe_mlp, "num_reference_tasks": num_tasks,
@@ -118,7 +125,9 @@ def infer_architecture(state: dict[str, torch.Tensor], num_heads: Optional[int],
                 )
             heads = inner // fields["attention_head_dim"]
         elif heads is None:
-            raise ConversionError("Without MoE attention layers the number of heads is not in the shapes: pass --num-heads.")
+            raise ConversionError(
+                "Without MoE attention layers the number of heads is not in the shapes: pass --num-heads."
+            )
         fields["dense_attention_head_dim"] = inner // heads
     elif heads is None:
         raise ConversionError(
@@ -193,7 +202,9 @@ def build_config(architecture: dict, task_rows: dict[str, int], config_file: Opt
         except (OSError, ValueError) as error:
             raise ConversionError(f"--config {config_file} cannot be read as JSON: {error}") from error
         if not isinstance(fields, dict) or fields.get("model_type", "modsquad") != "modsquad":
-            raise ConversionError(f"--config {config_file} is not a Mod-Squad config (a JSON object with model_type 'modsquad').")
+            raise ConversionError(
+                f"--config {config_file} is not a Mod-Squad config (a JSON object with model_type 'modsquad')."
+            )
         if "load_balance_loss_weight" in fields or "experts_per_layer" in fields:
             raise ConversionError(
                 f"--config {config_file} was written by an earlier version of this package; start from a current one "
@@ -320,13 +331,17 @@ def convert(
     model_state = model.state_dict()
     for key, value in converted.items():
         if tuple(value.shape) != tuple(model_state[key].shape):
-            raise ConversionError(f"{key}: the checkpoint gives shape {tuple(value.shape)}, the model needs {tuple(model_state[key].shape)}.")
+            raise ConversionError(
+                f"{key}: the checkpoint gives shape {tuple(value.shape)}, the model needs {tuple(model_state[key].shape)}."
+            )
     model.load_state_dict(converted, strict=False)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:
         model.save_pretrained(staging)
-        processor = TaskExpertImageProcessor(size={"height": config.image_size, "width": config.image_size}, size_divisor=config.patch_size)
+        processor = TaskExpertImageProcessor(
+            size={"height": config.image_size, "width": config.image_size}, size_divisor=config.patch_size
+        )
         processor.save_pretrained(staging)
         if output_dir.exists():
             output_dir.rmdir()  # empty, checked above
@@ -348,14 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m modeling_taskexpert.convert_modsquad_original",
         description="Convert a checkpoint of the authors' Mod-Squad code into a ModSquadForDensePrediction folder.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="the authors' .pth (holding 'model', or a state dict)")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="the authors' .pth (holding 'model', or a state dict)"
+    )
     parser.add_argument("--output-dir", type=Path, required=True, help="new folder for the converted model")
     parser.add_argument(
         "--tasks", nargs="+", required=True, metavar="TASK[=ROW]",
         help="this package's task names, each with the row of the checkpoint's tasks it takes (default: in order)",
     )  # fmt: skip
     parser.add_argument("--config", type=Path, help="ModSquadConfig JSON for the fields the shapes do not give")
-    parser.add_argument("--num-heads", dest="num_heads", type=int, help="heads (= MoE attention top-k), when every block has MoE attention")
+    parser.add_argument(
+        "--num-heads",
+        dest="num_heads",
+        type=int,
+        help="heads (= MoE attention top-k), when every block has MoE attention",
+    )
     parser.add_argument("--mlp-top-k", type=int, help="MoE MLP top-k, when every block has an MoE MLP")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new dense heads")
     return parser
@@ -364,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        notes = convert(args.checkpoint, args.output_dir, args.tasks, args.config, args.num_heads, args.mlp_top_k, args.seed)
+        notes = convert(
+            args.checkpoint, args.output_dir, args.tasks, args.config, args.num_heads, args.mlp_top_k, args.seed
+        )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

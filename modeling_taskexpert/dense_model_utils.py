@@ -23,7 +23,11 @@ from .task_definitions import PIPELINE_TASK, TASKS, output_channels
 # needs PIL, which a transformers + torch environment may lack.
 PIPELINE_FILES = ("pipeline_taskexpert.py", "visualization_taskexpert.py")
 CUSTOM_PIPELINES = {
-    PIPELINE_TASK: {"impl": "pipeline_taskexpert.MultiTaskDensePredictionPipeline", "pt": ["AutoModel"], "type": "image"}
+    PIPELINE_TASK: {
+        "impl": "pipeline_taskexpert.MultiTaskDensePredictionPipeline",
+        "pt": ["AutoModel"],
+        "type": "image",
+    }
 }
 
 
@@ -47,7 +51,9 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise ValueError(f"pixel_values must be a (batch, 3, height, width) tensor, got {shape}.")
     if pixel_values.shape[1] != num_channels:
-        raise ValueError(f"pixel_values must have {num_channels} channels (RGB), got shape {tuple(pixel_values.shape)}.")
+        raise ValueError(
+            f"pixel_values must have {num_channels} channels (RGB), got shape {tuple(pixel_values.shape)}."
+        )
     if not pixel_values.is_floating_point():
         raise ValueError(f"pixel_values must be a float tensor (normalised image), got {pixel_values.dtype}.")
     height, width = pixel_values.shape[-2:]
@@ -112,7 +118,7 @@ def selection_shares(gates: Gates, per_sample: bool = False) -> dict[str, list[t
     with a positive weight; (K_l,) summing to 1 (or (batch, K_l)). For a sparse top-k router this is the fraction of
     the task's token slots routed to each expert; dense gates select every candidate, so the shares are uniform."""
     shares = {}
-    for task in (list(gates[0]) if gates else []):
+    for task in list(gates[0]) if gates else []:
         per_layer = []
         for layer in gates:
             selected = (layer[task] > 0).float()
@@ -140,11 +146,13 @@ def dominant_candidates(layer_gates: torch.Tensor, exclude: tuple[int, ...] = ()
     return weights.argmax(dim=-1)
 
 
-def top_candidate_shares(gates: Gates, exclude: tuple[int, ...] = (), per_sample: bool = False) -> dict[str, list[torch.Tensor]]:
+def top_candidate_shares(
+    gates: Gates, exclude: tuple[int, ...] = (), per_sample: bool = False
+) -> dict[str, list[torch.Tensor]]:
     """Per task, per layer: the fraction of tokens whose dominant candidate (see `dominant_candidates`) is each
     candidate; (K_l,) summing to 1 (or (batch, K_l)). Excluded candidates get 0."""
     shares = {}
-    for task in (list(gates[0]) if gates else []):
+    for task in list(gates[0]) if gates else []:
         per_layer = []
         for layer in gates:
             weights = layer[task]
@@ -243,17 +251,23 @@ class SafetensorsOnlyLoadMixin:
             raise ValueError(f"use_safetensors=False is not supported. {refusal}")
         kwargs["use_safetensors"] = True
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         except SafetensorError as error:
             local = Path(source) / "model.safetensors"
             name = str(local) if local.is_file() else f"the safetensors weights of {source}"
-            raise OSError(f"{name} is damaged or truncated and cannot be read ({error}); save or download it again.") from error
+            raise OSError(
+                f"{name} is damaged or truncated and cannot be read ({error}); save or download it again."
+            ) from error
         except OSError as error:
             if "no file named" not in str(error) and "does not appear to have a file named" not in str(error):
                 raise  # not a missing weights file (e.g. a network error): transformers' message says it best
             pickles = sorted(p.name for p in Path(source).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             found = f" It holds {', '.join(pickles)}." if pickles else ""
-            raise OSError(f"{source} has no model.safetensors (or model.safetensors.index.json).{found} {refusal}") from error
+            raise OSError(
+                f"{source} has no model.safetensors (or model.safetensors.index.json).{found} {refusal}"
+            ) from error
 
 
 @dataclass
@@ -309,7 +323,9 @@ class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSave
         if labels is not None:
             unknown = [task for task in labels if task not in self.config.tasks]
             if unknown:
-                raise ValueError(f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks}).")
+                raise ValueError(
+                    f"labels name task(s) {unknown} that this model does not predict ({self.config.tasks})."
+                )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Dense-prediction end
@@ -325,13 +341,18 @@ class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSave
         return nn.ModuleDict(
             {
                 task: DenseTaskHead(
-                    in_channels, config.head_hidden_size, output_channels(task, config.num_labels_of(task)), config.head_norm
+                    in_channels,
+                    config.head_hidden_size,
+                    output_channels(task, config.num_labels_of(task)),
+                    config.head_norm,
                 )
                 for task in config.tasks
             }
         )
 
-    def decode_tasks(self, task_features: torch.Tensor, tasks: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def decode_tasks(
+        self, task_features: torch.Tensor, tasks: list[str], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         """Task feature maps (B, T, C, h, w), in the order of `tasks` -> logits per task at `size`."""
         return {
             task: activate_output(task, self.heads[task](task_features[:, i], size), self.config.depth_activation)
@@ -369,4 +390,3 @@ class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSave
         if aux_loss is not None:
             loss = loss + aux_loss
         return DenseDecoding(logits=logits, loss=loss, task_losses=task_losses, aux_loss=aux_loss)
-

@@ -422,7 +422,9 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs,
     ):
-        unknown = sorted(set(kwargs) - {"image_processor_type", "auto_map", "processor_class", "feature_extractor_type"})
+        unknown = sorted(
+            set(kwargs) - {"image_processor_type", "auto_map", "processor_class", "feature_extractor_type"}
+        )
         if unknown:  # transformers keeps unknown keys as attributes; a typo would otherwise change nothing silently
             logger.warning(f"TaskExpertImageProcessor: ignoring unknown arguments {unknown} (kept as attributes).")
         super().__init__(**kwargs)
@@ -519,7 +521,9 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         if input_data_format is not None:
             input_data_format = getattr(input_data_format, "value", input_data_format)  # ChannelDimension enum
             if input_data_format not in CHANNEL_FORMATS:
-                raise ValueError(f"input_data_format must be one of {CHANNEL_FORMATS} or None, got {input_data_format!r}.")
+                raise ValueError(
+                    f"input_data_format must be one of {CHANNEL_FORMATS} or None, got {input_data_format!r}."
+                )
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             images = list(images)  # a batch
         elif not isinstance(images, (list, tuple)):

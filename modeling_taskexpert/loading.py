@@ -31,7 +31,7 @@ def read_model_config(source, trust_remote_code: bool = False, **hub_kwargs) -> 
     if model_type is None:
         raise ValueError(
             f"{where} has no `model_type`: a model of this package names its type there ({expected}). Without it "
-            f"transformers cannot match the file to the installed classes. Add \"model_type\": {MODEL_TYPES[0]!r} (or "
+            f'transformers cannot match the file to the installed classes. Add "model_type": {MODEL_TYPES[0]!r} (or '
             f"{MODEL_TYPES[1]!r}) to the file, or load it with TaskExpertForDensePrediction.from_pretrained(...) or "
             "ModSquadForDensePrediction.from_pretrained(...)."
         )

@@ -113,7 +113,9 @@ class ModSquadOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------------
 # Routing losses (one MoE layer; the model sums them over layers)
 # ---------------------------------------------------------------------------------------------------------------------
-def mutual_information_loss(task_expert_mass: torch.Tensor, num_tokens: int, estimator: str = "reference") -> torch.Tensor:
+def mutual_information_loss(
+    task_expert_mass: torch.Tensor, num_tokens: int, estimator: str = "reference"
+) -> torch.Tensor:
     """Minus the mutual information between tasks and experts of one MoE layer.
 
     `task_expert_mass` (T, E) holds, per task, the sum over its tokens of the routing probabilities; `num_tokens` is
@@ -138,7 +140,9 @@ def mutual_information_loss(task_expert_mass: torch.Tensor, num_tokens: int, est
     task_marginal = joint.sum(dim=1, keepdim=True)
     expert_marginal = joint.sum(dim=0, keepdim=True)
     tiny = torch.finfo(joint.dtype).tiny  # 0 log 0 = 0, without NaN gradients
-    log_ratio = joint.clamp_min(tiny).log() - task_marginal.clamp_min(tiny).log() - expert_marginal.clamp_min(tiny).log()
+    log_ratio = (
+        joint.clamp_min(tiny).log() - task_marginal.clamp_min(tiny).log() - expert_marginal.clamp_min(tiny).log()
+    )
     return -(joint * log_ratio).sum()
 
 
@@ -221,7 +225,9 @@ class ModSquadEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.grid = config.image_size // config.patch_size
-        self.patch_embeddings = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + self.grid**2, config.hidden_size))
 
@@ -230,7 +236,9 @@ class ModSquadEmbeddings(nn.Module):
             return self.position_embeddings
         cls_position, patch_positions = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
         patch_positions = patch_positions.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        patch_positions = F.interpolate(patch_positions.float(), size=(height, width), mode="bicubic", align_corners=False)
+        patch_positions = F.interpolate(
+            patch_positions.float(), size=(height, width), mode="bicubic", align_corners=False
+        )
         patch_positions = patch_positions.to(cls_position.dtype).flatten(2).transpose(1, 2)
         return torch.cat([cls_position, patch_positions], dim=1)
 
@@ -312,7 +320,9 @@ class ModSquadMoELayer(nn.Module):
         # Ids among the router's experts, None for a full layer (not a buffer: the config's `kept_experts` holds them).
         self.expert_ids = None if list(expert_ids) == list(range(router_experts)) else tuple(expert_ids)
 
-    def route(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingReport]:
+    def route(
+        self, hidden: torch.Tensor, task_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RoutingReport]:
         """hidden (T'*B, L, C), task-major -> gates (N, k), expert indices (N, k) for the N = T'*B*L tokens, the
         auxiliary terms (4,) in the order of `AUX_LOSS_NAMES`, and the routing report."""
         num_tasks = task_index.numel()
@@ -389,21 +399,29 @@ class ModSquadMoEAttention(ModSquadMoELayer):
         channels, dim, num_experts = config.hidden_size, config.attention_head_dim, len(expert_ids)
         self.head_dim = dim
         bias = config.attention_expert_bias
-        self.expert_parameters = ("query_weight", "query_bias", "output_weight", "output_bias") if bias else ("query_weight", "output_weight")
+        self.expert_parameters = (
+            ("query_weight", "query_bias", "output_weight", "output_bias")
+            if bias
+            else ("query_weight", "output_weight")
+        )
         self.query_weight = nn.Parameter(torch.empty(num_experts, channels, dim))
         self.query_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.key_value = nn.Linear(channels, 2 * dim)
         self.output_weight = nn.Parameter(torch.empty(num_experts, dim, channels))
         self.output_bias = nn.Parameter(torch.zeros(num_experts, channels)) if bias else None
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
+    def forward(
+        self, hidden: torch.Tensor, task_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
         batch, length, channels = hidden.shape
         gates, expert_index, aux_terms, report = self.route(hidden, task_index)
         dispatch = ExpertDispatch(expert_index, self.num_experts)
         queries = torch.bmm(dispatch.dispatch(hidden.reshape(-1, channels)), self.query_weight)
         if self.query_bias is not None:
             queries = queries + self.query_bias[:, None]
-        queries = dispatch.per_slot(queries).view(batch, length, self.top_k, self.head_dim).transpose(1, 2)  # (B, k, L, D)
+        queries = (
+            dispatch.per_slot(queries).view(batch, length, self.top_k, self.head_dim).transpose(1, 2)
+        )  # (B, k, L, D)
         key, value = self.key_value(hidden).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, L, D) each, shared by the heads
         heads = F.scaled_dot_product_attention(queries, key, value, enable_gqa=True)  # (B, k, L, D), scale D ** -0.5
         heads = heads.transpose(1, 2).reshape(-1, self.head_dim)  # one row per token slot
@@ -427,7 +445,9 @@ class ModSquadMoEMLP(ModSquadMoELayer):
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, dim, channels))
         self.fc2_bias = nn.Parameter(torch.zeros(num_experts, channels))
 
-    def forward(self, hidden: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
+    def forward(
+        self, hidden: torch.Tensor, task_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
         gates, expert_index, aux_terms, report = self.route(hidden, task_index)
         dispatch = ExpertDispatch(expert_index, self.num_experts)
         grouped = dispatch.dispatch(hidden.reshape(-1, hidden.shape[-1]))
@@ -440,11 +460,15 @@ class ModSquadBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block whose attention and/or MLP may be MoE layers; the task embedding (one row per
     sample, or None) is added to the input first."""
 
-    def __init__(self, config: ModSquadConfig, attention_experts: Optional[list[int]], mlp_experts: Optional[list[int]]):
+    def __init__(
+        self, config: ModSquadConfig, attention_experts: Optional[list[int]], mlp_experts: Optional[list[int]]
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = (
-            ModSquadMoEAttention(config, attention_experts) if attention_experts is not None else ModSquadAttention(config)
+            ModSquadMoEAttention(config, attention_experts)
+            if attention_experts is not None
+            else ModSquadAttention(config)
         )
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ModSquadMoEMLP(config, mlp_experts) if mlp_experts is not None else ModSquadMLP(config)
@@ -541,7 +565,9 @@ class ModSquadModel(ModSquadPreTrainedModel):
             return_dict (`bool`, *optional*):
                 Return a [`ModSquadModelOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         output_gates = self.config.output_gates if output_gates is None else output_gates
         return_dict = self.config.return_dict if return_dict is None else return_dict
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
@@ -572,12 +598,16 @@ class ModSquadModel(ModSquadPreTrainedModel):
         features = self.norm(hidden)[:, 1:]  # drop the class token
         maps = features.transpose(1, 2).reshape(num_tasks, batch, -1, *grid).transpose(0, 1)
 
-        aux_losses = {name: torch.stack([terms[i] for terms in aux_terms]).sum() for i, name in enumerate(AUX_LOSS_NAMES)}
+        aux_losses = {
+            name: torch.stack([terms[i] for terms in aux_terms]).sum() for i, name in enumerate(AUX_LOSS_NAMES)
+        }
         gates = None
         if output_gates:
             gates = tuple(
                 {task: g[i] for i, task in enumerate(tasks)}
-                for g in (r.gates.view(num_tasks, batch, -1, r.gates.shape[-1])[:, :, 1:].unflatten(2, grid) for r in reports)
+                for g in (
+                    r.gates.view(num_tasks, batch, -1, r.gates.shape[-1])[:, :, 1:].unflatten(2, grid) for r in reports
+                )
             )
         output = ModSquadModelOutput(
             task_features=maps,
@@ -630,7 +660,11 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         tasks = self.resolve_tasks(tasks)
         self.check_label_tasks(labels)
         outputs = self.modsquad(
-            pixel_values, tasks=tasks, output_hidden_states=output_hidden_states, output_gates=output_gates, return_dict=True
+            pixel_values,
+            tasks=tasks,
+            output_hidden_states=output_hidden_states,
+            output_gates=output_gates,
+            return_dict=True,
         )
         # The reference adds the routing terms only when more than two tasks ran (`aux_loss_min_tasks`).
         joined = outputs.aux_losses if len(tasks) >= self.config.aux_loss_min_tasks else None
@@ -781,7 +815,11 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         elif by == "router":
             if calibration_pixel_values is None:
                 raise ValueError("by='router' needs `calibration_pixel_values` (a batch or an iterable of batches).")
-            batches = [calibration_pixel_values] if isinstance(calibration_pixel_values, torch.Tensor) else calibration_pixel_values
+            batches = (
+                [calibration_pixel_values]
+                if isinstance(calibration_pixel_values, torch.Tensor)
+                else calibration_pixel_values
+            )
             counts = [c.float() for c in self._calibration_counts(task, batches)]
             if all(c.sum() == 0 for c in counts):
                 raise ValueError("`calibration_pixel_values` held no images.")

@@ -190,7 +190,9 @@ class TaskExpertExperts(nn.Module):
             hidden = self.depthwise(hidden).permute(0, 2, 3, 1).reshape(batch * num_tokens, -1)
         hidden = hidden.view(batch * num_tokens, self.num_experts, self.dim)
         # Per-expert LayerNorm affine in one fused multiply-add (F.layer_norm's affine is shared by all experts).
-        hidden = F.gelu(torch.addcmul(self.norm_bias, F.layer_norm(hidden, (self.dim,), eps=self.eps), self.norm_weight))
+        hidden = F.gelu(
+            torch.addcmul(self.norm_bias, F.layer_norm(hidden, (self.dim,), eps=self.eps), self.norm_weight)
+        )
         # (E, B*N, D) @ (E, D, D) + bias: one batched matmul for all experts, the bias added inside it.
         out = torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden.transpose(0, 1), self.fc2_weight)
         return out.transpose(0, 1).reshape(batch, num_tokens, self.num_experts, self.dim)
@@ -210,7 +212,9 @@ class TaskExpertGates(nn.Module):
         self.uniform = config.gating == "uniform"
         if not self.uniform:
             self.token_weight = (
-                nn.Parameter(torch.zeros(in_channels, num_tasks * num_candidates)) if self.granularity == "token" else None
+                nn.Parameter(torch.zeros(in_channels, num_tasks * num_candidates))
+                if self.granularity == "token"
+                else None
             )
             self.context_weight = (
                 nn.Parameter(torch.zeros(in_channels, num_tasks * num_candidates)) if self.use_context else None
@@ -224,13 +228,17 @@ class TaskExpertGates(nn.Module):
         if self.uniform:
             return tokens.new_full((batch, num_selected, 1, self.num_candidates), 1.0 / self.num_candidates)
         # Select the requested tasks' columns: (C, T*K) -> (C, T', K).
-        columns = (task_index[:, None] * self.num_candidates + torch.arange(self.num_candidates, device=tokens.device)).flatten()
+        columns = (
+            task_index[:, None] * self.num_candidates + torch.arange(self.num_candidates, device=tokens.device)
+        ).flatten()
         logits = self.bias[columns].view(1, 1, num_selected, self.num_candidates)
         if self.context_weight is not None:
             context = tokens.mean(dim=1) @ self.context_weight[:, columns]
             logits = logits + context.view(batch, 1, num_selected, self.num_candidates)
         if self.token_weight is not None:
-            logits = logits + (tokens @ self.token_weight[:, columns]).view(batch, -1, num_selected, self.num_candidates)
+            logits = logits + (tokens @ self.token_weight[:, columns]).view(
+                batch, -1, num_selected, self.num_candidates
+            )
         gates = logits.float().softmax(dim=-1)
         if self.top_k is not None and self.top_k < self.num_candidates:
             top_values, top_indices = gates.topk(self.top_k, dim=-1)
@@ -413,7 +421,9 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
                 Return a [`TaskExpertModelOutput`] instead of a tuple; defaults to `config.return_dict`.
         """
         output_gates = self.config.output_gates if output_gates is None else output_gates
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         self.check_pixel_values(pixel_values)
         tasks = self.resolve_tasks(tasks)

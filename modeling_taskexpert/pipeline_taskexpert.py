@@ -72,12 +72,19 @@ class MultiTaskDensePredictionPipeline(Pipeline):
         return result
 
     def postprocess(self, model_outputs):
-        logits = {key[len(_LOGITS_PREFIX) :]: value for key, value in model_outputs.items() if key.startswith(_LOGITS_PREFIX)}
+        logits = {
+            key[len(_LOGITS_PREFIX) :]: value for key, value in model_outputs.items() if key.startswith(_LOGITS_PREFIX)
+        }
         target_sizes = model_outputs["target_size"].tolist()
-        predictions = self.image_processor.post_process_dense_predictions({"logits": logits}, target_sizes=target_sizes)[0]
+        predictions = self.image_processor.post_process_dense_predictions(
+            {"logits": logits}, target_sizes=target_sizes
+        )[0]
         results = {}
         for task, prediction in predictions.items():
             array = prediction.cpu().numpy()
             num_classes = self.model.config.num_labels_of(task)
-            results[task] = {"prediction": array, "image": Image.fromarray(visualize_prediction(task, array, num_classes))}
+            results[task] = {
+                "prediction": array,
+                "image": Image.fromarray(visualize_prediction(task, array, num_classes)),
+            }
         return results

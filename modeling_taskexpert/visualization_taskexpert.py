@@ -57,7 +57,12 @@ def colorize_scalar(values: np.ndarray, vmin: Optional[float] = None, vmax: Opti
 def colorbar(length: int, thickness: int) -> np.ndarray:
     """Horizontal legend strip of the `colorize_scalar` colour map, low values on the left: RGB uint8
     (thickness, length, 3)."""
-    if not (isinstance(length, (int, np.integer)) and isinstance(thickness, (int, np.integer)) and length >= 1 and thickness >= 1):
+    if not (
+        isinstance(length, (int, np.integer))
+        and isinstance(thickness, (int, np.integer))
+        and length >= 1
+        and thickness >= 1
+    ):
         raise ValueError(f"colorbar needs a positive integer length and thickness, got {length!r} and {thickness!r}.")
     ramp = np.broadcast_to(np.linspace(0.0, 1.0, length), (thickness, length))
     return colorize_scalar(ramp, 0.0, 1.0)

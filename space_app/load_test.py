@@ -140,7 +140,12 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict:
         size, files = folder_usage(self.folder)
-        row = {"requests": self.done(), "rss_mib": server_rss(self.pid) / 2**20, "temp_mib": size / 2**20, "temp_files": files}
+        row = {
+            "requests": self.done(),
+            "rss_mib": server_rss(self.pid) / 2**20,
+            "temp_mib": size / 2**20,
+            "temp_files": files,
+        }
         self.samples.append(row)
         return row
 
@@ -154,7 +159,9 @@ def write_refused_inputs(folder: Path, max_upload_mb: int, max_pixels: int) -> l
     from PIL import Image
 
     too_large = folder / "too_large.png"
-    too_large.write_bytes(np.random.default_rng(0).integers(0, 256, (max_upload_mb + 1) * 2**20, dtype=np.uint8).tobytes())
+    too_large.write_bytes(
+        np.random.default_rng(0).integers(0, 256, (max_upload_mb + 1) * 2**20, dtype=np.uint8).tobytes()
+    )
     side = int(max_pixels**0.5) + 100
     too_many_pixels = folder / "too_many_pixels.png"
     Image.new("L", (side, side), 0).save(too_many_pixels, compress_level=9)
@@ -162,7 +169,12 @@ def write_refused_inputs(folder: Path, max_upload_mb: int, max_pixels: int) -> l
 
 
 def run_load_test(
-    sessions: int, clients: int, requests_per_client: int, image_side: int, model: str = None, time_limit: float = 3600.0
+    sessions: int,
+    clients: int,
+    requests_per_client: int,
+    image_side: int,
+    model: str = None,
+    time_limit: float = 3600.0,
 ) -> dict:
     from gradio_client import Client, handle_file
     from PIL import Image
@@ -249,7 +261,9 @@ def run_load_test(
             client = Client(url, verbose=False)
             for path in [*write_refused_inputs(inputs, MAX_UPLOAD_MB, MAX_INPUT_PIXELS), "photo.jpg"]:
                 try:
-                    client.predict(handle_file(str(path)) if isinstance(path, Path) else path, TASKS, api_name="/predict")
+                    client.predict(
+                        handle_file(str(path)) if isinstance(path, Path) else path, TASKS, api_name="/predict"
+                    )
                     refusals.append({"input": Path(path).name, "refused": False, "message": "answered"})
                 except Exception as error:
                     message = str(error).splitlines()[0].replace(f"{work}{os.sep}", "")  # no local paths in reports
@@ -288,8 +302,13 @@ def run_load_test(
         "concurrent": samples[sequential_end:],
         "refusals": refusals,
         "served_after_refusals": served_after_refusals,
-        "shutdown": {"exit_code": exit_code, "seconds": shutdown_seconds, "leftover_files": leftover_files,
-                     "leftover_bytes": leftover_bytes, "leftover_examples": leftovers[:5]},  # fmt: skip
+        "shutdown": {
+            "exit_code": exit_code,
+            "seconds": shutdown_seconds,
+            "leftover_files": leftover_files,
+            "leftover_bytes": leftover_bytes,
+            "leftover_examples": leftovers[:5],
+        },  # fmt: skip
         "tracebacks_in_log": log_text.count("Traceback"),
         "server_log": log_text,
         "limits": vars(ResourceLimits.from_env()),
@@ -366,7 +385,9 @@ def render_report(results: dict, figure: Path = None, report: Path = None) -> st
     marks = sorted({1, 10, 30, 100, 200, len(seq) - 1} & set(range(len(seq))))
     for index in marks:
         row = seq[index]
-        lines.append(f"| {row['requests']} sequential sessions | {row['rss_mib']:.0f} MiB | {row['temp_mib']:.0f} MiB | {row['temp_files']} |")
+        lines.append(
+            f"| {row['requests']} sequential sessions | {row['rss_mib']:.0f} MiB | {row['temp_mib']:.0f} MiB | {row['temp_files']} |"
+        )
     if conc:
         peak_rss = max(row["rss_mib"] for row in conc)
         peak_temp = max(row["temp_mib"] for row in conc)
@@ -375,7 +396,9 @@ def render_report(results: dict, figure: Path = None, report: Path = None) -> st
             f"| + {results['clients']} clients × {results['requests_per_client']} requests (peak) | {peak_rss:.0f} MiB | "
             f"{peak_temp:.0f} MiB | {max(row['temp_files'] for row in conc)} |"
         )
-        lines.append(f"| end of the concurrent phase | {last['rss_mib']:.0f} MiB | {last['temp_mib']:.0f} MiB | {last['temp_files']} |")
+        lines.append(
+            f"| end of the concurrent phase | {last['rss_mib']:.0f} MiB | {last['temp_mib']:.0f} MiB | {last['temp_files']} |"
+        )
     lines.append(
         f"| SIGTERM (exit code {shutdown['exit_code']}, {shutdown['seconds']:.1f} s) | – | "
         f"{shutdown['leftover_bytes'] / 2**20:.0f} MiB | {shutdown['leftover_files']} |"
@@ -431,8 +454,12 @@ def main(argv=None) -> dict:
             parser.error(f"--{name} must be at least 1")
     if args.clients < 0:
         parser.error("--clients must be 0 (no concurrent phase) or more")
-    results = run_load_test(args.sessions, args.clients, args.requests_per_client, args.image_side, args.model, args.time_limit)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("sequential", "concurrent", "server_log")}, indent=2))
+    results = run_load_test(
+        args.sessions, args.clients, args.requests_per_client, args.image_side, args.model, args.time_limit
+    )
+    print(
+        json.dumps({k: v for k, v in results.items() if k not in ("sequential", "concurrent", "server_log")}, indent=2)
+    )
     if args.json:
         from modeling_taskexpert.file_utils import write_json_atomic
 

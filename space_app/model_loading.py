@@ -300,7 +300,9 @@ def load_image(
             raise ValueError(f"{name} does not exist.")
         size = path.stat().st_size
         if size > max_bytes:
-            raise ValueError(f"{name} is {size / 2**20:.1f} MB; this demo accepts images up to {max_bytes / 2**20:.0f} MB.")
+            raise ValueError(
+                f"{name} is {size / 2**20:.1f} MB; this demo accepts images up to {max_bytes / 2**20:.0f} MB."
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -308,14 +310,18 @@ def load_image(
         except Image.DecompressionBombError as error:
             raise ValueError(f"{name} has too many pixels; this demo accepts up to {max_pixels:,}.") from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{name} is not an image this demo can read; upload a {SUPPORTED_FORMATS} file.") from error
+            raise ValueError(
+                f"{name} is not an image this demo can read; upload a {SUPPORTED_FORMATS} file."
+            ) from error
         with header:
             notes = _conversion_notes(header, name, max_pixels)
     elif isinstance(source, Image.Image):
         notes = _conversion_notes(source, name, max_pixels)
     elif isinstance(source, np.ndarray):
         if source.ndim >= 2 and source.shape[0] * source.shape[1] > max_pixels:
-            raise ValueError(f"{name} is {source.shape[1]}×{source.shape[0]} pixels; this demo accepts up to {max_pixels:,}.")
+            raise ValueError(
+                f"{name} is {source.shape[1]}×{source.shape[0]} pixels; this demo accepts up to {max_pixels:,}."
+            )
     else:
         raise ValueError(f"Expected an image file, a PIL image or a numpy array, got {type(source).__name__}.")
     rgb = load_rgb_image(source, name=name, max_pixels=max_pixels)

@@ -26,7 +26,9 @@ _FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _MODEL_ID = re.compile(r"""(?:from_pretrained\(\s*|model\s*=\s*)["']([^"'\s]+)["']""")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = "0" * 40  # the snapshot's revision name in the cache; `refs/main` points at it
-_BLOCK_PACKAGE = "import runpy, sys\nsys.modules['modeling_taskexpert'] = None\nrunpy.run_path(sys.argv[1], run_name='__main__')\n"
+_BLOCK_PACKAGE = (
+    "import runpy, sys\nsys.modules['modeling_taskexpert'] = None\nrunpy.run_path(sys.argv[1], run_name='__main__')\n"
+)
 
 
 @dataclass(frozen=True)

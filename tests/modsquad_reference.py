@@ -126,7 +126,9 @@ def random_reference_state(arch: ReferenceArchitecture, seed: int = 0) -> dict[s
 # ---------------------------------------------------------------------------------------------------------------------
 # The computation, one expert at a time
 # ---------------------------------------------------------------------------------------------------------------------
-def reference_gates(tokens: torch.Tensor, router: torch.Tensor, top_k: int, epsilon: float = 1e-4, renormalize: bool = False):
+def reference_gates(
+    tokens: torch.Tensor, router: torch.Tensor, top_k: int, epsilon: float = 1e-4, renormalize: bool = False
+):
     """tokens (N, C), router weight in the authors' layout (E, C) -> probabilities (N, E) = softmax + epsilon and
     the dense gates (N, E): the k largest probabilities where selected, 0 elsewhere."""
     probabilities = torch.softmax(tokens @ router.T, dim=-1) + epsilon
@@ -148,7 +150,9 @@ def reference_moe_mlp(x, experts_w, experts_b, output_w, output_b, router, top_k
     return output
 
 
-def reference_moe_attention(x, query_w, output_w, router, kv_w, kv_b, top_k, query_b=None, output_b=None, **gate_options):
+def reference_moe_attention(
+    x, query_w, output_w, router, kv_w, kv_b, top_k, query_b=None, output_b=None, **gate_options
+):
     """x (B, N, C): each selected expert e makes a query head q_e = x Wq_e (width hd) that attends over the shared
     keys/values [k, v] = x Wkv + b (scale hd^-0.5); its result goes through Wo_e and is weighted by the gate. Since
     the keys are shared, a head's output depends only on its own expert, so expert by expert is the same sum."""
@@ -177,7 +181,9 @@ def reference_dense_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads):
     return torch.cat(outputs, dim=-1) @ proj_w.T + proj_b
 
 
-def reference_features(state: dict, arch: ReferenceArchitecture, pixel_values: torch.Tensor, task: int, eps: float = 1e-6):
+def reference_features(
+    state: dict, arch: ReferenceArchitecture, pixel_values: torch.Tensor, task: int, eps: float = 1e-6
+):
     """The token features one task's pass gives in the authors' model: (B, grid^2, C) after the final norm, the class
     token dropped."""
     norm = lambda x, name: F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)  # noqa: E731

@@ -27,7 +27,22 @@ LABELS = {"semseg": {0: "floor", 1: "wall", 2: "box"}, "human_parts": {0: "backg
 
 def machine() -> dict:
     """What decides whether float results can be expected bit for bit (kernels differ between CPU generations)."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "arch": platform.machine()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "arch": platform.machine(),
+        # One instruction set, different vendors or generations: reductions can still round differently (seen: one
+        # ulp in a Mod-Squad routing loss between two AVX512 machines).
+        "cpu_model": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def taskexpert_configs() -> dict:

@@ -39,7 +39,9 @@ def parts_struct(objects, image_name):
 def write_pascal_sample(root, sample_id, rng, shape, person, semseg_folder="VOC12"):
     """Write the six raw files of one sample; return the raw arrays to derive expectations from."""
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{sample_id}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(
+        root / "JPEGImages" / f"{sample_id}.jpg", quality=90
+    )
     semseg = rng.choice(np.array([0, 7, 15, 20, 255], dtype=np.uint8), size=shape)
     write_png(root / "semseg" / semseg_folder / f"{sample_id}.png", semseg)
     label_map = np.zeros(shape, dtype=np.uint16)
@@ -87,13 +89,16 @@ def pascal_raw(tmp_path):
     rng = np.random.default_rng(0)
     samples = {
         "2008_000001": write_pascal_sample(root, "2008_000001", rng, (14, 17), person=True),
-        "2008_000002": write_pascal_sample(root, "2008_000002", rng, (12, 10), person=False, semseg_folder="pascal-context"),
+        "2008_000002": write_pascal_sample(
+            root, "2008_000002", rng, (12, 10), person=False, semseg_folder="pascal-context"
+        ),
         "2008_000003": write_pascal_sample(root, "2008_000003", rng, (16, 12), person=True),
     }
     (root / "ImageSets" / "Context").mkdir(parents=True)
     (root / "ImageSets" / "Context" / "train.txt").write_text("2008_000001\n2008_000002\n")
     (root / "ImageSets" / "Context" / "val.txt").write_text("2008_000003\n")
     return tmp_path, root, samples
+
 
 @pytest.fixture()
 def nyud_raw(tmp_path):

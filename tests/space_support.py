@@ -40,7 +40,9 @@ def make_modsquad_folder(folder: Path) -> Path:
     for _, layer in model.modsquad.moe_layers:  # zero-initialised routers would give every token the same experts
         torch.nn.init.normal_(layer.router_weight, std=0.5)
     model.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=config.patch_size).save_pretrained(folder)
+    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=config.patch_size).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -61,7 +63,9 @@ def running_space(model_folder, limits=None):
     import app
 
     space = app.build_demo(str(model_folder), limits)
-    _, url, _ = app.launch(space, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    _, url, _ = app.launch(
+        space, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
+    )
     try:
         yield space, url
     finally:

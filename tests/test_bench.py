@@ -120,12 +120,16 @@ def test_gpu_part_is_skipped_cleanly_without_cuda():
         pytest.skip("a CUDA device is present")
     context = plan.SuiteContext(plan.quick_plan(), {}, SimpleNamespace(gpu=True, quick=True))
     assert gpu.measure(context) == {"skipped": "--gpu was given but no CUDA device is available"}
-    assert "not requested" in gpu.measure(plan.SuiteContext(plan.quick_plan(), {}, SimpleNamespace(gpu=False)))["skipped"]
+    assert (
+        "not requested" in gpu.measure(plan.SuiteContext(plan.quick_plan(), {}, SimpleNamespace(gpu=False)))["skipped"]
+    )
 
 
 @pytest.mark.slow
 def test_gpu_suite_code_path_on_cpu():
-    result = gpu.gpu_suite(plan.Setting("tiny", 32, 1), device="cpu", compile_options=(False,), budget_s=0.0, min_rounds=1)
+    result = gpu.gpu_suite(
+        plan.Setting("tiny", 32, 1), device="cpu", compile_options=(False,), budget_s=0.0, min_rounds=1
+    )
     assert set(result["train_step"]) == {"sdpa", "eager"}
     assert result["train_step_flops"] > 0 and result["train_step"]["sdpa"]["mfu"] is None
     assert set(result["forward_bf16"]) == {"taskexpert", "backbone", "one_task"}
@@ -197,7 +201,8 @@ def test_modsquad_extraction_keeps_outputs_with_fewer_parameters():
         # Dropped: half of every MoE layer's experts, the other tasks' routers, task-embedding rows and heads (the
         # task keeps its whole router).
         dropped = sum(
-            sum(getattr(layer, name)[0].numel() for name in layer.expert_parameters) * 4 + layer.router_weight.numel()
+            sum(getattr(layer, name)[0].numel() for name in layer.expert_parameters) * 4
+            + layer.router_weight.numel()
             - layer.router_weight[0].numel()
             for _, layer in model.modsquad.moe_layers
         ) + sum(models.count_parameters(head) for task, head in model.heads.items() if task != row["task"])
@@ -218,7 +223,20 @@ def test_compare_revisions_times_both_revisions_and_checks_their_outputs(tmp_pat
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=compare_revisions.REPO_ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout")
     output = tmp_path / "before_after.json"
-    argv = ["--before", "HEAD", "--preset", "tiny", "--size", "64", "--rounds", "1", "--calls", "1", "--output", str(output)]
+    argv = [
+        "--before",
+        "HEAD",
+        "--preset",
+        "tiny",
+        "--size",
+        "64",
+        "--rounds",
+        "1",
+        "--calls",
+        "1",
+        "--output",
+        str(output),
+    ]
     assert compare_revisions.main(argv) == 0
     result = json.loads(output.read_text())
     assert result["outputs_match"] is True and result["rounds"] == 1

@@ -70,7 +70,11 @@ MODSQUAD_CASES = [
     ("moe_mlp_layers", 1, r"`moe_mlp_layers` must be a list of integers, got 1 \(int\)"),
     ("moe_attention_layers", ["0"], r"`moe_attention_layers` must be a list of integers; entry '0' \(str\) is not one"),
     ("kept_experts", 3, r"`kept_experts` must list the experts of each of the \d+ MoE layers, got 3"),
-    ("kept_experts", [[0, 1.0]] * 4, r"`kept_experts entry of the MoE attention of block 0` must be a list of integers; entry 1.0 \(float\)"),
+    (
+        "kept_experts",
+        [[0, 1.0]] * 4,
+        r"`kept_experts entry of the MoE attention of block 0` must be a list of integers; entry 1.0 \(float\)",
+    ),
     ("num_hidden_layers", "4", r"`num_hidden_layers` must be a positive integer, got '4' \(str\)"),
     ("hidden_size", 32.0, r"`hidden_size` must be a positive integer, got 32.0 \(float\)"),
     ("mutual_information_loss_weight", math.inf, r"`mutual_information_loss_weight` must be a finite number, got inf"),
@@ -80,7 +84,11 @@ MODSQUAD_CASES = [
     ("routing_epsilon", math.nan, r"`routing_epsilon` must be a finite number, got nan"),
     ("noisy_gating", 1, r"`noisy_gating` must be true or false, got 1 \(int\)"),
     ("use_task_embedding", "true", r"`use_task_embedding` must be true or false, got 'true' \(str\)"),
-    ("mutual_information_estimator", "kl", r"`mutual_information_estimator` must be one of \('reference', 'exact'\), got 'kl'"),
+    (
+        "mutual_information_estimator",
+        "kl",
+        r"`mutual_information_estimator` must be one of \('reference', 'exact'\), got 'kl'",
+    ),
     ("aux_loss_min_tasks", 2.5, r"`aux_loss_min_tasks` must be a positive integer, got 2.5 \(float\)"),
     ("expert_usage_momentum", 1.0, r"`expert_usage_momentum` must be in \[0.0, 1.0\), got 1.0"),
     ("layer_norm_eps", math.nan, r"`layer_norm_eps` must be a finite number, got nan"),
@@ -97,9 +105,11 @@ def _modsquad(**overrides):
 
 
 BUILDERS = {"taskexpert": _taskexpert, "modsquad": _modsquad}
-CASES = [(kind, *case) for kind in BUILDERS for case in SHARED_CASES] + [
-    ("taskexpert", *case) for case in TASKEXPERT_CASES
-] + [("modsquad", *case) for case in MODSQUAD_CASES]
+CASES = (
+    [(kind, *case) for kind in BUILDERS for case in SHARED_CASES]
+    + [("taskexpert", *case) for case in TASKEXPERT_CASES]
+    + [("modsquad", *case) for case in MODSQUAD_CASES]
+)
 
 
 @pytest.mark.parametrize("kind, field, value, message", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]!r}" for c in CASES])

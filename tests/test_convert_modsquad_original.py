@@ -24,7 +24,9 @@ TINY = dict(
 
 def save_checkpoint(path: Path, state: dict, wrapped: bool = True) -> Path:
     """As the authors' training script saves it: the weights under 'model' beside the argparse namespace."""
-    torch.save({"model": state, "epoch": 3, "args": argparse.Namespace(lr=4e-4, model="mod_squad")} if wrapped else state, path)
+    torch.save(
+        {"model": state, "epoch": 3, "args": argparse.Namespace(lr=4e-4, model="mod_squad")} if wrapped else state, path
+    )
     return path
 
 
@@ -54,7 +56,12 @@ def test_converted_checkpoint_computes_the_reference_function(tmp_path, layout, 
     assert config.tasks == ["depth", "normals"]
     assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.image_size) == (32, 4, 8, 32)
     assert (config.num_attention_experts, config.attention_top_k, config.attention_head_dim) == (6, 2, 16)
-    assert (config.num_mlp_experts, config.mlp_top_k, config.mlp_expert_hidden_size, config.intermediate_size) == (5, 2, 64, 128)
+    assert (config.num_mlp_experts, config.mlp_top_k, config.mlp_expert_hidden_size, config.intermediate_size) == (
+        5,
+        2,
+        64,
+        128,
+    )
     assert config.moe_attention_layers == arch.moe_attention and config.moe_mlp_layers == arch.moe_mlp
     assert not config.noisy_gating and not config.renormalize_gates and config.use_task_embedding
     assert isinstance(TaskExpertImageProcessor.from_pretrained(tmp_path / "out"), TaskExpertImageProcessor)
@@ -64,7 +71,9 @@ def test_converted_checkpoint_computes_the_reference_function(tmp_path, layout, 
         expected = reference_features(state, arch, pixel_values, row)
         torch.testing.assert_close(features_of(model, pixel_values, task), expected, rtol=1e-4, atol=1e-5)
     # Routing matters here: another task row gives other features.
-    assert (reference_features(state, arch, pixel_values, 1) - features_of(model, pixel_values, "depth")).abs().max() > 1e-2
+    assert (
+        reference_features(state, arch, pixel_values, 1) - features_of(model, pixel_values, "depth")
+    ).abs().max() > 1e-2
 
 
 def test_bare_state_dict_tasks_in_order_and_noisy_routers(tmp_path):
@@ -84,10 +93,21 @@ def test_bare_state_dict_tasks_in_order_and_noisy_routers(tmp_path):
     "change, tasks, message",
     [
         (lambda s: s.pop("blocks.1.mlp.experts.b"), ["depth=0"], "1 missing key(s): blocks.1.mlp.experts.b"),
-        (lambda s: s.pop("blocks.2.attn.kv_proj.0.bias"), ["depth=0"], "1 missing key(s): blocks.2.attn.kv_proj.0.bias"),
-        (lambda s: s.update({"blocks.0.attn.extra": torch.zeros(1), "decoder.weight": torch.zeros(1)}), ["depth=0"],
-         "2 unknown key(s): blocks.0.attn.extra, decoder.weight"),
-        (lambda s: s.pop("blocks.3.mlp.f_gate.1.0.weight"), ["depth=0"], "1 missing key(s): blocks.3.mlp.f_gate.1.0.weight"),
+        (
+            lambda s: s.pop("blocks.2.attn.kv_proj.0.bias"),
+            ["depth=0"],
+            "1 missing key(s): blocks.2.attn.kv_proj.0.bias",
+        ),
+        (
+            lambda s: s.update({"blocks.0.attn.extra": torch.zeros(1), "decoder.weight": torch.zeros(1)}),
+            ["depth=0"],
+            "2 unknown key(s): blocks.0.attn.extra, decoder.weight",
+        ),
+        (
+            lambda s: s.pop("blocks.3.mlp.f_gate.1.0.weight"),
+            ["depth=0"],
+            "1 missing key(s): blocks.3.mlp.f_gate.1.0.weight",
+        ),
         (lambda s: None, ["depth", "edge"], "The checkpoint has 3 tasks and --tasks names 2"),
         (lambda s: None, ["depth=0", "edge=0"], "maps two tasks to the same row"),
         (lambda s: None, ["depth=5"], "rows are 0..2"),
@@ -122,7 +142,9 @@ def test_config_file_supplies_fields_and_must_agree(tmp_path):
     with pytest.raises(ConversionError, match="sets hidden_size=48 but the checkpoint has 32"):
         convert(checkpoint, tmp_path / "other", ["depth=0"], config_file=tmp_path / "wrong.json")
     (tmp_path / "renormalised.json").write_text('{"model_type": "modsquad", "renormalize_gates": true}')
-    with pytest.raises(ConversionError, match="sets renormalize_gates=True; a checkpoint of the authors' code needs False"):
+    with pytest.raises(
+        ConversionError, match="sets renormalize_gates=True; a checkpoint of the authors' code needs False"
+    ):
         convert(checkpoint, tmp_path / "other", ["depth=0"], config_file=tmp_path / "renormalised.json")
 
 
@@ -149,7 +171,9 @@ def test_command_line_exit_codes(tmp_path):
     state = random_reference_state(ReferenceArchitecture(**TINY))
     checkpoint = save_checkpoint(tmp_path / "checkpoint.pth", state)
     command = [sys.executable, "-m", "modeling_taskexpert.convert_modsquad_original", "--checkpoint", str(checkpoint)]
-    bad = subprocess.run([*command, "--output-dir", str(tmp_path / "a"), "--tasks", "depth"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "a"), "--tasks", "depth"], capture_output=True, text=True, cwd=REPO
+    )
     assert bad.returncode == 2 and "error: The checkpoint has 3 tasks and --tasks names 1" in bad.stderr
     good = subprocess.run([*command, "--output-dir", str(tmp_path / "b"), "--tasks", "depth", "edge", "saliency"],
                           capture_output=True, text=True, cwd=REPO)  # fmt: skip

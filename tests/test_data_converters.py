@@ -51,7 +51,9 @@ def test_pascal_context_values_are_exact(pascal_raw, tmp_path):
     metadata = read_dataset_metadata(output)
     assert metadata["splits"] == {"train": 2, "validation": 1}
     assert metadata["train_size"] == [512, 512] and metadata["boundary_tolerance"] == 0.0075
-    assert len(metadata["tasks"]["semseg"]["id2label"]) == 21 and metadata["tasks"]["semseg"]["id2label"]["15"] == "person"
+    assert (
+        len(metadata["tasks"]["semseg"]["id2label"]) == 21 and metadata["tasks"]["semseg"]["id2label"]["15"] == "person"
+    )
     assert list(metadata["tasks"]) == ["semseg", "human_parts", "saliency", "edge", "normals"]
 
     rows = [*load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache")),
@@ -88,7 +90,11 @@ def test_pascal_missing_file_stops_with_path_and_id(pascal_raw, tmp_path):
     missing.unlink()
     with pytest.raises(DatasetConversionError) as error:
         convert_pascal_context(raw_dir, tmp_path / "out", num_workers=0)
-    assert str(missing) in str(error.value) and "2008_000002" in str(error.value) and "missing saliency" in str(error.value)
+    assert (
+        str(missing) in str(error.value)
+        and "2008_000002" in str(error.value)
+        and "missing saliency" in str(error.value)
+    )
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # temporary folder removed
 
@@ -188,7 +194,9 @@ def test_existing_output_needs_overwrite(nyud_raw, tmp_path):
         convert_nyud(raw_dir, tmp_path / "out", num_workers=0)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     convert_nyud(raw_dir, tmp_path / "out", num_workers=0, overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "dense_multitask_dataset.json").is_file()
+    assert (
+        not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "dense_multitask_dataset.json").is_file()
+    )
 
 
 # ----------------------------------------------------------------------------- pinned content
@@ -221,7 +229,10 @@ def test_converted_fixtures_keep_their_pinned_content(pascal_raw, nyud_raw, tmp_
     byte for byte (tested above), so its decoded pixels, which depend on the JPEG codec build, stay out of the hash."""
     pascal = convert_pascal_context(pascal_raw[0], tmp_path / "pascal", num_workers=0)
     nyud = convert_nyud(nyud_raw[0], tmp_path / "nyud", num_workers=0)
-    assert (_content_hash(pascal, skip_columns=("image",)), _content_hash(nyud)) == (PINNED_PASCAL_HASH, PINNED_NYUD_HASH)
+    assert (_content_hash(pascal, skip_columns=("image",)), _content_hash(nyud)) == (
+        PINNED_PASCAL_HASH,
+        PINNED_NYUD_HASH,
+    )
 
 
 PINNED_PASCAL_HASH = "96322930800fdbd8213e53a62c5f2223e35f78550a1d16ed6e8e6b4b8ea7dc69"
@@ -296,7 +307,9 @@ def test_pascal_photo_with_an_exif_orientation_keeps_its_stored_grid(pascal_raw,
     row = next(iter(load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache"))))
     assert row["id"] == "2008_000001"
     np.testing.assert_array_equal(np.asarray(row["image"]), decoded)
-    assert np.asarray(row["image"]).shape[:2] == np.asarray(row["semseg"]).shape == samples["2008_000001"]["semseg"].shape
+    assert (
+        np.asarray(row["image"]).shape[:2] == np.asarray(row["semseg"]).shape == samples["2008_000001"]["semseg"].shape
+    )
 
 
 def test_cards_list_class_names_and_the_encoding_of_every_column(pascal_raw, nyud_raw, tmp_path):
@@ -324,4 +337,8 @@ def test_cards_list_class_names_and_the_encoding_of_every_column(pascal_raw, nyu
         assert ("depth-estimation" in header["task_categories"]) == (absent != "depth")
         assert card.rstrip().endswith("```")  # the licence and citation close the card
     pascal_card = (pascal / "README.md").read_text()
-    assert "15 person" in pascal_card and "6 lleg" in pascal_card and "23 refridgerator" in (nyud / "README.md").read_text()
+    assert (
+        "15 person" in pascal_card
+        and "6 lleg" in pascal_card
+        and "23 refridgerator" in (nyud / "README.md").read_text()
+    )

@@ -33,7 +33,9 @@ def _metadata_folder(tmp_path, **changes):
 
 def test_hub_id_offline_says_to_convert_first(offline, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    with pytest.raises(DatasetNotAvailableError, match=r"(?s)'someone/some-dataset'.*offline mode.*Convert or generate"):
+    with pytest.raises(
+        DatasetNotAvailableError, match=r"(?s)'someone/some-dataset'.*offline mode.*Convert or generate"
+    ):
         read_dataset_metadata("someone/some-dataset")
 
 

@@ -104,7 +104,9 @@ def test_split_ids_cannot_leave_the_raw_folder(toy_raw, tmp_path, bad_id, proble
 
 
 def test_ids_from_a_custom_reader_are_checked_too(toy_raw, tmp_path):
-    source = dataclasses.replace(TOY, read_split_ids=lambda root, split: ["a1", "../a2"] if split == "train" else ["b1"])
+    source = dataclasses.replace(
+        TOY, read_split_ids=lambda root, split: ["a1", "../a2"] if split == "train" else ["b1"]
+    )
     with pytest.raises(ValueError, match=r"toy 'train' split: the sample id '../a2' contains a path separator"):
         convert(source, toy_raw, tmp_path / "out", num_workers=0)
     source = dataclasses.replace(TOY, read_split_ids=lambda root, split: ["a1", "a1"] if split == "train" else ["b1"])
@@ -118,7 +120,9 @@ def test_duplicate_ids_and_split_overlap_are_refused(toy_raw, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"train\.txt, line 3: the sample id 'a1' is listed twice \(first on line 1\)"):
         convert(TOY, toy_raw, tmp_path / "out", num_workers=0)
     lists.joinpath("train.txt").write_text("a1\na2\nb1\n")
-    with pytest.raises(ValueError, match=r"1 sample id\(s\) are in both the 'train' and the 'validation' split \(e\.g\. \['b1'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"1 sample id\(s\) are in both the 'train' and the 'validation' split \(e\.g\. \['b1'\]\)"
+    ):
         convert(TOY, toy_raw, tmp_path / "out", num_workers=0)
     assert not (tmp_path / "out").exists()
 

@@ -38,7 +38,16 @@ def _rows(folder, split, cache_dir):
 def test_load_dataset_round_trip(dataset_dir, tmp_path):
     loaded = datasets.load_dataset(str(dataset_dir), cache_dir=str(tmp_path))
     assert loaded["train"].num_rows == 8 and loaded["validation"].num_rows == 3
-    assert set(loaded["train"].column_names) == {"id", "image", "semseg", "human_parts", "saliency", "edge", "normals", "depth"}
+    assert set(loaded["train"].column_names) == {
+        "id",
+        "image",
+        "semseg",
+        "human_parts",
+        "saliency",
+        "edge",
+        "normals",
+        "depth",
+    }
     row = loaded["validation"][0]
     assert row["image"].mode == "RGB" and row["image"].size == (SIZE, SIZE)
     assert row["depth"].mode == "F" and row["normals"].mode == "RGB" and row["semseg"].mode == "L"
@@ -47,7 +56,14 @@ def test_load_dataset_round_trip(dataset_dir, tmp_path):
     assert metadata["splits"] == {"train": 8, "validation": 3}
     assert metadata["train_size"] == metadata["eval_size"] == [SIZE, SIZE]
     assert metadata["tasks"]["semseg"]["id2label"] == {str(i): name for i, name in enumerate(SEMSEG_CLASSES)}
-    assert list(metadata["tasks"]["human_parts"]["id2label"].values())[1:] == ["head", "torso", "uarm", "larm", "uleg", "lleg"]
+    assert list(metadata["tasks"]["human_parts"]["id2label"].values())[1:] == [
+        "head",
+        "torso",
+        "uarm",
+        "larm",
+        "uleg",
+        "lleg",
+    ]
     card = (dataset_dir / "README.md").read_text()
     assert card.startswith("---\n") and "config_name: default" in card and "path: data/train-*" in card
 
@@ -176,7 +192,9 @@ def _scene_machine() -> str:
     """What decides whether float rendering is bit for bit the same (numpy build, CPU architecture and SIMD family)."""
     import torch
 
-    return json.dumps({"numpy": np.__version__, "arch": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability()})
+    return json.dumps(
+        {"numpy": np.__version__, "arch": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability()}
+    )
 
 
 def _pinned_scene_arrays() -> dict:

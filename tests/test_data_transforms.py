@@ -10,7 +10,13 @@ import torch
 from modeling_taskexpert.data import IMAGE_MEAN, IMAGE_STD, build_transforms, collate_dense_batch
 from modeling_taskexpert.data.labels import encode_depth, encode_png
 from modeling_taskexpert.data.schema import build_features
-from modeling_taskexpert.data.transforms import flip_horizontal, photometric_distortion, rescale, resize_bilinear, rgb_to_hsv
+from modeling_taskexpert.data.transforms import (
+    flip_horizontal,
+    photometric_distortion,
+    rescale,
+    resize_bilinear,
+    rgb_to_hsv,
+)
 
 TASKS = ["semseg", "human_parts", "saliency", "edge", "normals", "depth"]
 METADATA = {

@@ -97,7 +97,9 @@ def test_check_routing_report_names_the_mismatch():
     check_routing_report(gates, ["a"], [["x", "y", "z"]])
     with pytest.raises(ValueError, match="1 layers of gates, 2 layer names"):
         check_routing_report(gates, ["a", "b"], [["x"], ["y"]])
-    with pytest.raises(ValueError, match=r"layer 'a', task 'semseg' have shape \(1, 2, 2, 3\); expected \(batch, h, w, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"layer 'a', task 'semseg' have shape \(1, 2, 2, 3\); expected \(batch, h, w, 2\)"
+    ):
         check_routing_report(gates, ["a"], [["x", "y"]])
 
 
@@ -182,9 +184,19 @@ def _tiny_modsquad():
 
     return ModSquadForDensePrediction(
         ModSquadConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, num_attention_experts=4, attention_top_k=2, attention_head_dim=16,
-            num_mlp_experts=4, mlp_top_k=2, tasks=["semseg", "depth"], task_id2label={"semseg": {0: "a", 1: "b"}},
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_attention_experts=4,
+            attention_top_k=2,
+            attention_head_dim=16,
+            num_mlp_experts=4,
+            mlp_top_k=2,
+            tasks=["semseg", "depth"],
+            task_id2label={"semseg": {0: "a", 1: "b"}},
             head_hidden_size=16,
         )  # fmt: skip
     )

@@ -126,7 +126,9 @@ def test_cli_refuses_a_weights_file_missing_tensors(workspace, tmp_path, capsys)
     del weights[removed]
     save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
     output = tmp_path / "metrics.json"
-    code = main(["--model", str(damaged), "--dataset", str(workspace / "data"), "--output", str(output), "--no-progress"])
+    code = main(
+        ["--model", str(damaged), "--dataset", str(workspace / "data"), "--output", str(output), "--no-progress"]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert removed in error and str(damaged) in error and "Traceback" not in error

@@ -80,7 +80,10 @@ def test_both_boundary_scorers_at_once_each_under_its_own_key():
     results = both.compute()
     both.close()
     assert both.settings["edge_mode"] == ["exact", "approximate"]
-    for mode, keys in (("exact", ("edge/odsF", "edge/oisF")), ("approximate", ("edge/odsF_approx", "edge/oisF_approx"))):
+    for mode, keys in (
+        ("exact", ("edge/odsF", "edge/oisF")),
+        ("approximate", ("edge/odsF_approx", "edge/oisF_approx")),
+    ):
         single = make_evaluator(edge_mode=mode)
         single.update(predictions, labels)
         expected = single.compute()
@@ -162,9 +165,7 @@ def test_delta_m_from_json_file_and_in_the_evaluator(tmp_path):
     baselines = {"semseg/mIoU": results["semseg/mIoU"] / 2, "depth/RMSE": results["depth/RMSE"] * 2}
     path = tmp_path / "baselines.json"
     path.write_text(json.dumps({"metrics": baselines, "settings": {}}))  # the command line's output format
-    with_baselines = DenseMultiTaskEvaluator(
-        ["semseg", "depth"], num_classes={"semseg": 4}, single_task_baselines=path
-    )
+    with_baselines = DenseMultiTaskEvaluator(["semseg", "depth"], num_classes={"semseg": 4}, single_task_baselines=path)
     with_baselines.update(predictions, labels)
     # semseg is twice its baseline (+100 %), depth half of it (+50 %).
     assert with_baselines.compute()["multi_task/delta_m"] == pytest.approx(75.0)
@@ -187,9 +188,7 @@ def test_delta_m_errors(tmp_path):
 
 def test_shape_mismatch_is_reported():
     evaluator = DenseMultiTaskEvaluator(["depth"])
-    with pytest.raises(
-        ValueError, match=r"'depth': prediction shape \(1, 4, 4\) differs from label shape \(1, 4, 5\)"
-    ):
+    with pytest.raises(ValueError, match=r"'depth': prediction shape \(1, 4, 4\) differs from label shape \(1, 4, 5\)"):
         evaluator.update({"depth": torch.ones(1, 4, 4)}, {"depth": torch.ones(1, 4, 5)})
     with pytest.raises(ValueError, match=r"normals.*\(B, 3, H, W\)"):
         DenseMultiTaskEvaluator(["normals"]).update({"normals": torch.ones(1, 4, 4)}, {"normals": torch.ones(1, 4, 4)})

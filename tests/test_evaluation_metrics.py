@@ -113,9 +113,7 @@ def test_saliency_maxf_matches_numpy(mode):
 
 
 def test_saliency_mode_defaults_follow_the_dataset():
-    assert (
-        DenseMultiTaskEvaluator(["saliency"], dataset="pascal-context").settings["saliency_maxf_mode"] == "reference"
-    )
+    assert DenseMultiTaskEvaluator(["saliency"], dataset="pascal-context").settings["saliency_maxf_mode"] == "reference"
     assert DenseMultiTaskEvaluator(["saliency"], dataset="synthetic").settings["saliency_maxf_mode"] == "standard"
 
 

@@ -13,7 +13,9 @@ from modeling_taskexpert.evaluation.trivial_baselines import main, recorded_base
 def test_constant_predictors_match_a_hand_computation(synthetic_dataset):
     result = trivial_baseline_metrics(str(synthetic_dataset), edge_mode="approximate")
     metadata = read_dataset_metadata(synthetic_dataset)
-    data = load_multitask_dataset(synthetic_dataset, "validation").with_transform(build_transforms(metadata, train=False))
+    data = load_multitask_dataset(synthetic_dataset, "validation").with_transform(
+        build_transforms(metadata, train=False)
+    )
     semseg = np.concatenate([np.asarray(data[i]["labels"]["semseg"]).ravel() for i in range(len(data))])
     depth = np.concatenate([np.asarray(data[i]["labels"]["depth"]).ravel() for i in range(len(data))])
     semseg, depth = semseg[semseg != 255], depth[depth != 255]

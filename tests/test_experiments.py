@@ -65,7 +65,9 @@ def fake_launcher(calls, commit=COMMIT):
                {"kind": "train", "step": 40, "images_per_second": 16.0, "loss": 2.0},
                {"kind": "train", "step": 60, "images_per_second": 32.0 / (seed + 1), "loss": 1.0}]  # fmt: skip
         (output_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        run.record_launch(output_dir, {"exit_status": 0, "wall_seconds": 10.0, "cpu_seconds": 60.0 * (seed + 1), "threads": 1})
+        run.record_launch(
+            output_dir, {"exit_status": 0, "wall_seconds": 10.0, "cpu_seconds": 60.0 * (seed + 1), "threads": 1}
+        )
         return 0
 
     return launch
@@ -80,7 +82,12 @@ def test_finished_runs_are_skipped_and_failures_do_not_stop_the_study(tmp_path):
     calls = []
     names = ["taskexpert", "single-semseg"]
     outcome = run.run_study(_variant_runs(names), tmp_path, dataset=None, launcher=fake_launcher(calls))
-    assert set(outcome.values()) == {"finished"} and calls == ["taskexpert", "taskexpert", "single-semseg", "single-semseg"]
+    assert set(outcome.values()) == {"finished"} and calls == [
+        "taskexpert",
+        "taskexpert",
+        "single-semseg",
+        "single-semseg",
+    ]
     calls.clear()
     outcome = run.run_study(_variant_runs(names), tmp_path, launcher=fake_launcher(calls))
     assert set(outcome.values()) == {"skipped"} and calls == []
@@ -199,7 +206,7 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     assert results["memory"]["verdict"] == paired.INCONCLUSIVE
     notes = write.build_notes(collected, summary, list(results.values()), {}, None, None)
     gating = results["gating"]["delta_m"]
-    assert f"Dynamic gating helps (TaskExpert vs uniform gates): holds.** taskexpert's Δm is above" in notes
+    assert "Dynamic gating helps (TaskExpert vs uniform gates): holds.** taskexpert's Δm is above" in notes
     assert f"{gating.mean:+.2f} points, 95 % interval {gating.low:+.2f} to {gating.high:+.2f}, 5 seeds" in notes
     assert "TaskExpert beats a shared decoder: fails." in notes
     assert "(TaskExpert vs no memory): inconclusive." in notes
@@ -218,7 +225,9 @@ def test_mixed_revisions_are_refused_unless_allowed(tmp_path):
     assert write._revision_text(collected).startswith("**mixed**")
     # A run resumed under other code is a revision of its own; a run without provenance is "unrecorded".
     resumed = provenance(resumes=[{**provenance("e" * 40), "step": 30}])
-    assert collect.revision_of(resumed).startswith("mixed: commit 0123456789ab") and "eeeeeeeeeeee" in collect.revision_of(resumed)
+    assert collect.revision_of(resumed).startswith(
+        "mixed: commit 0123456789ab"
+    ) and "eeeeeeeeeeee" in collect.revision_of(resumed)
     assert collect.revision_of(provenance(dirty=True)).startswith("commit 0123456789ab with uncommitted changes")
     assert collect.revision_of(None) == collect.short_revision(None) == collect.UNRECORDED
     assert collect.short_revision(resumed) == "mixed 0123456789ab/eeeeeeeeeeee"

@@ -30,7 +30,9 @@ def test_pairs_by_seed_and_signs_lower_is_better_metrics():
     # Seed 3 exists only in the variant: left out. Lower is better (sign -1): 2.0 vs 2.5 is an improvement of 0.5.
     difference = paired.compare({0: 2.0, 1: 1.0, 3: 9.0}, {0: 2.5, 1: 1.5}, sign=-1.0)
     assert difference.differences == {0: pytest.approx(0.5), 1: pytest.approx(0.5)}
-    assert difference.seeds == [0, 1] and difference.std == 0.0 and difference.low == difference.high == pytest.approx(0.5)
+    assert (
+        difference.seeds == [0, 1] and difference.std == 0.0 and difference.low == difference.high == pytest.approx(0.5)
+    )
     assert paired.compare({0: 1.0}, {1: 1.0}) is None  # no common seed
 
 

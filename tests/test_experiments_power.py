@@ -63,7 +63,11 @@ def test_bigger_recipe_is_judged_on_the_same_cpu_time():
     bigger = power.bigger_recipe(estimate)
     ratio = power.training_flops(power.BIGGER_RECIPE) / power.training_flops("hub_configs/synthetic-tiny.yaml")
     assert bigger["cost_ratio"] == pytest.approx(ratio) and ratio > 1
-    per_seed = sum(per_run[power._cost_kind(v.name)] for v in study.VARIANTS if v.name not in study.DESCRIPTIVE_VARIANTS)
+    per_seed = sum(
+        per_run[power._cost_kind(v.name)] for v in study.VARIANTS if v.name not in study.DESCRIPTIVE_VARIANTS
+    )
     assert bigger["affordable_seeds"] == int(400_000.0 // (ratio * per_seed))
-    assert power.detectable_difference(bigger["affordable_seeds"], bigger["sigma_needed"]) == pytest.approx(1.0, rel=1e-6)
+    assert power.detectable_difference(bigger["affordable_seeds"], bigger["sigma_needed"]) == pytest.approx(
+        1.0, rel=1e-6
+    )
     assert bigger["sigma_ratio"] == pytest.approx(4.0 / bigger["sigma_needed"])

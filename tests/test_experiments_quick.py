@@ -36,14 +36,23 @@ def test_quick_study_produces_a_report_consistent_with_the_run_folders(tmp_path)
     read = lambda name, seed: json.loads((root / name / f"seed{seed}" / "metrics.json").read_text())  # noqa: E731
     baselines = {"semseg/mIoU": sum(read("single-semseg", s)["semseg/mIoU"] for s in QUICK_SEEDS) / len(QUICK_SEEDS),
                  "depth/RMSE": sum(read("single-depth", s)["depth/RMSE"] for s in QUICK_SEEDS) / len(QUICK_SEEDS)}  # fmt: skip
-    expected = {seed: compute_delta_m(read("taskexpert", seed), baselines, tasks=["semseg", "depth"]) for seed in QUICK_SEEDS}
-    assert summary["variants"]["taskexpert"]["delta_m_per_seed"] == {str(s): pytest.approx(v) for s, v in expected.items()}
+    expected = {
+        seed: compute_delta_m(read("taskexpert", seed), baselines, tasks=["semseg", "depth"]) for seed in QUICK_SEEDS
+    }
+    assert summary["variants"]["taskexpert"]["delta_m_per_seed"] == {
+        str(s): pytest.approx(v) for s, v in expected.items()
+    }
     # The paired Δm difference against the shared decoder, seed by seed, and its row in the claims table.
-    shared = {seed: compute_delta_m(read("shared-decoder", seed), baselines, tasks=["semseg", "depth"]) for seed in QUICK_SEEDS}
+    shared = {
+        seed: compute_delta_m(read("shared-decoder", seed), baselines, tasks=["semseg", "depth"])
+        for seed in QUICK_SEEDS
+    }
     comparison = next(c for c in summary["comparisons"] if c["name"] == "shared-decoder")
     assert comparison["delta_m"]["differences"] == {str(s): pytest.approx(expected[s] - shared[s]) for s in QUICK_SEEDS}
     mean = sum(expected[s] - shared[s] for s in QUICK_SEEDS) / len(QUICK_SEEDS)
-    row = re.search(r"^\| TaskExpert beats a shared decoder \| taskexpert − shared-decoder \| ([-+][\d.]+) \[", text, re.M)
+    row = re.search(
+        r"^\| TaskExpert beats a shared decoder \| taskexpert − shared-decoder \| ([-+][\d.]+) \[", text, re.M
+    )
     assert row and float(row.group(1)) == pytest.approx(mean, abs=0.006)
     assert comparison["verdict"] == "too few seeds"
     cost = summary["costs"]["taskexpert"]
@@ -61,7 +70,10 @@ def test_quick_study_produces_a_report_consistent_with_the_run_folders(tmp_path)
 
     # The GPU guide's cost table comes from the recipes' models.
     for recipe in summary["gpu_recipes"]:
-        assert f"| {recipe['recipe']} | {recipe['eval_size'][0]}×{recipe['eval_size'][1]} | {recipe['parameters'] / 1e6:.1f} |" in text
+        assert (
+            f"| {recipe['recipe']} | {recipe['eval_size'][0]}×{recipe['eval_size'][1]} | {recipe['parameters'] / 1e6:.1f} |"
+            in text
+        )
 
     # A rerun skips every finished run.
     assert all(status == "skipped" for status in run.run_study(study_runs("quick"), root, mode="quick").values())

@@ -85,14 +85,34 @@ def test_modes_and_seeds():
     assert len(study.DESCRIPTIVE_SEEDS) >= 5 and study.DESCRIPTIVE_SEEDS == study.SEEDS[: len(study.DESCRIPTIVE_SEEDS)]
     assert all(r.all_overrides == study.STUDY_OVERRIDES for r in full)  # the recipes as they are, one boundary scorer
     pilot = study.study_runs("pilot")
-    assert {r.variant.name for r in pilot if len([p for p in pilot if p.variant == r.variant]) > 1} == set(study.PILOT_VARIANTS)
+    assert {r.variant.name for r in pilot if len([p for p in pilot if p.variant == r.variant]) > 1} == set(
+        study.PILOT_VARIANTS
+    )
     assert {r.seed for r in pilot if r.variant.kind in ("single-task", "modsquad")} == {0}
     with pytest.raises(ValueError, match="Unknown study mode 'fast'"):
         study.study_runs("fast")
 
 
+def test_a_seed_count_cuts_the_full_study_to_its_first_seeds():
+    cut = study.study_runs(seed_count=5)
+    seeds = {name: sorted(r.seed for r in cut if r.variant.name == name) for name in study.variants_by_name()}
+    for name, kept in seeds.items():
+        assert kept == ([0, 1, 2] if name in study.DESCRIPTIVE_VARIANTS else [0, 1, 2, 3, 4])
+    assert {r.name for r in cut} < {r.name for r in study.study_runs()}  # the same runs as the full study's
+    assert [r.name for r in study.study_runs(only=("taskexpert",), seed_count=2)] == [
+        "taskexpert/seed0",
+        "taskexpert/seed1",
+    ]
+    for mode, count in (("pilot", 2), ("full", 0)):
+        with pytest.raises(ValueError, match="full study only and must be at least 1"):
+            study.study_runs(mode, seed_count=count)
+
+
 def test_only_restricts_and_unknown_names_are_reported():
-    assert {r.variant.name for r in study.study_runs(only=("taskexpert", "single-edge"))} == {"taskexpert", "single-edge"}
+    assert {r.variant.name for r in study.study_runs(only=("taskexpert", "single-edge"))} == {
+        "taskexpert",
+        "single-edge",
+    }
     with pytest.raises(ValueError, match="Unknown study variant.*'tsakexpert'"):
         study.study_runs(only=("tsakexpert",))
     with pytest.raises(ValueError, match="quick study"):

@@ -132,7 +132,9 @@ def test_pil_numpy_and_torch_inputs_give_the_same_pixels_single_and_batched():
     same_size = random_images(1)[0]
     batch = np.stack([same_size, same_size[::-1]])  # a 4-D array is a batch
     assert torch.equal(processor(batch)["pixel_values"], processor(list(batch))["pixel_values"])
-    assert torch.equal(processor(torch.from_numpy(batch).permute(0, 3, 1, 2))["pixel_values"], processor(batch)["pixel_values"])
+    assert torch.equal(
+        processor(torch.from_numpy(batch).permute(0, 3, 1, 2))["pixel_values"], processor(batch)["pixel_values"]
+    )
 
 
 def test_four_channels_with_input_data_format_and_scalar_mean_std():
@@ -143,7 +145,9 @@ def test_four_channels_with_input_data_format_and_scalar_mean_std():
     alpha = rgba[..., 3:] / 255.0
     expected = np.floor(rgba[..., :3] * alpha + 255 * (1 - alpha) + 0.5) / 255.0
     top, left = (32 - 20) // 2, (32 - 24) // 2
-    np.testing.assert_allclose(pixels[0, :, top : top + 20, left : left + 24].numpy(), expected.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(
+        pixels[0, :, top : top + 20, left : left + 24].numpy(), expected.transpose(2, 0, 1), atol=1e-6
+    )
     chw = processor(rgba.transpose(2, 0, 1), input_data_format="channels_first", image_mean=0.0, image_std=1.0)
     assert torch.equal(chw["pixel_values"], pixels)
 
@@ -181,7 +185,9 @@ def test_per_call_overrides_apply_to_that_call_only():
     raw = processor(image, do_normalize=False, size={"height": 24, "width": 40})["pixel_values"]
     assert raw.shape == (1, 3, 24, 40)
     top, left = (24 - 20) // 2, (40 - 30) // 2
-    np.testing.assert_allclose(raw[0, :, top : top + 20, left : left + 30].numpy(), image.transpose(2, 0, 1) / 255.0, atol=1e-7)
+    np.testing.assert_allclose(
+        raw[0, :, top : top + 20, left : left + 30].numpy(), image.transpose(2, 0, 1) / 255.0, atol=1e-7
+    )
     mean, std = [0.1, 0.2, 0.3], [0.5, 0.6, 0.7]
     custom = processor(image, image_mean=mean, image_std=std)["pixel_values"]
     expected = ((image.astype(np.float32) / 255.0 - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
@@ -273,7 +279,9 @@ def test_post_processing_detaches_and_takes_tensor_target_sizes():
     processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     weight = torch.ones(1, requires_grad=True)
     logits = {"depth": torch.rand(2, 1, 32, 32) * weight, "semseg": torch.randn(2, 3, 32, 32) * weight}
-    results = processor.post_process_dense_predictions({"logits": logits}, target_sizes=torch.tensor([[20, 10], [32, 32]]))
+    results = processor.post_process_dense_predictions(
+        {"logits": logits}, target_sizes=torch.tensor([[20, 10], [32, 32]])
+    )
     assert results[0]["depth"].shape == (20, 10) and results[1]["semseg"].shape == (32, 32)
     assert not any(value.requires_grad for result in results for value in result.values())
     assert results[0]["depth"].numpy().dtype == np.float32  # the README's `.numpy()` works on a model in train mode
@@ -293,15 +301,17 @@ def test_post_processing_with_the_preprocessing_overrides():
     assert result["depth"].shape == (20, 10)
 
 
-@pytest.mark.parametrize(
-    "target_sizes", [[(0, 5)], [(5, 0)], [(-3, 5)], [(2.5, 5)], [(5,)], ["ab"], [None]], ids=str
-)
+@pytest.mark.parametrize("target_sizes", [[(0, 5)], [(5, 0)], [(-3, 5)], [(2.5, 5)], [(5,)], ["ab"], [None]], ids=str)
 def test_bad_target_sizes_are_refused(target_sizes):
     processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     with pytest.raises(ValueError, match=r"target_sizes\[0\] must be the original \(height, width\)"):
-        processor.post_process_dense_predictions({"logits": {"depth": torch.zeros(1, 1, 32, 32)}}, target_sizes=target_sizes)
+        processor.post_process_dense_predictions(
+            {"logits": {"depth": torch.zeros(1, 1, 32, 32)}}, target_sizes=target_sizes
+        )
     with pytest.raises(ValueError, match="Got 2 target sizes for a batch of 1"):
-        processor.post_process_dense_predictions({"logits": {"depth": torch.zeros(1, 1, 32, 32)}}, target_sizes=[(4, 4)] * 2)
+        processor.post_process_dense_predictions(
+            {"logits": {"depth": torch.zeros(1, 1, 32, 32)}}, target_sizes=[(4, 4)] * 2
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,7 +429,9 @@ def test_files_that_cannot_be_read_are_named(tmp_path):
     rgb = Image.fromarray(np.random.default_rng(6).integers(0, 256, (20, 20, 3), dtype=np.uint8))
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(png_bytes(rgb)[:300])
-    with pytest.raises(ValueError, match=r"truncated.png': the image cannot be decoded; the file is damaged or truncated"):
+    with pytest.raises(
+        ValueError, match=r"truncated.png': the image cannot be decoded; the file is damaged or truncated"
+    ):
         load_rgb_image(truncated)
     text = tmp_path / "notes.jpg"
     text.write_text("not a photo")
@@ -431,7 +443,9 @@ def test_files_that_cannot_be_read_are_named(tmp_path):
         load_rgb_image(tmp_path / "gone.png", name="photo")
     with pytest.raises(ValueError, match="is a folder, not an image file"):
         load_rgb_image(tmp_path)
-    with pytest.raises(ValueError, match="expected a file path, a PIL image, a numpy array or a torch tensor, got dict"):
+    with pytest.raises(
+        ValueError, match="expected a file path, a PIL image, a numpy array or a torch tensor, got dict"
+    ):
         load_rgb_image({"image": 1})
 
 

@@ -32,9 +32,20 @@ def _saved(tmp_path, kind="taskexpert"):
     else:
         model = ModSquadForDensePrediction(
             ModSquadConfig(
-                image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, num_attention_experts=4, attention_top_k=2, attention_head_dim=16,
-                num_mlp_experts=4, mlp_top_k=2, tasks=["depth"], task_id2label={}, head_hidden_size=16,
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_attention_experts=4,
+                attention_top_k=2,
+                attention_head_dim=16,
+                num_mlp_experts=4,
+                mlp_top_k=2,
+                tasks=["depth"],
+                task_id2label={},
+                head_hidden_size=16,
             )  # fmt: skip
         )
     folder = tmp_path / kind
@@ -74,7 +85,9 @@ def test_a_config_without_model_type_is_named_not_prompted(tmp_path, no_prompt, 
 def test_a_misspelt_model_type_is_named(tmp_path, no_prompt):
     _, folder = _saved(tmp_path)
     _edit_config(folder, model_type="taskexpet")
-    with pytest.raises(ValueError, match=r"has `model_type` 'taskexpet'; this package loads 'taskexpert' or 'modsquad'"):
+    with pytest.raises(
+        ValueError, match=r"has `model_type` 'taskexpet'; this package loads 'taskexpert' or 'modsquad'"
+    ):
         load_dense_model(folder)
 
 

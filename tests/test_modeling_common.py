@@ -150,7 +150,10 @@ def test_config_round_trips(tester, tmp_path):
     from_file = tester.config_class.from_json_file(tmp_path / "config.json")
     assert from_file.to_dict() == config.to_dict()
     config.save_pretrained(tmp_path / "saved")
-    for loaded in (tester.config_class.from_pretrained(tmp_path / "saved"), AutoConfig.from_pretrained(tmp_path / "saved")):
+    for loaded in (
+        tester.config_class.from_pretrained(tmp_path / "saved"),
+        AutoConfig.from_pretrained(tmp_path / "saved"),
+    ):
         assert type(loaded) is tester.config_class
         assert {**loaded.to_dict(), "_name_or_path": ""} == {**config.to_dict(), "_name_or_path": ""}
     config.save_pretrained(tmp_path / "repo" / "sub")
@@ -232,7 +235,9 @@ def test_from_pretrained_without_weights_initialises_like_the_constructor(tester
     config = tester.config()
     with pytest.raises(OSError, match=r"lack \d+ tensor\(s\)"):
         tester.head_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
-    model = tester.head_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={}, allow_missing_weights=True)
+    model = tester.head_class.from_pretrained(
+        None, config=copy.deepcopy(config), state_dict={}, allow_missing_weights=True
+    )
     reference = tester.head_class(copy.deepcopy(config)).state_dict()
     assert sorted(model.state_dict()) == sorted(reference)
     for name, value in model.state_dict().items():
@@ -310,7 +315,9 @@ def test_enable_input_require_grads_trains_checkpointed_layers_with_frozen_param
     gradient path; with it, the trainable parameters get the gradients they get without checkpointing."""
     pixel_values, labels = inputs()
     # Mod-Squad: without its routing loss, which reentrant checkpointing does not differentiate yet (see NOT_YET).
-    overrides = {"mutual_information_loss_weight": 0.0} if "reentrant_checkpointing" in NOT_YET.get(tester.name, {}) else {}
+    overrides = (
+        {"mutual_information_loss_weight": 0.0} if "reentrant_checkpointing" in NOT_YET.get(tester.name, {}) else {}
+    )
 
     def frozen_model():
         model = build(tester, **overrides).train()
@@ -347,7 +354,10 @@ def test_enable_input_require_grads_trains_checkpointed_layers_with_frozen_param
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tester", ALL)
 def test_forward_signature(tester):
-    for model_class, first in ((tester.head_class, ["pixel_values", "labels", "tasks"]), (tester.base_class, ["pixel_values", "tasks"])):
+    for model_class, first in (
+        (tester.head_class, ["pixel_values", "labels", "tasks"]),
+        (tester.base_class, ["pixel_values", "tasks"]),
+    ):
         parameters = inspect.signature(model_class.forward).parameters
         names = [name for name in parameters if name != "self"]
         assert names[: len(first)] == first
@@ -462,7 +472,13 @@ def test_routing_report(tester):
     for layer, again in zip(model(pixel_values).gates, with_labels.gates):
         for task in TASKS:
             torch.testing.assert_close(again[task], layer[task])
-    assert with_labels.aux_losses is not None and set(with_labels.aux_losses) <= {"gate_balance", "mutual_information", "cv", "switch", "z"}
+    assert with_labels.aux_losses is not None and set(with_labels.aux_losses) <= {
+        "gate_balance",
+        "mutual_information",
+        "cv",
+        "switch",
+        "z",
+    }
 
 
 @pytest.mark.parametrize("tester", parametrised_for("attention_implementation"))

@@ -34,7 +34,6 @@ from modeling_taskexpert.modeling_modsquad import (
     switch_loss,
     z_loss,
 )
-from modeling_taskexpert.testing_utils import expert_linear_loop
 
 REPO = Path(__file__).resolve().parents[1]
 build = build_modsquad
@@ -64,19 +63,30 @@ def test_layouts_and_hub_configs():
     assert tiny.task_id2label["semseg"][20] == "tvmonitor"  # PASCAL defaults
     vitb = ModSquadConfig.from_json_file(REPO / "hub_configs/models/modsquad-vitb.json")
     assert vitb.num_experts_per_layer == [24, 16] * 6
-    assert (vitb.attention_top_k, vitb.mlp_top_k, vitb.attention_head_dim, vitb.dense_attention_head_dim) == (12, 4, 128, 128)
+    assert (vitb.attention_top_k, vitb.mlp_top_k, vitb.attention_head_dim, vitb.dense_attention_head_dim) == (
+        12,
+        4,
+        128,
+        128,
+    )
     assert vitb.use_task_embedding and not vitb.renormalize_gates
 
 
 def test_config_json_round_trip(tmp_path):
-    config = tiny_modsquad_config(kept_experts=[[0, 2, 5], [1, 3], [0, 1, 2, 3, 4, 5], [0, 4]], depth_activation="softplus")
+    config = tiny_modsquad_config(
+        kept_experts=[[0, 2, 5], [1, 3], [0, 1, 2, 3, 4, 5], [0, 4]], depth_activation="softplus"
+    )
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ModSquadConfig)
     expected = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
     assert {key: value for key, value in loaded.to_dict().items() if key != "_name_or_path"} == expected
     assert loaded.task_id2label["semseg"] == {0: "floor", 1: "wall", 2: "box"}
-    assert loaded.num_experts_per_layer == [3, 2, 6, 2] and loaded.candidate_names[0] == ["expert 0", "expert 2", "expert 5"]
+    assert loaded.num_experts_per_layer == [3, 2, 6, 2] and loaded.candidate_names[0] == [
+        "expert 0",
+        "expert 2",
+        "expert 5",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -88,8 +98,14 @@ def test_config_json_round_trip(tmp_path):
         ({"moe_mlp_layers": [1, 4]}, "`moe_mlp_layers` entry 4 is out of range"),
         ({"moe_attention_layers": [], "moe_mlp_layers": []}, "Mod-Squad needs an MoE layer"),
         ({"kept_experts": [[0, 1]]}, "`kept_experts` must list the experts of each of the 4 MoE layers, got 1"),
-        ({"kept_experts": [[0, 1], [1], [0, 1], [0, 1]]}, "MoE mlp of block 1` must be at least 2 (its top-k) increasing"),
-        ({"kept_experts": [[0, 6], [0, 1], [0, 1], [0, 1]]}, "MoE attention of block 0` entry 6 is out of range: expected 0..5"),
+        (
+            {"kept_experts": [[0, 1], [1], [0, 1], [0, 1]]},
+            "MoE mlp of block 1` must be at least 2 (its top-k) increasing",
+        ),
+        (
+            {"kept_experts": [[0, 6], [0, 1], [0, 1], [0, 1]]},
+            "MoE attention of block 0` entry 6 is out of range: expected 0..5",
+        ),
         ({"kept_experts": [[0, "1"], [0, 1], [0, 1], [0, 1]]}, "entry '1' (str) is not one"),
         ({"kept_experts": [[1, 0], [0, 1], [0, 1], [0, 1]]}, "increasing expert ids in 0..5, got [1, 0]"),
         ({"moe_layout": "sometimes"}, "`moe_layout` must be one of"),
@@ -99,7 +115,10 @@ def test_config_json_round_trip(tmp_path):
         ({"routing_epsilon": -1e-4}, "`routing_epsilon` must be in [0.0, inf)"),
         ({"noisy_gating": "yes"}, "`noisy_gating` must be true or false, got 'yes' (str)"),
         ({"use_task_embedding": 1}, "`use_task_embedding` must be true or false, got 1 (int)"),
-        ({"mutual_information_estimator": "kl"}, "`mutual_information_estimator` must be one of ('reference', 'exact'), got 'kl' (str)"),
+        (
+            {"mutual_information_estimator": "kl"},
+            "`mutual_information_estimator` must be one of ('reference', 'exact'), got 'kl' (str)",
+        ),
         ({"aux_loss_min_tasks": 0}, "`aux_loss_min_tasks` must be a positive integer"),
         ({"dense_attention_head_dim": 0}, "`dense_attention_head_dim` must be a positive integer"),
         ({"task_id2label": {"semseg": {0: "a"}}}, "needs `task_id2label['semseg']` with at least 2 classes"),
@@ -119,9 +138,15 @@ def test_configs_written_by_earlier_versions_load_their_behaviour(tmp_path):
                  "kept_experts", "mutual_information_estimator", "cv_loss_weight", "switch_loss_weight", "z_loss_weight",
                  "aux_loss_min_tasks", "dense_attention_head_dim"):  # fmt: skip
         fields.pop(name)
-    earlier = ModSquadConfig(**{**fields, "hidden_size": 48, "load_balance_loss_weight": 0.0, "experts_per_layer": None})
+    earlier = ModSquadConfig(
+        **{**fields, "hidden_size": 48, "load_balance_loss_weight": 0.0, "experts_per_layer": None}
+    )
     assert (earlier.use_task_embedding, earlier.renormalize_gates, earlier.routing_epsilon) == (False, True, 0.0)
-    assert (earlier.attention_expert_bias, earlier.mutual_information_estimator, earlier.aux_loss_min_tasks) == (True, "exact", 1)
+    assert (earlier.attention_expert_bias, earlier.mutual_information_estimator, earlier.aux_loss_min_tasks) == (
+        True,
+        "exact",
+        1,
+    )
     assert earlier.dense_attention_head_dim == 48 // 2 and not hasattr(earlier, "load_balance_loss_weight")
     with pytest.raises(ValueError, match="`load_balance_loss_weight` .* Use `switch_loss_weight`"):
         ModSquadConfig(**{**fields, "load_balance_loss_weight": 0.01, "experts_per_layer": None})
@@ -189,7 +214,9 @@ def test_dense_attention_uses_the_head_width_of_the_experts():
     layer = model.modsquad.blocks[1].attention  # odd block: dense attention
     assert layer.qkv.weight.shape == (3 * 2 * 24, 32) and layer.proj.weight.shape == (32, 2 * 24)
     x = torch.randn(2, 9, 32)
-    expected = reference_dense_attention(x, layer.qkv.weight, layer.qkv.bias, layer.proj.weight, layer.proj.bias, heads=2)
+    expected = reference_dense_attention(
+        x, layer.qkv.weight, layer.qkv.bias, layer.proj.weight, layer.proj.bias, heads=2
+    )
     torch.testing.assert_close(layer(x, torch.tensor([0]))[0], expected, rtol=1e-5, atol=1e-5)
     usual = build(tiny_modsquad_config(attention_head_dim=24, dense_attention_head_dim=16)).modsquad.blocks[1].attention
     assert usual.qkv.weight.shape == (3 * 32, 32)  # the usual ViT width C / heads
@@ -316,7 +343,10 @@ def test_model_aux_losses_are_the_layer_terms_summed_and_join_the_loss(generator
         importance = gates.reshape(-1, layer.num_experts).sum(0)
         importance /= importance.sum()
         expected["cv"] += importance.var(ddof=1) / (importance.mean() ** 2 + 1e-10)
-        mass, frequency = probabilities.reshape(-1, layer.num_experts).sum(0), (gates.reshape(-1, layer.num_experts) > 0).sum(0)
+        mass, frequency = (
+            probabilities.reshape(-1, layer.num_experts).sum(0),
+            (gates.reshape(-1, layer.num_experts) > 0).sum(0),
+        )
         expected["switch"] += layer.num_experts * ((mass / mass.sum()) * (frequency / frequency.sum())).sum()
         expected["z"] += (np.log(np.exp(logits).sum(-1) + 1e-4) ** 2).mean()
     for name, value in expected.items():
@@ -335,7 +365,9 @@ def test_model_aux_losses_are_the_layer_terms_summed_and_join_the_loss(generator
     assert two.aux_loss is None and two.aux_losses["mutual_information"].item() != 0.0
     torch.testing.assert_close(two.loss, config.loss_weights["semseg"] * two.task_losses["semseg"] +
                                config.loss_weights["depth"] * two.task_losses["depth"])  # fmt: skip
-    always = build(tiny_modsquad_config(aux_loss_min_tasks=1))(pixel_values, labels={"depth": labels["depth"]}, tasks=["depth"])
+    always = build(tiny_modsquad_config(aux_loss_min_tasks=1))(
+        pixel_values, labels={"depth": labels["depth"]}, tasks=["depth"]
+    )
     torch.testing.assert_close(always.aux_loss, 0.005 * always.aux_losses["mutual_information"])
 
 
@@ -360,7 +392,9 @@ def test_task_embedding_is_added_before_every_block():
 def test_the_task_embedding_makes_tasks_differ():
     """Two tasks with identical routers and heads differ only through their task embeddings."""
     for use_task_embedding in (True, False):
-        model = build(tiny_modsquad_config(tasks=["saliency", "edge"], task_id2label={}, use_task_embedding=use_task_embedding))
+        model = build(
+            tiny_modsquad_config(tasks=["saliency", "edge"], task_id2label={}, use_task_embedding=use_task_embedding)
+        )
         with torch.no_grad():
             for _, layer in model.modsquad.moe_layers:
                 layer.router_weight[1] = layer.router_weight[0]
@@ -400,7 +434,9 @@ def test_hidden_states_are_on_the_gradient_path_and_follow_the_config(generator)
     # Without the task embedding, blocks before the first MoE layer run once for all tasks.
     late = build(tiny_modsquad_config(use_task_embedding=False, moe_attention_layers=[2], moe_mlp_layers=[3]))
     with torch.no_grad():
-        shapes = [tuple(h.shape) for h in late.modsquad(torch.randn(2, 3, 32, 32), output_hidden_states=True).hidden_states]
+        shapes = [
+            tuple(h.shape) for h in late.modsquad(torch.randn(2, 3, 32, 32), output_hidden_states=True).hidden_states
+        ]
     assert shapes == [(2, 17, 32)] * 3 + [(12, 17, 32)] * 2
 
 
@@ -508,7 +544,9 @@ def test_base_preset_has_the_reference_parameter_count():
     its key shapes without `task_heads.*` and `fc_norm.*` (the pooled-class-token norm of their classification
     tasks); docs/architecture.md derives the formula 200,345,856 + 185,088 T."""
     for tasks in (["semseg", "human_parts", "saliency", "normals", "edge"], ["depth"]):
-        config = ModSquadConfig(tasks=tasks, task_id2label={t: {0: "a", 1: "b"} for t in tasks if t in ("semseg", "human_parts")})
+        config = ModSquadConfig(
+            tasks=tasks, task_id2label={t: {0: "a", 1: "b"} for t in tasks if t in ("semseg", "human_parts")}
+        )
         with torch.device("meta"):
             model = ModSquadModel(config)
         ours = sum(p.numel() for p in model.parameters())
@@ -557,13 +595,18 @@ def test_extracted_layers_give_bit_identical_gates_to_tokens_within_the_kept_exp
     """The exactness statement of `extract_task_model`, layer by layer: same input -> the extracted layer's router
     logits and softmax over all experts are the full layer's; tokens whose full top-k lies within the kept experts
     get bit-identical gates; the others get the best-ranked kept experts with their full-model probabilities."""
-    model = build(tiny_modsquad_config(num_attention_experts=12, num_mlp_experts=12, renormalize_gates=renormalize), router_std=2.0)
+    model = build(
+        tiny_modsquad_config(num_attention_experts=12, num_mlp_experts=12, renormalize_gates=renormalize),
+        router_std=2.0,
+    )
     calibration = torch.randn(1, 3, 16, 16)  # 5 tokens x top-2: at most 10 of the 12 experts are selected
     small = model.extract_task_model("depth", by="router", calibration_pixel_values=calibration)
     task = ALL_TASKS.index("depth")
     hidden = torch.randn(1, 40, 32)
     checked_within = checked_outside = 0
-    for (_, full_layer), (_, small_layer), kept in zip(model.modsquad.moe_layers, small.modsquad.moe_layers, small.config.kept_experts):
+    for (_, full_layer), (_, small_layer), kept in zip(
+        model.modsquad.moe_layers, small.modsquad.moe_layers, small.config.kept_experts
+    ):
         assert small_layer.router_weight.shape == full_layer.router_weight[:1].shape  # the task's whole router
         with torch.no_grad():
             full_gates = full_layer.route(hidden, torch.tensor([task]))[3].gates[0]  # (40, 12)
@@ -626,7 +669,9 @@ def test_extract_by_usage_with_the_reference_threshold():
         model(pixel_values)
     small = model.extract_task_model("edge")
     with torch.no_grad():
-        torch.testing.assert_close(small(pixel_values).logits["edge"], model(pixel_values).logits["edge"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            small(pixel_values).logits["edge"], model(pixel_values).logits["edge"], rtol=1e-5, atol=1e-5
+        )
     counts = small.expert_usage_statistics()["edge"]["counts"]  # the usage statistics travel with the experts
     assert (counts[:, : min(small.config.num_experts_per_layer)] > 0).all()
 

@@ -70,7 +70,9 @@ def test_batched_experts_equal_per_expert_loop():
         torch.nn.init.normal_(experts.fc2_weight, std=0.2)
         torch.nn.init.normal_(experts.norm_weight, std=1.0)
         tokens = torch.randn(2, 12, 32)
-        torch.testing.assert_close(experts(tokens, (3, 4)), taskexpert_experts_loop(experts, tokens, (3, 4)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            experts(tokens, (3, 4)), taskexpert_experts_loop(experts, tokens, (3, 4)), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_assembly_matches_the_formula(config):

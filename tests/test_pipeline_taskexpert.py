@@ -83,7 +83,9 @@ def test_16_bit_rgba_and_exif_files_equal_their_decoded_forms(pipe, tmp_path):
     eight_bit = np.floor(values / 257.0 + 0.5).astype(np.uint8)
     assert_same_predictions(from_file, pipe(np.repeat(eight_bit[..., None], 3, axis=2)))
     # Before, the file went through a plain RGB conversion that clipped 16-bit values to white.
-    assert not np.array_equal(from_file["depth"]["prediction"], pipe(np.full((20, 24, 3), 255, np.uint8))["depth"]["prediction"])
+    assert not np.array_equal(
+        from_file["depth"]["prediction"], pipe(np.full((20, 24, 3), 255, np.uint8))["depth"]["prediction"]
+    )
 
     rgba = np.random.default_rng(5).integers(0, 256, (16, 20, 4), dtype=np.uint8)
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
@@ -125,7 +127,9 @@ def test_urls_are_downloaded_and_read_by_the_same_loader(pipe, monkeypatch):
     def fake_get(url, timeout=None, follow_redirects=False):
         requested.append((url, timeout))
         status = 200 if url.endswith("deep.png") else 404
-        return httpx.Response(status, content=buffer.getvalue() if status == 200 else b"", request=httpx.Request("GET", url))
+        return httpx.Response(
+            status, content=buffer.getvalue() if status == 200 else b"", request=httpx.Request("GET", url)
+        )
 
     monkeypatch.setattr(httpx, "get", fake_get)
     assert_same_predictions(pipe("https://example.org/deep.png", timeout=5.0), pipe(values))

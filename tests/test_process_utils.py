@@ -89,7 +89,9 @@ def _kill_parent_and_check(process: subprocess.Popen, workers: set[int], number:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number, busy", [(signal.SIGKILL, True), (signal.SIGTERM, False)], ids=["kill-busy", "term-idle"])
+@pytest.mark.parametrize(
+    "number, busy", [(signal.SIGKILL, True), (signal.SIGTERM, False)], ids=["kill-busy", "term-idle"]
+)
 def test_boundary_workers_end_with_a_killed_evaluation(number, busy):
     process = _start_script(EVALUATION, busy=busy)
     # The 2 workers, and the resource tracker that "spawn" starts, which must end too.

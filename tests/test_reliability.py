@@ -98,7 +98,9 @@ def test_space_answers_every_corpus_file(corpus, name):
         assert rgb.shape == (*case.size, 3) and rgb.dtype == np.uint8
     else:
         # The Space names the upload (by its name only, never a server path) and the reason.
-        reason = rf"“{name}”(: the image cannot be decoded|: the image contains NaN| is not an image| is \d+×\d+ pixels)"
+        reason = (
+            rf"“{name}”(: the image cannot be decoded|: the image contains NaN| is not an image| is \d+×\d+ pixels)"
+        )
         with pytest.raises(ValueError, match=reason) as raised:
             model_loading.load_image(str(case.path))
         assert str(case.path.parent) not in str(raised.value)
@@ -139,6 +141,7 @@ def test_missing_or_truncated_weights_are_named(model_folder, tmp_path, damage):
 
 def test_space_reports_a_pickle_checkpoint_as_unavailable(model_folder, tmp_path):
     import model_loading as app  # space_app/model_loading.py
+
     folder = tmp_path / "pickled"
     shutil.copytree(model_folder, folder)
     torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
@@ -215,7 +218,9 @@ def test_dataset_with_a_missing_split_or_a_wrong_column(synthetic_dataset, tmp_p
     (missing / METADATA_FILENAME).write_text(json.dumps(metadata))
     for shard in (missing / "data").glob("validation-*"):
         shard.unlink()
-    with pytest.raises(ValueError, match=r"missing_split: the dataset has no 'validation' split \(it has \['train'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"missing_split: the dataset has no 'validation' split \(it has \['train'\]\)"
+    ):
         load_multitask_dataset(missing, "validation")
 
     renamed = tmp_path / "wrong_column"
@@ -263,7 +268,7 @@ def test_recipe_with_an_unknown_key_or_a_wrong_type_is_refused(tmp_path):
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("dataset: somewhere\nlearnig_rate: 0.1\n")
-    with pytest.raises(RecipeError, match=rf"Unknown recipe field 'learnig_rate' in .*recipe.yaml"):
+    with pytest.raises(RecipeError, match=r"Unknown recipe field 'learnig_rate' in .*recipe.yaml"):
         parse_command_line(["--config", str(recipe)])
     recipe.write_text("dataset: somewhere\nmax_steps: many\n")
     with pytest.raises(RecipeError, match="max_steps"):

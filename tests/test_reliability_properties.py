@@ -5,7 +5,6 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 from modeling_taskexpert.data.transforms import flip_horizontal, rescale
 from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator
@@ -24,7 +23,11 @@ def samples(draw):
     semseg = rng.choice(np.array([0, 1, 2, IGNORE_INDEX], np.uint8), (height, width))
     normals = rng.normal(size=(height, width, 3)).astype(np.float32)
     normals /= np.linalg.norm(normals, axis=-1, keepdims=True)
-    return image, {"semseg": semseg, "normals": normals, "depth": rng.uniform(0.5, 5, (height, width)).astype(np.float32)}
+    return image, {
+        "semseg": semseg,
+        "normals": normals,
+        "depth": rng.uniform(0.5, 5, (height, width)).astype(np.float32),
+    }
 
 
 @FAST
@@ -72,7 +75,9 @@ def test_metrics_do_not_depend_on_batching_or_order(num_samples, seed, data):
     def evaluate(batches):
         evaluator = DenseMultiTaskEvaluator(tasks=["semseg", "depth", "normals"], num_classes={"semseg": 3})
         for indices in batches:
-            evaluator.update({t: v[indices] for t, v in predictions.items()}, {t: v[indices] for t, v in labels.items()})
+            evaluator.update(
+                {t: v[indices] for t, v in predictions.items()}, {t: v[indices] for t, v in labels.items()}
+            )
         return evaluator.compute(sync=False)
 
     whole = evaluate([list(range(num_samples))])

@@ -9,7 +9,16 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import descendants, is_running, kill_process_tree, run, start, train_command, train_records, wait_until_gone
+from training_runs import (
+    descendants,
+    is_running,
+    kill_process_tree,
+    run,
+    start,
+    train_command,
+    train_records,
+    wait_until_gone,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +52,9 @@ def test_two_process_kill_and_resume_gives_identical_weights(synthetic_dataset, 
     assert not wait_until_gone(killed), "a process of the killed run is still running"
     assert not (output_dir / "model.safetensors").exists()
 
-    completed = run(train_command(synthetic_dataset, output_dir, *SETTINGS, "--resume_from_checkpoint", "latest", processes=2))
+    completed = run(
+        train_command(synthetic_dataset, output_dir, *SETTINGS, "--resume_from_checkpoint", "latest", processes=2)
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "Resumed from" in completed.stdout + completed.stderr
     records = train_records(output_dir)

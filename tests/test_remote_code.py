@@ -112,6 +112,8 @@ def test_remote_code_is_never_trusted_implicitly(saved_model, tmp_path):
         f"AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=False)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode != 0
     assert "trust_remote_code=True" in completed.stderr

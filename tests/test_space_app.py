@@ -276,7 +276,9 @@ def test_browser_shows_limits_keeps_errors_and_explains_every_map(server, tmp_pa
 
             page.get_by_role("tab", name="Experts").click()
             expect(page.locator("#expert-task input")).to_have_value(task_title(ALL_TASKS[0]))
-            expect(page.locator("#expert-note")).to_contain_text("largest gate weight: expert 0, expert 1, expert 2, memory")
+            expect(page.locator("#expert-note")).to_contain_text(
+                "largest gate weight: expert 0, expert 1, expert 2, memory"
+            )
             for element in ("#expert-map", "#expert-plot"):
                 image = page.locator(f"{element} img").first
                 expect(image).to_be_visible(timeout=30_000)

@@ -57,7 +57,9 @@ def test_gates_that_disagree_with_the_config_are_refused():
     with pytest.raises(ValueError, match="1 layers of gates, 2 layer names"):
         experts_tab.routing_view(NAMES, gates_of(np.ones((4, 4, 3))), ["t"], (16, 16), (16, 16), (0, 0))
     with pytest.raises(ValueError, match="expected \\(batch, h, w, 3\\) for the candidates"):
-        experts_tab.routing_view(NAMES, gates_of(np.ones((4, 4, 3)), np.ones((4, 4, 2))), ["t"], (16, 16), (16, 16), (0, 0))
+        experts_tab.routing_view(
+            NAMES, gates_of(np.ones((4, 4, 3)), np.ones((4, 4, 2))), ["t"], (16, 16), (16, 16), (0, 0)
+        )
 
 
 def test_session_state_stays_small_for_large_images():
@@ -85,7 +87,9 @@ def test_dominant_overlay_names_every_candidate_compared(tmp_path):
     for mask, name in annotations:
         np.testing.assert_array_equal(mask > 0, dominant == NAMES.candidate_names[1].index(name))
     assert experts_tab.dominant_label(view, "Depth", 1) == "Dominant candidate: Depth, second"
-    assert experts_tab.candidates_note(view, 1).endswith("3 candidates of second has the largest gate weight: a, b, memory.")
+    assert experts_tab.candidates_note(view, 1).endswith(
+        "3 candidates of second has the largest gate weight: a, b, memory."
+    )
     assert experts_tab.candidate_color_map(["a", "memory"]) == {"a": "#800000", "memory": "#008000"}
 
 

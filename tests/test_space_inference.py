@@ -37,7 +37,10 @@ def test_predict_all_tasks_follows_the_conventions(demo_model):
     np.testing.assert_array_equal(prediction.image, rgb)
     # 56 px wide on a 64 px canvas: kept at its size and padded.
     assert prediction.resized == (40, 56) and prediction.canvas == (64, 64)
-    assert prediction.model_view() == "The model saw the image at its own size, 56×40 on its 64×64 canvas, padded around it."
+    assert (
+        prediction.model_view()
+        == "The model saw the image at its own size, 56×40 on its 64×64 canvas, padded around it."
+    )
 
 
 def test_model_view_names_shrinking_and_enlarging(demo_model, monkeypatch):
@@ -119,5 +122,7 @@ def test_npz_round_trip(demo_model, tmp_path):
         np.testing.assert_array_equal(arrays["normals"], prediction.predictions["normals"])
         assert list(arrays["candidate_names/1"]) == ["expert 0", "expert 1", "expert 2", "memory"]
         assert arrays["dominant_candidate/edge"].shape == (2, 24, 40)
-        np.testing.assert_array_equal(arrays["dominant_candidate/edge"][1], prediction.routing.dominant_map("edge", 1, (24, 40)))
+        np.testing.assert_array_equal(
+            arrays["dominant_candidate/edge"][1], prediction.routing.dominant_map("edge", 1, (24, 40))
+        )
         np.testing.assert_allclose(arrays["mean_weight/edge/0"], prediction.routing.mean_weights("edge", 0))

@@ -58,7 +58,9 @@ def test_default_model_is_the_study_best_when_there_else_the_make_train_one(mode
     assert model_loading.load_demo_model().source == str(best)
 
 
-def test_a_relative_model_folder_is_read_from_the_repository_root(model_folder, repo_root, monkeypatch, tmp_path_factory):
+def test_a_relative_model_folder_is_read_from_the_repository_root(
+    model_folder, repo_root, monkeypatch, tmp_path_factory
+):
     (repo_root / "outputs" / "mine").symlink_to(model_folder)
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # not where the app runs from
     monkeypatch.setenv(model_loading.MODEL_ENV_VAR, "outputs/mine")
@@ -204,7 +206,9 @@ def test_a_truncated_file_is_named_without_the_server_path(tmp_path):
     Image.fromarray(random_image(64, 64)).save(tmp_path / "cut.png")
     data = (tmp_path / "cut.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="“cut.png”: the image cannot be decoded; the file is damaged or truncated") as raised:
+    with pytest.raises(
+        ValueError, match="“cut.png”: the image cannot be decoded; the file is damaged or truncated"
+    ) as raised:
         model_loading.load_image(tmp_path / "cut.png")
     assert str(tmp_path) not in str(raised.value)
 

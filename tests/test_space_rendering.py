@@ -26,7 +26,12 @@ def test_segmentation_overlay_has_one_mask_per_present_class():
 
 def test_legend_colours_are_the_voc_palette():
     # PASCAL VOC colours: class 1 dark red, 2 dark green, 3 olive.
-    assert rendering.class_color_map(["a", "b", "c", "d"]) == {"a": "#000000", "b": "#800000", "c": "#008000", "d": "#808000"}
+    assert rendering.class_color_map(["a", "b", "c", "d"]) == {
+        "a": "#000000",
+        "b": "#800000",
+        "c": "#008000",
+        "d": "#808000",
+    }
 
 
 def test_scalar_maps_are_the_image_alone_at_its_size():
@@ -35,7 +40,9 @@ def test_scalar_maps_are_the_image_alone_at_its_size():
     rendered = rendering.render_task(depth, "depth", random_image(40, 60), tiny_config())
     np.testing.assert_array_equal(rendered, colorize_scalar(depth, 0.5, 4.25))
     saliency = np.random.default_rng(0).random((3, 2))
-    np.testing.assert_array_equal(rendering.render_task(saliency, "saliency", None, None), colorize_scalar(saliency, 0.0, 1.0))
+    np.testing.assert_array_equal(
+        rendering.render_task(saliency, "saliency", None, None), colorize_scalar(saliency, 0.0, 1.0)
+    )
 
 
 def test_colour_bar_legends_are_text_with_the_colour_map_as_a_gradient():
@@ -57,7 +64,9 @@ def test_orientation_sphere_colours_each_point_by_its_normal():
     assert right[0] > 240 and abs(int(right[2]) - 128) < 40  # facing right: red
     assert top[1] > 240 and abs(int(top[2]) - 128) < 40  # facing up: green
     assert sphere[0, 0, 3] == 0 and centre[3] == 255  # transparent outside the disc
-    assert "orientation sphere" in rendering.task_legend("normals") and "data:image/png;base64," in rendering.task_legend("normals")
+    assert "orientation sphere" in rendering.task_legend(
+        "normals"
+    ) and "data:image/png;base64," in rendering.task_legend("normals")
 
 
 def test_output_images_are_written_once_and_never_rewritten(tmp_path):

@@ -14,7 +14,9 @@ import resources
 
 def test_limits_come_from_the_environment_and_bad_values_are_named():
     assert resources.ResourceLimits.from_env({}) == resources.ResourceLimits()
-    limits = resources.ResourceLimits.from_env({"TASKEXPERT_SPACE_CACHE_MAX_MB": "64", "TASKEXPERT_SPACE_MAX_SESSIONS": "7"})
+    limits = resources.ResourceLimits.from_env(
+        {"TASKEXPERT_SPACE_CACHE_MAX_MB": "64", "TASKEXPERT_SPACE_MAX_SESSIONS": "7"}
+    )
     assert limits.cache_max_mb == 64.0 and limits.max_sessions == 7 and isinstance(limits.max_sessions, int)
     with pytest.raises(ValueError, match="TASKEXPERT_SPACE_MAX_SESSIONS must be a int, got '2.5'"):
         resources.ResourceLimits.from_env({"TASKEXPERT_SPACE_MAX_SESSIONS": "2.5"})

@@ -35,7 +35,12 @@ def copy_run(finished_run, destination):
 def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_dataset):
     from transformers import AutoModel
 
-    from modeling_taskexpert.data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
+    from modeling_taskexpert.data import (
+        build_transforms,
+        collate_dense_batch,
+        read_dataset_metadata,
+        load_multitask_dataset,
+    )
     from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, evaluate_model
 
     files = set(os.listdir(finished_run))
@@ -51,11 +56,21 @@ def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_datase
     metrics = json.loads((finished_run / "metrics.json").read_text())
     model = AutoModel.from_pretrained(finished_run)
     metadata = read_dataset_metadata(synthetic_dataset)
-    dataset = load_multitask_dataset(synthetic_dataset, "validation").with_transform(build_transforms(metadata, train=False))
+    dataset = load_multitask_dataset(synthetic_dataset, "validation").with_transform(
+        build_transforms(metadata, train=False)
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_dense_batch)
     evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode=["approximate", "exact"])
     recomputed = evaluate_model(model, loader, evaluator, progress=False)
-    for key in ("semseg/mIoU", "depth/RMSE", "normals/mean", "saliency/maxF", "edge/odsF_approx", "edge/odsF", "human_parts/mIoU"):
+    for key in (
+        "semseg/mIoU",
+        "depth/RMSE",
+        "normals/mean",
+        "saliency/maxF",
+        "edge/odsF_approx",
+        "edge/odsF",
+        "human_parts/mIoU",
+    ):
         assert recomputed[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
 
     # Provenance: the fields the experiments report reads.
@@ -84,7 +99,9 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     assert reported[("Semantic Segmentation", "mIoU (%)")] == pytest.approx(metrics["semseg/mIoU"], abs=1e-4)
     assert reported[("Monocular Depth Estimation", "RMSE (m)")] == pytest.approx(metrics["depth/RMSE"], abs=1e-4)
     assert reported[("Edge Detection", "odsF, exact scorer (%)")] == pytest.approx(metrics["edge/odsF"], abs=1e-4)
-    assert reported[("Edge Detection", "odsF, approximate scorer (%)")] == pytest.approx(metrics["edge/odsF_approx"], abs=1e-4)
+    assert reported[("Edge Detection", "odsF, approximate scorer (%)")] == pytest.approx(
+        metrics["edge/odsF_approx"], abs=1e-4
+    )
     # The body: limitations, both scorers, per-class IoU, the curves, a namespaced usage snippet, the citation.
     assert "synthetic scenes only" in card and "meaningless" in card
     assert f"| {metrics['edge/odsF']:.2f} |" in card and f"| {metrics['edge/odsF_approx']:.2f} |" in card
@@ -99,7 +116,11 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     assert recipe["dataset"] == "synthetic" and "output_dir" not in recipe
 
     # The usage snippet of the card runs as written (with the local folder in place of the Hub id).
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("your-namespace/uninterrupted", str(finished_run))
+    snippet = (
+        re.search(r"```python\n(.*?)```", card, re.S)
+        .group(1)
+        .replace("your-namespace/uninterrupted", str(finished_run))
+    )
     completed = subprocess.run([sys.executable, "-c", snippet + "\nassert set(maps) == set(result)\n"], cwd=tmp_path,
                                capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -168,8 +189,12 @@ def test_output_folder_of_another_run_is_refused(finished_run, synthetic_dataset
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     completed = run(train_command(synthetic_dataset, folder, "--learning_rate", "1e-4", launcher=False))
     assert completed.returncode == 2
-    assert "already holds checkpoints step_00000004, step_00000008 and model.safetensors and metrics.json of a run of " \
-           "another recipe" in completed.stderr and "--overwrite_output_dir" in completed.stderr
+    assert (
+        "already holds checkpoints step_00000004, step_00000008 and model.safetensors and metrics.json of a run of "
+        "another recipe"
+        in completed.stderr
+        and "--overwrite_output_dir" in completed.stderr
+    )
     completed = run(train_command(synthetic_dataset, folder, "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest",
                                   launcher=False))  # fmt: skip
     assert completed.returncode == 2
@@ -212,7 +237,10 @@ def test_non_finite_loss_stops_at_once_and_names_the_step(synthetic_dataset, tmp
     completed = run(train_command(synthetic_dataset, output_dir, "--learning_rate", "1e30", "--warmup_steps", "0",
                                   "--save_steps", "1", "--mixed_precision", "fp16", launcher=False))  # fmt: skip
     assert completed.returncode == 1
-    assert "Notice: `mixed_precision: fp16` needs a GPU; this CPU run computes in float32" in completed.stdout + completed.stderr
+    assert (
+        "Notice: `mixed_precision: fp16` needs a GPU; this CPU run computes in float32"
+        in completed.stdout + completed.stderr
+    )
     message = completed.stderr.split("train.py: ")[-1]
     assert message.startswith("Training stopped at step 2: the loss is not finite (semseg: nan")
     assert f"The last good checkpoint is {output_dir / 'checkpoints' / 'step_00000001'}." in message
@@ -251,7 +279,11 @@ def test_bad_recipe_and_unwritable_output_fail_cleanly(synthetic_dataset, tmp_pa
     completed = run(train_command(synthetic_dataset, tmp_path / "y", "--tasks", "[flow]"))
     assert "Recipe tasks ['flow'] are not in dataset" in completed.stderr
     completed = run(train_command(tmp_path / "no-dataset", tmp_path / "w", launcher=False))
-    assert completed.returncode == 2 and "Recipe field `dataset`:" in completed.stderr and "Traceback" not in completed.stderr
+    assert (
+        completed.returncode == 2
+        and "Recipe field `dataset`:" in completed.stderr
+        and "Traceback" not in completed.stderr
+    )
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     completed = run(train_command(synthetic_dataset, blocker / "out"))

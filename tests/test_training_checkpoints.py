@@ -117,7 +117,10 @@ def test_latest_skips_damaged_and_incomplete_checkpoints_naming_them(saved):
     with pytest.raises(CheckpointError, match=r"step_00000003: model.safetensors is damaged"):
         resolve_checkpoint(str(output_dir), str(newest), FINGERPRINT, FIELDS)
     manifest = json.loads((middle / MANIFEST_FILE).read_text())
-    manifest["files"][STATE_FILE] = {"size": (middle / STATE_FILE).stat().st_size, "sha256": _sha256(middle / STATE_FILE)}
+    manifest["files"][STATE_FILE] = {
+        "size": (middle / STATE_FILE).stat().st_size,
+        "sha256": _sha256(middle / STATE_FILE),
+    }
     (middle / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"step_00000002: the trainer state trainer_state.json is not valid JSON"):
         resolve_checkpoint(str(output_dir), str(middle), FINGERPRINT, FIELDS)
@@ -129,7 +132,9 @@ def test_latest_skips_damaged_and_incomplete_checkpoints_naming_them(saved):
 
 def test_a_checkpoint_of_another_recipe_is_refused_naming_the_difference(saved):
     _, output_dir = saved
-    with pytest.raises(CheckpointError, match=r"step_00000003 belongs to another recipe \(learning_rate: 0.002 there, 0.001 now\)"):
+    with pytest.raises(
+        CheckpointError, match=r"step_00000003 belongs to another recipe \(learning_rate: 0.002 there, 0.001 now\)"
+    ):
         resolve_checkpoint(str(output_dir), "latest", "b" * 64, {**FIELDS, "learning_rate": 0.001})
     assert resolve_checkpoint(str(output_dir), None, "b" * 64, FIELDS) is None
     assert resolve_checkpoint(str(output_dir / "empty"), "latest", FINGERPRINT, FIELDS) is None
@@ -178,7 +183,10 @@ def test_a_fresh_run_never_takes_over_another_runs_folder(saved):
     with pytest.raises(RecipeError, match=r"already holds checkpoints step_00000001, step_00000002, step_00000003 and "
                                           r"metrics.json of a run of another recipe .*--overwrite_output_dir"):  # fmt: skip
         claim_output_dir(output_dir, "b" * 64, overwrite=False)
-    with pytest.raises(RecipeError, match="of an earlier run of this recipe. A fresh run would replace them: --resume_from_checkpoint latest continues it"):
+    with pytest.raises(
+        RecipeError,
+        match="of an earlier run of this recipe. A fresh run would replace them: --resume_from_checkpoint latest continues it",
+    ):
         claim_output_dir(output_dir, FINGERPRINT, overwrite=False)
     assert len(list(checkpoint_root(str(output_dir)).iterdir())) == 3  # refusing deletes nothing
     (output_dir / "launch.log").write_text("kept")  # not a file of train.py

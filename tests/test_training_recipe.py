@@ -111,7 +111,10 @@ def load_train_script():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"num_expert": 3}, r"Unknown key\(s\) \['num_expert'\] in the recipe field `model_overrides`: not fields of taskexpert configs. Valid keys: .*num_experts"),
+        (
+            {"num_expert": 3},
+            r"Unknown key\(s\) \['num_expert'\] in the recipe field `model_overrides`: not fields of taskexpert configs. Valid keys: .*num_experts",
+        ),
         ({"tasks": ["depth"]}, "`model_overrides` cannot set `tasks`: train.py sets it"),
         ({"loss_weights": {"depth": float("nan")}}, r"loss_weights\['depth'\].* nan"),
         ({"loss_weights": {"depth": -1.0}}, r"loss_weights\['depth'\].* -1"),

@@ -9,14 +9,22 @@ from PIL import Image
 
 from modeling_taskexpert.training import build_model_card, load_recipe, plot_training_curves
 
-METADATA = {"name": "nyud", "eval_size": [448, 576], "train_size": [448, 576], "splits": {"train": 795, "validation": 654}}
+METADATA = {
+    "name": "nyud",
+    "eval_size": [448, 576],
+    "train_size": [448, 576],
+    "splits": {"train": 795, "validation": 654},
+}
 
 
 def test_curves_show_every_tasks_main_metric(tmp_path):
     """Twenty metric names per evaluation: the six tasks' main metrics are all plotted (not the first twelve
     names), boundaries with both scorers."""
     log = tmp_path / "train_log.jsonl"
-    records = [{"kind": "train", "step": s, "loss": 10.0 / s, "loss/depth": 1.0 / s, "loss/semseg": 2.0 / s} for s in range(1, 61)]
+    records = [
+        {"kind": "train", "step": s, "loss": 10.0 / s, "loss/depth": 1.0 / s, "loss/semseg": 2.0 / s}
+        for s in range(1, 61)
+    ]
     for step in range(10, 61, 10):
         record = {"kind": "eval", "step": step, **{f"aaa/extra_{i}": float(i) for i in range(14)}}
         record.update({"semseg/mIoU": step / 2, "human_parts/mIoU": 1.0, "saliency/maxF": 2.0, "edge/odsF_approx": 3.0,
@@ -37,7 +45,13 @@ def test_card_of_a_real_data_model_with_a_pretrained_backbone(tmp_path):
                          backbone_checkpoint="google/vit-base-patch16-384")  # fmt: skip
     recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"dataset": str(tmp_path / "data" / "nyud"),
                                                               "hub_model_id": "someone/taskexpert-nyud"})  # fmt: skip
-    metrics = {"semseg/mIoU": 41.5, "semseg/IoU/wall": 60.0, "semseg/IoU/floor": 23.0, "depth/RMSE": 0.61, "depth/abs_rel": 0.2}
+    metrics = {
+        "semseg/mIoU": 41.5,
+        "semseg/IoU/wall": 60.0,
+        "semseg/IoU/floor": 23.0,
+        "depth/RMSE": 0.61,
+        "depth/abs_rel": 0.2,
+    }
     card = build_model_card(config, recipe, metrics, METADATA, "someone/taskexpert-nyud")
     front_matter = yaml.safe_load(card.split("---")[1])
     assert front_matter["base_model"] == "google/vit-base-patch16-384"

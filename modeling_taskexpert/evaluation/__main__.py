@@ -144,7 +144,9 @@ def prepare(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
     metadata = read_dataset_metadata(args.dataset)
     try:
-        model, loading_info = load_dense_model(args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True)
+        model, loading_info = load_dense_model(
+            args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"Cannot load the model {args.model!r}: {error}") from None
     # Scoring a model whose weights are partly random would report numbers of a model that does not exist.

@@ -253,9 +253,7 @@ def boundary_counts(
     if mode not in BOUNDARY_MODES:
         raise ValueError(f"Unknown boundary mode {mode!r}; expected one of {BOUNDARY_MODES}.")
     if min(probabilities.shape) < 2:
-        raise ValueError(
-            f"Boundary scoring needs an image region of at least 2 x 2 pixels, got {probabilities.shape}."
-        )
+        raise ValueError(f"Boundary scoring needs an image region of at least 2 x 2 pixels, got {probabilities.shape}.")
     edges = edge_nms(quantize_like_png(probabilities))
     if valid is not None:
         edges = np.where(valid, edges, 0.0)

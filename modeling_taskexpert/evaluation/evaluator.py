@@ -123,7 +123,11 @@ class DenseMultiTaskEvaluator:
         for task in tasks:
             check_task_name(task)
         edge_modes = [edge_mode] if isinstance(edge_mode, str) else list(edge_mode)
-        if not edge_modes or any(mode not in BOUNDARY_MODES for mode in edge_modes) or len(set(edge_modes)) != len(edge_modes):
+        if (
+            not edge_modes
+            or any(mode not in BOUNDARY_MODES for mode in edge_modes)
+            or len(set(edge_modes)) != len(edge_modes)
+        ):
             raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, or a sequence of both, got {edge_mode!r}.")
         if "edge" in tasks and "exact" in edge_modes:
             require_exact_scorer()
@@ -184,7 +188,9 @@ class DenseMultiTaskEvaluator:
         come from the metadata unless given in `kwargs`.
         """
         if not isinstance(metadata, Mapping) or not isinstance(metadata.get("tasks"), Mapping):
-            raise ValueError("metadata must be the dict of a dataset's metadata file (read_dataset_metadata), with a 'tasks' mapping.")
+            raise ValueError(
+                "metadata must be the dict of a dataset's metadata file (read_dataset_metadata), with a 'tasks' mapping."
+            )
         available = metadata["tasks"]
         tasks = [task for task in TASKS if task in available] if tasks is None else list(tasks)
         for task in tasks:

@@ -82,7 +82,9 @@ def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
     one's, since it thins a constant map to a one-pixel grid before matching)."""
     metadata = read_dataset_metadata(dataset)
     tasks = [task for task in TASKS if task in metadata["tasks"]]
-    data = load_multitask_dataset(dataset, "validation").with_transform(build_transforms(metadata, train=False, tasks=tasks))
+    data = load_multitask_dataset(dataset, "validation").with_transform(
+        build_transforms(metadata, train=False, tasks=tasks)
+    )
     loader = DataLoader(data, batch_size=16, collate_fn=collate_dense_batch)
     statistics = label_statistics(loader, tasks)
     evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=tasks, edge_mode=edge_mode)
@@ -100,7 +102,9 @@ def recorded_baseline(path, metadata: dict, num_samples: int) -> Optional[dict]:
         recorded = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(recorded, dict) or recorded.get("dataset") != json.loads(json.dumps(dataset_identity(metadata, num_samples))):
+    if not isinstance(recorded, dict) or recorded.get("dataset") != json.loads(
+        json.dumps(dataset_identity(metadata, num_samples))
+    ):
         return None
     return recorded.get("metrics")
 

@@ -115,7 +115,9 @@ def verify_checkpoint(path: Path) -> dict:
         if size != entry.get("size"):
             raise CheckpointError(f"{path}: {name} is damaged ({size} bytes, {entry.get('size')} were written).")
         if _sha256(file) != entry.get("sha256"):
-            raise CheckpointError(f"{path}: {name} is damaged or was modified (its SHA-256 differs from the manifest's).")
+            raise CheckpointError(
+                f"{path}: {name} is damaged or was modified (its SHA-256 differs from the manifest's)."
+            )
     state = _read_json(path / STATE_FILE, "the trainer state")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path}: {STATE_FILE} has no integer `step`.")
@@ -196,7 +198,10 @@ def set_rng_state(state: dict) -> None:
 @contextlib.contextmanager
 def weights_only_loads():
     """Every `torch.load` inside is `weights_only=True`, even where a library asks for False (torch's own switch)."""
-    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    saved = {
+        name: os.environ.pop(name, None)
+        for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    }
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         yield
@@ -232,7 +237,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
         save_file(tensors, temporary / LOSS_WEIGHTING_FILE)
         state = {**state, "step": step, "world_size": accelerator.num_processes, "accelerator_step": accelerator.step}
         (temporary / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
-        files = {item.name: {"size": item.stat().st_size, "sha256": _sha256(item)} for item in sorted(temporary.iterdir())}
+        files = {
+            item.name: {"size": item.stat().st_size, "sha256": _sha256(item)} for item in sorted(temporary.iterdir())
+        }
         (temporary / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2))
         for item in [temporary, *temporary.iterdir()]:  # safetensors writes its files private (0o600)
             give_default_permissions(item)
@@ -245,7 +252,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: 
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path, state: dict, scheduler, loss_weighting, warn: Callable[[str], None] = print) -> None:
+def load_checkpoint(
+    accelerator, checkpoint: Path, state: dict, scheduler, loss_weighting, warn: Callable[[str], None] = print
+) -> None:
     """Restore a verified checkpoint (`resolve_checkpoint`): model and optimiser through accelerate, with every
     `torch.load` forced to `weights_only=True`; the schedule, loss weighting and random generators from our files."""
     try:
@@ -255,7 +264,9 @@ def load_checkpoint(accelerator, checkpoint: Path, state: dict, scheduler, loss_
         loss_weighting.load_state_dict(load_file(checkpoint / LOSS_WEIGHTING_FILE, device="cpu"))
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError) as error:
         # weights_only refuses anything but tensors and plain containers; a size mismatch means another model.
-        raise CheckpointError(f"{checkpoint} cannot be loaded safely into this run: {type(error).__name__}: {error}") from None
+        raise CheckpointError(
+            f"{checkpoint} cannot be loaded safely into this run: {type(error).__name__}: {error}"
+        ) from None
     rng_file = checkpoint / RNG_FILE.format(accelerator.process_index)
     if state.get("world_size") != accelerator.num_processes:
         warn(

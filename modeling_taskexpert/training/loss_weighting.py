@@ -31,7 +31,12 @@ class LossWeighting(nn.Module):
             if task not in base_weights:
                 raise ValueError(f"`loss_weights` has no weight for task {task!r} (it has {sorted(base_weights)}).")
             weight = base_weights[task]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
                 raise ValueError(f"`loss_weights[{task!r}]` must be a finite number >= 0, got {weight!r}.")
         if not math.isfinite(dwa_temperature) or dwa_temperature <= 0:
             raise ValueError(f"`dwa_temperature` must be a finite number > 0, got {dwa_temperature!r}.")

@@ -44,7 +44,9 @@ def recipe_fingerprint(recipe) -> tuple[str, dict]:
 
 def _git(*arguments: str) -> Optional[str]:
     try:
-        completed = subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True, text=True, timeout=30)
+        completed = subprocess.run(
+            ["git", "-C", str(REPOSITORY), *arguments], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return completed.stdout.strip() if completed.returncode == 0 else None
@@ -107,7 +109,11 @@ def claim_output_dir(output_dir, recipe_sha256: str, overwrite: bool, accelerato
     from .recipe import RecipeError
 
     output_dir = Path(output_dir)
-    found = [f"checkpoints {', '.join(p.name for p in checkpoint_folders(output_dir))}"] if checkpoint_folders(output_dir) else []
+    found = (
+        [f"checkpoints {', '.join(p.name for p in checkpoint_folders(output_dir))}"]
+        if checkpoint_folders(output_dir)
+        else []
+    )
     found += [name for name in RUN_RESULTS if (output_dir / name).exists()]
     if found and not overwrite:
         provenance = read_provenance(output_dir)

@@ -131,22 +131,32 @@ class TrainingRecipe:
             if getattr(self, name) < 0:
                 raise RecipeError(f"Recipe field `{name}` must be >= 0, got {getattr(self, name)!r}.")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            raise RecipeError(f"Recipe field `max_eval_samples` must be >= 1 (or null for all), got {self.max_eval_samples!r}.")
+            raise RecipeError(
+                f"Recipe field `max_eval_samples` must be >= 1 (or null for all), got {self.max_eval_samples!r}."
+            )
         # Real-valued fields: (lowest allowed, whether the lowest itself is allowed, highest exclusive or None).
         ranges = {"learning_rate": (0.0, False, None), "weight_decay": (0.0, True, None), "adam_epsilon": (0.0, False, None),
                   "adam_beta1": (0.0, True, 1.0), "adam_beta2": (0.0, True, 1.0), "poly_power": (0.0, True, None),
                   "max_grad_norm": (0.0, True, None), "dwa_temperature": (0.0, False, None)}  # fmt: skip
         for name, (low, inclusive, high) in ranges.items():
             value = getattr(self, name)
-            if not math.isfinite(value) or value < low or (value == low and not inclusive) or (high is not None and value >= high):
+            if (
+                not math.isfinite(value)
+                or value < low
+                or (value == low and not inclusive)
+                or (high is not None and value >= high)
+            ):
                 bound = f"{'>=' if inclusive else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
                 raise RecipeError(f"Recipe field `{name}` must be a finite number {bound}, got {value!r}.")
         if self.seed >= 2**32:
             raise RecipeError(f"Recipe field `seed` must be < 2**32 (numpy's limit), got {self.seed}.")
         if self.warmup_steps >= self.max_steps:
-            raise RecipeError(f"`warmup_steps` ({self.warmup_steps}) must be smaller than `max_steps` ({self.max_steps}).")
+            raise RecipeError(
+                f"`warmup_steps` ({self.warmup_steps}) must be smaller than `max_steps` ({self.max_steps})."
+            )
         if self.crop_size is not None and (
-            len(self.crop_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.crop_size)
+            len(self.crop_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.crop_size)
         ):
             raise RecipeError(f"`crop_size` must be [height, width] in pixels (integers >= 1), got {self.crop_size!r}.")
         if self.tasks is not None and (not self.tasks or not all(isinstance(t, str) for t in self.tasks)):
@@ -171,10 +181,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a value against the recipe field's type; strings from the command line are parsed as YAML."""
     fields = _field_types()
     if name in RENAMED_FIELDS:
-        raise RecipeError(f"Recipe field `{name}` in {source} is now called `{RENAMED_FIELDS[name]}` (same values); rename it.")
+        raise RecipeError(
+            f"Recipe field `{name}` in {source} is now called `{RENAMED_FIELDS[name]}` (same values); rename it."
+        )
     if name not in fields:
         raise RecipeError(f"Unknown recipe field {name!r} in {source}. Valid fields: {', '.join(sorted(fields))}.")
-    default = fields[name].default if fields[name].default is not dataclasses.MISSING else fields[name].default_factory()
+    default = (
+        fields[name].default if fields[name].default is not dataclasses.MISSING else fields[name].default_factory()
+    )
     if isinstance(value, str) and not isinstance(default, str) and not (default is None and name in _STRING_OR_NONE):
         try:
             value = yaml.safe_load(value)

@@ -57,7 +57,9 @@ class JsonLinesLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
@@ -116,7 +118,9 @@ def plot_training_curves(log_path: Path, output_path: Path) -> list[tuple[str, l
     return panels
 
 
-def main_metric_rows(metrics: dict, tasks, chance: Optional[dict] = None) -> list[tuple[str, str, float, Optional[float]]]:
+def main_metric_rows(
+    metrics: dict, tasks, chance: Optional[dict] = None
+) -> list[tuple[str, str, float, Optional[float]]]:
     """(task, metric label with its direction, value, chance bar or None) of every main metric in `metrics`: the rows
     of the results table of the model card and of the README."""
     rows = []
@@ -181,7 +185,12 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     eval_results = []
     for key, value in sorted(metrics.items()):
         task = key.split("/")[0]
-        if key not in CARD_METRICS or task not in tasks or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            key not in CARD_METRICS
+            or task not in tasks
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             continue
         task_type, task_name = CARD_TASKS[task]
         metric_type, metric_name = CARD_METRICS[key]
@@ -228,7 +237,9 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     chance = chance_baseline or {}
     rows = [f"| {task} | {label} | {_format(value)} |" + (f" {_format(bar)} |" if chance else "")
             for task, label, value, bar in main_metric_rows(metrics, tasks, chance)]  # fmt: skip
-    header = "| task | metric | value |" + (" chance |" if chance else "") + "\n|---|---|---|" + ("---|" if chance else "")
+    header = (
+        "| task | metric | value |" + (" chance |" if chance else "") + "\n|---|---|---|" + ("---|" if chance else "")
+    )
     other = [f"| {key} | {_format(value)} |" for key, value in sorted(metrics.items())
              if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in keys for keys in MAIN_METRICS.values())]  # fmt: skip
     class_rows = []
@@ -240,7 +251,12 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
             if key in metrics:
                 class_rows.append(f"| {task} | {class_id} | {class_name} | {_format(metrics[key])} |"
                                   + (f" {_format(chance.get(key))} |" if chance else ""))  # fmt: skip
-    class_header = "| task | id | class | IoU (%) |" + (" chance |" if chance else "") + "\n|---|---|---|---|" + ("---|" if chance else "")
+    class_header = (
+        "| task | id | class | IoU (%) |"
+        + (" chance |" if chance else "")
+        + "\n|---|---|---|---|"
+        + ("---|" if chance else "")
+    )
     edge_note = ""
     if "edge" in tasks:
         edge_note = ("\nBoundaries: `odsF` comes from the protocol's exact scorer (non-maximum suppression, thinning and "
@@ -258,7 +274,9 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
         for task in tasks if task in getattr(config, "task_id2label", {})
     )  # fmt: skip
     recipe_text = yaml.safe_dump(hub_recipe(recipe), sort_keys=False).strip()
-    architecture = "TaskExpert (Ye & Xu, ICCV 2023)" if config.model_type == "taskexpert" else "Mod-Squad (Chen et al., CVPR 2023)"
+    architecture = (
+        "TaskExpert (Ye & Xu, ICCV 2023)" if config.model_type == "taskexpert" else "Mod-Squad (Chen et al., CVPR 2023)"
+    )
     body = f"""
 # {model_name}
 
@@ -366,7 +384,11 @@ def render_readme_results(summary: dict) -> str:
     lines = ["| task | metric | chance bar | `make train` |", "|---|---|---|---|"]
     lines += [f"| {task} | {label} | {_format(bar)} | {_format(value)} |" for task, label, value, bar in rows]
     lower = {label for _, label, _, _ in rows if "lower is better" in label}
-    beaten = [task for task, label, value, bar in rows if bar is not None and ((value < bar) if label in lower else (value > bar))]
+    beaten = [
+        task
+        for task, label, value, bar in rows
+        if bar is not None and ((value < bar) if label in lower else (value > bar))
+    ]
     missed = sorted({task for task, _, _, bar in rows if bar is not None} - set(beaten))
     runtime = summary.get("runtime_seconds")
     lines += ["", f"Measured by `make train` ({summary['max_steps']} steps"
