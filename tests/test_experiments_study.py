@@ -157,16 +157,31 @@ save_file({k: v.contiguous() for k, v in captured.items()}, capture_path)
 """
 
 
-def _initial_state(recipe: str, seed: int, dataset: Path, folder: Path) -> dict:
+def _start_capture(recipe: str, seed: int, dataset: Path, folder: Path) -> subprocess.Popen:
+    """Start one spied one-step run (one thread: the runs of a test go at once, sharing the cores)."""
     folder.mkdir(parents=True)
     argv = ["--config", recipe, "--dataset", str(dataset), "--output_dir", str(folder / "run"), "--seed", str(seed),
             "--max_steps", "1", "--warmup_steps", "0", "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1",
             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_eval_samples", "4"]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run([sys.executable, "-c", SPY, str(folder / "captured.safetensors"), *argv], cwd=REPO_ROOT,
-                               env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return load_file(folder / "captured.safetensors")
+    with open(folder / "stderr.log", "w") as stderr:  # the child keeps its own copy of the file
+        return subprocess.Popen([sys.executable, "-c", SPY, str(folder / "captured.safetensors"), *argv],
+                                cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+
+
+def _initial_states(runs: dict[str, tuple[str, int]], dataset: Path, root: Path) -> dict[str, dict]:
+    """name -> (recipe, seed) of the runs to spy on; returns name -> captured tensors."""
+    processes = {name: _start_capture(recipe, seed, dataset, root / name) for name, (recipe, seed) in runs.items()}
+    try:
+        for name, process in processes.items():
+            process.wait(timeout=600)
+            assert process.returncode == 0, f"{name}:\n{(root / name / 'stderr.log').read_text()[-3000:]}"
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return {name: load_file(root / name / "captured.safetensors") for name in runs}
 
 
 def _part(captured: dict, prefix: str) -> dict:
@@ -177,8 +192,12 @@ def _part(captured: dict, prefix: str) -> dict:
 def test_variants_of_a_seed_share_initial_backbone_and_first_batch(synthetic_dataset, tmp_path):
     variants = study.variants_by_name()
     names = ("taskexpert", "no-memory", "single-semseg", "modsquad")
-    runs = {name: _initial_state(variants[name].recipe, 1, synthetic_dataset, tmp_path / name) for name in names}
-    other_seed = _initial_state(variants["taskexpert"].recipe, 2, synthetic_dataset, tmp_path / "other-seed")
+    runs = _initial_states(
+        {**{name: (variants[name].recipe, 1) for name in names}, "other-seed": (variants["taskexpert"].recipe, 2)},
+        synthetic_dataset,
+        tmp_path,
+    )
+    other_seed = runs.pop("other-seed")
 
     reference = runs["taskexpert"]
     backbone, batch = _part(reference, "backbone/"), _part(reference, "batch/")

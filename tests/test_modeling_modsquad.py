@@ -401,7 +401,9 @@ def test_the_task_embedding_makes_tasks_differ():
             model.heads["edge"].load_state_dict(model.heads["saliency"].state_dict())
             logits = model(torch.randn(2, 3, 32, 32)).logits
         difference = (logits["saliency"] - logits["edge"]).abs().max()
-        assert difference > 1e-3 if use_task_embedding else difference == 0
+        # Without the embedding the two tasks compute the same function on two rows of one stacked batch, equal up to
+        # the kernels' rounding (some CPUs round two batch rows differently, ~1e-8 here).
+        assert difference > 1e-3 if use_task_embedding else difference < 1e-6
 
 
 def test_task_subset_and_per_sample_independence():

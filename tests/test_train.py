@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from training_runs import REPO, kill_process_tree, run, start, train_command, train_records, wait_until_gone
+from training_runs import REPO, kill_process_tree, run, run_all, start, train_command, train_records, wait_until_gone
 
 
 @pytest.fixture(scope="module")
@@ -273,18 +273,22 @@ def test_push_to_hub_offline_fails_before_training(synthetic_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_bad_recipe_and_unwritable_output_fail_cleanly(synthetic_dataset, tmp_path):
-    completed = run(train_command(synthetic_dataset, tmp_path / "x", "--learning_rat", "1", launcher=False))
-    assert completed.returncode == 2
-    assert "Unknown recipe field 'learning_rat'" in completed.stderr
-    completed = run(train_command(synthetic_dataset, tmp_path / "y", "--tasks", "[flow]"))
-    assert "Recipe tasks ['flow'] are not in dataset" in completed.stderr
-    completed = run(train_command(tmp_path / "no-dataset", tmp_path / "w", launcher=False))
-    assert (
-        completed.returncode == 2
-        and "Recipe field `dataset`:" in completed.stderr
-        and "Traceback" not in completed.stderr
-    )
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    completed = run(train_command(synthetic_dataset, blocker / "out"))
-    assert completed.returncode != 0 and "is not writable" in completed.stderr
+    unknown_field, unknown_task, no_dataset, unwritable = run_all(
+        [
+            train_command(synthetic_dataset, tmp_path / "x", "--learning_rat", "1", launcher=False),
+            train_command(synthetic_dataset, tmp_path / "y", "--tasks", "[flow]"),
+            train_command(tmp_path / "no-dataset", tmp_path / "w", launcher=False),
+            train_command(synthetic_dataset, blocker / "out"),
+        ]
+    )
+    assert unknown_field.returncode == 2
+    assert "Unknown recipe field 'learning_rat'" in unknown_field.stderr
+    assert "Recipe tasks ['flow'] are not in dataset" in unknown_task.stderr
+    assert (
+        no_dataset.returncode == 2
+        and "Recipe field `dataset`:" in no_dataset.stderr
+        and "Traceback" not in no_dataset.stderr
+    )
+    assert unwritable.returncode != 0 and "is not writable" in unwritable.stderr

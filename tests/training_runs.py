@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,13 @@ def run(command, timeout=RUN_TIMEOUT) -> subprocess.CompletedProcess:
         if process.poll() is None:
             kill_process_tree(process)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def run_all(commands, timeout=RUN_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """`run` several independent commands at once (most of a short run is start-up, which overlaps well); results in
+    the order of the commands."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda command: run(command, timeout), commands))
 
 
 def train_records(output_dir):
