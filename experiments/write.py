@@ -187,6 +187,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
     comparison, difference, verdict = result["comparison"], result["delta_m"], result["verdict"]
     reference = _reference_label(comparison.reference)
+    owner = f"the {reference}'" if reference.endswith("s") else f"{reference}'s"  # "the single-task models'"
     if difference is None:
         return f"**{comparison.claim}**: not assessed (Δm is not available)."
     interval = (
@@ -195,11 +196,9 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
         else f"{difference.mean:+.2f} points, {difference.n} seed"
     )
     if verdict == paired.HOLDS:
-        text = (
-            f"**{comparison.claim}: holds.** {comparison.variant}'s Δm is above {reference}'s on average ({interval})."
-        )
+        text = f"**{comparison.claim}: holds.** {comparison.variant}'s Δm is above {owner} on average ({interval})."
     elif verdict == paired.FAILS:
-        text = f"**{comparison.claim}: fails.** {comparison.variant}'s Δm is below {reference}'s ({interval})."
+        text = f"**{comparison.claim}: fails.** {comparison.variant}'s Δm is below {owner} ({interval})."
     elif verdict == paired.INCONCLUSIVE:
         text = f"**{comparison.claim}: inconclusive.** The interval contains 0 ({interval})"
         text += (
