@@ -22,12 +22,18 @@ from modeling_taskexpert.task_definitions import TASKS
 
 MODES = ("full", "pilot", "quick")
 
+
+def descriptive_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The first half of a study's seeds, rounded up: what its descriptive variants train with."""
+    return seeds[: (len(seeds) + 1) // 2]
+
+
 # Seeds of the full study. Chosen from the pilot's power estimate (experiments/power.py, written into
 # experiments/study_notes.md): see there for the resolution this number of seeds buys. The models of the paper's
 # claims train with every seed; the descriptive variants (no claim rests on them) with the first `DESCRIPTIVE_SEEDS`,
 # enough for an interval.
 SEEDS = tuple(range(10))
-DESCRIPTIVE_SEEDS = SEEDS[:5]
+DESCRIPTIVE_SEEDS = descriptive_seeds(SEEDS)
 DESCRIPTIVE_VARIANTS = ("two-experts", "twelve-experts", "last-layer-only", "modsquad")
 
 # Recipe fields every run of the study sets, whatever its recipe: the final evaluation scores boundaries with the
@@ -177,10 +183,8 @@ def mode_seeds(mode: str, variant: Variant, seed_count: Optional[int] = None) ->
         return QUICK_SEEDS[:1] if variant.name in QUICK_ONE_SEED_VARIANTS else QUICK_SEEDS
     if mode == "pilot":
         return PILOT_SEEDS[:1] if variant.name in PILOT_ONE_SEED_VARIANTS else PILOT_SEEDS
-    if seed_count is None:
-        return DESCRIPTIVE_SEEDS if variant.name in DESCRIPTIVE_VARIANTS else SEEDS
-    seeds = tuple(range(seed_count))
-    return seeds[: (seed_count + 1) // 2] if variant.name in DESCRIPTIVE_VARIANTS else seeds
+    seeds = SEEDS if seed_count is None else tuple(range(seed_count))
+    return descriptive_seeds(seeds) if variant.name in DESCRIPTIVE_VARIANTS else seeds
 
 
 def study_runs(mode: str = "full", only: tuple[str, ...] = (), seed_count: Optional[int] = None) -> list[Run]:

@@ -300,7 +300,7 @@ def _power_sentence(estimate: dict, mode: str) -> str:
         f"seeds ({required_upper if required_upper else 'more than ' + str(power.MAX_SEEDS)} at the upper bound). "
         + (
             f"The full study has {estimate['study_seeds']} seeds"
-            if estimate["study_seeds"] == estimate.get("planned_seeds", estimate["study_seeds"])
+            if estimate["study_seeds"] == estimate["planned_seeds"]
             else f"This study ran {estimate['study_seeds']} of the plan's {estimate['planned_seeds']} seeds"
         )
         + f": power {estimate['power_at_study_seeds']:.0%} at "
@@ -503,7 +503,7 @@ def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
         hours += (
             sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
         )
-    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate.get("planned_seeds", estimate["study_seeds"]),
+    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["planned_seeds"],
             "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
             "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
             "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from conftest import ALL_TASKS, make_labels, tiny_config
+from modsquad_reference import tiny_modsquad_config
 
 from modeling_taskexpert import ModSquadForDensePrediction, TaskExpertForDensePrediction, TaskExpertModel
 from modeling_taskexpert.dense_model_utils import (
@@ -180,25 +181,14 @@ def test_summary_of_a_real_model_sums_to_one(config):
 # Loading: a weights file missing tensors is refused unless that is asked for
 # ---------------------------------------------------------------------------------------------------------------------
 def _tiny_modsquad():
-    from modeling_taskexpert import ModSquadConfig
-
     return ModSquadForDensePrediction(
-        ModSquadConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
+        tiny_modsquad_config(
             num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
             num_attention_experts=4,
-            attention_top_k=2,
-            attention_head_dim=16,
             num_mlp_experts=4,
-            mlp_top_k=2,
             tasks=["semseg", "depth"],
             task_id2label={"semseg": {0: "a", 1: "b"}},
-            head_hidden_size=16,
-        )  # fmt: skip
+        )
     )
 
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from conftest import tiny_config
+from modsquad_reference import tiny_modsquad_config
 
-from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction, TaskExpertForDensePrediction
+from modeling_taskexpert import ModSquadForDensePrediction, TaskExpertForDensePrediction
 from modeling_taskexpert.loading import load_dense_model, read_model_config
 
 
@@ -31,22 +32,9 @@ def _saved(tmp_path, kind="taskexpert"):
         model = TaskExpertForDensePrediction(tiny_config(tasks=["depth"], task_id2label={}))
     else:
         model = ModSquadForDensePrediction(
-            ModSquadConfig(
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                num_attention_experts=4,
-                attention_top_k=2,
-                attention_head_dim=16,
-                num_mlp_experts=4,
-                mlp_top_k=2,
-                tasks=["depth"],
-                task_id2label={},
-                head_hidden_size=16,
-            )  # fmt: skip
+            tiny_modsquad_config(
+                num_hidden_layers=2, num_attention_experts=4, num_mlp_experts=4, tasks=["depth"], task_id2label={}
+            )
         )
     folder = tmp_path / kind
     model.save_pretrained(folder)
