@@ -11,28 +11,33 @@ import math
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from .task_definitions import PASCAL_HUMAN_PARTS_CLASSES, PASCAL_SEMSEG_CLASSES, check_task_name
+from .task_definitions import (
+    PRESET_CLASS_NAMES,
+    PRESET_TASKS,
+    PROTOCOL_LOSS_WEIGHTS,
+    TaskSpec,
+    check_task_name,
+    make_task_spec,
+    task_specs_of,
+)
 
-# Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage).
-PROTOCOL_LOSS_WEIGHTS = {
-    "semseg": 1.0,
-    "human_parts": 2.0,
-    "saliency": 5.0,
-    "normals": 10.0,
-    "edge": 50.0,
-    "depth": 1.0,
-}
 DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
 # Options of the dense heads every model type shares.
 HEAD_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
 
 
 class DenseTaskConfigMixin:
-    """What every model config of this package offers about its tasks (fields `tasks`, `task_id2label`)."""
+    """What every model config of this package offers about its tasks (fields `tasks`, `task_kinds`,
+    `task_id2label`)."""
 
     def num_labels_of(self, task: str) -> Optional[int]:
         """Number of classes of a segmentation task, None for other tasks."""
         return len(self.task_id2label[task]) if task in self.task_id2label else None
+
+    @property
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """Every task as a `TaskSpec` (kind, parameters, class names), in config order."""
+        return task_specs_of(self)
 
 
 def _shown(value: Any) -> str:
@@ -131,16 +136,30 @@ def as_list(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------------
 # Task fields
 # ---------------------------------------------------------------------------------------------------------------------
-def resolve_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any) -> tuple:
+def resolve_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, task_kinds: Any = None) -> tuple:
     """The task fields of a model config with their defaults filled in: `tasks` (the five PASCAL-Context tasks),
-    `task_id2label` (PASCAL names for the segmentation tasks present; integer ids, as JSON turns them into strings)
-    and `loss_weights` (the protocol's weights, overridden by the given ones). Validation comes later, in
-    `validate_task_settings`: a value of the wrong type is kept as given so that it is named there."""
+    `task_kinds` (every task's declaration `{"kind": ..., parameter: value}`; presets for the protocol's task names),
+    `task_id2label` (PASCAL names for the preset segmentation tasks present; integer ids, as JSON turns them into
+    strings) and `loss_weights` (the protocol's weights for its tasks, 1 for others, overridden by the given ones).
+    Validation comes later, in `validate_task_settings`: a value of the wrong type is kept as given so that it is
+    named there."""
     tasks = DEFAULT_TASKS if tasks is None else as_list(tasks)
     task_names = tasks if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) else []
+    if task_kinds is None:
+        task_kinds = {}
+    if isinstance(task_kinds, dict):
+        resolved = {}
+        for task in task_names:
+            declared = task_kinds.get(task, PRESET_TASKS.get(task))  # None for an undeclared new task: named later
+            resolved[task] = dict(declared) if isinstance(declared, dict) else declared
+        resolved.update({task: value for task, value in task_kinds.items() if task not in resolved})
+        task_kinds = resolved
     if task_id2label is None:
-        defaults = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
-        task_id2label = {t: dict(enumerate(defaults[t])) for t in task_names if t in defaults}
+        task_id2label = {
+            t: dict(enumerate(PRESET_CLASS_NAMES[t]))
+            for t in task_names
+            if t in PRESET_CLASS_NAMES and isinstance(task_kinds, dict) and task_kinds.get(t) == PRESET_TASKS[t]
+        }
     if isinstance(task_id2label, dict):
         task_id2label = {task: _label_map(labels) for task, labels in task_id2label.items()}
     if loss_weights is None:
@@ -148,10 +167,12 @@ def resolve_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any) -> 
     if isinstance(loss_weights, dict):
         for task in loss_weights:
             check_task_name(task, where="task in `loss_weights`")
+            if task not in task_names and task not in PRESET_TASKS:  # a typo, not a weight for a later subset
+                raise ValueError(f"Unknown task in `loss_weights` {task!r}: the tasks are {task_names}.")
         weights = {**PROTOCOL_LOSS_WEIGHTS, **loss_weights}
         # Numbers become floats; anything else is kept for `validate_task_settings` to name.
         loss_weights = {task: _as_float(weights.get(task, 1.0)) for task in task_names}
-    return tasks, task_id2label, loss_weights
+    return tasks, task_id2label, loss_weights, task_kinds
 
 
 def _label_map(labels: Any) -> Any:
@@ -165,7 +186,9 @@ def _as_float(value: Any) -> Any:
     return float(value) if is_number(value) else value
 
 
-def validate_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, edge_positive_weight: Any) -> None:
+def validate_task_settings(
+    tasks: Any, task_id2label: Any, loss_weights: Any, edge_positive_weight: Any, task_kinds: Any = None
+) -> None:
     """The task fields every model config shares; raise a ValueError naming the field and what was expected."""
     if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
         raise ValueError(f"`tasks` must be a list of task names, got {tasks!r}.")
@@ -178,16 +201,20 @@ def validate_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, ed
     for task, labels in task_id2label.items():
         if not isinstance(labels, dict) or not all(is_integer(i) for i in labels):
             raise ValueError(f"`task_id2label[{task!r}]` must map integer ids to class names, got {labels!r}.")
+    task_kinds = {} if task_kinds is None else task_kinds
+    if not isinstance(task_kinds, dict):
+        raise ValueError(f"`task_kinds` must map task names to declarations, got {_shown(task_kinds)}.")
+    for task in task_kinds:
+        if task not in tasks:
+            raise ValueError(f"`task_kinds` names {task!r}, which is not in `tasks` {tasks}.")
     for task in tasks:
-        info = check_task_name(task, where="task in `tasks`")
-        if info.kind == "segmentation":
-            labels = task_id2label.get(task)
-            if not labels or len(labels) < 2:
-                raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
-            if sorted(labels) != list(range(len(labels))):
-                raise ValueError(
-                    f"`task_id2label[{task!r}]` must have the ids 0..{len(labels) - 1}, got {sorted(labels)}."
-                )
+        check_task_name(task, where="task in `tasks`")
+        try:
+            spec = make_task_spec(task, task_kinds.get(task), task_id2label.get(task))
+        except ValueError as error:
+            raise ValueError(f"`task_kinds` / `task_id2label`: {error}") from None
+        if spec.kind.name == "segmentation" and task not in task_id2label:
+            raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
     for task in task_id2label:
         if task not in tasks:
             raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {tasks}.")

@@ -163,9 +163,16 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         expert_usage_momentum (`float`, *optional*, defaults to 0.99):
             Momentum of the exponential moving average of per-task expert usage kept beside the exact counts.
         tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
-            Tasks predicted by the model, from `semseg`, `human_parts`, `saliency`, `normals`, `edge`, `depth`.
+            Names of the tasks predicted by the model, in the order of its per-task weights (recorded in the saved
+            weights too; see `TaskExpertConfig`).
         task_id2label (`dict[str, dict[int, str]]`, *optional*):
-            Class names of every segmentation task; defaults to the PASCAL-Context names for the tasks present.
+            Class names of every segmentation task; defaults to the PASCAL-Context names for the preset tasks.
+        task_kinds (`dict[str, dict]`, *optional*):
+            The kind and parameters of every task, `{name: {"kind": ..., parameter: value}}` (see
+            `task_definitions`: `segmentation`, `saliency`, `boundary`, `normals`, `depth`, `regression`). The
+            protocol's task names are presets and need no entry; any other name needs one, e.g.
+            `{"elevation": {"kind": "regression", "channels": 1, "value_range": [0, 50], "unit": "m"}}`. Filled in
+            for every task when the config is built.
         head_hidden_size (`int`, *optional*, defaults to 256):
             Channels of the light per-task heads.
         head_norm (`str`, *optional*, defaults to `"group"`):
@@ -235,6 +242,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         expert_usage_momentum: float = 0.99,
         tasks: Optional[list[str]] = None,
         task_id2label: Optional[dict[str, dict[int, str]]] = None,
+        task_kinds: Optional[dict[str, dict]] = None,
         head_hidden_size: int = 256,
         head_norm: str = "group",
         depth_activation: str = "none",
@@ -295,7 +303,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             for field, value in EARLIER_VERSION_FIELDS.items():
                 setattr(self, field, value)
 
-        self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
+        self.tasks, self.task_id2label, self.loss_weights, self.task_kinds = resolve_task_settings(
+            tasks, task_id2label, loss_weights, task_kinds
+        )
         self.head_hidden_size = head_hidden_size
         self.head_norm = head_norm
         self.depth_activation = depth_activation
@@ -404,7 +414,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             check_number(field, getattr(self, field), minimum=0.0)
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
-        validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
+        validate_task_settings(
+            self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight, self.task_kinds
+        )
         for field, choices in HEAD_CHOICES.items():
             check_choice(field, getattr(self, field), choices)
 

@@ -49,10 +49,18 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             [`TaskExpertPreTrainedModel.load_pretrained_backbone`] when training starts from scratch. Ignored by
             `from_pretrained`, whose checkpoint already holds the backbone.
         tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
-            Tasks predicted by the model, from `semseg`, `human_parts`, `saliency`, `normals`, `edge`, `depth`.
+            Names of the tasks predicted by the model, in the order of its per-task weights (the order is also
+            recorded in the saved weights, and a config listing the same tasks in another order is mapped by name
+            when loading).
         task_id2label (`dict[str, dict[int, str]]`, *optional*):
-            Class names of every segmentation task (`semseg`, `human_parts`); the number of output channels of
-            those heads is the number of names. Defaults to the PASCAL-Context names for the tasks present.
+            Class names of every segmentation task; the number of output channels of those heads is the number of
+            names. Defaults to the PASCAL-Context names for the preset tasks `semseg` and `human_parts`.
+        task_kinds (`dict[str, dict]`, *optional*):
+            The kind and parameters of every task, `{name: {"kind": ..., parameter: value}}` (see
+            `task_definitions`: `segmentation`, `saliency`, `boundary`, `normals`, `depth`, `regression`). The
+            protocol's task names are presets and need no entry; any other name needs one, e.g.
+            `{"elevation": {"kind": "regression", "channels": 1, "value_range": [0, 50], "unit": "m"}}`. Filled in
+            for every task when the config is built.
         mmoe_layers (`list[int]`, *optional*, defaults to `[6, 12, 18, 24]`):
             1-based indices of the backbone layers after which an MMoE layer sits (every quarter of the depth).
         num_experts (`int`, *optional*, defaults to 8):
@@ -133,6 +141,7 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         backbone_checkpoint: Optional[str] = None,
         tasks: Optional[list[str]] = None,
         task_id2label: Optional[dict[str, dict[int, str]]] = None,
+        task_kinds: Optional[dict[str, dict]] = None,
         mmoe_layers: Optional[list[int]] = None,
         num_experts: int = 8,
         expert_hidden_size: int = 256,
@@ -173,7 +182,9 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.backbone_config = backbone_config
         self.backbone_checkpoint = backbone_checkpoint
 
-        self.tasks, self.task_id2label, self.loss_weights = resolve_task_settings(tasks, task_id2label, loss_weights)
+        self.tasks, self.task_id2label, self.loss_weights, self.task_kinds = resolve_task_settings(
+            tasks, task_id2label, loss_weights, task_kinds
+        )
         self.mmoe_layers = as_list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
         self.num_experts = num_experts
         self.expert_hidden_size = expert_hidden_size
@@ -220,7 +231,9 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
 
     def validate_taskexpert(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""
-        validate_task_settings(self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight)
+        validate_task_settings(
+            self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight, self.task_kinds
+        )
         check_optional_str("backbone_checkpoint", self.backbone_checkpoint)
         for field, choices in _CHOICES.items():
             check_choice(field, getattr(self, field), choices)

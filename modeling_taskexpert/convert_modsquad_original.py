@@ -222,7 +222,7 @@ def build_config(architecture: dict, task_rows: dict[str, int], config_file: Opt
                 raise ConversionError(
                     f"--config {config_file} sets {name}={fields[name]!r}; a checkpoint of the authors' code needs {value!r}."
                 )
-        for name in ("task_id2label", "loss_weights"):  # only the converted tasks
+        for name in ("task_id2label", "loss_weights", "task_kinds"):  # only the converted tasks
             fields[name] = {task: value for task, value in (fields.get(name) or {}).items() if task in task_rows}
     fields.update({k: v for k, v in architecture.items() if k != "num_reference_tasks"})
     fields.update(tasks=list(task_rows), kept_experts=None, **REFERENCE_FIELDS)

@@ -3,7 +3,11 @@
 input check, the depth output activation, the routing-report helpers, safetensors-only loading, and writing the
 pipeline code beside a remote-code checkpoint."""
 
+import copy
+import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,10 +18,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import logging
 
 from .dense_heads import DenseTaskHead
 from .dense_losses import dense_task_losses
-from .task_definitions import PIPELINE_TASK, TASKS, output_channels
+from .task_definitions import PIPELINE_TASK
+
+logger = logging.get_logger(__name__)
 
 # The pipeline's remote code, copied beside the weights by `save_pretrained`. It is not imported here because it
 # needs PIL, which a transformers + torch environment may lack.
@@ -62,17 +69,6 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
             f"Image size {height}x{width} is not a positive multiple of the patch size {patch_size}; pad or resize it "
             f"(TaskExpertImageProcessor does this)."
         )
-
-
-def activate_output(task: str, logits: torch.Tensor, depth_activation: str) -> torch.Tensor:
-    """Apply the configured output activation of the depth head (`"none"`, `"softplus"`, `"exp"`); other tasks'
-    logits pass unchanged."""
-    if TASKS[task].kind == "depth":
-        if depth_activation == "softplus":
-            return F.softplus(logits)
-        if depth_activation == "exp":
-            return logits.exp()
-    return logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -182,6 +178,76 @@ def routing_summary(gates: Gates, layer_names: list[str], candidate_names: list[
     }
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The task order, recorded with the weights: per-task parameters are stacked by position in `config.tasks`.
+# ---------------------------------------------------------------------------------------------------------------------
+TASK_ORDER_METADATA_KEY = "dense_multitask_tasks"
+_WEIGHTS_NAME, _WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    index = folder / _WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    return [folder / _WEIGHTS_NAME] if (folder / _WEIGHTS_NAME).is_file() else []
+
+
+def add_safetensors_metadata(path, metadata: dict[str, str]) -> None:
+    """Add string entries to the `__metadata__` of a safetensors file's header, rewriting the file through a
+    temporary copy (the tensor bytes are streamed, never held in memory) that replaces it atomically."""
+    path = Path(path)
+    with open(path, "rb") as source:
+        header_size = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(header_size))
+        header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep the tensor data 8-byte aligned, as safetensors writes it
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as target:
+                target.write(len(encoded).to_bytes(8, "little"))
+                target.write(encoded)
+                shutil.copyfileobj(source, target, 16 * 1024 * 1024)
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def record_task_order(folder, tasks) -> None:
+    """Write `tasks` (the order of the per-task weights) into the header of every weights file of `folder`."""
+    for path in _weights_files(Path(folder)):
+        add_safetensors_metadata(path, {TASK_ORDER_METADATA_KEY: json.dumps(list(tasks))})
+
+
+def read_task_order(source: str, hub_kwargs: Optional[dict] = None) -> Optional[list[str]]:
+    """The task order recorded in the weights of a local folder or (cached) Hub repository; None when none is
+    recorded (weights saved before it was) or the file cannot be found."""
+    from safetensors import safe_open
+
+    hub_kwargs = hub_kwargs or {}
+    folder = Path(source) / (hub_kwargs.get("subfolder") or "")
+    files = _weights_files(folder) if folder.is_dir() else []
+    if not files and not folder.is_dir():
+        from transformers.utils import cached_file
+
+        options = {key: hub_kwargs[key] for key in ("cache_dir", "revision", "token", "subfolder") if key in hub_kwargs}
+        for name in (_WEIGHTS_NAME, _WEIGHTS_INDEX_NAME):
+            resolved = cached_file(
+                source, name, local_files_only=True, _raise_exceptions_for_missing_entries=False, **options
+            )
+            if resolved is not None:
+                files = _weights_files(Path(resolved).parent)
+                break
+    if not files:
+        return None
+    with safe_open(str(files[0]), framework="pt") as weights:
+        recorded = (weights.metadata() or {}).get(TASK_ORDER_METADATA_KEY)
+    return None if recorded is None else list(json.loads(recorded))
+
+
 class RemotePipelineSaveMixin:
     """Mixin for `PreTrainedModel` subclasses: when the class is registered for remote code, `save_pretrained` also
     declares and copies the pipeline so that `pipeline(..., trust_remote_code=True)` works from the saved folder."""
@@ -190,6 +256,8 @@ class RemotePipelineSaveMixin:
         if self._auto_class is not None:
             self.config.custom_pipelines = CUSTOM_PIPELINES
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            record_task_order(save_directory, self.config.tasks)
         if self._auto_class is not None:
             here = Path(__file__).parent
             for name in PIPELINE_FILES:
@@ -225,6 +293,7 @@ class SafetensorsOnlyLoadMixin:
             )
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = cls._load_safetensors_only(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = cls._match_task_order(model, source, kwargs, allow_missing_weights)
         missing = sorted(loading_info["missing_keys"])
         if allow_missing_weights is not True:
             prefixes = tuple(allow_missing_weights or ())
@@ -238,6 +307,34 @@ class SafetensorsOnlyLoadMixin:
                     "a list of key prefixes that may be missing."
                 )
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _match_task_order(cls, model, source: str, kwargs: dict, allow_missing_weights):
+        """Per-task weights are stacked in the order of `config.tasks`, which is recorded in the weights file when it
+        is saved. A config that lists the same tasks in another order (a hand-edited `config.json`) is mapped by name:
+        the model is rebuilt in the recorded order, so every output is what was saved. A config with other tasks is
+        refused unless missing weights are allowed (new heads for fine-tuning). Weights saved before the order was
+        recorded load in config order, as they always did."""
+        recorded = read_task_order(source, kwargs)
+        tasks = list(model.config.tasks)
+        if recorded is None or recorded == tasks:
+            return model
+        if sorted(recorded) != sorted(tasks):
+            if allow_missing_weights is not False:
+                return model
+            raise OSError(
+                f"The config of {source} names the tasks {tasks}, but its weights were saved for {recorded}. Use the "
+                "config saved with the weights, or pass allow_missing_weights=True to start new task heads."
+            )
+        logger.warning(
+            f"The config of {source} lists the tasks {tasks}; the weights were saved in the order {recorded}. The "
+            "tasks are matched by name (the model uses the saved order)."
+        )
+        config = copy.deepcopy(model.config)
+        config.tasks = recorded
+        rebuilt = cls(config).to(device=model.device, dtype=model.dtype)
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+        return rebuilt.train(model.training)
 
     @classmethod
     def _load_safetensors_only(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -340,13 +437,8 @@ class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSave
         config = self.config
         return nn.ModuleDict(
             {
-                task: DenseTaskHead(
-                    in_channels,
-                    config.head_hidden_size,
-                    output_channels(task, config.num_labels_of(task)),
-                    config.head_norm,
-                )
-                for task in config.tasks
+                task: DenseTaskHead(in_channels, config.head_hidden_size, spec.head_channels, config.head_norm)
+                for task, spec in config.task_specs.items()
             }
         )
 
@@ -354,14 +446,15 @@ class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSave
         self, task_features: torch.Tensor, tasks: list[str], size: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
         """Task feature maps (B, T, C, h, w), in the order of `tasks` -> logits per task at `size`."""
+        specs = self.config.task_specs
         return {
-            task: activate_output(task, self.heads[task](task_features[:, i], size), self.config.depth_activation)
+            task: specs[task].kind.activate(self.heads[task](task_features[:, i], size), specs[task], self.config)
             for i, task in enumerate(tasks)
         }
 
     def weighted_task_losses(self, logits: dict, labels: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(unweighted loss per task with labels, sum of loss_weights[t] * loss_t)."""
-        task_losses = dense_task_losses(logits, labels, edge_positive_weight=self.config.edge_positive_weight)
+        task_losses = dense_task_losses(logits, labels, self.config.task_specs, self.config)
         reference = next(iter(logits.values()))
         total = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), reference.new_zeros(()))
         return task_losses, total

@@ -21,7 +21,7 @@ from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .task_definitions import TASKS
+from .task_definitions import PRESET_TASKS, TaskSpec, preset_spec, task_specs_of
 
 logger = logging.get_logger(__name__)
 
@@ -215,25 +215,32 @@ def load_rgb_image(
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions
 # ----------------------------------------------------------------------------------------------------------------
-def logits_to_predictions(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model logits (B, C, H, W) per task -> post-processed predictions (task_definitions conventions).
-
-    Segmentation: argmax class ids; saliency and boundaries: sigmoid probabilities; normals: L2-normalised;
-    depth: clamped at 0 (metres). No resizing: this is what the metrics read on the padded inputs.
-    """
-    predictions = {}
-    for task, task_logits in logits.items():
-        kind = TASKS[task].kind
-        task_logits = task_logits.float()
-        if kind == "segmentation":
-            predictions[task] = task_logits.argmax(dim=1)
-        elif kind in ("saliency", "boundary"):
-            predictions[task] = task_logits[:, 0].sigmoid()
-        elif kind == "normals":
-            predictions[task] = F.normalize(task_logits, p=2, dim=1)
+def resolve_task_specs(task_specs, tasks) -> dict[str, TaskSpec]:
+    """`TaskSpec` of every task in `tasks` from `task_specs`: a model config, a {task: TaskSpec} mapping, or None
+    (the presets of the protocol's task names). A clear error for a task that cannot be resolved."""
+    if task_specs is not None and hasattr(task_specs, "tasks"):
+        task_specs = task_specs_of(task_specs)
+    resolved = {}
+    for task in tasks:
+        if task_specs is not None and task in task_specs:
+            resolved[task] = task_specs[task]
+        elif task in PRESET_TASKS:
+            resolved[task] = preset_spec(task)
         else:
-            predictions[task] = task_logits[:, 0].clamp(min=0)
-    return predictions
+            raise ValueError(
+                f"Task {task!r} is not a preset task: pass its kind with task_specs=model.config (or a {{task: "
+                "TaskSpec}} mapping) so that its logits can be post-processed."
+            )
+    return resolved
+
+
+def logits_to_predictions(logits: dict[str, torch.Tensor], task_specs=None) -> dict[str, torch.Tensor]:
+    """Model logits (B, C, H, W) per task -> post-processed predictions, each by its task's kind (see
+    `task_definitions`): segmentation argmax class ids; saliency and boundaries sigmoid probabilities; normals
+    L2-normalised; depth clamped at 0 (metres); regression clamped to its declared range. No resizing: this is what
+    the metrics read on the padded inputs. `task_specs`: see `resolve_task_specs`."""
+    specs = resolve_task_specs(task_specs, logits)
+    return {task: specs[task].kind.postprocess(value.float(), specs[task]) for task, value in logits.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,6 +564,7 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         size: Optional[Union[dict[str, int], int]] = None,
         resize_mode: Optional[str] = None,
         do_resize: Optional[bool] = None,
+        task_specs=None,
     ) -> list[dict[str, torch.Tensor]]:
         """Model outputs -> per image, a dict task -> prediction at the image's original size.
 
@@ -568,16 +576,21 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         `resize_mode` and `do_resize` must be those of the `preprocess` call when it overrode them.
 
         Depth: the model learns depth/s for an image scaled by s (the training augmentation divides depth by the
-        scale factor), so a prediction on an image that was resized by s is multiplied by s here.
+        scale factor), so a prediction on an image that was resized by s is multiplied by s here (likewise for any
+        task whose kind scales with zoom).
+
+        `task_specs` (the model's config, or a {task: TaskSpec} mapping) tells each task's kind; it may be omitted
+        when every task is one of the protocol's preset tasks.
         """
         # Model outputs (a ModelOutput or a dict with "logits"), or the logits dict itself.
         logits = outputs["logits"] if isinstance(outputs, dict) and "logits" in outputs else outputs
         if not isinstance(logits, dict) or not logits:
             raise ValueError("post_process_dense_predictions expects model outputs with a `logits` dict.")
         logits = {task: value.detach() for task, value in logits.items()}
+        specs = resolve_task_specs(task_specs, logits)
         batch = next(iter(logits.values())).shape[0]
         if target_sizes is None:
-            predictions = logits_to_predictions(logits)
+            predictions = logits_to_predictions(logits, specs)
             return [{task: value[i] for task, value in predictions.items()} for i in range(batch)]
         if isinstance(target_sizes, torch.Tensor):
             target_sizes = target_sizes.tolist()
@@ -600,10 +613,10 @@ class TaskExpertImageProcessor(BaseImageProcessor):
                 if tuple(crop.shape[-2:]) != target:
                     crop = F.interpolate(crop, size=target, mode="bilinear", align_corners=False)
                 image_logits[task] = crop
-            predictions = logits_to_predictions(image_logits)
+            predictions = logits_to_predictions(image_logits, specs)
             result = {task: value[0] for task, value in predictions.items()}
             for task in result:
-                if TASKS[task].kind == "depth":
+                if specs[task].scales_with_zoom:
                     result[task] = result[task] * scale
             results.append(result)
         return results

@@ -839,6 +839,7 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         config = copy.deepcopy(self.config)
         config.tasks = [task]
         config.task_id2label = {t: labels for t, labels in config.task_id2label.items() if t == task}
+        config.task_kinds = {task: config.task_kinds[task]}
         config.loss_weights = {task: config.loss_weights[task]}
         config.kept_experts = [
             [self.config.expert_ids_per_layer[i][int(position)] for position in kept] for i, kept in enumerate(keep)

@@ -8,6 +8,7 @@ from PIL import Image
 from transformers import Pipeline
 
 from .image_processing_taskexpert import load_rgb_image
+from .task_definitions import task_specs_of
 from .visualization_taskexpert import visualize_prediction
 
 _LOGITS_PREFIX = "logits."
@@ -76,15 +77,12 @@ class MultiTaskDensePredictionPipeline(Pipeline):
             key[len(_LOGITS_PREFIX) :]: value for key, value in model_outputs.items() if key.startswith(_LOGITS_PREFIX)
         }
         target_sizes = model_outputs["target_size"].tolist()
+        specs = task_specs_of(self.model.config)
         predictions = self.image_processor.post_process_dense_predictions(
-            {"logits": logits}, target_sizes=target_sizes
+            {"logits": logits}, target_sizes=target_sizes, task_specs=specs
         )[0]
         results = {}
         for task, prediction in predictions.items():
             array = prediction.cpu().numpy()
-            num_classes = self.model.config.num_labels_of(task)
-            results[task] = {
-                "prediction": array,
-                "image": Image.fromarray(visualize_prediction(task, array, num_classes)),
-            }
+            results[task] = {"prediction": array, "image": Image.fromarray(visualize_prediction(specs[task], array))}
         return results

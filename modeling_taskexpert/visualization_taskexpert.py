@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from .task_definitions import TASKS
+from .task_definitions import TaskSpec, preset_spec
 
 # Anchor colours of matplotlib's "viridis" (sampled at 9 evenly spaced points), linearly interpolated between them.
 _VIRIDIS_ANCHORS = np.array(
@@ -74,15 +74,25 @@ def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
     return np.round((np.clip(normals, -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def visualize_prediction(task: str, prediction: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
-    """Post-processed prediction of `task` (task_definitions conventions, no batch dim) -> RGB uint8 (H, W, 3)."""
-    kind = TASKS[task].kind
+def visualize_prediction(task, prediction: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
+    """Post-processed prediction of a task (no batch dim) -> RGB uint8 (H, W, 3), by the task's kind.
+
+    `task` is a `TaskSpec` or a preset task's name. Segmentation: the class palette (`num_classes` defaults to the
+    spec's); normals: direction colours; depth: viridis over the map's range; saliency and boundaries: viridis over
+    [0, 1]; regression: viridis over the declared value range (the first channel of a multi-channel map)."""
+    spec = task if isinstance(task, TaskSpec) else preset_spec(task)
+    kind = spec.kind.name
     if kind == "segmentation":
+        num_classes = num_classes or spec.num_classes
         if num_classes is None:
-            raise ValueError(f"visualize_prediction({task!r}) needs num_classes.")
+            raise ValueError(f"visualize_prediction({spec.name!r}) needs num_classes.")
         return colorize_labels(prediction, num_classes)
     if kind == "normals":
         return normals_to_rgb(prediction)
     if kind == "depth":
         return colorize_scalar(prediction)
+    if kind == "regression":
+        prediction = np.asarray(prediction)
+        low, high = spec.parameters["value_range"]
+        return colorize_scalar(prediction[0] if prediction.ndim == 3 else prediction, low, high)
     return colorize_scalar(prediction, 0.0, 1.0)  # saliency and boundary probabilities

@@ -165,11 +165,12 @@ def test_the_generic_checks_accept_what_they_should():
 
 
 def test_resolve_task_settings_fills_defaults_and_keeps_bad_values_for_validation():
-    tasks, labels, weights = resolve_task_settings(None, None, {"edge": 3})
+    tasks, labels, weights, kinds = resolve_task_settings(None, None, {"edge": 3})
     assert tasks == ["semseg", "human_parts", "saliency", "normals", "edge"]
+    assert kinds["edge"]["kind"] == "boundary" and kinds["human_parts"]["background_only_is_unlabelled"] is True
     assert labels["human_parts"][0] == "background" and len(labels["semseg"]) == 21
     assert weights == {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 3.0}
-    tasks, labels, weights = resolve_task_settings("semseg", {"semseg": {"0": "a", "x": "b"}}, {"semseg": "1"})
+    tasks, labels, weights, _ = resolve_task_settings("semseg", {"semseg": {"0": "a", "x": "b"}}, {"semseg": "1"})
     assert tasks == "semseg"  # not split into letters
     assert labels == {"semseg": {0: "a", "x": "b"}}
     assert weights == {}  # no task list to weight yet; `tasks` is refused first

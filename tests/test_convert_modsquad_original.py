@@ -112,7 +112,7 @@ def test_bare_state_dict_tasks_in_order_and_noisy_routers(tmp_path):
         (lambda s: None, ["depth=0", "edge=0"], "maps two tasks to the same row"),
         (lambda s: None, ["depth=5"], "rows are 0..2"),
         (lambda s: None, ["depth=0", "edge"], "give a row for every task or for none"),
-        (lambda s: None, ["colour=0"], "Unknown task in `tasks` 'colour'"),
+        (lambda s: None, ["colour=0"], "'colour' is not one of the preset tasks"),
         (lambda s: s.update({"blocks.1.mlp.f_gate.0.0.weight": torch.zeros(7, 32)}), ["depth=0"], "all must be E"),
     ],
 )

@@ -202,13 +202,20 @@ def test_existing_output_needs_overwrite(nyud_raw, tmp_path):
 # ----------------------------------------------------------------------------- pinned content
 
 
+def _legacy_metadata(metadata: dict) -> dict:
+    """The metadata as written before task kinds: a task entry held only its class names. Since then every entry also
+    declares its task's kind (and a preset's parameters and wording), by design; the pin below covers the rest."""
+    tasks = {task: {k: v for k, v in entry.items() if k == "id2label"} for task, entry in metadata["tasks"].items()}
+    return {**metadata, "tasks": tasks}
+
+
 def _content_hash(folder, skip_columns=()) -> str:
     """sha256 over the metadata and every decoded cell (mode, dtype, shape, pixels) of every row, in stored order.
 
     Decoded pixels rather than file bytes, so that a different PNG encoder build does not move the hash."""
     import pyarrow.parquet as pq
 
-    digest = hashlib.sha256(json.dumps(read_dataset_metadata(folder), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_legacy_metadata(read_dataset_metadata(folder)), sort_keys=True).encode())
     for split in ("train", "validation"):
         for shard in sorted((folder / "data").glob(f"{split}-*.parquet")):
             for row in pq.read_table(shard).to_pylist():
@@ -314,7 +321,7 @@ def test_pascal_photo_with_an_exif_orientation_keeps_its_stored_grid(pascal_raw,
 
 def test_cards_list_class_names_and_the_encoding_of_every_column(pascal_raw, nyud_raw, tmp_path):
     """Issue 16: a dataset card documents each of its own columns and the names of every segmentation class."""
-    from modeling_taskexpert.data.schema import COLUMN_ENCODINGS
+    from modeling_taskexpert.data.schema import dataset_task_specs
 
     pascal = convert_pascal_context(pascal_raw[0], tmp_path / "pascal", num_workers=0)
     nyud = convert_nyud(nyud_raw[0], tmp_path / "nyud", num_workers=0)
@@ -326,9 +333,10 @@ def test_cards_list_class_names_and_the_encoding_of_every_column(pascal_raw, nyu
         header = yaml.safe_load(card.split("---\n")[1])
         table = [line for line in card.splitlines() if line.startswith("| `")]
         assert [line.split("`")[1] for line in table] == columns  # one row per column, in stored order
-        for line, column in zip(table, columns):
-            stored, values = COLUMN_ENCODINGS[column]
-            assert stored in line and values in line
+        specs = dataset_task_specs(read_dataset_metadata(folder))
+        for line, column in zip(table[2:], columns[2:]):  # the task columns: their kind's encoding and values
+            spec = specs[column]
+            assert spec.kind.stored_as in line and spec.kind.stored_values(spec) in line and spec.kind.name in line
         assert f"| `{absent}` |" not in card
         for task, info in read_dataset_metadata(folder)["tasks"].items():
             if "id2label" in info:

@@ -199,7 +199,7 @@ def test_dataloader_with_two_workers(raw_samples):
 
 
 def test_unknown_or_absent_tasks_are_rejected():
-    with pytest.raises(ValueError, match="Unknown task 'segm'"):
+    with pytest.raises(ValueError, match="Task 'segm' is not in the dataset"):
         build_transforms(METADATA, train=True, tasks=["segm"])
     metadata = {**METADATA, "tasks": {"semseg": METADATA["tasks"]["semseg"]}}
     with pytest.raises(ValueError, match="'depth' is not in the dataset"):

@@ -238,7 +238,7 @@ def test_empty_and_missing_input():
 def test_bad_configuration():
     with pytest.raises(ValueError, match="needs num_classes\\['semseg'\\]"):
         DenseMultiTaskEvaluator(["semseg"])
-    with pytest.raises(ValueError, match="Unknown task 'segmentation'"):
+    with pytest.raises(ValueError, match="'segmentation' is not a preset task"):
         DenseMultiTaskEvaluator(["segmentation"])
     with pytest.raises(ValueError, match="edge_mode"):
         DenseMultiTaskEvaluator(["depth"], edge_mode="fast")

@@ -92,7 +92,7 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"tasks": ["semseg", "colour"]}, "Unknown task in `tasks` 'colour'"),
+        ({"tasks": ["semseg", "colour"]}, "'colour' is not one of the preset tasks"),
         ({"attention_top_k": 7}, "`attention_top_k` (7) exceeds `num_attention_experts` (6)"),
         ({"mlp_top_k": 0}, "`mlp_top_k` must be a positive integer"),
         ({"moe_mlp_layers": [1, 4]}, "`moe_mlp_layers` entry 4 is out of range"),
@@ -121,7 +121,7 @@ def test_config_json_round_trip(tmp_path):
         ),
         ({"aux_loss_min_tasks": 0}, "`aux_loss_min_tasks` must be a positive integer"),
         ({"dense_attention_head_dim": 0}, "`dense_attention_head_dim` must be a positive integer"),
-        ({"task_id2label": {"semseg": {0: "a"}}}, "needs `task_id2label['semseg']` with at least 2 classes"),
+        ({"task_id2label": {"semseg": {0: "a"}}}, "Segmentation task 'semseg' needs at least 2 classes"),
         ({"num_channels": 4}, "`num_channels` must be 3"),
     ],
 )

@@ -282,7 +282,7 @@ def test_other_auto_backbone_types():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(tasks=["semseg", "optical_flow"]), "Unknown task in `tasks` 'optical_flow'"),
+        (dict(tasks=["semseg", "optical_flow"]), "'optical_flow' is not one of the preset tasks"),
         (dict(mmoe_layers=[2, 9]), "out of range"),
         (dict(mmoe_layers=[4, 2]), "strictly increasing"),
         (dict(num_experts=0), "`num_experts` must be a positive integer"),

@@ -6,13 +6,16 @@ synthetic generator and the transforms agree on one definition of each encoding.
 """
 
 import io
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import datasets
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 from skimage.morphology import thin
 
-from ..task_definitions import IGNORE_INDEX
+from ..task_definitions import IGNORE_INDEX, TaskSpec, preset_spec
 
 # Depth at or beyond this is no real metric depth of the indoor benchmarks (NYUD-v2 spans about 0.5-10 m; the
 # protocol's metric ignores depth >= 80 m): such values are taken to be in another unit.
@@ -73,23 +76,140 @@ def decode_normals(encoded: np.ndarray) -> np.ndarray:
     return normals
 
 
-def decode_label(task: str, image: Image.Image) -> np.ndarray:
-    """Decode one stored label (a PIL image from the `Image()` column) to its working array.
+# ---------------------------------------------------------------------------------------------------------------------
+# One storage codec per task kind: the column's feature, array -> stored cell, stored cell -> working array, and the
+# working array's padding value. The working array is (H, W) or (H, W, C) numpy, what the transforms resize, crop,
+# flip and pad; the protocol's ignore step (turning invalid values into the kind's unsupervised value) follows there.
+# ---------------------------------------------------------------------------------------------------------------------
+class LabelError(ValueError):
+    """A label whose values or shape do not fit its task's kind."""
 
-    Segmentation maps stay uint8 class ids; saliency and edge become float32 in {0, 1, 255};
-    normals float32 (H, W, 3) with the zero vector where invalid; depth float32 metres with 0
-    where invalid. The ignore handling of the protocol (step 7) happens in the transforms.
-    """
+
+def _single_channel(array: np.ndarray, spec: TaskSpec) -> np.ndarray:
+    if array.ndim != 2:
+        raise LabelError(f"a {spec.kind.name} label must be a single-channel (H, W) map, got shape {array.shape}")
+    return array
+
+
+def _decode_class_ids(image, spec: TaskSpec) -> np.ndarray:
+    array = _single_channel(np.asarray(image), spec)
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.integer):  # 16-bit or 32-bit maps: never wrapped, their ids are checked
+        return array.astype(np.int32)
+    raise LabelError(f"a segmentation label must hold integer class ids, got {array.dtype}")
+
+
+def _encode_class_ids(array: np.ndarray, spec: TaskSpec) -> dict:
+    array = _single_channel(np.asarray(array), spec)
+    check_label_values(spec, array)
+    return encode_png(array.astype(np.uint8))
+
+
+def _decode_binary(image, spec: TaskSpec) -> np.ndarray:
+    return _single_channel(np.asarray(image), spec).astype(np.float32)
+
+
+def _encode_binary(array: np.ndarray, spec: TaskSpec) -> dict:
+    array = _single_channel(np.asarray(array), spec)
+    check_label_values(spec, array)
+    return encode_png(array.astype(np.uint8))
+
+
+def _decode_normals(image, spec: TaskSpec) -> np.ndarray:
     array = np.asarray(image)
-    if task in ("semseg", "human_parts"):
-        return array.astype(np.uint8, copy=False)
-    if task in ("saliency", "edge"):
-        return array.astype(np.float32)
-    if task == "normals":
-        return decode_normals(array)
-    if task == "depth":
-        return array.astype(np.float32, copy=True)
-    raise ValueError(f"No stored encoding for task {task!r}.")
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise LabelError(f"a normals label must be an RGB 8-bit image, got {array.dtype} of shape {array.shape}")
+    return decode_normals(array)
+
+
+def _encode_normals(array: np.ndarray, spec: TaskSpec) -> dict:
+    """Unit normals (H, W, 3) in [-1, 1] with the zero vector where invalid."""
+    array = np.asarray(array, dtype=np.float64)
+    check_label_values(spec, array)
+    return encode_png(encode_normals(array, valid=(array != 0).any(axis=-1)))
+
+
+def _decode_depth(image, spec: TaskSpec) -> np.ndarray:
+    return _single_channel(np.asarray(image), spec).astype(np.float32, copy=True)
+
+
+def _encode_depth(array: np.ndarray, spec: TaskSpec) -> dict:
+    array = _single_channel(np.asarray(array), spec)
+    check_label_values(spec, array)
+    return encode_depth(array)
+
+
+def _decode_array(cell, spec: TaskSpec) -> np.ndarray:
+    """A float32 (H, W, C) array from `.npy` bytes (read without pickle)."""
+    data = cell["bytes"] if isinstance(cell, dict) else cell
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.ndim == 2:
+        array = array[..., None]
+    return array.astype(np.float32, copy=False)
+
+
+def _encode_array(array: np.ndarray, spec: TaskSpec) -> bytes:
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    check_label_values(spec, array.astype(np.float32))
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class LabelCodec:
+    """How a kind's labels are stored in a dataset column and read back."""
+
+    feature: Callable[[], Any]  # the `datasets` feature of the column
+    encode: Callable[[np.ndarray, TaskSpec], Any]  # working array -> stored cell (values checked first)
+    decode: Callable[[Any, TaskSpec], np.ndarray]  # stored cell (decoded by `datasets`) -> working array
+    pad_value: float  # value of the padding of the working array, before the ignore step
+
+
+CODECS: dict[str, LabelCodec] = {
+    "segmentation": LabelCodec(datasets.Image, _encode_class_ids, _decode_class_ids, IGNORE_INDEX),
+    "saliency": LabelCodec(datasets.Image, _encode_binary, _decode_binary, IGNORE_INDEX),
+    "boundary": LabelCodec(datasets.Image, _encode_binary, _decode_binary, IGNORE_INDEX),
+    "normals": LabelCodec(datasets.Image, _encode_normals, _decode_normals, 0.0),  # the zero vector: invalid
+    "depth": LabelCodec(datasets.Image, _encode_depth, _decode_depth, 0.0),  # 0: invalid
+    "regression": LabelCodec(lambda: datasets.Value("binary"), _encode_array, _decode_array, float("nan")),
+}
+
+
+def check_label_values(spec: TaskSpec, label: np.ndarray, where: str = "") -> np.ndarray:
+    """Refuse a working label whose values do not fit the task's kind (class ids beyond the class count, a saliency
+    value of 2, negative or millimetre depth, ...), with a LabelError naming `where` and the task; return it."""
+    problem = spec.kind.invalid_label_values(label, spec)
+    if problem:
+        raise LabelError(f"{where + ': ' if where else ''}the {spec.name!r} label ({spec.kind.name}) is invalid: {problem}.")
+    return label
+
+
+def decode_label(spec, stored, where: str = "") -> np.ndarray:
+    """Decode one stored label (the cell `datasets` returns: a PIL image, or bytes) to its working array, with its
+    values checked (see `check_label_values`). `spec` is a `TaskSpec` or a preset task's name.
+
+    Segmentation maps stay integer class ids (uint8, or int32 for 16-bit maps, never wrapped); saliency and boundaries
+    become float32 in {0, 1, 255}; normals float32 (H, W, 3) with the zero vector where invalid; depth float32 metres
+    with 0 where invalid; regression float32 (H, W, C) with NaN where unlabelled. The ignore handling of the protocol
+    (step 7) happens in the transforms."""
+    spec = spec if isinstance(spec, TaskSpec) else preset_spec(spec)
+    try:
+        label = CODECS[spec.kind.name].decode(stored, spec)
+    except LabelError as error:
+        raise LabelError(f"{where + ': ' if where else ''}the {spec.name!r} label is invalid: {error}.") from None
+    return check_label_values(spec, label, where)
+
+
+def encode_label(spec: TaskSpec, array: np.ndarray, where: str = ""):
+    """The stored cell of a working label array, after checking its values."""
+    try:
+        return CODECS[spec.kind.name].encode(array, spec)
+    except LabelError as error:
+        raise LabelError(f"{where}: {error}" if where else str(error)) from None
 
 
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import datasets
 import yaml
 
 from ..file_utils import looks_like_repo_id
-from ..task_definitions import TASKS, check_task_name
+from ..task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TaskSpec, check_task_name, make_task_spec, preset_spec
+from .labels import CODECS
 
 METADATA_FILENAME = "dense_multitask_dataset.json"
 # Earlier name of the metadata file (it named one model; the datasets serve both); still read, never written.
@@ -33,47 +34,102 @@ class DatasetNotAvailableError(FileNotFoundError):
 
 
 def ordered_tasks(tasks) -> list[str]:
-    """Validate task names and return them in the canonical order of `task_definitions.TASKS`."""
+    """Task names in the stored column order: the protocol's preset tasks in their canonical order, then any other
+    task in the order given."""
     tasks = list(tasks)
     for task in tasks:
         check_task_name(task)
-    return [task for task in TASKS if task in tasks]
+    return [task for task in PRESET_TASKS if task in tasks] + [task for task in tasks if task not in PRESET_TASKS]
 
 
-def build_features(tasks) -> datasets.Features:
-    """Features of a dataset with the given tasks: `id`, `image`, then one `Image()` per task."""
+def as_task_specs(tasks) -> dict[str, TaskSpec]:
+    """{task: TaskSpec} in stored column order, from such a mapping or from preset task names."""
+    if isinstance(tasks, Mapping) and all(isinstance(spec, TaskSpec) for spec in tasks.values()):
+        return {task: tasks[task] for task in ordered_tasks(tasks)}
+    return {task: preset_spec(task) for task in ordered_tasks(tasks)}
+
+
+def dataset_task_specs(metadata: Mapping) -> dict[str, TaskSpec]:
+    """Every task a dataset declares in its metadata, as a `TaskSpec`, in stored order. A task entry is the task's
+    declaration (`{"kind": ..., parameter: value, "id2label": {...}, "column": ...}`); an entry without `kind` (as
+    written before task kinds) is the preset of the task's name with the entry's class names."""
+    specs = {}
+    for task, entry in metadata["tasks"].items():
+        entry = dict(entry or {})
+        id2label = entry.pop("id2label", None)
+        declaration = entry if "kind" in entry else ({**PRESET_TASKS[task], **entry} if task in PRESET_TASKS else entry)
+        if not declaration.get("kind"):
+            raise ValueError(
+                f"Task {task!r} is not a preset task ({', '.join(PRESET_TASKS)}) and its metadata entry has no "
+                f"'kind' (one of {', '.join(KINDS)})."
+            )
+        specs[task] = make_task_spec(task, declaration, id2label)
+    return {task: specs[task] for task in ordered_tasks(specs)}
+
+
+def task_columns(metadata: Mapping) -> dict[str, str]:
+    """The dataset column of every task (the task's name unless its entry names a `column`)."""
+    return {task: (entry or {}).get("column", task) for task, entry in metadata["tasks"].items()}
+
+
+def build_features(tasks, columns: Optional[Mapping[str, str]] = None) -> datasets.Features:
+    """Features of a dataset with the given tasks (a {task: TaskSpec} mapping, or preset task names): `id`, `image`,
+    then one column per task with its kind's storage feature."""
+    columns = columns or {}
     features = {"id": datasets.Value("string"), "image": datasets.Image()}
-    features.update({task: datasets.Image() for task in ordered_tasks(tasks)})
+    for task, spec in as_task_specs(tasks).items():
+        features[columns.get(task, task)] = CODECS[spec.kind.name].feature()
     return datasets.Features(features)
 
 
-def build_metadata(name, task_labels, train_size, eval_size, boundary_tolerance, split_sizes) -> dict:
+def build_metadata(
+    name, tasks, train_size, eval_size, boundary_tolerance, split_sizes, crop_balance_task: Optional[str] = None
+) -> dict:
     """The content of the metadata file (`METADATA_FILENAME`).
 
-    `task_labels` maps every task of the dataset to its class names (a list, segmentation tasks)
-    or None; class names are stored as `id2label` with string keys, as in model configs.
-    """
-    tasks = {}
-    for task in ordered_tasks(task_labels):
-        names = task_labels[task]
-        tasks[task] = {} if names is None else {"id2label": {str(i): label for i, label in enumerate(names)}}
-    return {
+    `tasks` maps every task of the dataset to its `TaskSpec` (or lists preset task names); each is stored as its
+    declaration, with the class names of a segmentation task as `id2label` (string keys, as in model configs).
+    `crop_balance_task` names the segmentation task whose class balance guides the training crops (default: `semseg`
+    when the dataset has it, as in the protocol)."""
+    stored = {}
+    for task, spec in as_task_specs(tasks).items():
+        entry = spec.declaration()
+        if spec.class_names is not None:
+            entry["id2label"] = {str(i): label for i, label in enumerate(spec.class_names)}
+        stored[task] = entry
+    metadata = {
         "name": name,
-        "tasks": tasks,
+        "tasks": stored,
         "train_size": [int(v) for v in train_size],
         "eval_size": [int(v) for v in eval_size],
         "boundary_tolerance": float(boundary_tolerance),
         "splits": {split: int(split_sizes[split]) for split in SPLITS if split in split_sizes},
     }
+    if crop_balance_task is not None:
+        metadata["crop_balance_task"] = crop_balance_task
+    return metadata
+
+
+def crop_balance_task(metadata: Mapping) -> Optional[str]:
+    """The segmentation task whose class balance guides the random training crops, if any."""
+    task = metadata.get("crop_balance_task", "semseg")
+    return task if task in metadata["tasks"] else None
 
 
 def validate_metadata(metadata: dict, source: str) -> dict:
-    """Check the keys and task names of a metadata dict read from `source`; return it."""
+    """Check the keys and task declarations of a metadata dict read from `source`; return it."""
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"{source}: dataset metadata lacks the keys {missing}; expected {list(METADATA_KEYS)}.")
-    for task in metadata["tasks"]:
-        check_task_name(task, where=f"task in {source}")
+    if not isinstance(metadata["tasks"], dict) or not metadata["tasks"]:
+        raise ValueError(f"{source}: 'tasks' must map task names to their declarations, got {metadata['tasks']!r}.")
+    try:
+        specs = dataset_task_specs(metadata)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    balance = metadata.get("crop_balance_task")
+    if balance is not None and (balance not in specs or specs[balance].kind.name != "segmentation"):
+        raise ValueError(f"{source}: 'crop_balance_task' must name a segmentation task of the dataset, got {balance!r}.")
     for key in ("train_size", "eval_size"):
         size = metadata[key]
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
@@ -177,7 +233,7 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
             f"; cause: {type(cause).__name__}: {' '.join(str(cause).split())[:600]}" if cause is not error else ""
         )
         raise DatasetNotAvailableError(f"Cannot load the {split!r} split of {path_or_repo_id} ({reason}).") from error
-    expected = set(build_features(metadata["tasks"]))
+    expected = set(build_features(dataset_task_specs(metadata), task_columns(metadata)))
     if set(dataset.column_names) != expected:
         raise ValueError(
             f"{path_or_repo_id}: the {split!r} split has columns {sorted(dataset.column_names)}, but its metadata "
@@ -186,30 +242,12 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     return dataset
 
 
-# How every column is stored: (stored as, values). The one description of the schema's encodings; each dataset card
-# lists the rows of its own columns (`render_card`), and `labels.py` implements them.
-COLUMN_ENCODINGS = {
-    "id": ("string", "the sample id of the source"),
-    "image": ("RGB image, 8 bits per channel (JPEG or PNG)", "the input photo"),
-    "semseg": ("PNG, 8-bit gray", "class id (names below), 255 = ignore"),
-    "human_parts": (
-        "PNG, 8-bit gray",
-        "part id (0 = background, names below), 255 = ignore; empty (None) where the image has no annotated person",
-    ),
-    "saliency": ("PNG, 8-bit gray", "1 = salient, 0 = not salient, 255 = ignore"),
-    "edge": ("PNG, 8-bit gray", "1 = boundary pixel, 0 = not, 255 = ignore"),
-    "normals": ("PNG, RGB 8-bit", "surface normal (x, y, z), `n = 2 v / 255 - 1` per channel; (0, 0, 0) = invalid"),
-    "depth": ("TIFF, 32-bit float (mode F)", "depth in metres, 0 = invalid"),
-}
-
-
-def _task_categories(tasks) -> list[str]:
+def _task_categories(specs: Mapping[str, TaskSpec]) -> list[str]:
     """The Hub task categories the dataset's tasks belong to."""
     categories = []
-    if any(TASKS[task].kind in ("segmentation", "saliency", "boundary") for task in tasks):
-        categories.append("image-segmentation")
-    if "depth" in tasks:
-        categories.append("depth-estimation")
+    for spec in specs.values():
+        if spec.kind.hub_category and spec.kind.hub_category not in categories:
+            categories.append(spec.kind.hub_category)
     return categories
 
 
@@ -219,13 +257,15 @@ def render_card(
     """The dataset card: YAML header (configs, features, task categories, licence) and a markdown body.
 
     `body` describes the source and how its labels are derived; then come, from the metadata, the
-    encoding of every column (`COLUMN_ENCODINGS`), the class names of every segmentation column,
+    encoding of every column (from its task's kind), the class names of every segmentation column,
     the sizes and how to load the dataset; `licence_text` (licence and citation) closes the card.
     """
+    specs = dataset_task_specs(metadata)
+    columns = {column: task for task, column in task_columns(metadata).items()}
     header = {
         "pretty_name": title,
         "license": license_id,
-        "task_categories": _task_categories(metadata["tasks"]),
+        "task_categories": _task_categories(specs),
         "tags": ["multi-task", "dense-prediction", "taskexpert", "mod-squad"],
         "configs": [
             {
@@ -236,17 +276,22 @@ def render_card(
         "dataset_info": {"features": features._to_yaml_list()},
     }
     lines = [f"# {title}", "", body.strip(), "", "## Columns", "", "| column | task | stored as | values |", "|---|---|---|---|"]
+    lines.append("| `id` |  | string | the sample id of the source |")
+    lines.append("| `image` |  | RGB image, 8 bits per channel (JPEG or PNG) | the input photo |")
     for column in features:
-        stored, values = COLUMN_ENCODINGS[column]
-        task = TASKS[column].description if column in TASKS else ""
-        lines.append(f"| `{column}` | {task} | {stored} | {values} |")
+        if column not in columns:
+            continue
+        spec = specs[columns[column]]
+        what = f"{spec.name}: {spec.description or spec.kind.description} ({spec.kind.name})"
+        values = spec.kind.stored_values(spec) + "; empty (None) where the sample has no label"
+        lines.append(f"| `{column}` | {what} | {spec.kind.stored_as} | {values} |")
     lines += ["", "Labels are aligned pixel for pixel with the image (same height and width).", ""]
-    segmentation = {task: info["id2label"] for task, info in metadata["tasks"].items() if "id2label" in info}
+    segmentation = {task: spec.class_names for task, spec in specs.items() if spec.class_names is not None}
     if segmentation:
         lines += ["## Class names", ""]
-    for task, id2label in segmentation.items():
-        names = ", ".join(f"{i} {name}" for i, name in id2label.items())
-        lines += [f"- `{task}` ({len(id2label)} classes, 255 = ignore): {names}", ""]
+    for task, class_names in segmentation.items():
+        names = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+        lines += [f"- `{task}` ({len(class_names)} classes, {IGNORE_INDEX} = ignore): {names}", ""]
     lines += [
         "## Sizes",
         "",

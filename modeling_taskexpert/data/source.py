@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from ..task_definitions import TASKS, check_task_name
+from ..task_definitions import check_task_name, make_task_spec, preset_spec
 from .schema import SPLITS, build_features, build_metadata, render_card
 from .writer import write_dataset
 
@@ -82,7 +82,7 @@ class DatasetSource:
         root_markers: paths inside the archive folder that identify it (checked to exist).
         split_lists: split -> path of its id list inside the archive folder (one id per line); its keys are the
             source's splits.
-        tasks: the task columns (names of `task_definitions.TASKS`; stored in that canonical order).
+        tasks: the task columns (preset task names of `task_definitions`; stored in their canonical order).
         class_names: segmentation task -> class names, in id order (every segmentation task, no other).
         train_size, eval_size: (height, width) of the training crop and the evaluation canvas.
         boundary_tolerance: the boundary scorer's matching tolerance, a fraction of the image diagonal.
@@ -118,7 +118,7 @@ class DatasetSource:
             check_task_name(task, where=f"task of the {self.name!r} source")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"{where}: `tasks` has duplicates: {list(self.tasks)}.")
-        segmentation = {task for task in self.tasks if TASKS[task].kind == "segmentation"}
+        segmentation = {task for task in self.tasks if preset_spec(task).kind.name == "segmentation"}
         if set(self.class_names) != segmentation:
             raise ValueError(f"{where}: `class_names` must name exactly the segmentation tasks {sorted(segmentation)}.")
         unknown = set(self.split_lists) - set(SPLITS)
@@ -159,14 +159,18 @@ class DatasetSource:
 
     def finalize(self, split_sizes: dict) -> tuple[dict, str]:
         """The metadata and the dataset card of a converted dataset with these split sizes."""
-        task_labels = {task: self.class_names.get(task) for task in self.tasks}
         metadata = build_metadata(
-            self.name, task_labels, self.train_size, self.eval_size, self.boundary_tolerance, split_sizes
+            self.name, self.task_specs, self.train_size, self.eval_size, self.boundary_tolerance, split_sizes
         )
         card = render_card(
-            metadata, build_features(self.tasks), self.title, self.card_body, self.license_id, self.card_licence
+            metadata, build_features(self.task_specs), self.title, self.card_body, self.license_id, self.card_licence
         )
         return metadata, card
+
+    @property
+    def task_specs(self) -> dict:
+        """The source's tasks (presets of the protocol) with its class names."""
+        return {task: make_task_spec(task, None, self.class_names.get(task)) for task in self.tasks}
 
 
 def check_disjoint_splits(split_ids: Mapping[str, Sequence[str]], where: str) -> None:
@@ -204,6 +208,6 @@ def convert(
     split_ids = {split: source.split_ids(root, split) for split in splits}
     check_disjoint_splits(split_ids, f"{source.title} at {root}")
     return write_dataset(
-        output_dir, split_ids, partial(source.make_row, root), source.tasks, source.finalize,
+        output_dir, split_ids, partial(source.make_row, root), source.task_specs, source.finalize,
         num_workers=num_workers, on_error=on_error, overwrite=overwrite, description=source.title,
     )  # fmt: skip

@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES
+from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES, make_task_spec
 from .labels import encode_depth, encode_normals, encode_png
 from .schema import build_features, build_metadata, render_card
 from .writer import write_dataset
@@ -640,17 +640,18 @@ def generate_synthetic_dataset(
         "validation": [sample_id("validation", i) for i in range(val_size)],
     }
 
+    class_names = {"semseg": SEMSEG_CLASSES, "human_parts": HUMAN_PART_CLASSES}
+    specs = {task: make_task_spec(task, None, class_names.get(task)) for task in TASKS}
+
     def finalize(split_sizes):
-        task_labels = {task: None for task in TASKS}
-        task_labels.update(semseg=SEMSEG_CLASSES, human_parts=HUMAN_PART_CLASSES)
         size = (image_size, image_size)
-        metadata = build_metadata(NAME, task_labels, size, size, BOUNDARY_TOLERANCE, split_sizes)
+        metadata = build_metadata(NAME, specs, size, size, BOUNDARY_TOLERANCE, split_sizes)
         card = render_card(
-            metadata, build_features(TASKS), "TaskExpert synthetic multi-task scenes", CARD_BODY, "apache-2.0", CARD_LICENCE
+            metadata, build_features(specs), "TaskExpert synthetic multi-task scenes", CARD_BODY, "apache-2.0", CARD_LICENCE
         )
         return metadata, card
 
     return write_dataset(
-        output_dir, split_ids, partial(make_row, seed, image_size), TASKS, finalize,
+        output_dir, split_ids, partial(make_row, seed, image_size), specs, finalize,
         num_workers=num_workers, overwrite=overwrite, description="Synthetic scenes",
     )  # fmt: skip

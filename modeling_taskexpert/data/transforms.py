@@ -13,14 +13,16 @@ them reproducible and DataLoader workers get different streams.
 """
 
 import hashlib
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..task_definitions import IGNORE_INDEX, TASKS, check_task_name
-from .labels import decode_label, resize_nearest
+from ..image_processing_taskexpert import load_rgb_image
+from ..task_definitions import IGNORE_INDEX, TaskSpec, preset_spec
+from .labels import CODECS, decode_label, resize_nearest
+from .schema import as_task_specs, crop_balance_task, dataset_task_specs, ordered_tasks, task_columns
 
 # ImageNet statistics of the protocol, on [0, 1] RGB values: transformers' constants, which the image processor
 # (TaskExpertImageProcessor) reads too.
@@ -36,10 +38,6 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # OpenCV hue units (degrees / 2)
 
-# Fill values of the padding (step 6) before the ignore step: image 0 after normalisation,
-# maps 255, depth 0 (invalid, then 255), normals the zero vector (invalid, then 255).
-_PAD_VALUES = {"semseg": IGNORE_INDEX, "human_parts": IGNORE_INDEX, "saliency": IGNORE_INDEX,
-               "edge": IGNORE_INDEX, "depth": 0.0, "normals": 0.0}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -169,17 +167,20 @@ def _random_crop_box(shape, crop_size, semseg, rng) -> tuple[int, int, int, int]
     return top, left, height, width
 
 
-def _to_label_tensor(task: str, label: np.ndarray) -> torch.Tensor:
-    """Protocol step 7 (ignore regions) and step 8 (tensor in the task's convention)."""
-    if task in ("semseg", "human_parts"):
-        if task == "human_parts" and np.isin(label, (0, IGNORE_INDEX)).all():
-            label = np.full_like(label, IGNORE_INDEX)  # no part pixel at all: the whole map is ignored
+def _to_label_tensor(spec: TaskSpec, label: np.ndarray) -> torch.Tensor:
+    """Protocol step 7 (ignore regions) and step 8 (tensor in the kind's convention, see `task_definitions`)."""
+    kind = spec.kind.name
+    if kind == "segmentation":
+        if spec.parameters["background_only_is_unlabelled"] and np.isin(label, (0, IGNORE_INDEX)).all():
+            label = np.full_like(label, IGNORE_INDEX)  # no instance pixel at all (human parts): the map is ignored
         return torch.from_numpy(label.astype(np.int64))
-    if task == "normals":
+    if kind == "normals":
         label = label.copy()
         label[(label == 0).all(axis=-1)] = IGNORE_INDEX
         return torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1), dtype=np.float32))
-    if task == "depth":
+    if kind == "regression":
+        return torch.from_numpy(np.ascontiguousarray(label.transpose(2, 0, 1), dtype=np.float32))
+    if kind == "depth":
         label = np.where(label == 0, np.float32(IGNORE_INDEX), label)
     return torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))
 
@@ -198,8 +199,21 @@ class DenseTransform:
             come from torch's global generator.
     """
 
-    def __init__(self, tasks: Sequence[str], train: bool, size: tuple[int, int], seed: Optional[int] = None):
-        self.tasks = list(tasks)
+    def __init__(
+        self,
+        tasks,
+        train: bool,
+        size: tuple[int, int],
+        seed: Optional[int] = None,
+        columns: Optional[Mapping[str, str]] = None,
+        balance_task: Optional[str] = "semseg",
+        source: str = "dataset",
+    ):
+        self.task_specs = as_task_specs(tasks)
+        self.tasks = list(self.task_specs)
+        self.columns = {task: (columns or {}).get(task, task) for task in self.tasks}
+        self.balance_task = balance_task if balance_task in self.task_specs else None
+        self.source = source
         self.train = train
         self.size = (int(size[0]), int(size[1]))
         self.seed = seed
@@ -220,21 +234,28 @@ class DenseTransform:
     def __call__(self, batch: dict) -> dict:
         outputs = {key: [] for key in ("pixel_values", "labels", "id", "original_size", "pad_offset")}
         for index in range(len(batch["image"])):
-            sample = self.transform_sample({key: batch[key][index] for key in ("id", "image", *self.tasks)})
+            row = {"id": batch["id"][index], "image": batch["image"][index]}
+            row.update({task: batch[column][index] for task, column in self.columns.items()})
+            sample = self.transform_sample(row)
             for key, value in sample.items():
                 outputs[key].append(value)
         return outputs
 
     def transform_sample(self, row: dict) -> dict:
-        """Transform one decoded row ({"id", "image": PIL, task: PIL or None})."""
-        image = np.asarray(row["image"].convert("RGB"))
+        """Transform one decoded row ({"id", "image": PIL, task: stored label or None}). Every label's values are
+        checked against its kind; an invalid one is a `LabelError` naming the dataset, split, sample and column."""
+        # The processor's rule for every image mode (grayscale replicated, transparency composited on white), so that
+        # training sees what inference sees.
+        image = load_rgb_image(row["image"], name=f"{self.source}, sample {row['id']!r}, column 'image'")
+        split = "train" if self.train else "validation"
         labels = {}
-        for task in self.tasks:
+        for task, spec in self.task_specs.items():
             value = row.get(task)
             if value is None:
                 labels[task] = None
                 continue
-            labels[task] = decode_label(task, value)
+            where = f"{self.source}, {split} split, sample {row['id']!r}, column {self.columns[task]!r}"
+            labels[task] = decode_label(spec, value, where)
             if labels[task].shape[:2] != image.shape[:2]:
                 raise ValueError(
                     f"Sample {row['id']!r}: the {task} label is {labels[task].shape[:2]} but the image is {image.shape[:2]}."
@@ -255,8 +276,9 @@ class DenseTransform:
             if label is None:
                 tensors[task] = None
                 continue
-            label, _ = pad_centered(label, self.size, _PAD_VALUES[task])
-            tensors[task] = _to_label_tensor(task, label)
+            spec = self.task_specs[task]
+            label, _ = pad_centered(label, self.size, CODECS[spec.kind.name].pad_value)
+            tensors[task] = _to_label_tensor(spec, label)
         return {
             "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
             "labels": tensors,
@@ -267,35 +289,42 @@ class DenseTransform:
 
     def _augment(self, image: np.ndarray, labels: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         """Protocol steps 1-4: random scale, balanced random crop, flip, photometric distortion."""
-        image, labels = rescale(image, labels, rng.uniform(*SCALE_RANGE))
-        top, left, height, width = _random_crop_box(image.shape, self.size, labels.get("semseg"), rng)
+        image, labels = rescale(image, labels, rng.uniform(*SCALE_RANGE), self.task_specs)
+        balance = labels.get(self.balance_task) if self.balance_task else None
+        top, left, height, width = _random_crop_box(image.shape, self.size, balance, rng)
         image = image[top : top + height, left : left + width]
         labels = {task: None if label is None else label[top : top + height, left : left + width] for task, label in labels.items()}
         if rng.random() < FLIP_PROBABILITY:
-            image, labels = flip_horizontal(image, labels)
+            image, labels = flip_horizontal(image, labels, self.task_specs)
         image = photometric_distortion(np.clip(image, 0, 255).astype(np.uint8), rng)
         return image, labels
 
 
-def rescale(image: np.ndarray, labels: dict, scale: float) -> tuple[np.ndarray, dict]:
-    """Resize to int(H * scale) x int(W * scale): image bilinear (float32), labels nearest; depth / scale."""
+def rescale(image: np.ndarray, labels: dict, scale: float, task_specs=None) -> tuple[np.ndarray, dict]:
+    """Resize to int(H * scale) x int(W * scale): image bilinear (float32), labels nearest; the values of a kind that
+    scales with zoom (depth) divide by the scale. `task_specs` as in `as_task_specs` (default: presets)."""
+    specs = as_task_specs(task_specs if task_specs is not None else list(labels))
     new_size = (int(image.shape[0] * scale), int(image.shape[1] * scale))
     image = resize_bilinear(image.astype(np.float32), new_size)
     resized = {}
     for task, label in labels.items():
         if label is not None:
             label = resize_nearest(label, new_size)
-            if task == "depth":
+            if specs[task].scales_with_zoom:
                 label = label / np.float32(scale)  # the scene looks closer when the image is enlarged
         resized[task] = label
     return image, resized
 
 
-def flip_horizontal(image: np.ndarray, labels: dict) -> tuple[np.ndarray, dict]:
-    """Mirror the image and every label left-right; the x component of normals changes sign."""
+def flip_horizontal(image: np.ndarray, labels: dict, task_specs=None) -> tuple[np.ndarray, dict]:
+    """Mirror the image and every label left-right; the channels a kind negates on a flip (the x component of
+    normals) change sign."""
+    specs = as_task_specs(task_specs if task_specs is not None else list(labels))
     flipped = {task: None if label is None else label[:, ::-1].copy() for task, label in labels.items()}
-    if flipped.get("normals") is not None:
-        flipped["normals"][..., 0] *= -1
+    for task, label in flipped.items():
+        if label is not None:
+            for channel in specs[task].negate_on_flip:
+                label[..., channel] *= -1
     return image[:, ::-1].copy(), flipped
 
 
@@ -311,34 +340,52 @@ def build_transforms(
         size: (height, width) overriding the metadata's train_size (training) / eval_size (evaluation).
         seed: makes the training augmentations a function of (seed, epoch, sample id); see `DenseTransform`.
     """
-    available = list(metadata["tasks"])
-    tasks = available if tasks is None else list(tasks)
+    specs = dataset_task_specs(metadata)
+    tasks = list(specs) if tasks is None else list(tasks)
     for task in tasks:
-        check_task_name(task)
-        if task not in available:
-            raise ValueError(f"Task {task!r} is not in the dataset {metadata.get('name')!r} (it has {available}).")
+        if task not in specs:
+            raise ValueError(f"Task {task!r} is not in the dataset {metadata.get('name')!r} (it has {list(specs)}).")
     if size is None:
         size = metadata["train_size" if train else "eval_size"]
     elif isinstance(size, int):
         size = (size, size)
-    return DenseTransform([task for task in TASKS if task in tasks], train=train, size=tuple(size), seed=seed)
+    return DenseTransform(
+        {task: spec for task, spec in specs.items() if task in tasks},
+        train=train,
+        size=tuple(size),
+        seed=seed,
+        columns=task_columns(metadata),
+        balance_task=crop_balance_task(metadata),
+        source=f"dataset {metadata.get('name')!r}",
+    )
 
 
-def collate_dense_batch(samples: Sequence[dict]) -> dict:
-    """Stack transformed samples into a batch; a missing label becomes an all-255 map."""
+def collate_dense_batch(samples: Sequence[dict], task_specs=None) -> dict:
+    """Stack transformed samples into a batch; a missing label becomes a map of its kind's unsupervised value (255,
+    NaN for regression). `task_specs` ({task: TaskSpec}, e.g. the transform's `task_specs`) is needed for tasks that
+    are not presets; bind it with `functools.partial` for a DataLoader."""
     if not samples:
         raise ValueError("Cannot collate an empty list of samples.")
     pixel_values = torch.stack([sample["pixel_values"] for sample in samples])
     height, width = pixel_values.shape[-2:]
-    tasks = [task for task in TASKS if any(task in sample["labels"] for sample in samples)]
+    tasks = ordered_tasks({task for sample in samples for task in sample["labels"]})
+    specs = dict(task_specs or {})
     labels = {}
     for task in tasks:
-        channels = TASKS[task].label_channels
-        dtype = torch.int64 if TASKS[task].kind == "segmentation" else torch.float32
+        if task not in specs:
+            try:
+                specs[task] = preset_spec(task)
+            except ValueError:
+                raise ValueError(
+                    f"collate_dense_batch: task {task!r} is not a preset; pass task_specs (the transform's "
+                    "task_specs) so that missing labels get its kind's fill value."
+                ) from None
+        spec = specs[task]
+        channels = spec.label_channels
         shape = (channels, height, width) if channels else (height, width)
         labels[task] = torch.stack([
             sample["labels"].get(task) if sample["labels"].get(task) is not None
-            else torch.full(shape, IGNORE_INDEX, dtype=dtype)
+            else torch.full(shape, spec.kind.unsupervised_value, dtype=spec.kind.label_dtype)
             for sample in samples
         ])  # fmt: skip
     return {

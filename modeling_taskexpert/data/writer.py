@@ -11,6 +11,7 @@ the writer keeps an exclusive `flock` on it for as long as it runs, and the kern
 when the process dies, so a concurrent writer's folder is never touched.
 """
 
+import io
 import logging
 import multiprocessing
 import os
@@ -18,14 +19,18 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from collections import Counter
 from typing import Callable, Optional
 
 import datasets
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..file_utils import write_json_atomic, write_text_atomic
 from ..process_utils import end_with_parent
-from .schema import CARD_FILENAME, DATA_DIRNAME, METADATA_FILENAME, SPLITS, build_features
+from ..task_definitions import IGNORE_INDEX
+from .labels import LabelError, decode_label
+from .schema import CARD_FILENAME, DATA_DIRNAME, METADATA_FILENAME, SPLITS, as_task_specs, build_features
 
 try:
     import fcntl
@@ -69,6 +74,41 @@ def read_raw(path, sample_id: str, reader: Callable, what: str):
         raise
     except Exception as error:  # any decoder failure means a corrupt or unexpected file
         raise RawDataError(path, sample_id, f"cannot read the {what} file ({type(error).__name__}: {error})") from error
+
+
+class LabelAudit:
+    """Checks every label a source writes against its task's kind (all of them: the reader then only needs to check
+    what it decodes), and what a whole split must hold: a saliency or boundary column whose split has pixels marked
+    ignore (255) but not one positive pixel almost surely stored its positives as 255."""
+
+    def __init__(self, specs: dict, dataset: str):
+        self.specs, self.dataset = specs, dataset
+        self.binary = [task for task, spec in specs.items() if spec.kind.name in ("saliency", "boundary")]
+        self.positives, self.ignored = Counter(), Counter()
+
+    def check_row(self, row: dict, split: str) -> None:
+        for task, spec in self.specs.items():
+            cell = row.get(task)
+            if cell is None:
+                continue
+            where = f"{self.dataset}, split {split!r}, sample {row.get('id')!r}, column {task!r}"
+            stored = Image.open(io.BytesIO(cell["bytes"])) if isinstance(cell, dict) and "bytes" in cell else cell
+            label = decode_label(spec, stored, where)
+            if task in self.binary:
+                self.positives[task] += int((label == 1).sum())
+                self.ignored[task] += int((label == IGNORE_INDEX).sum())
+
+    def check_split(self, split: str) -> None:
+        for task in self.binary:
+            if self.positives[task] == 0 and self.ignored[task] > 0:
+                raise DatasetConversionError(
+                    f"{self.dataset}, split {split!r}, column {task!r}: no pixel of any sample is 1 (positive), but "
+                    f"{self.ignored[task]} are {IGNORE_INDEX}, which means ignore. Positives must be stored as 1: if "
+                    f"the label files mark positives with {IGNORE_INDEX} (0/255 masks), map them to 1 first (the "
+                    "folder command's `positive_value: 255`). Nothing was written."
+                )
+        self.positives.clear()
+        self.ignored.clear()
 
 
 def _call(make_row, split, sample_id):
@@ -261,7 +301,9 @@ def write_dataset(
         raise ValueError(f"Unknown splits {unknown}; the schema has {list(SPLITS)}.")
     output_dir = prepare_output_dir(output_dir, overwrite)
     remove_stale_temporaries(output_dir)
-    features = build_features(tasks)
+    specs = as_task_specs(tasks)
+    features = build_features(specs)
+    audit = LabelAudit(specs, description)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}{INCOMPLETE_MARK}", dir=output_dir.parent))
     lock_path, lock = temp_dir.with_name(temp_dir.name + ".lock"), None
     try:
@@ -275,7 +317,12 @@ def write_dataset(
             def accepted_rows(split=split, ids=ids, workers=workers, progress=progress):
                 for result in _rows(make_row, split, ids, workers):
                     progress.update()
-                    if isinstance(result, RawDataError):
+                    if not isinstance(result, RawDataError):
+                        try:
+                            audit.check_row(result, split)
+                        except LabelError as error:
+                            result = error
+                    if isinstance(result, (RawDataError, LabelError)):
                         if on_error == "stop":
                             raise DatasetConversionError(
                                 f"Bad raw input: {result}. Nothing was written to {output_dir}; fix or remove the "
@@ -292,6 +339,7 @@ def write_dataset(
                 progress.close()
             if split_sizes[split] == 0:
                 raise DatasetConversionError(f"No sample of the {split!r} split could be converted; nothing was written.")
+            audit.check_split(split)
         metadata, card = finalize(split_sizes)
         write_text_atomic(temp_dir / CARD_FILENAME, card)
         write_json_atomic(temp_dir / METADATA_FILENAME, metadata)  # last: its presence marks a complete dataset

@@ -7,21 +7,15 @@ angular error, depth RMSE). A positive Δm means the multi-task model is better 
 
 import json
 import os
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
-from ..task_definitions import check_task_name
+from ..task_definitions import TASKS, TaskSpec
 
-# Main metric of each task and whether higher is better.
-PRIMARY_METRICS = {
-    "semseg": ("semseg/mIoU", True),
-    "human_parts": ("human_parts/mIoU", True),
-    "saliency": ("saliency/maxF", True),
-    "edge": ("edge/odsF", True),
-    "normals": ("normals/mean", False),
-    "depth": ("depth/RMSE", False),
-}
-# Result key of the approximate boundary mode, used for Δm when the exact one was not computed.
-APPROXIMATE_EDGE_METRIC = "edge/odsF_approx"
+# Main metric of each preset task and whether higher is better (derived from the task kinds).
+PRIMARY_METRICS = {task: (spec.primary_metric_key, spec.kind.higher_is_better) for task, spec in TASKS.items()}
+# Suffix of the approximate boundary scorer's key, used for Δm when the exact one was not computed.
+APPROXIMATE_SUFFIX = "_approx"
+APPROXIMATE_EDGE_METRIC = "edge/odsF" + APPROXIMATE_SUFFIX
 
 
 def load_baselines(baselines: Union[dict, str, os.PathLike]) -> dict[str, float]:
@@ -49,23 +43,26 @@ def load_baselines(baselines: Union[dict, str, os.PathLike]) -> dict[str, float]
     return baselines
 
 
-def _primary_key(task: str, results: dict, baselines: Optional[dict] = None) -> tuple[str, bool]:
-    """The main metric key of `task`. Boundaries: the exact scorer's odsF, or the approximate one's when the exact
+def _primary_key(spec: TaskSpec, results: dict, baselines: Optional[dict] = None) -> tuple[str, bool]:
+    """The main metric key of a task. Boundaries: the exact scorer's odsF, or the approximate one's when the exact
     one is missing from the results (or, given baselines, from the baselines while both have the approximate one)."""
-    key, higher_is_better = PRIMARY_METRICS[task]
-    if task == "edge" and APPROXIMATE_EDGE_METRIC in results:
+    key, higher_is_better = spec.primary_metric_key, spec.kind.higher_is_better
+    approximate = key + APPROXIMATE_SUFFIX
+    if spec.kind.name == "boundary" and approximate in results:
         exact_missing = key not in results or (baselines is not None and key not in baselines)
-        if exact_missing and (baselines is None or APPROXIMATE_EDGE_METRIC in baselines):
-            key = APPROXIMATE_EDGE_METRIC
+        if exact_missing and (baselines is None or approximate in baselines):
+            key = approximate
     return key, higher_is_better
 
 
 def compute_delta_m(
     results: dict[str, float],
     baselines: Union[dict, str, os.PathLike],
-    tasks: Optional[Sequence[str]] = None,
+    tasks: Optional[Union[Sequence[str], Mapping[str, TaskSpec]]] = None,
 ) -> float:
-    """Δm in % of `results` against `baselines` over `tasks` (default: every task with a main metric in results).
+    """Δm in % of `results` against `baselines` over `tasks` (default: every preset task with a main metric in
+    results). `tasks` are preset task names or a {task: TaskSpec} mapping (any task: its kind gives the main metric
+    and its direction).
 
     Both mappings use the evaluator's keys; the baseline must give the same key as the results
     (e.g. "edge/odsF_approx" is only compared with an approximate baseline). Boundaries use the exact scorer's
@@ -73,13 +70,19 @@ def compute_delta_m(
     """
     baselines = load_baselines(baselines)
     if tasks is None:
-        tasks = [task for task in PRIMARY_METRICS if _primary_key(task, results)[0] in results]
+        tasks = {task: spec for task, spec in TASKS.items() if _primary_key(spec, results)[0] in results}
+    elif not isinstance(tasks, Mapping):
+        for task in tasks:
+            if task not in TASKS:
+                raise ValueError(
+                    f"Task {task!r} is not a preset task ({', '.join(TASKS)}); pass the tasks as {{task: TaskSpec}}."
+                )
+        tasks = {task: TASKS[task] for task in tasks}
     if not tasks:
         raise ValueError("compute_delta_m needs at least one task with a main metric in the results.")
     total = 0.0
-    for task in tasks:
-        check_task_name(task)
-        key, higher_is_better = _primary_key(task, results, baselines)
+    for task, spec in tasks.items():
+        key, higher_is_better = _primary_key(spec, results, baselines)
         if key not in results:
             raise ValueError(f"The results have no {key!r}, the main metric of task {task!r}, needed for Δm.")
         if key not in baselines:

@@ -1,5 +1,6 @@
 """`DenseMultiTaskEvaluator`: the benchmark metrics of several dense tasks, streamed batch by batch."""
 
+import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -7,19 +8,11 @@ import numpy as np
 import torch
 
 from ..data import nyud, pascal_context
-from ..task_definitions import TASKS, check_task_name
+from ..data.schema import dataset_task_specs
+from ..task_definitions import PRESET_TASKS, TaskSpec, check_task_name, make_task_spec
 from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS, require_exact_scorer
 from .delta_m import compute_delta_m, load_baselines
-from .metrics import (
-    NORMALS_HISTOGRAM_RESOLUTION,
-    BoundaryMeter,
-    DepthMeter,
-    EmptyEvaluationError,
-    Meter,
-    NormalsMeter,
-    SaliencyMeter,
-    SegmentationMeter,
-)
+from .metrics import NORMALS_HISTOGRAM_RESOLUTION, BoundaryMeter, EmptyEvaluationError, Meter, build_meters
 
 # Boundary tolerance of the benchmark datasets (fraction of the image diagonal), keyed by dataset name.
 PROTOCOL_BOUNDARY_TOLERANCES = {
@@ -83,7 +76,8 @@ class DenseMultiTaskEvaluator:
     `gather_for_metrics` is not involved.
 
     Args:
-        tasks: tasks to evaluate (names from `task_definitions.TASKS`).
+        tasks: tasks to evaluate: preset task names (`task_definitions.PRESET_TASKS`), or {task: TaskSpec} for any
+            task (`model.config.task_specs`; `from_metadata` reads them from a dataset).
         num_classes: number of classes of each segmentation task, e.g. `{"semseg": 21, "human_parts": 7}`.
         dataset: dataset name ("pascal-context", "nyud", "synthetic", ...). For the two benchmark
             datasets it sets the protocol's boundary tolerance and the saliency maxF mode.
@@ -106,7 +100,7 @@ class DenseMultiTaskEvaluator:
 
     def __init__(
         self,
-        tasks: Sequence[str],
+        tasks: Union[Sequence[str], Mapping[str, TaskSpec]],
         num_classes: Optional[Mapping[str, int]] = None,
         dataset: Optional[str] = None,
         class_names: Optional[Mapping[str, Union[Sequence[str], Mapping[Any, str]]]] = None,
@@ -118,10 +112,10 @@ class DenseMultiTaskEvaluator:
     ):
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}.")
-        if len(set(tasks)) != len(tasks):
+        if not isinstance(tasks, Mapping) and len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks lists a task more than once: {list(tasks)}.")
-        for task in tasks:
-            check_task_name(task)
+        self.task_specs = _resolve_specs(tasks, dict(num_classes or {}), dict(class_names or {}))
+        kinds = {spec.kind.name for spec in self.task_specs.values()}
         edge_modes = [edge_mode] if isinstance(edge_mode, str) else list(edge_mode)
         if (
             not edge_modes
@@ -129,19 +123,19 @@ class DenseMultiTaskEvaluator:
             or len(set(edge_modes)) != len(edge_modes)
         ):
             raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, or a sequence of both, got {edge_mode!r}.")
-        if "edge" in tasks and "exact" in edge_modes:
+        if "boundary" in kinds and "exact" in edge_modes:
             require_exact_scorer()
-        self.tasks = list(tasks)
+        self.tasks = list(self.task_specs)
         self.dataset = dataset
-        num_classes = dict(num_classes or {})
-        class_names = dict(class_names or {})
 
-        if "edge" in self.tasks and boundary_tolerance is None:
+        boundary_tasks = [spec for spec in self.task_specs.values() if spec.kind.name == "boundary"]
+        if boundary_tolerance is None and any("tolerance" not in spec.parameters for spec in boundary_tasks):
             boundary_tolerance = PROTOCOL_BOUNDARY_TOLERANCES.get(dataset)
             if boundary_tolerance is None:
                 raise ValueError(
-                    f"Evaluating 'edge' on dataset {dataset!r} needs boundary_tolerance (a fraction of the image "
-                    f"diagonal); the protocol defines it only for {sorted(PROTOCOL_BOUNDARY_TOLERANCES)}."
+                    f"Evaluating the boundary task(s) {[spec.name for spec in boundary_tasks]} on dataset {dataset!r} "
+                    "needs boundary_tolerance (a fraction of the image diagonal); the protocol defines it only for "
+                    f"{sorted(PROTOCOL_BOUNDARY_TOLERANCES)}."
                 )
         if saliency_maxf_mode is None:
             saliency_maxf_mode = "reference" if dataset == pascal_context.NAME else "standard"
@@ -154,28 +148,10 @@ class DenseMultiTaskEvaluator:
             self.single_task_baselines = load_baselines(single_task_baselines)
 
         self.meters: dict[str, Meter] = {}
-        for task in self.tasks:
-            kind = TASKS[task].kind
-            if kind == "segmentation":
-                if task not in num_classes:
-                    raise ValueError(f"Segmentation task {task!r} needs num_classes[{task!r}].")
-                self.meters[task] = SegmentationMeter(
-                    task,
-                    num_classes[task],
-                    _class_name_list(class_names.get(task), num_classes[task], task),
-                    skip_background_only_samples=task == "human_parts",
-                )
-            elif kind == "saliency":
-                self.meters[task] = SaliencyMeter(task, saliency_maxf_mode)
-            elif kind == "normals":
-                self.meters[task] = NormalsMeter(task)
-            elif kind == "depth":
-                self.meters[task] = DepthMeter(task)
-            else:
-                # One meter per scorer; the first is keyed by the task, the others by "task:mode".
-                for index, mode in enumerate(edge_modes):
-                    name = task if index == 0 else f"{task}:{mode}"
-                    self.meters[name] = BoundaryMeter(task, boundary_tolerance, mode, workers=edge_workers)
+        for spec in self.task_specs.values():
+            self.meters.update(
+                build_meters(spec, saliency_maxf_mode, boundary_tolerance, edge_modes, boundary_workers=edge_workers)
+            )
         self.num_samples = torch.zeros(1, dtype=torch.int64)
 
     @classmethod
@@ -184,48 +160,39 @@ class DenseMultiTaskEvaluator:
     ) -> "DenseMultiTaskEvaluator":
         """An evaluator for a dataset described by its metadata (`modeling_taskexpert.data.read_dataset_metadata`).
 
-        Tasks default to all of the dataset's; classes, class names, dataset name and boundary tolerance
-        come from the metadata unless given in `kwargs`.
+        Tasks default to all of the dataset's; their kinds, class names, the dataset name and boundary tolerance come
+        from the metadata unless given in `kwargs`.
         """
         if not isinstance(metadata, Mapping) or not isinstance(metadata.get("tasks"), Mapping):
             raise ValueError(
                 "metadata must be the dict of a dataset's metadata file (read_dataset_metadata), with a 'tasks' mapping."
             )
-        available = metadata["tasks"]
-        tasks = [task for task in TASKS if task in available] if tasks is None else list(tasks)
+        available = dataset_task_specs(metadata)
+        tasks = list(available) if tasks is None else list(tasks)
         for task in tasks:
             if task not in available:
                 raise ValueError(
                     f"Task {task!r} is not in the dataset {metadata.get('name')!r} (it has {list(available)})."
                 )
-        num_classes, class_names = {}, {}
-        for task in tasks:
-            if TASKS[task].kind == "segmentation":
-                id2label = (available[task] or {}).get("id2label")
-                if not id2label:
-                    raise ValueError(f"The metadata of {metadata.get('name')!r} has no tasks.{task}.id2label.")
-                num_classes[task] = len(id2label)
-                class_names[task] = id2label
-        kwargs.setdefault("num_classes", num_classes)
-        kwargs.setdefault("class_names", class_names)
         kwargs.setdefault("dataset", metadata.get("name"))
         if metadata.get("boundary_tolerance") is not None:
             kwargs.setdefault("boundary_tolerance", metadata["boundary_tolerance"])
-        return cls(tasks=tasks, **kwargs)
+        return cls(tasks={task: available[task] for task in tasks}, **kwargs)
 
     @property
     def settings(self) -> dict:
         """The choices behind the numbers, to store next to them."""
         settings = {"dataset": self.dataset, "tasks": list(self.tasks)}
-        if "saliency" in self.tasks:
+        kinds = {spec.kind.name for spec in self.task_specs.values()}
+        if "saliency" in kinds:
             settings["saliency_maxf_mode"] = self.saliency_maxf_mode
-        if "edge" in self.tasks:
+        if "boundary" in kinds:
             settings.update(
                 edge_mode=self.edge_mode,
                 boundary_tolerance=self.boundary_tolerance,
                 boundary_thresholds=len(BOUNDARY_THRESHOLDS),
             )
-        if "normals" in self.tasks:
+        if "normals" in kinds:
             settings["normals_median_resolution_degrees"] = NORMALS_HISTOGRAM_RESOLUTION
         return settings
 
@@ -272,13 +239,14 @@ class DenseMultiTaskEvaluator:
             for name, mapping in (("predictions", predictions), ("labels", labels)):
                 if task not in mapping:
                     raise ValueError(f"{name} has no entry for task {task!r} (it has {sorted(mapping)}).")
-            prediction, label = _check_pair(task, predictions[task], labels[task])
+            prediction, label = _check_pair(self.task_specs[task], predictions[task], labels[task])
             if batch_size is None:
                 batch_size = len(label)
             elif len(label) != batch_size:
                 raise ValueError(f"Task {task!r} has a batch of {len(label)} samples, the other tasks {batch_size}.")
             checked[task] = prediction, label
-        crops = _crops_from_meta(meta, batch_size) if meta is not None and "edge" in self.tasks else None
+        has_boundaries = any(isinstance(meter, BoundaryMeter) for meter in self.meters.values())
+        crops = _crops_from_meta(meta, batch_size) if meta is not None and has_boundaries else None
         for name, meter in self.meters.items():
             prediction, label = checked[meter.task]
             if isinstance(meter, BoundaryMeter):
@@ -306,13 +274,35 @@ class DenseMultiTaskEvaluator:
         for name, meter in self.meters.items():
             results.update({f"{meter.task}/{key}": value for key, value in meter.summarise(states[name]).items()})
         if self.single_task_baselines is not None:
-            results["multi_task/delta_m"] = compute_delta_m(results, self.single_task_baselines, self.tasks)
+            results["multi_task/delta_m"] = compute_delta_m(results, self.single_task_baselines, self.task_specs)
         return results
 
 
-def _expected_ndim(task: str) -> int:
-    """Label and prediction dimensions: (B, H, W), or (B, 3, H, W) for normals."""
-    return 4 if TASKS[task].label_channels else 3
+def _resolve_specs(tasks, num_classes: dict, class_names: dict) -> dict[str, TaskSpec]:
+    """{task: TaskSpec} from a mapping of specs, or from preset task names with `num_classes` / `class_names` for the
+    segmentation tasks."""
+    if isinstance(tasks, Mapping):
+        return dict(tasks)
+    specs = {}
+    for task in tasks:
+        check_task_name(task)
+        if task not in PRESET_TASKS:
+            raise ValueError(
+                f"Task {task!r} is not a preset task ({', '.join(PRESET_TASKS)}); give the evaluator the tasks as "
+                "{task: TaskSpec} (e.g. model.config.task_specs, or DenseMultiTaskEvaluator.from_metadata)."
+            )
+        names = None
+        if PRESET_TASKS[task]["kind"] == "segmentation":
+            if task not in num_classes:
+                raise ValueError(f"Segmentation task {task!r} needs num_classes[{task!r}].")
+            names = _class_name_list(class_names.get(task), num_classes[task], task)
+            names = names if names is not None else [str(i) for i in range(num_classes[task])]
+            if len(names) != num_classes[task]:
+                raise ValueError(f"{task!r} has {num_classes[task]} classes but {len(names)} class names were given.")
+            if num_classes[task] < 2:
+                raise ValueError(f"num_classes of {task!r} must be an integer >= 2, got {num_classes[task]!r}.")
+        specs[task] = make_task_spec(task, None, names)
+    return specs
 
 
 def _as_tensor(value, task: str, name: str) -> torch.Tensor:
@@ -325,14 +315,16 @@ def _as_tensor(value, task: str, name: str) -> torch.Tensor:
     return value.detach()
 
 
-def _check_pair(task: str, prediction, label) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_pair(spec: TaskSpec, prediction, label) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate shapes, dtypes and finiteness of one task's prediction and label batches."""
+    task = spec.name
     prediction = _as_tensor(prediction, task, "prediction")
     label = _as_tensor(label, task, "label")
-    ndim = _expected_ndim(task)
-    layout = "(B, 3, H, W)" if ndim == 4 else "(B, H, W)"
+    channels = spec.label_channels
+    ndim = 4 if channels else 3
+    layout = f"(B, {channels}, H, W)" if ndim == 4 else "(B, H, W)"
     for name, tensor in (("prediction", prediction), ("label", label)):
-        if tensor.dim() != ndim or (ndim == 4 and tensor.shape[1] != 3):
+        if tensor.dim() != ndim or (ndim == 4 and tensor.shape[1] != channels):
             raise ValueError(f"The {name} of task {task!r} must have shape {layout}, got {tuple(tensor.shape)}.")
     if prediction.shape != label.shape:
         raise ValueError(
@@ -340,7 +332,7 @@ def _check_pair(task: str, prediction, label) -> tuple[torch.Tensor, torch.Tenso
         )
     if label.shape[0] == 0 or label[0].numel() == 0:
         raise ValueError(f"Task {task!r}: the batch is empty (shape {tuple(label.shape)}).")
-    integer = TASKS[task].kind == "segmentation"
+    integer = spec.kind.label_dtype == torch.int64
     for name, tensor in (("prediction", prediction), ("label", label)):
         if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
             raise TypeError(
@@ -348,8 +340,11 @@ def _check_pair(task: str, prediction, label) -> tuple[torch.Tensor, torch.Tenso
             )
         if not integer and not tensor.is_floating_point():
             raise TypeError(f"The {name} of task {task!r} must be a floating-point tensor, got {tensor.dtype}.")
-        if not integer and not bool(torch.isfinite(tensor).all()):
-            sample = int((~torch.isfinite(tensor)).flatten(1).any(dim=1).nonzero()[0])
+        # NaN marks unlabelled pixels of a kind whose unsupervised value is NaN (regression); never infinity.
+        allowed_nan = name == "label" and math.isnan(spec.kind.unsupervised_value)
+        bad = torch.isinf(tensor) if allowed_nan else ~torch.isfinite(tensor)
+        if not integer and bool(bad.any()):
+            sample = int(bad.flatten(1).any(dim=1).nonzero()[0])
             raise ValueError(
                 f"The {name} of task {task!r} holds NaN or infinite values (sample {sample} of the batch)."
             )

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..process_utils import end_with_parent
-from ..task_definitions import IGNORE_INDEX
+from ..task_definitions import IGNORE_INDEX, KINDS, TaskSpec
 from .boundary import BOUNDARY_THRESHOLDS, boundary_counts, counts_to_f
 
 SALIENCY_MAXF_MODES = ("reference", "standard")
@@ -215,7 +215,8 @@ class NormalsMeter(Meter):
         }
 
     def update(self, prediction, label):
-        valid = (label != IGNORE_INDEX).all(dim=1)  # (B, H, W)
+        # Pixels with supervision: not ignore and not the zero vector (no direction; it would score as 90 degrees).
+        valid = KINDS["normals"].valid_label_pixels(label)  # (B, H, W)
         predicted = F.normalize(prediction.double().movedim(1, -1)[valid], dim=-1)
         target = F.normalize(label.double().movedim(1, -1)[valid], dim=-1)
         angle = torch.rad2deg(2 * torch.atan2((predicted - target).norm(dim=-1), (predicted + target).norm(dim=-1)))
@@ -227,7 +228,7 @@ class NormalsMeter(Meter):
 
     def summarise(self, state):
         count = int(state["count"].item())
-        self._require(count, "normal (label pixel with all three channels != 255)")
+        self._require(count, "normal (label pixel with all three channels != 255 and not the zero vector)")
         results = {
             "mean": state["sums"][0].item() / count,
             "rmse": math.sqrt(state["sums"][1].item() / count),
@@ -236,6 +237,25 @@ class NormalsMeter(Meter):
         for limit, within in zip(NORMALS_ANGLE_THRESHOLDS, state["within"].tolist()):
             results[f"within_{limit:g}"] = 100 * within / count
         return results
+
+
+class RegressionMeter(Meter):
+    """Errors of a dense regression pooled over the labelled pixels and channels of the split (labels NaN where
+    unlabelled), in the task's unit: MAE (the primary metric) and RMSE, from float64 sums."""
+
+    def initial_state(self):
+        return {"sums": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(1, dtype=torch.int64)}
+
+    def update(self, prediction, label):
+        valid = torch.isfinite(label).all(dim=1, keepdim=True).expand_as(label)  # (B, C, H, W)
+        error = prediction.double()[valid] - label.double()[valid]
+        self._add("sums", torch.stack([error.abs().sum(), error.square().sum()]))
+        self._add("count", torch.tensor([error.numel()]))
+
+    def summarise(self, state):
+        count = int(state["count"].item())
+        self._require(count, "value (label pixel that is not NaN)")
+        return {"MAE": state["sums"][0].item() / count, "RMSE": math.sqrt(state["sums"][1].item() / count)}
 
 
 def _histogram_median(histogram: torch.Tensor, width: float) -> float:
@@ -446,3 +466,42 @@ def _check_values(task: str, what: str, values: torch.Tensor, is_allowed, expect
     raise ValueError(
         f"The {what} of task {task!r} holds {bad_value!r} in sample {sample} of the batch; expected {expected}{hint}."
     )
+
+
+def build_meters(
+    spec: TaskSpec,
+    saliency_maxf_mode: str = "standard",
+    boundary_tolerance: Optional[float] = None,
+    boundary_modes: Sequence[str] = ("exact",),
+    boundary_workers: int = 0,
+) -> dict[str, Meter]:
+    """The meters of one task by its kind, keyed by meter name: the task's name, and for boundaries scored by several
+    scorers "<task>:<mode>" for every mode after the first. A boundary task's own `tolerance` parameter wins over
+    `boundary_tolerance` (the dataset's)."""
+    kind = spec.kind.name
+    if kind == "segmentation":
+        meter = SegmentationMeter(
+            spec.name,
+            spec.num_classes,
+            spec.class_names,
+            skip_background_only_samples=spec.parameters["background_only_is_unlabelled"],
+        )
+    elif kind == "saliency":
+        meter = SaliencyMeter(spec.name, saliency_maxf_mode)
+    elif kind == "normals":
+        meter = NormalsMeter(spec.name)
+    elif kind == "depth":
+        meter = DepthMeter(spec.name)
+    elif kind == "regression":
+        meter = RegressionMeter(spec.name)
+    elif kind == "boundary":
+        tolerance = spec.parameters.get("tolerance", boundary_tolerance)
+        return {
+            spec.name if index == 0 else f"{spec.name}:{mode}": BoundaryMeter(
+                spec.name, tolerance, mode, workers=boundary_workers
+            )
+            for index, mode in enumerate(boundary_modes)
+        }
+    else:
+        raise ValueError(f"No meter for the kind {kind!r} of task {spec.name!r}.")
+    return {spec.name: meter}
