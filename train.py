@@ -16,6 +16,7 @@ training fails while running (for instance a non-finite loss, which stops the ru
 """
 
 import json
+from functools import partial
 import math
 import os
 import shutil
@@ -36,13 +37,13 @@ from modeling_taskexpert import TaskExpertImageProcessor
 from modeling_taskexpert.data import (
     build_transforms,
     collate_dense_batch,
+    dataset_task_specs,
     load_multitask_dataset,
     read_dataset_metadata,
 )
 from modeling_taskexpert.evaluation import BoundaryEvaluationError, DenseMultiTaskEvaluator, evaluate_model
 from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
 from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
-from modeling_taskexpert.task_definitions import TASKS
 from modeling_taskexpert.training import (
     CheckpointError,
     JsonLinesLogger,
@@ -73,8 +74,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for instance the loss is no longer finite); the message names the step and what to do."""
 
 
-# Model config fields that train.py sets itself: the recipe's `tasks` and the dataset's class names.
-FIELDS_SET_BY_TRAINING = ("tasks", "task_id2label")
+# Model config fields that train.py sets itself: the recipe's `tasks`, the dataset's task kinds and class names.
+FIELDS_SET_BY_TRAINING = ("tasks", "task_id2label", "task_kinds")
 
 
 def valid_model_config_keys(model_type: str) -> set[str]:
@@ -123,14 +124,16 @@ def build_model_config(recipe, metadata):
                 "class names come from the dataset)."
             )
     settings.update(recipe.model_overrides)
-    available = [task for task in TASKS if task in metadata["tasks"]]
-    tasks = recipe.tasks or available
+    available = dataset_task_specs(metadata)
+    tasks = recipe.tasks or list(available)
     missing = [task for task in tasks if task not in available]
     if missing:
-        raise RecipeError(f"Recipe tasks {missing} are not in dataset {recipe.dataset!r}, which has {available}.")
+        raise RecipeError(f"Recipe tasks {missing} are not in dataset {recipe.dataset!r}, which has {list(available)}.")
+    # The dataset declares its tasks: their kinds and parameters, and the class names of segmentation tasks.
     settings["tasks"] = tasks
+    settings["task_kinds"] = {task: available[task].declaration() for task in tasks}
     settings["task_id2label"] = {
-        task: metadata["tasks"][task]["id2label"] for task in tasks if TASKS[task].kind == "segmentation"
+        task: dict(enumerate(available[task].class_names)) for task in tasks if available[task].class_names is not None
     }
     try:
         return AutoConfig.for_model(**settings)
@@ -173,10 +176,10 @@ def check_hub_access(recipe) -> None:
         ) from None
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, task_specs: dict) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, num_workers=num_workers,
-        collate_fn=collate_dense_batch, persistent_workers=False,
+        collate_fn=partial(collate_dense_batch, task_specs=task_specs), persistent_workers=False,
     )  # fmt: skip
 
 
@@ -220,7 +223,8 @@ def main(argv=None) -> dict:
             metadata, tasks=tasks, edge_mode=recipe.edge_mode, single_task_baselines=recipe.single_task_baselines
         )
         final_evaluator = evaluator
-        if list(recipe.final_edge_modes) != [recipe.edge_mode] and "edge" in tasks:
+        has_boundaries = any(config.task_specs[task].kind.name == "boundary" for task in tasks)
+        if list(recipe.final_edge_modes) != [recipe.edge_mode] and has_boundaries:
             final_evaluator = DenseMultiTaskEvaluator.from_metadata(
                 metadata, tasks=tasks, edge_mode=recipe.final_edge_modes, edge_workers=recipe.edge_workers,
                 single_task_baselines=recipe.single_task_baselines,
@@ -263,8 +267,9 @@ def main(argv=None) -> dict:
     if recipe.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(recipe.max_eval_samples, len(eval_dataset))))
     eval_dataset = eval_dataset.with_transform(build_transforms(metadata, train=False, tasks=tasks))
-    train_loader = make_loader(train_dataset, recipe.per_device_train_batch_size, True, recipe.num_workers)
-    eval_loader = make_loader(eval_dataset, recipe.per_device_eval_batch_size, False, recipe.num_workers)
+    specs = train_transform.task_specs
+    train_loader = make_loader(train_dataset, recipe.per_device_train_batch_size, True, recipe.num_workers, specs)
+    eval_loader = make_loader(eval_dataset, recipe.per_device_eval_batch_size, False, recipe.num_workers, specs)
 
     # ---- optimisation --------------------------------------------------------------------------------------
     parameters = list(model.parameters()) + list(weighting.parameters())
@@ -444,7 +449,7 @@ def save_final_model(model, processor, recipe, metrics: dict, metadata: dict, ch
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
-        plot_training_curves(output_dir / "train_log.jsonl", staging / "training_curves.png")
+        plot_training_curves(output_dir / "train_log.jsonl", staging / "training_curves.png", model.config.task_specs)
         name = recipe.hub_model_id or output_dir.name
         card = build_model_card(model.config, recipe, metrics, metadata, name, chance_baseline=chance_baseline)
         (staging / "README.md").write_text(card)

@@ -69,7 +69,7 @@ def random_labels(config: TaskExpertConfig, batch: int, size: int, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     labels = {}
     for task in config.tasks:
-        kind = TASKS[task].kind
+        kind = TASKS[task].kind.name
         if kind == "segmentation":
             label = torch.randint(0, config.num_labels_of(task), (batch, size, size), generator=generator)
         elif kind in ("saliency", "boundary"):

@@ -87,6 +87,11 @@ class TaskKind:
     legend: str = "colorbar"  # "classes" (a swatch per class), "colorbar" (a scale) or "rgb" (direction colours)
     negate_on_flip: tuple[int, ...] = ()  # label channels whose sign changes on a horizontal flip
     scales_with_zoom: bool = False  # values divide by the zoom factor when the image is resized (depth)
+    card_task_type: str = ""  # the model-index task type of a model card
+    # Metric key suffix -> (model-index metric type, label with its unit; "{unit}" is the task's unit): the metrics a
+    # model card lists, the primary one first.
+    card_metrics: dict[str, tuple[str, str]] = {}
+    lower_is_better: tuple[str, ...] = ()  # metric suffixes (besides a lower-is-better primary) where lower is better
 
     def check_parameters(self, task: str, parameters: dict, class_names: Optional[tuple]) -> dict:
         """The kind's parameters with defaults filled in; a ValueError naming the task for a bad one."""
@@ -128,6 +133,8 @@ class TaskKind:
 class SegmentationKind(TaskKind):
     name = "segmentation"
     description = "segmentation"
+    card_task_type = "image-segmentation"
+    card_metrics = {"mIoU": ("mean_iou", "mIoU (%)"), "pixel_accuracy": ("accuracy", "Pixel accuracy (%)")}
     parameters = ("background_only_is_unlabelled",)
     label_dtype = torch.int64
     primary_metric = "mIoU"
@@ -209,6 +216,8 @@ class _BinaryKind(TaskKind):
 class SaliencyKind(_BinaryKind):
     name = "saliency"
     description = "salient object"
+    card_task_type = "saliency-detection"
+    card_metrics = {"maxF": ("max_f_measure", "maxF, beta^2 = 0.3 (%)"), "mIoU": ("mean_iou", "mIoU (%)")}
     primary_metric = "maxF"
 
     def loss(self, logits, labels, spec, config):
@@ -230,6 +239,13 @@ class SaliencyKind(_BinaryKind):
 class BoundaryKind(_BinaryKind):
     name = "boundary"
     description = "boundary"
+    card_task_type = "edge-detection"
+    card_metrics = {
+        "odsF": ("ods_f_measure", "odsF, exact scorer (%)"),
+        "oisF": ("ois_f_measure", "oisF, exact scorer (%)"),
+        "odsF_approx": ("ods_f_measure_approx", "odsF, approximate scorer (%)"),
+        "oisF_approx": ("ois_f_measure_approx", "oisF, approximate scorer (%)"),
+    }
     parameters = ("tolerance",)
     primary_metric = "odsF"
 
@@ -257,6 +273,13 @@ class BoundaryKind(_BinaryKind):
 class NormalsKind(TaskKind):
     name = "normals"
     description = "surface normals"
+    card_task_type = "surface-normals-estimation"
+    card_metrics = {
+        "mean": ("mean_angular_error", "Mean angular error (degrees)"),
+        "median": ("median_angular_error", "Median angular error (degrees)"),
+        "rmse": ("rmse_angular_error", "RMSE of angles (degrees)"),
+    }
+    lower_is_better = ("median", "rmse")
     primary_metric = "mean"
     higher_is_better = False
     stored_as = "PNG, RGB 8-bit"
@@ -299,6 +322,13 @@ class NormalsKind(TaskKind):
 class DepthKind(TaskKind):
     name = "depth"
     description = "depth"
+    card_task_type = "depth-estimation"
+    card_metrics = {
+        "RMSE": ("rmse", "RMSE (m)"),
+        "abs_rel": ("abs_rel", "Absolute relative error"),
+        "delta_1": ("delta_1", "delta < 1.25 (%)"),
+    }
+    lower_is_better = ("abs_rel",)
     parameters = ("max_depth",)
     primary_metric = "RMSE"
     higher_is_better = False
@@ -355,6 +385,9 @@ class RegressionKind(TaskKind):
 
     name = "regression"
     description = "dense regression"
+    card_task_type = "dense-regression"
+    card_metrics = {"MAE": ("mae", "Mean absolute error ({unit})"), "RMSE": ("rmse", "RMSE ({unit})")}
+    lower_is_better = ("RMSE",)
     parameters = ("channels", "value_range", "unit", "loss", "negate_on_flip", "scales_with_zoom")
     unsupervised_value = float("nan")
     primary_metric = "MAE"
@@ -498,6 +531,31 @@ class TaskSpec:
     @property
     def primary_metric_key(self) -> str:
         return f"{self.name}/{self.kind.primary_metric}"
+
+    @property
+    def main_metric_keys(self) -> tuple[str, ...]:
+        """The keys of the main metric: the primary one, and for boundaries the approximate scorer's beside it."""
+        key = self.primary_metric_key
+        return (key, key + "_approx") if self.kind.name == "boundary" else (key,)
+
+    @property
+    def title(self) -> str:
+        """What the task does, for cards and the demo: its description, or its name and kind."""
+        return self.description or f"{self.name} ({self.kind.description})"
+
+    def lower_is_better(self, key: str) -> bool:
+        """Whether a lower value of the result key `key` of this task is better."""
+        suffix = key.split("/", 1)[1].removesuffix("_approx")
+        primary = suffix == self.kind.primary_metric and not self.kind.higher_is_better
+        return primary or suffix in self.kind.lower_is_better
+
+    def card_metric(self, key: str) -> Optional[tuple[str, str]]:
+        """(model-index metric type, label with unit) of the result key `key`, or None for metrics cards leave out."""
+        entry = self.kind.card_metrics.get(key.split("/", 1)[1])
+        if entry is None:
+            return None
+        unit = self.unit or "unit"
+        return entry[0], entry[1].replace("{unit}", unit)
 
     def declaration(self) -> dict:
         """The JSON form of the task (without class names, which configs and metadata keep in `id2label`)."""

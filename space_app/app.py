@@ -33,7 +33,6 @@ from experts_tab import (
 )
 from inference import DemoPrediction, predict, save_npz
 from model_loading import EXAMPLES_DIR, MAX_UPLOAD_MB, DemoModel, ModelUnavailable, load_demo_model
-from modeling_taskexpert.task_definitions import TASKS
 from rendering import (
     LEGEND_CSS,
     OVERLAY_OPACITY,
@@ -206,7 +205,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                                 for task in tasks[row_start : row_start + 3]:
                                     with gr.Column(min_width=240):
                                         task_outputs[task] = _task_component(task, demo_model)
-                                        legend = task_legend(task)
+                                        legend = task_legend(demo_model.config.task_specs[task])
                                         if legend is not None:
                                             legends[task] = gr.HTML(legend, elem_id=f"legend-{task}")
                     with gr.Tab("Experts"):
@@ -343,7 +342,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
 def _task_component(task: str, demo_model: DemoModel):
     """The output component of one task: an annotated overlay for segmentation, an image otherwise."""
     common = {"label": task_title(task), "format": "png", "elem_id": f"map-{task}", "min_width": 240}
-    if TASKS[task].kind == "segmentation":
+    if demo_model.config.task_specs[task].kind.name == "segmentation":
         return AnnotatedImageOutput(color_map=class_color_map(class_names(demo_model.config, task)), **common)
     return ImageOutput(interactive=False, **common)
 

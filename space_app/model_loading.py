@@ -21,7 +21,6 @@ import modeling_taskexpert  # noqa: F401  (registers the model types with the Au
 from modeling_taskexpert.file_utils import looks_like_repo_id
 from modeling_taskexpert.image_processing_taskexpert import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from modeling_taskexpert.loading import load_dense_model
-from modeling_taskexpert.task_definitions import TASKS
 
 SPACE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SPACE_DIR.parent
@@ -168,7 +167,7 @@ class DemoModel:
         """Markdown summary of the model: source, type, size, tasks, routing layers."""
         layers, candidates = self.config.layer_names, self.config.candidate_names
         parameters = sum(parameter.numel() for parameter in self.model.parameters())
-        tasks = ", ".join(TASKS[task].description for task in self.tasks)
+        tasks = ", ".join(spec.title for spec in self.config.task_specs.values())
         per_layer = "/".join(str(size) for size in sorted({len(names) for names in candidates}))
         return (
             f"**Model** `{self.source}` ({self.config.model_type}, {parameters / 1e6:.2f} M parameters) · **tasks**: "

@@ -19,10 +19,15 @@ from gradio.components.annotated_image import AnnotatedImageData, Annotation
 from gradio.data_classes import FileData
 from PIL import Image
 
-from modeling_taskexpert.task_definitions import TASKS
-from modeling_taskexpert.visualization_taskexpert import colorize_scalar, label_palette, normals_to_rgb
+from modeling_taskexpert.task_definitions import TaskSpec, preset_spec
+from modeling_taskexpert.visualization_taskexpert import (
+    colorize_scalar,
+    label_palette,
+    normals_to_rgb,
+    visualize_prediction,
+)
 
-# Short titles of the task outputs (the longer descriptions live in task_definitions).
+# Short titles of the preset tasks' outputs (other tasks show their declared names).
 TASK_TITLES = {
     "semseg": "Semantic segmentation", "human_parts": "Human parts", "saliency": "Saliency",
     "edge": "Boundaries", "normals": "Surface normals", "depth": "Depth",
@@ -34,7 +39,7 @@ SPHERE_SIZE = 72
 
 
 def task_title(task: str) -> str:
-    """Title of a task's output on the page."""
+    """Title of a task's output on the page: the preset tasks' titles, or the task's declared name."""
     return TASK_TITLES.get(task, task)
 
 
@@ -59,18 +64,17 @@ def segmentation_overlay(image: np.ndarray, labels: np.ndarray, names: list[str]
 
 
 def render_task(prediction: np.ndarray, task: str, image: np.ndarray, config):
-    """A task's prediction -> the value its output component shows (its legend is `task_legend`)."""
-    kind = TASKS[task].kind
+    """A task's prediction -> the value its output component shows (its legend is `task_legend`), by its kind."""
+    spec = config.task_specs[task]
+    kind = spec.kind.name
     if kind == "segmentation":
-        # Human-part id 0 is the background: leave the photo visible there.
-        skip = (0,) if task == "human_parts" else ()
+        # Where class 0 means "no instance" (human parts' background), leave the photo visible.
+        skip = (0,) if spec.parameters["background_only_is_unlabelled"] else ()
         return segmentation_overlay(image, prediction, class_names(config, task), skip)
-    if kind == "normals":
-        return normals_to_rgb(prediction)
     if kind == "depth":
         low, high = depth_range(prediction)
         return colorize_scalar(prediction, low, high)
-    return colorize_scalar(prediction, 0.0, 1.0)  # saliency and boundary probabilities
+    return visualize_prediction(spec, prediction)  # normals, probabilities, regression over its declared range
 
 
 def depth_range(depth: np.ndarray) -> tuple[float, float]:
@@ -131,10 +135,12 @@ def normals_legend() -> str:
     )
 
 
-def task_legend(task: str, value_range: Optional[tuple[float, float]] = None) -> Optional[str]:
-    """The HTML legend of a task's map (None for segmentation tasks: their annotated image has a class legend).
-    Depth's end labels are `value_range` (the nearest and farthest depth of the map, `depth_range`)."""
-    kind = TASKS[task].kind
+def task_legend(task, value_range: Optional[tuple[float, float]] = None) -> Optional[str]:
+    """The HTML legend of a task's map by its kind (None for segmentation tasks: their annotated image has a class
+    legend). `task` is a `TaskSpec` or a preset task's name. Depth's end labels are `value_range` (the nearest and
+    farthest depth of the map, `depth_range`); a regression's are its declared range and unit."""
+    spec = task if isinstance(task, TaskSpec) else preset_spec(task)
+    kind = spec.kind.name
     if kind == "segmentation":
         return None
     if kind == "normals":
@@ -144,8 +150,13 @@ def task_legend(task: str, value_range: Optional[tuple[float, float]] = None) ->
             return colorbar_legend("near", "far", "depth (metres, scaled per image)")
         low, high = value_range
         return colorbar_legend(f"{low:.2f} m", f"{high:.2f} m", "depth, near to far")
+    if kind == "regression":
+        low, high = spec.parameters["value_range"]
+        unit = f" {spec.unit}" if spec.unit else ""
+        channel = " (channel 0)" if spec.parameters["channels"] > 1 else ""
+        return colorbar_legend(f"{low:g}{unit}", f"{high:g}{unit}", f"{spec.name}{channel}")
     what = "saliency probability" if kind == "saliency" else "boundary probability"
-    return colorbar_legend("0", "1", what)
+    return colorbar_legend("0", "1", f"{what} ({spec.name})" if spec.name not in TASK_TITLES else what)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ Exit status: 0 on success, 2 when the arguments or inputs are refused before the
 
 import argparse
 import sys
+from functools import partial
 from typing import Optional, Sequence
 
 from ..file_utils import write_json_atomic
-from ..task_definitions import TASKS
+from ..data.schema import dataset_task_specs
 from .boundary import BOUNDARY_MODES
 from .metrics import SALIENCY_MAXF_MODES
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output", required=True, help="Where to write the metrics JSON.")
     parser.add_argument(
-        "--tasks", nargs="+", choices=list(TASKS), help="Tasks to score (default: the model's tasks the dataset has)."
+        "--tasks", nargs="+", help="Tasks to score (default: the model's tasks the dataset has)."
     )
     parser.add_argument("--batch-size", type=int, default=6, help="Evaluation batch size per process (protocol: 6).")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
@@ -97,28 +98,43 @@ def _resolve_tasks(
     return list(requested)
 
 
-def _check_classes(model_config, metadata: dict, tasks: Sequence[str]) -> None:
-    """The model's segmentation classes must be the dataset's, or class ids would be compared across label sets."""
+def _check_tasks_agree(model_config, metadata: dict, tasks: Sequence[str]) -> None:
+    """The model's tasks must be the dataset's: the same kind, and for segmentation the same class names in the same
+    order, or class ids would be compared across label sets (a model whose class 0 is "wall" scored against a dataset
+    whose class 0 is "floor")."""
+    if not hasattr(model_config, "task_specs"):
+        return
+    model_specs, dataset_specs = model_config.task_specs, dataset_task_specs(metadata)
     for task in tasks:
-        if TASKS[task].kind != "segmentation" or not hasattr(model_config, "num_labels_of"):
-            continue
-        model_classes = model_config.num_labels_of(task)
-        dataset_classes = len(metadata["tasks"][task]["id2label"])
-        if model_classes != dataset_classes:
+        ours, theirs = model_specs[task], dataset_specs[task]
+        if ours.kind.name != theirs.kind.name:
             raise ValueError(
-                f"The model predicts {model_classes} classes for {task!r} but the dataset has {dataset_classes}."
+                f"Task {task!r} is a {ours.kind.name} task of the model but a {theirs.kind.name} task of the dataset."
+            )
+        if ours.class_names != theirs.class_names:
+            if len(ours.class_names) != len(theirs.class_names):
+                raise ValueError(
+                    f"The model predicts {len(ours.class_names)} classes for {task!r} but the dataset has "
+                    f"{len(theirs.class_names)}."
+                )
+            first = next(i for i, (a, b) in enumerate(zip(ours.class_names, theirs.class_names)) if a != b)
+            raise ValueError(
+                f"The classes of {task!r} differ between the model and the dataset: class {first} is "
+                f"{ours.class_names[first]!r} for the model and {theirs.class_names[first]!r} in the dataset. Scores "
+                "would compare different classes; evaluate on a dataset with the model's classes."
             )
 
 
 def describe_edge_scoring(evaluator, num_samples: int) -> Optional[str]:
     """What the boundary scorer is and what it costs, printed before a long evaluation starts."""
-    if "edge" not in evaluator.tasks:
+    boundary_tasks = [task for task, spec in evaluator.task_specs.items() if spec.kind.name == "boundary"]
+    if not boundary_tasks:
         return None
-    modes = evaluator.edge_modes
+    modes, task = evaluator.edge_modes, boundary_tasks[0]
     lines = [f"Boundary scorer: {' and '.join(modes)} (results "
-             + ", ".join("edge/odsF" if mode == "exact" else "edge/odsF_approx" for mode in modes) + ")."]  # fmt: skip
+             + ", ".join(f"{task}/odsF" if mode == "exact" else f"{task}/odsF_approx" for mode in modes) + ")."]  # fmt: skip
     if "exact" in modes:
-        workers = evaluator.meters["edge"].workers
+        workers = evaluator.meters[task].workers
         lines.append(
             f"The exact scorer (the protocol's one-to-one matching at 101 thresholds) takes about 1-3 s per 128x128 "
             f"image and tens of seconds per full-size image on one core, for {num_samples} images here; the progress "
@@ -160,7 +176,7 @@ def prepare(args: argparse.Namespace):
             )
     model_tasks = list(getattr(model.config, "tasks", []))
     tasks = _resolve_tasks(args.tasks, model_tasks, list(metadata["tasks"]), args.dataset)
-    _check_classes(model.config, metadata, tasks)
+    _check_tasks_agree(model.config, metadata, tasks)
     evaluator = DenseMultiTaskEvaluator.from_metadata(
         metadata,
         tasks=tasks,
@@ -173,13 +189,14 @@ def prepare(args: argparse.Namespace):
     dataset = load_multitask_dataset(args.dataset, args.split, cache_dir=args.cache_dir)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    dataset.set_transform(build_transforms(metadata, train=False, tasks=tasks))
+    transform = build_transforms(metadata, train=False, tasks=tasks)
+    dataset.set_transform(transform)
     dataloader = DataLoader(
         dataset,
         batch_size=args.batch_size,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=collate_dense_batch,
+        collate_fn=partial(collate_dense_batch, task_specs=transform.task_specs),
     )
     accelerator = Accelerator(cpu=args.cpu)
     model = accelerator.prepare_model(model, evaluation_mode=True)

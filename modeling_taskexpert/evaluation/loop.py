@@ -69,7 +69,9 @@ def evaluate_model(
             # Every process runs the forward pass, even on a padding-only batch: a wrapped (DDP) model
             # may synchronise buffers inside it.
             outputs = model(pixel_values=batch["pixel_values"].to(device), tasks=evaluator.tasks)
-            predictions = logits_to_predictions({task: outputs.logits[task] for task in evaluator.tasks})
+            predictions = logits_to_predictions(
+                {task: outputs.logits[task] for task in evaluator.tasks}, evaluator.task_specs
+            )
             count = _real_sample_count(accelerator, len(batch["pixel_values"]))
             if count == 0:
                 continue

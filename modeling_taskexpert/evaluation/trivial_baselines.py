@@ -10,6 +10,7 @@ of the dataset it was measured on; `train.py` puts it in the model card of a mod
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..data import build_transforms, collate_dense_batch, read_dataset_metadata, load_multitask_dataset
 from ..file_utils import write_json_atomic
-from ..task_definitions import IGNORE_INDEX, TASKS
+from ..task_definitions import IGNORE_INDEX
 from .boundary import BOUNDARY_MODES
 from .evaluator import DenseMultiTaskEvaluator
 
@@ -27,45 +28,47 @@ from .evaluator import DenseMultiTaskEvaluator
 IDENTITY_FIELDS = ("name", "eval_size", "boundary_tolerance", "splits")
 
 
-def label_statistics(loader, tasks) -> dict:
+def label_statistics(loader, task_specs: dict) -> dict:
     """Per task, the statistic its constant predictor uses, from the validation labels."""
-    sums = {task: None for task in tasks}
+    sums = {task: None for task in task_specs}
     for batch in loader:
-        for task in tasks:
+        for task, spec in task_specs.items():
             label = batch["labels"][task]
-            kind = TASKS[task].kind
+            kind = spec.kind.name
             if kind == "segmentation":
                 valid = label[label != IGNORE_INDEX]
                 counts = torch.bincount(valid, minlength=256)[:255].double()
-                sums[task] = counts if sums[task] is None else sums[task] + counts
-            elif kind == "normals":
-                valid = (label != IGNORE_INDEX).all(dim=1, keepdim=True)
-                total = (label * valid).sum(dim=(0, 2, 3)).double()
-                sums[task] = total if sums[task] is None else sums[task] + total
+                total = counts
+            elif kind in ("normals", "regression"):  # a mean vector over the labelled pixels
+                valid = spec.kind.valid_label_pixels(label)[:, None]
+                total = torch.cat([torch.where(valid, label, 0).sum(dim=(0, 2, 3)).double(), valid.sum()[None].double()])
             else:
                 valid = label != IGNORE_INDEX
                 total = torch.stack([label[valid].double().sum(), valid.sum().double()])
-                sums[task] = total if sums[task] is None else sums[task] + total
+            sums[task] = total if sums[task] is None else sums[task] + total
     statistics = {}
     for task, value in sums.items():
-        kind = TASKS[task].kind
+        kind = task_specs[task].kind.name
         if kind == "segmentation":
             statistics[task] = int(value.argmax())
         elif kind == "normals":
-            statistics[task] = F.normalize(value.float(), dim=0)
+            statistics[task] = F.normalize(value[:-1].float(), dim=0)
+        elif kind == "regression":
+            statistics[task] = (value[:-1] / value[-1]).float()
         else:
             statistics[task] = float(value[0] / value[1])
     return statistics
 
 
-def constant_predictions(batch, statistics) -> dict:
+def constant_predictions(batch, statistics, task_specs: dict) -> dict:
     predictions = {}
     for task, value in statistics.items():
         label = batch["labels"][task]
-        if TASKS[task].kind == "segmentation":
+        kind = task_specs[task].kind.name
+        if kind == "segmentation":
             predictions[task] = torch.full_like(label, value)
-        elif TASKS[task].kind == "normals":
-            predictions[task] = value.view(1, 3, 1, 1).expand_as(label).contiguous()
+        elif kind in ("normals", "regression"):
+            predictions[task] = value.view(1, -1, 1, 1).expand_as(label).contiguous()
         else:
             predictions[task] = torch.full(label.shape, value, dtype=torch.float32)
     return predictions
@@ -81,15 +84,14 @@ def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
     every boundary scorer of `edge_mode` (both by default: the exact scorer's bar is far lower than the approximate
     one's, since it thins a constant map to a one-pixel grid before matching)."""
     metadata = read_dataset_metadata(dataset)
-    tasks = [task for task in TASKS if task in metadata["tasks"]]
-    data = load_multitask_dataset(dataset, "validation").with_transform(
-        build_transforms(metadata, train=False, tasks=tasks)
-    )
-    loader = DataLoader(data, batch_size=16, collate_fn=collate_dense_batch)
-    statistics = label_statistics(loader, tasks)
-    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=tasks, edge_mode=edge_mode)
+    transform = build_transforms(metadata, train=False)
+    specs = transform.task_specs
+    data = load_multitask_dataset(dataset, "validation").with_transform(transform)
+    loader = DataLoader(data, batch_size=16, collate_fn=partial(collate_dense_batch, task_specs=specs))
+    statistics = label_statistics(loader, specs)
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode=edge_mode)
     for batch in loader:
-        evaluator.update(constant_predictions(batch, statistics), batch["labels"], meta=batch)
+        evaluator.update(constant_predictions(batch, statistics, specs), batch["labels"], meta=batch)
     return {"dataset": dataset_identity(metadata, len(data)), "metrics": evaluator.compute(sync=False)}
 
 

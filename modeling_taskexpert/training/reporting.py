@@ -3,48 +3,18 @@
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import yaml
 
 from ..file_utils import atomic_write, looks_like_repo_id
-from ..task_definitions import PIPELINE_TASK, TASKS
+from ..task_definitions import PIPELINE_TASK, TASKS, TaskSpec, preset_spec
 
-# Per task: (model-index task type, task name). Hub task ids where one fits (segmentation, depth); the usual names of
-# the benchmark's tasks otherwise (saliency and boundaries are no image segmentation).
-CARD_TASKS = {
-    "semseg": ("image-segmentation", "Semantic Segmentation"),
-    "human_parts": ("human-part-segmentation", "Human Part Segmentation"),
-    "saliency": ("saliency-detection", "Salient Object Detection"),
-    "edge": ("edge-detection", "Edge Detection"),
-    "normals": ("surface-normals-estimation", "Surface Normals Estimation"),
-    "depth": ("depth-estimation", "Monocular Depth Estimation"),
-}
-# Per result key: (model-index metric type, metric name with unit). Keys not listed stay in the card's tables only.
-CARD_METRICS = {
-    "semseg/mIoU": ("mean_iou", "mIoU (%)"),
-    "semseg/pixel_accuracy": ("accuracy", "Pixel accuracy (%)"),
-    "human_parts/mIoU": ("mean_iou", "mIoU (%)"),
-    "saliency/maxF": ("max_f_measure", "maxF, beta^2 = 0.3 (%)"),
-    "saliency/mIoU": ("mean_iou", "mIoU (%)"),
-    "edge/odsF": ("ods_f_measure", "odsF, exact scorer (%)"),
-    "edge/oisF": ("ois_f_measure", "oisF, exact scorer (%)"),
-    "edge/odsF_approx": ("ods_f_measure_approx", "odsF, approximate scorer (%)"),
-    "edge/oisF_approx": ("ois_f_measure_approx", "oisF, approximate scorer (%)"),
-    "normals/mean": ("mean_angular_error", "Mean angular error (degrees)"),
-    "normals/median": ("median_angular_error", "Median angular error (degrees)"),
-    "normals/rmse": ("rmse_angular_error", "RMSE of angles (degrees)"),
-    "depth/RMSE": ("rmse", "RMSE (m)"),
-    "depth/abs_rel": ("abs_rel", "Absolute relative error"),
-    "depth/delta_1": ("delta_1", "delta < 1.25 (%)"),
-}
-# The main metric(s) of each task, as the training curves and the card's summary show them; lower is better for the
-# errors. Boundaries: both scorers where both were run.
-MAIN_METRICS = {
-    "semseg": ("semseg/mIoU",), "human_parts": ("human_parts/mIoU",), "saliency": ("saliency/maxF",),
-    "edge": ("edge/odsF", "edge/odsF_approx"), "normals": ("normals/mean",), "depth": ("depth/RMSE",),
-}  # fmt: skip
-LOWER_IS_BETTER = {"normals/mean", "normals/median", "normals/rmse", "depth/RMSE", "depth/abs_rel"}
+def _specs(tasks) -> dict[str, TaskSpec]:
+    """{task: TaskSpec} from a model config's `task_specs` mapping, or from preset task names."""
+    if isinstance(tasks, Mapping):
+        return dict(tasks)
+    return {task: preset_spec(task) for task in tasks}
 
 
 class JsonLinesLogger:
@@ -71,10 +41,10 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def plot_training_curves(log_path: Path, output_path: Path) -> list[tuple[str, list[str]]]:
+def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> list[tuple[str, list[str]]]:
     """One panel for the training loss (total and per task) and one per task with its main metric(s) at every
-    evaluation, legends outside the axes; written atomically with normal permissions. Returns the task panels as
-    (task, metric keys)."""
+    evaluation, legends outside the axes; written atomically with normal permissions. `task_specs`: the model's
+    (`config.task_specs`; default: the preset tasks). Returns the task panels as (task, metric keys)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +53,8 @@ def plot_training_curves(log_path: Path, output_path: Path) -> list[tuple[str, l
     records = read_log(log_path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    panels = [(task, [key for key in keys if any(key in r for r in evals)]) for task, keys in MAIN_METRICS.items()]
+    specs = _specs(task_specs if task_specs is not None else TASKS)
+    panels = [(task, [key for key in spec.main_metric_keys if any(key in r for r in evals)]) for task, spec in specs.items()]
     panels = [(task, keys) for task, keys in panels if keys]
     columns = 4
     rows = math.ceil((1 + len(panels)) / columns)
@@ -102,9 +73,9 @@ def plot_training_curves(log_path: Path, output_path: Path) -> list[tuple[str, l
         axis = axes[index // columns][index % columns]
         for key in keys:
             points = [(r["step"], r[key]) for r in evals if key in r]
-            label = CARD_METRICS.get(key, (key, key))[1]
+            label = (specs[task].card_metric(key) or (key, key))[1]
             axis.plot(*zip(*points), marker="o", markersize=3, label=label)
-        direction = "lower is better" if keys[0] in LOWER_IS_BETTER else "higher is better"
+        direction = "lower is better" if specs[task].lower_is_better(keys[0]) else "higher is better"
         metric = keys[0].split("/")[1] + (" (both scorers)" if len(keys) > 1 else "")
         axis.set_title(f"{task}: {metric}, {direction}", fontsize=9)
         axis.set_xlabel("step")
@@ -122,13 +93,13 @@ def main_metric_rows(
     metrics: dict, tasks, chance: Optional[dict] = None
 ) -> list[tuple[str, str, float, Optional[float]]]:
     """(task, metric label with its direction, value, chance bar or None) of every main metric in `metrics`: the rows
-    of the results table of the model card and of the README."""
+    of the results table of the model card and of the README. `tasks`: preset task names or {task: TaskSpec}."""
     rows = []
-    for task in tasks:
-        for key in MAIN_METRICS[task]:
+    for task, spec in _specs(tasks).items():
+        for key in spec.main_metric_keys:
             if key in metrics:
-                direction = "lower is better" if key in LOWER_IS_BETTER else "higher is better"
-                rows.append((task, f"{CARD_METRICS[key][1]}, {direction}", metrics[key], (chance or {}).get(key)))
+                direction = "lower is better" if spec.lower_is_better(key) else "higher is better"
+                rows.append((task, f"{spec.card_metric(key)[1]}, {direction}", metrics[key], (chance or {}).get(key)))
     return rows
 
 
@@ -142,11 +113,12 @@ def _dataset_id(recipe) -> str:
     return hub_recipe(recipe)["dataset"]
 
 
-def _pipeline_tag(tasks) -> str:
+def _pipeline_tag(specs: Mapping[str, TaskSpec]) -> str:
     """The Hub task closest to what the model predicts (its full output is the custom pipeline's)."""
-    if "semseg" in tasks or "human_parts" in tasks:
+    kinds = {spec.kind.name for spec in specs.values()}
+    if "segmentation" in kinds:
         return "image-segmentation"
-    if "depth" in tasks:
+    if "depth" in kinds:
         return "depth-estimation"
     return "image-to-image"
 
@@ -181,34 +153,34 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     synthetic = dataset_name == "synthetic"
     dataset_type = dataset_id if looks_like_repo_id(dataset_id) else dataset_name
     repo_id = model_name if looks_like_repo_id(model_name) else f"your-namespace/{model_name}"
-    tasks = list(config.tasks)
+    specs = config.task_specs
+    tasks = list(specs)
     eval_results = []
     for key, value in sorted(metrics.items()):
-        task = key.split("/")[0]
+        spec = specs.get(key.split("/")[0])
         if (
-            key not in CARD_METRICS
-            or task not in tasks
+            spec is None
+            or spec.card_metric(key) is None
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
         ):
             continue
-        task_type, task_name = CARD_TASKS[task]
-        metric_type, metric_name = CARD_METRICS[key]
+        task_type, task_name = spec.kind.card_task_type, spec.title[:1].upper() + spec.title[1:]
+        metric_type, metric_name = spec.card_metric(key)
         eval_results.append(EvalResult(
             task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
             dataset_split="validation", metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4),
         ))  # fmt: skip
     backbone_checkpoint = getattr(config, "backbone_checkpoint", None)
-    task_tags = {"semseg": "semantic-segmentation", "human_parts": "human-part-segmentation", "saliency": "saliency-detection",
-                 "edge": "edge-detection", "normals": "surface-normals-estimation", "depth": "depth-estimation"}  # fmt: skip
+    task_tags = list(dict.fromkeys(spec.kind.card_task_type for spec in specs.values()))
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag=_pipeline_tag(tasks),
+        pipeline_tag=_pipeline_tag(specs),
         datasets=[dataset_type],
         base_model=backbone_checkpoint or None,
         tags=[config.model_type, "multi-task-learning", "dense-prediction", "mixture-of-experts", "vision",
-              *[task_tags[t] for t in tasks], *(["synthetic-data"] if synthetic else [])],
+              *task_tags, *(["synthetic-data"] if synthetic else [])],
         eval_results=eval_results or None,
         license="apache-2.0",
     )  # fmt: skip
@@ -222,7 +194,7 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
                 "and the tooling; **on real photos its maps are meaningless**. For real images, use a model trained on "
                 "PASCAL-Context or NYUD-v2 (`hub_configs/` of the package has their recipes).")  # fmt: skip
     else:
-        uses = (f"Dense prediction of {', '.join(TASKS[t].description for t in tasks)} on images like those of "
+        uses = (f"Dense prediction of {', '.join(spec.title for spec in specs.values())} on images like those of "
                 f"{dataset_name} (evaluated at {size_text} pixels). Outside that domain (other scene types, very "
                 "different resolutions or camera geometry) expect degraded maps; depth is metric only for cameras "
                 "like the dataset's. Not evaluated for any safety-critical use.")  # fmt: skip
@@ -236,15 +208,15 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     # Results: main metrics per task, against the chance bar when one was recorded for this data.
     chance = chance_baseline or {}
     rows = [f"| {task} | {label} | {_format(value)} |" + (f" {_format(bar)} |" if chance else "")
-            for task, label, value, bar in main_metric_rows(metrics, tasks, chance)]  # fmt: skip
+            for task, label, value, bar in main_metric_rows(metrics, specs, chance)]  # fmt: skip
     header = (
         "| task | metric | value |" + (" chance |" if chance else "") + "\n|---|---|---|" + ("---|" if chance else "")
     )
     other = [f"| {key} | {_format(value)} |" for key, value in sorted(metrics.items())
-             if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in keys for keys in MAIN_METRICS.values())]  # fmt: skip
+             if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in spec.main_metric_keys for spec in specs.values())]  # fmt: skip
     class_rows = []
     for task in tasks:
-        if TASKS[task].kind != "segmentation":
+        if specs[task].kind.name != "segmentation":
             continue
         for class_id, class_name in sorted(config.task_id2label.get(task, {}).items(), key=lambda item: int(item[0])):
             key = f"{task}/IoU/{class_name}"
@@ -258,7 +230,7 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
         + ("---|" if chance else "")
     )
     edge_note = ""
-    if "edge" in tasks:
+    if any(spec.kind.name == "boundary" for spec in specs.values()):
         edge_note = ("\nBoundaries: `odsF` comes from the protocol's exact scorer (non-maximum suppression, thinning and "
                      "one-to-one matching at 101 thresholds, as `python -m modeling_taskexpert.evaluation` computes it by "
                      "default); `odsF_approx` from the fast approximate scorer used during training (no thinning, no "
@@ -291,7 +263,7 @@ Trained with `train.py` of the `modeling_taskexpert` package on `{dataset_id}`.
 
 ## How to use
 
-The model predicts every task at once; the Hub's closest task is `{_pipeline_tag(tasks)}`, and the full output comes from
+The model predicts every task at once; the Hub's closest task is `{_pipeline_tag(specs)}`, and the full output comes from
 the custom pipeline `{PIPELINE_TASK}` shipped with the model (remote code; or install `modeling_taskexpert`).
 
 ```python

@@ -52,7 +52,7 @@ _CITATION = """\
 
 
 def _map_feature(task: str):
-    value = datasets.Value("int64" if TASKS[task].kind == "segmentation" else "float32")
+    value = datasets.Value("int64" if TASKS[task].kind.name == "segmentation" else "float32")
     feature = datasets.Sequence(datasets.Sequence(value))
     return datasets.Sequence(feature) if TASKS[task].label_channels else feature
 
