@@ -204,9 +204,6 @@ def validate_task_settings(
     task_kinds = {} if task_kinds is None else task_kinds
     if not isinstance(task_kinds, dict):
         raise ValueError(f"`task_kinds` must map task names to declarations, got {_shown(task_kinds)}.")
-    for task in task_kinds:
-        if task not in tasks:
-            raise ValueError(f"`task_kinds` names {task!r}, which is not in `tasks` {tasks}.")
     for task in tasks:
         check_task_name(task, where="task in `tasks`")
         try:
@@ -215,9 +212,10 @@ def validate_task_settings(
             raise ValueError(f"`task_kinds` / `task_id2label`: {error}") from None
         if spec.kind.name == "segmentation" and task not in task_id2label:
             raise ValueError(f"Segmentation task {task!r} needs `task_id2label[{task!r}]` with at least 2 classes.")
-    for task in task_id2label:
-        if task not in tasks:
-            raise ValueError(f"`task_id2label` names {task!r}, which is not in `tasks` {tasks}.")
+    for field, values in (("task_kinds", task_kinds), ("task_id2label", task_id2label)):
+        for task in values:
+            if task not in tasks:
+                raise ValueError(f"`{field}` names {task!r}, which is not in `tasks` {tasks}.")
     check_number("edge_positive_weight", edge_positive_weight, 0.0, 1.0, min_exclusive=True, max_exclusive=True)
     if not isinstance(loss_weights, dict):
         raise ValueError(f"`loss_weights` must map task names to weights, got {_shown(loss_weights)}.")

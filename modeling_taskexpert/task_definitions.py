@@ -580,7 +580,14 @@ PRESET_TASKS: dict[str, dict] = {
 }
 PRESET_CLASS_NAMES = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage); other tasks default to 1.
-PROTOCOL_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "saliency": 5.0, "normals": 10.0, "edge": 50.0, "depth": 1.0}
+PROTOCOL_LOSS_WEIGHTS = {
+    "semseg": 1.0,
+    "human_parts": 2.0,
+    "saliency": 5.0,
+    "normals": 10.0,
+    "edge": 50.0,
+    "depth": 1.0,
+}
 # Keys of a declaration that are not kind parameters.
 _DECLARATION_KEYS = ("kind", "description", "column")
 
@@ -645,7 +652,9 @@ def _class_name_tuple(task: str, class_names) -> Optional[tuple[str, ...]]:
         by_id = {int(key): value for key, value in class_names.items()}
         class_names = [by_id[i] for i in range(len(ids))]
     if not isinstance(class_names, (list, tuple)):
-        raise ValueError(f"Class names of task {task!r} must be a list or an {{id: name}} mapping, got {class_names!r}.")
+        raise ValueError(
+            f"Class names of task {task!r} must be a list or an {{id: name}} mapping, got {class_names!r}."
+        )
     return tuple(str(name) for name in class_names)
 
 

@@ -65,7 +65,7 @@ def segmentation_overlay(image: np.ndarray, labels: np.ndarray, names: list[str]
 
 def render_task(prediction: np.ndarray, task: str, image: np.ndarray, config):
     """A task's prediction -> the value its output component shows (its legend is `task_legend`), by its kind."""
-    spec = config.task_specs[task]
+    spec = config.task_specs[task] if config is not None else preset_spec(task)
     kind = spec.kind.name
     if kind == "segmentation":
         # Where class 0 means "no instance" (human parts' background), leave the photo visible.

@@ -58,7 +58,8 @@ def test_a_source_is_a_description(toy_raw, tmp_path):
     output = convert(TOY, toy_raw.parent, tmp_path / "out", num_workers=0)
     metadata = read_dataset_metadata(output)
     assert metadata == {
-        "name": "toy", "tasks": {"saliency": {}}, "train_size": [8, 8], "eval_size": [8, 8],
+        "name": "toy", "tasks": {"saliency": {"kind": "saliency", "description": "salient object detection"}},
+        "train_size": [8, 8], "eval_size": [8, 8],
         "boundary_tolerance": 0.01, "splits": {"train": 2, "validation": 1},
     }  # fmt: skip
     rows = list(load_multitask_dataset(output, "train", cache_dir=str(tmp_path / "cache")))
@@ -141,7 +142,7 @@ def test_the_cli_exits_2_for_bad_split_lists(tmp_path, capsys):
 def test_a_description_is_checked_when_made():
     with pytest.raises(ValueError, match="`class_names` must name exactly the segmentation tasks \\['semseg'\\]"):
         dataclasses.replace(TOY, tasks=("semseg", "saliency"))
-    with pytest.raises(ValueError, match="Unknown task of the 'toy' source 'sal'; known tasks are"):
+    with pytest.raises(ValueError, match="DatasetSource 'toy': Task 'sal' is not one of the preset tasks"):
         dataclasses.replace(TOY, tasks=("sal",))
     with pytest.raises(ValueError, match="`split_lists` must map some of the splits"):
         dataclasses.replace(TOY, split_lists={"test": "lists/test.txt"})

@@ -160,7 +160,7 @@ def test_the_evaluation_cli_never_trusts_remote_code_by_default():
 @pytest.mark.parametrize(
     "field, value, message",
     [("num_experts", "three", "`num_experts` must be a positive integer, got 'three'"),
-     ("tasks", ["flow"], "Unknown task in `tasks` 'flow'"),
+     ("tasks", ["flow"], "'flow' is not one of the preset tasks"),
      ("mmoe_layers", [99], "`mmoe_layers` entry 99 is out of range"),
      ("backbone_config", "vit", "`backbone_config` must be a PretrainedConfig or a dict")],
 )  # fmt: skip

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from ..task_definitions import check_task_name, make_task_spec, preset_spec
+from ..task_definitions import PRESET_TASKS, check_task_name, make_task_spec
 from .schema import SPLITS, build_features, build_metadata, render_card
 from .writer import write_dataset
 
@@ -82,7 +82,8 @@ class DatasetSource:
         root_markers: paths inside the archive folder that identify it (checked to exist).
         split_lists: split -> path of its id list inside the archive folder (one id per line); its keys are the
             source's splits.
-        tasks: the task columns (preset task names of `task_definitions`; stored in their canonical order).
+        tasks: the task columns: preset task names of `task_definitions` or tasks declared in `task_kinds` (stored
+            presets first, in their canonical order).
         class_names: segmentation task -> class names, in id order (every segmentation task, no other).
         train_size, eval_size: (height, width) of the training crop and the evaluation canvas.
         boundary_tolerance: the boundary scorer's matching tolerance, a fraction of the image diagonal.
@@ -94,6 +95,7 @@ class DatasetSource:
         license_id: the licence id of the card's YAML header (a Hub licence identifier).
         read_split_ids: optional `(root, split) -> ids` for archives without one-id-per-line lists; the ids
             are checked like those of a list file.
+        task_kinds: the declaration (`{"kind": ..., parameter: value}`) of every task that is not a preset.
     """
 
     name: str
@@ -111,6 +113,7 @@ class DatasetSource:
     make_row: Callable[[Path, str, str], dict]
     license_id: str = "other"
     read_split_ids: Optional[Callable[[Path, str], list[str]]] = field(default=None)
+    task_kinds: Mapping[str, Mapping] = field(default_factory=dict)
 
     def __post_init__(self):
         where = f"DatasetSource {self.name!r}"
@@ -118,7 +121,14 @@ class DatasetSource:
             check_task_name(task, where=f"task of the {self.name!r} source")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"{where}: `tasks` has duplicates: {list(self.tasks)}.")
-        segmentation = {task for task in self.tasks if preset_spec(task).kind.name == "segmentation"}
+        declarations = {task: self.task_kinds.get(task, PRESET_TASKS.get(task)) for task in self.tasks}
+        undeclared = [task for task, declared in declarations.items() if not declared]
+        if undeclared:
+            raise ValueError(
+                f"{where}: Task {undeclared[0]!r} is not one of the preset tasks ({', '.join(PRESET_TASKS)}); "
+                "declare its kind in `task_kinds`."
+            )
+        segmentation = {task for task, declared in declarations.items() if declared.get("kind") == "segmentation"}
         if set(self.class_names) != segmentation:
             raise ValueError(f"{where}: `class_names` must name exactly the segmentation tasks {sorted(segmentation)}.")
         unknown = set(self.split_lists) - set(SPLITS)
@@ -127,6 +137,10 @@ class DatasetSource:
         for size in (self.train_size, self.eval_size):
             if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
                 raise ValueError(f"{where}: sizes must be (height, width) of positive integers, got {size!r}.")
+        try:
+            self.task_specs  # every declaration and class list, checked now rather than after a conversion
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
     def find_root(self, raw_dir) -> Path:
         """The archive folder: `raw_dir` itself or its `<archive>/` subfolder."""
@@ -170,7 +184,7 @@ class DatasetSource:
     @property
     def task_specs(self) -> dict:
         """The source's tasks (presets of the protocol) with its class names."""
-        return {task: make_task_spec(task, None, self.class_names.get(task)) for task in self.tasks}
+        return {task: make_task_spec(task, self.task_kinds.get(task), self.class_names.get(task)) for task in self.tasks}
 
 
 def check_disjoint_splits(split_ids: Mapping[str, Sequence[str]], where: str) -> None:

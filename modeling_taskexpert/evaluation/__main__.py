@@ -35,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="Converted dataset folder (or Hub dataset id).")
     parser.add_argument("--split", default="validation", choices=["train", "validation"])
     parser.add_argument("--output", required=True, help="Where to write the metrics JSON.")
-    parser.add_argument(
-        "--tasks", nargs="+", help="Tasks to score (default: the model's tasks the dataset has)."
-    )
+    parser.add_argument("--tasks", nargs="+", help="Tasks to score (default: the model's tasks the dataset has).")
     parser.add_argument("--batch-size", type=int, default=6, help="Evaluation batch size per process (protocol: 6).")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes.")
     parser.add_argument(

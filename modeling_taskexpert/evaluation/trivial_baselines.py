@@ -41,7 +41,9 @@ def label_statistics(loader, task_specs: dict) -> dict:
                 total = counts
             elif kind in ("normals", "regression"):  # a mean vector over the labelled pixels
                 valid = spec.kind.valid_label_pixels(label)[:, None]
-                total = torch.cat([torch.where(valid, label, 0).sum(dim=(0, 2, 3)).double(), valid.sum()[None].double()])
+                total = torch.cat(
+                    [torch.where(valid, label, 0).sum(dim=(0, 2, 3)).double(), valid.sum()[None].double()]
+                )
             else:
                 valid = label != IGNORE_INDEX
                 total = torch.stack([label[valid].double().sum(), valid.sum().double()])

@@ -10,6 +10,7 @@ import yaml
 from ..file_utils import atomic_write, looks_like_repo_id
 from ..task_definitions import PIPELINE_TASK, TASKS, TaskSpec, preset_spec
 
+
 def _specs(tasks) -> dict[str, TaskSpec]:
     """{task: TaskSpec} from a model config's `task_specs` mapping, or from preset task names."""
     if isinstance(tasks, Mapping):
@@ -54,7 +55,9 @@ def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     specs = _specs(task_specs if task_specs is not None else TASKS)
-    panels = [(task, [key for key in spec.main_metric_keys if any(key in r for r in evals)]) for task, spec in specs.items()]
+    panels = [
+        (task, [key for key in spec.main_metric_keys if any(key in r for r in evals)]) for task, spec in specs.items()
+    ]
     panels = [(task, keys) for task, keys in panels if keys]
     columns = 4
     rows = math.ceil((1 + len(panels)) / columns)
