@@ -292,7 +292,11 @@ class SafetensorsOnlyLoadMixin:
                 f"{type(allow_missing_weights).__name__}."
             )
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = cls._load_safetensors_only(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            model, loading_info = cls._load_safetensors_only(pretrained_model_name_or_path, *model_args, **kwargs)
+        except RuntimeError as error:  # e.g. per-task weights of another task count: say so when that is the cause
+            cls._refuse_other_tasks(source, kwargs, error)
+            raise
         model = cls._match_task_order(model, source, kwargs, allow_missing_weights)
         missing = sorted(loading_info["missing_keys"])
         if allow_missing_weights is not True:
@@ -307,6 +311,29 @@ class SafetensorsOnlyLoadMixin:
                     "a list of key prefixes that may be missing."
                 )
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _refuse_other_tasks(cls, source: str, kwargs: dict, error: Exception) -> None:
+        """Raise a clear OSError when loading failed because the config names other tasks than the weights."""
+        recorded = read_task_order(source, kwargs)
+        config = kwargs.get("config")
+        if recorded is None or config is None and not Path(source, "config.json").is_file():
+            return
+        try:
+            tasks = (
+                list(config.tasks)
+                if config is not None
+                else json.loads(Path(source, "config.json").read_text())["tasks"]
+            )
+        except (OSError, ValueError, KeyError, AttributeError):
+            return
+        tasks = kwargs.get("tasks", tasks)
+        if sorted(tasks) != sorted(recorded):
+            raise OSError(
+                f"The config of {source} names the tasks {tasks}, but its weights were saved for {recorded}. Use the "
+                "config saved with the weights, or pass ignore_mismatched_sizes=True and allow_missing_weights=True "
+                "to start new task heads."
+            ) from error
 
     @classmethod
     def _match_task_order(cls, model, source: str, kwargs: dict, allow_missing_weights):

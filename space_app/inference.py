@@ -64,7 +64,7 @@ def predict(demo_model: DemoModel, image, tasks: Optional[list[str]] = None) -> 
     pixel_values = processor(rgb, return_tensors="pt")["pixel_values"].to(model.device)
     with torch.inference_mode():
         outputs = model(pixel_values=pixel_values, tasks=tasks, output_gates=True)
-        predictions = processor.post_process_dense_predictions(outputs, target_sizes=[size])[0]
+        predictions = processor.post_process_dense_predictions(outputs, target_sizes=[size], task_specs=model.config)[0]
         predictions = {task: value.cpu().numpy() for task, value in predictions.items()}
         routing = routing_view(model.config, outputs.gates, tasks, demo_model.canvas, resized, offset)
     seconds = time.perf_counter() - start

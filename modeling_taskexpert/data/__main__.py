@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import SOURCES
+from . import folder as folder_module
 from .schema import DatasetNotAvailableError, has_dataset_metadata, push_dataset_to_hub, read_dataset_metadata
 from .source import convert
 from .synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE, generate_synthetic_dataset
@@ -52,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-if-exists", action="store_true", help="do nothing if a complete dataset is already at --output-dir"
     )
 
+    folder = subparsers.add_parser(
+        "folder",
+        help="convert your own folder of images and label files (described by its tasks.yaml)",
+        description=folder_module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    folder.add_argument("--input-dir", required=True, type=Path, help="the folder with tasks.yaml, images/, <task>/")
+    _add_output_options(folder)
+    folder.add_argument(
+        "--on-error", choices=ON_ERROR_CHOICES, default="stop",
+        help="on a missing, corrupt or invalid file: stop (default, nothing is written) or skip the sample",
+    )  # fmt: skip
+
     push = subparsers.add_parser("push", help="upload a dataset folder to a Hub dataset repository")
     push.add_argument("folder", type=Path, help="dataset folder")
     push.add_argument("--repo-id", required=True, help="Hub dataset repository, user/name")
@@ -73,6 +87,9 @@ def run(args: argparse.Namespace) -> str:
             args.output_dir, train_size=args.train_size, val_size=args.val_size, image_size=args.image_size,
             seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite,
         )  # fmt: skip
+    elif args.command == "folder":
+        folder_module.convert_folder(args.input_dir, args.output_dir, num_workers=args.num_workers,
+                                     on_error=args.on_error, overwrite=args.overwrite)  # fmt: skip
     else:
         convert(SOURCES[args.command], args.raw_dir, args.output_dir, num_workers=args.num_workers,
                 on_error=args.on_error, overwrite=args.overwrite)  # fmt: skip

@@ -212,7 +212,8 @@ class DenseTransform:
         self.task_specs = as_task_specs(tasks)
         self.tasks = list(self.task_specs)
         self.columns = {task: (columns or {}).get(task, task) for task in self.tasks}
-        self.balance_task = balance_task if balance_task in self.task_specs else None
+        balance_spec = self.task_specs.get(balance_task)
+        self.balance_task = balance_task if balance_spec and balance_spec.kind.name == "segmentation" else None
         self.source = source
         self.train = train
         self.size = (int(size[0]), int(size[1]))

@@ -278,7 +278,7 @@ model = AutoModel.from_pretrained("{repo_id}", trust_remote_code=True)
 processor = AutoImageProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
 inputs = processor(image, return_tensors="pt")
 outputs = model(**inputs)
-maps = processor.post_process_dense_predictions(outputs, target_sizes=[image.size[::-1]])[0]  # task -> map
+maps = processor.post_process_dense_predictions(outputs, target_sizes=[image.size[::-1]], task_specs=model.config)[0]
 
 pipe = pipeline("{PIPELINE_TASK}", model="{repo_id}", trust_remote_code=True)
 result = pipe(image)  # task -> {{"prediction": array, "image": rendering}}
