@@ -543,6 +543,11 @@ class TaskSpec:
         """What the task does, for cards and the demo: its description, or its name and kind."""
         return self.description or f"{self.name} ({self.kind.description})"
 
+    @property
+    def card_title(self) -> str:
+        """The title with every word capitalised (model-index task names: "Semantic Segmentation")."""
+        return " ".join(word[:1].upper() + word[1:] for word in self.title.split(" "))
+
     def lower_is_better(self, key: str) -> bool:
         """Whether a lower value of the result key `key` of this task is better."""
         suffix = key.split("/", 1)[1].removesuffix("_approx")
@@ -574,9 +579,9 @@ PRESET_TASKS: dict[str, dict] = {
         "background_only_is_unlabelled": True,
     },
     "saliency": {"kind": "saliency", "description": "salient object detection"},
-    "edge": {"kind": "boundary", "description": "object boundary detection"},
-    "normals": {"kind": "normals", "description": "surface normal estimation"},
-    "depth": {"kind": "depth", "description": "monocular depth estimation (metres)"},
+    "edge": {"kind": "boundary", "description": "edge detection"},
+    "normals": {"kind": "normals", "description": "surface normals estimation"},
+    "depth": {"kind": "depth", "description": "monocular depth estimation"},
 }
 PRESET_CLASS_NAMES = {"semseg": PASCAL_SEMSEG_CLASSES, "human_parts": PASCAL_HUMAN_PARTS_CLASSES}
 # Task-loss weights of the benchmark protocol (InvPT / TaskPrompter lineage); other tasks default to 1.

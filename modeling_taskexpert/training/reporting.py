@@ -116,6 +116,19 @@ def _dataset_id(recipe) -> str:
     return hub_recipe(recipe)["dataset"]
 
 
+def card_task_types(specs: Mapping[str, TaskSpec]) -> dict[str, str]:
+    """A model-index task type per task, unique within the model (the Hub merges results of one type): the first
+    task of a kind gets the kind's type, any later one a slug of its title ("human-part-segmentation")."""
+    types = {}
+    for task, spec in specs.items():
+        kind_type = spec.kind.card_task_type
+        if kind_type in types.values():
+            slug = "".join(c if c.isalnum() else "-" for c in spec.title.lower()).strip("-")
+            kind_type = slug if slug not in types.values() else f"{task}-{kind_type}"
+        types[task] = kind_type
+    return types
+
+
 def _pipeline_tag(specs: Mapping[str, TaskSpec]) -> str:
     """The Hub task closest to what the model predicts (its full output is the custom pipeline's)."""
     kinds = {spec.kind.name for spec in specs.values()}
@@ -158,6 +171,7 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     repo_id = model_name if looks_like_repo_id(model_name) else f"your-namespace/{model_name}"
     specs = config.task_specs
     tasks = list(specs)
+    task_types = card_task_types(specs)
     eval_results = []
     for key, value in sorted(metrics.items()):
         spec = specs.get(key.split("/")[0])
@@ -168,14 +182,14 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
             or not math.isfinite(value)
         ):
             continue
-        task_type, task_name = spec.kind.card_task_type, spec.title[:1].upper() + spec.title[1:]
+        task_type, task_name = task_types[spec.name], spec.card_title
         metric_type, metric_name = spec.card_metric(key)
         eval_results.append(EvalResult(
             task_type=task_type, task_name=task_name, dataset_type=dataset_type, dataset_name=dataset_name,
             dataset_split="validation", metric_type=metric_type, metric_name=metric_name, metric_value=round(float(value), 4),
         ))  # fmt: skip
     backbone_checkpoint = getattr(config, "backbone_checkpoint", None)
-    task_tags = list(dict.fromkeys(spec.kind.card_task_type for spec in specs.values()))
+    task_tags = list(dict.fromkeys(task_types.values()))
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
