@@ -36,7 +36,6 @@ from model_loading import EXAMPLES_DIR, MAX_UPLOAD_MB, DemoModel, ModelUnavailab
 from rendering import (
     LEGEND_CSS,
     OVERLAY_OPACITY,
-    TASK_TITLES,
     AnnotatedImageOutput,
     ImageOutput,
     class_color_map,
@@ -167,6 +166,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
     except ModelUnavailable as error:
         demo_model, problem = None, str(error)
     tasks = demo_model.tasks if demo_model else []
+    titles = {task: task_title(spec) for task, spec in demo_model.config.task_specs.items()} if demo_model else {}
     layer_names = list(demo_model.config.layer_names) if demo_model else []
     errors = ErrorNotes()
 
@@ -184,9 +184,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                     label="Image", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                     height=300, elem_id="input-image",
                 )  # fmt: skip
-                task_choice = TaskChoice(
-                    choices=[(task_title(task), task) for task in tasks], value=tasks, label="Tasks"
-                )
+                task_choice = TaskChoice(choices=[(titles[task], task) for task in tasks], value=tasks, label="Tasks")
                 run_button = gr.Button("Run", variant="primary", interactive=demo_model is not None, elem_id="run")
                 examples = sorted(str(path) for path in EXAMPLES_DIR.glob("*.jpg"))
                 if examples:
@@ -217,7 +215,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                         )
                         with gr.Row():
                             expert_task = gr.Dropdown(
-                                choices=[(task_title(task), task) for task in tasks],
+                                choices=[(titles[task], task) for task in tasks],
                                 value=tasks[0] if tasks else None, label="Task", elem_id="expert-task",
                             )  # fmt: skip
                             expert_layer = gr.Radio(
@@ -273,7 +271,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             selected = state.routing.tasks
             legend_values = [gr.update(value=task_legend(task, state.depth_range)) if task == "depth" else gr.skip()
                              for task in legends]  # fmt: skip
-            dropdown = gr.update(choices=[(task_title(task), task) for task in selected], value=selected[0])
+            dropdown = gr.update(choices=[(titles[task], task) for task in selected], value=selected[0])
             return dropdown, *show_experts(state, selected[0], layer), *legend_values
 
         def show_error(request: gr.Request):
@@ -289,7 +287,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             if state is None or task not in state.routing.gates:
                 note = (
                     "Run the model to see its routing." if state is None
-                    else f"{task_title(task)} was not among the tasks of the last run; run it to see its routing."
+                    else f"{titles.get(task, task)} was not among the tasks of the last run; run it to see its routing."
                 )  # fmt: skip
                 return gr.update(value=note), gr.update(value=None), None
             layer = int(layer or 0)
@@ -297,10 +295,10 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             overlay = gr.update(
                 value=dominant_overlay(state, task, layer, OVERLAY_OPACITY),
                 color_map=candidate_color_map(names),
-                label=dominant_label(state.routing, task_title(task), layer),
+                label=dominant_label(state.routing, titles[task], layer),
             )
             note = candidates_note(state.routing, layer)
-            return gr.update(value=note), overlay, plot_routing(state.routing, task, layer, TASK_TITLES)
+            return gr.update(value=note), overlay, plot_routing(state.routing, task, layer, titles)
 
         def forget_session(request: gr.Request):
             # A closed page (or a finished API client) needs its state no more; Gradio itself would keep it an hour.
@@ -341,7 +339,12 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
 
 def _task_component(task: str, demo_model: DemoModel):
     """The output component of one task: an annotated overlay for segmentation, an image otherwise."""
-    common = {"label": task_title(task), "format": "png", "elem_id": f"map-{task}", "min_width": 240}
+    common = {
+        "label": task_title(demo_model.config.task_specs[task]),
+        "format": "png",
+        "elem_id": f"map-{task}",
+        "min_width": 240,
+    }
     if demo_model.config.task_specs[task].kind.name == "segmentation":
         return AnnotatedImageOutput(color_map=class_color_map(class_names(demo_model.config, task)), **common)
     return ImageOutput(interactive=False, **common)

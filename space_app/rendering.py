@@ -27,20 +27,17 @@ from modeling_taskexpert.visualization_taskexpert import (
     visualize_prediction,
 )
 
-# Short titles of the preset tasks' outputs (other tasks show their declared names).
-TASK_TITLES = {
-    "semseg": "Semantic segmentation", "human_parts": "Human parts", "saliency": "Saliency",
-    "edge": "Boundaries", "normals": "Surface normals", "depth": "Depth",
-}  # fmt: skip
 # Alpha of the class colours over the photo in segmentation and expert overlays.
 OVERLAY_OPACITY = 0.7
 # Side of the orientation sphere in the normals legend, in pixels.
 SPHERE_SIZE = 72
 
 
-def task_title(task: str) -> str:
-    """Title of a task's output on the page: the preset tasks' titles, or the task's declared name."""
-    return TASK_TITLES.get(task, task)
+def task_title(task) -> str:
+    """Title of a task's output on the page: its description, capitalised ("Semantic segmentation"), or its declared
+    name. `task` is a `TaskSpec` or a preset task's name."""
+    spec = task if isinstance(task, TaskSpec) else preset_spec(task)
+    return spec.description[:1].upper() + spec.description[1:] if spec.description else spec.name
 
 
 def _hex(color) -> str:
@@ -156,7 +153,7 @@ def task_legend(task, value_range: Optional[tuple[float, float]] = None) -> Opti
         channel = " (channel 0)" if spec.parameters["channels"] > 1 else ""
         return colorbar_legend(f"{low:g}{unit}", f"{high:g}{unit}", f"{spec.name}{channel}")
     what = "saliency probability" if kind == "saliency" else "boundary probability"
-    return colorbar_legend("0", "1", f"{what} ({spec.name})" if spec.name not in TASK_TITLES else what)
+    return colorbar_legend("0", "1", what if spec.name in ("saliency", "edge") else f"{what} ({spec.name})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -151,4 +151,5 @@ def test_own_tasks_train_evaluate_reload_and_serve_without_touching_the_package(
     specs = demo_model.config.task_specs
     assert "0 m" in task_legend(specs["elevation"]) and "50 m" in task_legend(specs["elevation"])
     assert "boundary probability (contours)" in task_legend(specs["contours"])
-    assert task_title("elevation") == "elevation" and "elevation" in demo_model.describe()
+    assert task_title(specs["elevation"]) == "elevation" and task_title(specs["roads"]) == "Road and lane segmentation"
+    assert "elevation" in demo_model.describe()
