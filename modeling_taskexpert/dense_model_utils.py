@@ -253,16 +253,44 @@ class RemotePipelineSaveMixin:
     declares and copies the pipeline so that `pipeline(..., trust_remote_code=True)` works from the saved folder."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if self._auto_class is not None:
+        pipeline_files = self._pipeline_files() if self._auto_class is not None else {}
+        if pipeline_files:
             self.config.custom_pipelines = CUSTOM_PIPELINES
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             record_task_order(save_directory, self.config.tasks)
-        if self._auto_class is not None:
-            here = Path(__file__).parent
-            for name in PIPELINE_FILES:
-                if (here / name).exists():
-                    shutil.copyfile(here / name, Path(save_directory) / name)
+        for name, source in pipeline_files.items():
+            shutil.copyfile(source, Path(save_directory) / name)
+
+    def _pipeline_files(self) -> dict[str, Path]:
+        """Where the pipeline's files are: beside this module (the package, or a remote-code module folder that has
+        them), else in the folder or Hub repository the model was loaded from (a model loaded through remote code:
+        transformers copies only the files the model imports, and the pipeline is not one). Empty, with a warning,
+        when they cannot be found: the saved folder then declares no pipeline rather than one it cannot run."""
+        here = Path(__file__).parent
+        if all((here / name).is_file() for name in PIPELINE_FILES):
+            return {name: here / name for name in PIPELINE_FILES}
+        origin = str(getattr(self, "name_or_path", "") or "")
+        found = {}
+        for name in PIPELINE_FILES:
+            if origin and Path(origin, name).is_file():
+                found[name] = Path(origin, name)
+                continue
+            try:
+                from transformers.utils import cached_file
+
+                resolved = cached_file(origin, name, _raise_exceptions_for_missing_entries=False) if origin else None
+            except (OSError, ValueError):
+                resolved = None
+            if resolved is not None:
+                found[name] = Path(resolved)
+        if len(found) != len(PIPELINE_FILES):
+            logger.warning(
+                f"The pipeline files {list(PIPELINE_FILES)} were not found beside the model code or in {origin!r}; "
+                "the saved folder will not declare the multi-task-dense-prediction pipeline."
+            )
+            return {}
+        return found
 
 
 class SafetensorsOnlyLoadMixin:

@@ -1,29 +1,54 @@
 """`multi-task-dense-prediction` pipeline: an image in, every task's map out."""
 
 import io
+import time
 from typing import Optional
 
 import torch
 from PIL import Image
 from transformers import Pipeline
 
-from .image_processing_taskexpert import load_rgb_image
+from .image_processing_taskexpert import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from .task_definitions import task_specs_of
 from .visualization_taskexpert import visualize_prediction
 
 _LOGITS_PREFIX = "logits."
 
 
-def _fetch_url(url: str, timeout: Optional[float]) -> io.BytesIO:
-    """The bytes of an http(s) URL, read with the HTTP client transformers itself uses for image URLs."""
-    import httpx
+# Overall deadline of an image download when the caller gives none, in seconds.
+DEFAULT_DOWNLOAD_TIMEOUT = 60.0
+# Bytes an image file may take per pixel of the processor's pixel cap (uncompressed 16-bit RGBA), plus headers.
+_BYTES_PER_PIXEL, _HEADER_BYTES = 8, 1 << 20
 
+
+def _fetch_url(url: str, timeout: Optional[float], max_bytes: int) -> io.BytesIO:
+    """The bytes of an http(s) URL, read with the HTTP client that `huggingface_hub` provides (and transformers uses
+    for image URLs), within an overall deadline of `timeout` seconds (default `DEFAULT_DOWNLOAD_TIMEOUT`, however slowly the
+    server sends) and at most `max_bytes` (refused early when the server announces more)."""
+    from huggingface_hub.utils import httpx  # the hub's own session refuses every URL in offline mode
+
+    timeout = DEFAULT_DOWNLOAD_TIMEOUT if timeout is None else float(timeout)
+    deadline = time.monotonic() + timeout
+    buffer = io.BytesIO()
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True)
-        response.raise_for_status()
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            announced = response.headers.get("content-length")
+            if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+                raise ValueError(
+                    f"The image {url!r} is {int(announced):,} bytes, more than the limit of {max_bytes:,} (from the "
+                    "processor's max_image_pixels)."
+                )
+            for chunk in response.iter_bytes():  # as received, so that the deadline is checked as bytes arrive
+                buffer.write(chunk)
+                if buffer.tell() > max_bytes:
+                    raise ValueError(f"The image {url!r} is larger than the limit of {max_bytes:,} bytes.")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"Downloading the image {url!r} took longer than {timeout:g} s (timeout=...).")
     except httpx.HTTPError as error:
         raise ValueError(f"Cannot download the image {url!r}: {error}") from error
-    return io.BytesIO(response.content)
+    buffer.seek(0)
+    return buffer
 
 
 class MultiTaskDensePredictionPipeline(Pipeline):
@@ -58,7 +83,8 @@ class MultiTaskDensePredictionPipeline(Pipeline):
         name = None
         if isinstance(image, str) and image.startswith(("http://", "https://")):
             name = f"'{image}'"
-            image = _fetch_url(image, timeout)
+            pixels = self.image_processor.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+            image = _fetch_url(image, timeout, pixels * _BYTES_PER_PIXEL + _HEADER_BYTES)
         rgb = load_rgb_image(image, name=name, max_pixels=self.image_processor.max_image_pixels)
         inputs = self.image_processor(rgb, return_tensors="pt")
         # A (1, 2) tensor, so that batching concatenates it and un-batching gives every image its own size.

@@ -45,6 +45,27 @@ class Snippet:
     def imports_package(self) -> bool:
         return re.search(r"^\s*(import|from)\s+modeling_taskexpert\b", self.code, re.MULTILINE) is not None
 
+    @property
+    def imported_modules(self) -> set[str]:
+        """The top-level modules the snippet imports."""
+        import ast
+
+        modules = set()
+        for node in ast.walk(ast.parse(self.code)):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules.add(node.module.split(".")[0])
+        return modules
+
+    @property
+    def needs_only_transformers(self) -> bool:
+        """Whether the snippet imports nothing beyond torch, transformers, numpy, PIL and the standard library: it
+        then runs in the clean environment a transformers user has (`clean_environment.py`)."""
+        from clean_environment import CLEAN_MODULES
+
+        return self.imported_modules <= CLEAN_MODULES | set(sys.stdlib_module_names)
+
     def string_model_ids(self) -> set[str]:
         """The model ids or folders the snippet loads, when written as string literals."""
         return set(_MODEL_ID.findall(self.code))
@@ -85,6 +106,10 @@ def run_snippet(snippet: Snippet, cwd: Path, hub_cache: Path, timeout: float = 3
         PYTHONDONTWRITEBYTECODE="1",
     )
     command = [sys.executable, str(script)]
-    if not snippet.imports_package:
+    if snippet.needs_only_transformers:  # what a transformers user has: not this package, not gradio or httpx
+        from clean_environment import clean_python
+
+        command = [str(clean_python()), str(script)]
+    elif not snippet.imports_package:
         command = [sys.executable, "-c", _BLOCK_PACKAGE, str(script)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,7 +1,9 @@
 """The `multi-task-dense-prediction` pipeline: batching, every input form through the one image loader (identical
 predictions for a path, an open PIL image and an array), small images, URLs, and its errors."""
 
+import contextlib
 import io
+import time
 
 import numpy as np
 import pytest
@@ -116,26 +118,80 @@ def test_the_processor_pixel_cap_applies_before_decoding(model_folder, tmp_path)
         capped(str(path))
 
 
-def test_urls_are_downloaded_and_read_by_the_same_loader(pipe, monkeypatch):
-    import httpx
+@contextlib.contextmanager
+def image_server(png: bytes):
+    """A server on 127.0.0.1 (stopped on exit): /deep.png, /gone.png (404), /huge (announces 1 GB), /endless (a
+    chunked body without end) and /drip (one byte every 0.2 s)."""
+    import http.server
+    import threading
 
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/deep.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+            elif self.path == "/huge":
+                self.send_response(200)
+                self.send_header("Content-Length", str(1 << 30))
+                self.end_headers()
+                self.wfile.write(b"\0" * 1024)
+            elif self.path in ("/endless", "/drip"):
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = b"\0" * (64 * 1024) if self.path == "/endless" else b"\0"
+                try:
+                    for _ in range(2000 if self.path == "/endless" else 100):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                        if self.path == "/drip":
+                            time.sleep(0.2)
+                except OSError:  # the client gave up, as it should
+                    pass
+            else:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_urls_are_downloaded_within_a_deadline_and_a_size_cap(pipe):
     values = np.linspace(0, 65535, 12 * 16).astype(np.uint16).reshape(12, 16)
     buffer = io.BytesIO()
     Image.fromarray(values).save(buffer, format="PNG")
-    requested = []
-
-    def fake_get(url, timeout=None, follow_redirects=False):
-        requested.append((url, timeout))
-        status = 200 if url.endswith("deep.png") else 404
-        return httpx.Response(
-            status, content=buffer.getvalue() if status == 200 else b"", request=httpx.Request("GET", url)
-        )
-
-    monkeypatch.setattr(httpx, "get", fake_get)
-    assert_same_predictions(pipe("https://example.org/deep.png", timeout=5.0), pipe(values))
-    assert requested[0] == ("https://example.org/deep.png", 5.0)
-    with pytest.raises(ValueError, match=r"Cannot download the image 'https://example.org/gone.png'.*404"):
-        pipe("https://example.org/gone.png")
+    with image_server(buffer.getvalue()) as address:
+        assert_same_predictions(pipe(f"{address}/deep.png", timeout=5.0), pipe(values))  # read by the same loader
+        with pytest.raises(ValueError, match=r"Cannot download the image '.*/gone.png'.*404"):
+            pipe(f"{address}/gone.png")
+        with pytest.raises(ValueError, match=r"/huge' is 1,073,741,824 bytes, more than the limit of"):
+            pipe(f"{address}/huge")
+        original = pipe.image_processor.max_image_pixels
+        pipe.image_processor.max_image_pixels = 100_000  # a cap of 1.8 MB for the endless body
+        try:
+            with pytest.raises(ValueError, match=r"/endless' is larger than the limit of 1,848,576 bytes"):
+                pipe(f"{address}/endless")
+        finally:
+            pipe.image_processor.max_image_pixels = original
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"/drip' took longer than 1 s"):
+            pipe(f"{address}/drip", timeout=1.0)
+        assert time.monotonic() - started < 10  # an overall deadline, not one per read
 
 
 def test_errors_name_the_input(pipe, tmp_path):

@@ -219,8 +219,8 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
         image_code = ("from modeling_taskexpert.data.synthetic import render_sample  # a scene like those it was trained on\n"
                       f"image = Image.fromarray(render_sample(seed=0, split=\"validation\", index=0, image_size={size[0] if size else 128})[\"image\"])")  # fmt: skip
     else:
-        image_code = ("import requests\n"
-                      "image = Image.open(requests.get(\"http://images.cocodataset.org/val2017/000000039769.jpg\", stream=True).raw)")  # fmt: skip
+        image_code = ("from transformers.image_utils import load_image  # transformers' own URL loader\n"
+                      "image = load_image(\"http://images.cocodataset.org/val2017/000000039769.jpg\")")  # fmt: skip
 
     # Results: main metrics per task, against the chance bar when one was recorded for this data.
     chance = chance_baseline or {}
