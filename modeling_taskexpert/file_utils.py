@@ -59,10 +59,17 @@ def give_default_permissions(path: PathLike) -> Path:
 
 
 def looks_like_repo_id(value: PathLike) -> bool:
-    """Whether `value` reads as a Hub id `namespace/name` rather than a local path (an existing path never does)."""
+    """Whether `value` reads as a Hub id `namespace/name` rather than a local path: an existing path never does, nor
+    one whose first part is an existing local folder (`data/nyud` beside a `data/` folder)."""
     text = str(value)
     parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not Path(text).exists()
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not text.startswith((".", "/", "~"))
+        and not Path(text).exists()
+        and not Path(parts[0]).is_dir()
+    )
 
 
 __all__ = ["atomic_write", "give_default_permissions", "looks_like_repo_id", "write_json_atomic", "write_text_atomic"]

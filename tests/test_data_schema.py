@@ -40,7 +40,7 @@ def test_hub_id_offline_says_to_convert_first(offline, tmp_path, monkeypatch):
 
 
 def test_missing_folder_or_metadata_is_explained(tmp_path):
-    with pytest.raises(DatasetNotAvailableError, match="neither an existing dataset folder nor a Hub repository id"):
+    with pytest.raises(DatasetNotAvailableError, match="missing/deeper does not exist. Create it first"):
         read_dataset_metadata(tmp_path / "missing" / "deeper")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotAvailableError, match="dense_multitask_dataset.json is missing"):
@@ -117,3 +117,17 @@ def test_hub_repository_with_the_earlier_metadata_name(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(DatasetNotAvailableError, match="Cannot get 'dense_multitask_dataset.json'"):
         schema.read_dataset_metadata("someone/old-dataset")
+
+
+def test_a_missing_local_looking_folder_is_a_local_error_at_once(tmp_path, monkeypatch):
+    """`data/pascal-context` (the recipes' folder) is never looked up on the Hub, with or without a `data/` folder;
+    nor is `x/y` when `x/` is a local folder. The message names the conversion commands and docs/data.md."""
+    import modeling_taskexpert.data.schema as schema
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(schema, "_hub_metadata_path", lambda repo_id: pytest.fail(f"looked up {repo_id} on the Hub"))
+    for path in ("data/pascal-context", "outputs/thing"):
+        if path.startswith("outputs"):
+            (tmp_path / "outputs").mkdir()
+        with pytest.raises(DatasetNotAvailableError, match=f"{path} does not exist.*docs/data.md"):
+            read_dataset_metadata(path)

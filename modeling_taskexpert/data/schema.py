@@ -21,6 +21,8 @@ from ..task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TaskSpec, chec
 from .labels import CODECS
 
 METADATA_FILENAME = "dense_multitask_dataset.json"
+# The package's convention for local dataset folders (`data/<name>`, as the recipes name them): never a Hub id.
+LOCAL_DATA_ROOT = "data"
 # Earlier name of the metadata file (it named one model; the datasets serve both); still read, never written.
 LEGACY_METADATA_FILENAME = "taskexpert_dataset.json"
 CARD_FILENAME = "README.md"
@@ -185,11 +187,13 @@ def read_dataset_metadata(path_or_repo_id) -> dict:
                 f"{path_or_repo_id} is not a dense multi-task dataset folder: {METADATA_FILENAME} is missing. "
                 "Create one with `python -m modeling_taskexpert.data synthetic|pascal-context|nyud ...`."
             )
-    elif looks_like_repo_id(path_or_repo_id):
+    elif looks_like_repo_id(path_or_repo_id) and Path(str(path_or_repo_id)).parts[0] != LOCAL_DATA_ROOT:
         metadata_path = _hub_metadata_path(str(path_or_repo_id))
     else:
         raise DatasetNotAvailableError(
-            f"{path_or_repo_id!r} is neither an existing dataset folder nor a Hub repository id ('user/name')."
+            f"The dataset folder {path_or_repo_id} does not exist. Create it first: `python -m modeling_taskexpert.data "
+            "synthetic|pascal-context|nyud|folder ... --output-dir <folder>` (docs/data.md says where the benchmark "
+            "archives are published and gives the exact commands), or name a Hub dataset as 'user/name'."
         )
     try:
         with open(metadata_path, encoding="utf-8") as handle:
