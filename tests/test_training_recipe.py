@@ -162,3 +162,23 @@ def test_loss_weighting_strategies():
     dwa({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})  # b's loss doubled: ratios (1, 2)
     expected = torch.softmax(torch.tensor([1.0, 2.0]) / 2.0, 0) * 2
     torch.testing.assert_close(dwa.current_weights(), expected)
+
+
+def test_help_lists_every_recipe_field_with_its_type_default_and_doc():
+    from modeling_taskexpert.training.recipe import _field_types, build_parser, field_help
+
+    assert set(field_help()) == set(_field_types())  # every field documented in the dataclass
+    text = build_parser().format_help()
+    for name in _field_types():
+        assert f"--{name} [" in text, name
+    assert "--max_steps [INT]" in text and "optimiser steps in total (T). (default: 1000)" in " ".join(text.split())
+
+
+def test_a_short_smoke_run_scales_the_warm_up_and_says_so():
+    with pytest.warns(UserWarning, match=r"`warmup_steps` \(50\) is not smaller than `max_steps` \(2\); using 0"):
+        recipe = parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", "--max_steps", "2"])
+    assert recipe.warmup_steps == 0 and recipe.max_steps == 2
+    recipe = parse_command_line(
+        ["--config", "hub_configs/synthetic-tiny.yaml", "--max-steps=30", "--gradient_checkpointing"]
+    )
+    assert recipe.max_steps == 30 and recipe.warmup_steps == 3 and recipe.gradient_checkpointing is True

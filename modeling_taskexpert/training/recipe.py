@@ -4,6 +4,8 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -38,9 +40,12 @@ class TrainingRecipe:
     Optimisation
         optimizer: "adamw" (decoupled weight decay) or "adam" (L2 penalty, as the protocol's reference code).
         learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon: optimiser settings.
-        warmup_steps: linear warm-up steps, then poly decay lr = base (1 - t / T)^poly_power.
+        warmup_steps: linear warm-up steps, then poly decay lr = base (1 - t / T)^poly_power (a warm-up not shorter
+            than `max_steps` becomes a tenth of the run, with a warning).
+        poly_power: the exponent of the poly decay.
         max_steps: optimiser steps in total (T).
-        per_device_train_batch_size, per_device_eval_batch_size, gradient_accumulation_steps.
+        per_device_train_batch_size, per_device_eval_batch_size: samples per process and step.
+        gradient_accumulation_steps: micro-batches per optimiser step.
         max_grad_norm: gradient clipping by global L2 norm (0 disables).
         mixed_precision: "no", "bf16" or "fp16".
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -57,7 +62,8 @@ class TrainingRecipe:
             the evaluation command line's default, costs about 1-3 s per 128x128 image and tens of seconds per
             full-size image on one core). "exact" needs `pyEdgeEval`.
         edge_workers: background processes scoring boundaries in the final evaluation (0: in the main process).
-        save_steps: checkpoint every N steps (0: never); save_total_limit: checkpoints kept.
+        save_steps: checkpoint every N steps (0: never).
+        save_total_limit: checkpoints kept.
         logging_steps: log the training loss every N steps.
         output_dir: where checkpoints, the final model, its card, curves and metrics go.
         overwrite_output_dir: start afresh in an `output_dir` that holds another run's checkpoints or model (they
@@ -151,9 +157,15 @@ class TrainingRecipe:
         if self.seed >= 2**32:
             raise RecipeError(f"Recipe field `seed` must be < 2**32 (numpy's limit), got {self.seed}.")
         if self.warmup_steps >= self.max_steps:
-            raise RecipeError(
-                f"`warmup_steps` ({self.warmup_steps}) must be smaller than `max_steps` ({self.max_steps})."
+            # A short smoke run (`--max_steps 2`) of a recipe with a longer warm-up: scale the warm-up to the same
+            # tenth of the run instead of refusing it, and say so.
+            clamped = self.max_steps // 10
+            warnings.warn(
+                f"`warmup_steps` ({self.warmup_steps}) is not smaller than `max_steps` ({self.max_steps}); using "
+                f"{clamped} warm-up steps (a tenth of the run).",
+                stacklevel=2,
             )
+            self.warmup_steps = clamped
         if self.crop_size is not None and (
             len(self.crop_size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.crop_size)
@@ -256,12 +268,67 @@ def load_recipe(path: Optional[str], overrides: Optional[dict] = None) -> Traini
     return TrainingRecipe(**values).validate()
 
 
+def field_help() -> dict[str, str]:
+    """The documentation of every recipe field, from the `TrainingRecipe` docstring (a line `name[, name]: text`
+    and its continuation lines)."""
+    helps, current = {}, []
+    for line in (TrainingRecipe.__doc__ or "").splitlines():
+        stripped = line.strip()
+        names, _, text = stripped.partition(": ")
+        candidates = [name.strip() for name in names.split(",")] if text else []
+        if (
+            line.startswith(" " * 8)
+            and not line.startswith(" " * 9)
+            and candidates
+            and all(name.isidentifier() for name in candidates)
+        ):
+            current = candidates
+            for name in current:
+                helps[name] = text
+        elif line.startswith(" " * 12) and current:
+            for name in current:
+                helps[name] += " " + stripped
+        else:
+            current = []
+    return helps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `--config FILE` and one `--field value` option per recipe field, generated from the
+    dataclass (type, default and documentation in `--help`). Values are parsed as YAML (`--tasks '[semseg, depth]'`)."""
+    parser = argparse.ArgumentParser(
+        description="Train a dense multi-task model. Any recipe field can be given as --field value; a bare flag "
+        "means true (--push_to_hub).",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", default=None, help="YAML recipe (see hub_configs/); fields below override it")
+    helps = field_help()
+    for name, spec in _field_types().items():
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        kind = type(default).__name__ if default is not None else _OPTIONAL_TYPES.get(name, str).__name__
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(
+            *flags, dest=name, nargs="?", const="true", metavar=kind.upper(),
+            help=f"{helps.get(name, '')} (default: {default!r})".strip(),
+        )  # fmt: skip
+    return parser
+
+
 def parse_command_line(argv: Optional[list[str]] = None) -> TrainingRecipe:
     """`--config FILE` plus any `--field value` (or `--field=value`) override."""
-    parser = argparse.ArgumentParser(description="Train a dense multi-task model.", add_help=True)
-    parser.add_argument("--config", help="YAML recipe (see hub_configs/)")
-    known, rest = parser.parse_known_args(argv)
-    overrides, index = {}, 0
+    parser = build_parser()
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    argv, joined = list(sys.argv[1:] if argv is None else argv), []
+    for index, token in enumerate(argv):  # `--field -1e-4`: a value that argparse would take for an option
+        previous = argv[index - 1] if index else ""
+        if previous in flags and token.startswith("-") and not token.startswith("--") and joined:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    known, rest = parser.parse_known_args(joined)
+    overrides = {name: value for name, value in vars(known).items() if name != "config"}
+    index = 0
     while index < len(rest):
         token = rest[index]
         if not token.startswith("--"):
