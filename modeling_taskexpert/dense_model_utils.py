@@ -301,10 +301,12 @@ class SafetensorsOnlyLoadMixin:
     instead of being loaded (transformers falls back to them by default), and a damaged safetensors file is reported
     with its name rather than as a bare decoder error.
 
-    A weights file that lacks tensors of the model is refused, naming them (transformers would initialise them at
-    random and only log it, giving a model that silently predicts noise). When that is intended, e.g. new task heads
-    for fine-tuning on other tasks, pass `allow_missing_weights=True`, or a list of key prefixes that may be missing
-    (`allow_missing_weights=["heads.depth."]`); the missing tensors are then freshly initialised.
+    A weights file saved by this very class for the same tasks that lacks tensors is refused, naming them (a
+    truncated or damaged file: transformers would initialise them at random and only log it, giving a model that
+    silently predicts noise); `allow_missing_weights=True`, or a list of key prefixes that may be missing
+    (`allow_missing_weights=["heads.depth."]`), accepts it. Anything else keeps transformers' contract: a base model's
+    weights in the dense-prediction class, another task set, or no weights at all initialise the missing parts with
+    `_init_weights` and report them (`output_loading_info=True`).
     """
 
     @classmethod
@@ -327,7 +329,7 @@ class SafetensorsOnlyLoadMixin:
             raise
         model = cls._match_task_order(model, source, kwargs, allow_missing_weights)
         missing = sorted(loading_info["missing_keys"])
-        if allow_missing_weights is not True:
+        if allow_missing_weights is not True and cls._is_own_checkpoint(model, source, kwargs):
             prefixes = tuple(allow_missing_weights or ())
             refused = [key for key in missing if not key.startswith(prefixes)] if prefixes else missing
             if refused:
@@ -339,6 +341,18 @@ class SafetensorsOnlyLoadMixin:
                     "a list of key prefixes that may be missing."
                 )
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _is_own_checkpoint(cls, model, source: str, kwargs: dict) -> bool:
+        """Whether the weights were saved by this very architecture for the same tasks (their config names the class,
+        and the task order recorded with the weights, when there is one, has the model's tasks). Only then do missing
+        tensors mean a damaged or truncated file; a base model's weights loaded into the dense-prediction class, new
+        tasks, or `from_pretrained(None, config=..., state_dict={})` get transformers' contract instead: the missing
+        parts are initialised by `_init_weights` and reported."""
+        if cls.__name__ not in (getattr(model.config, "architectures", None) or []):
+            return False
+        recorded = read_task_order(source, kwargs) if source not in ("None", "") else None
+        return recorded is None or sorted(recorded) == sorted(model.config.tasks)
 
     @classmethod
     def _refuse_other_tasks(cls, source: str, kwargs: dict, error: Exception) -> None:

@@ -230,14 +230,13 @@ def test_init_weights_sets_every_parameter_and_buffer(tester, model_kind):
 
 @pytest.mark.parametrize("tester", ALL)
 def test_from_pretrained_without_weights_initialises_like_the_constructor(tester):
-    """transformers' `from_pretrained(None, config=..., state_dict={})` path: refused (nothing would be loaded)
-    unless missing weights are allowed, then every tensor comes from `_init_weights`."""
+    """transformers' `from_pretrained(None, config=..., state_dict={})` path (its common tests use it): every tensor
+    comes from `_init_weights` and is reported missing; no checkpoint of this class is damaged here."""
     config = tester.config()
-    with pytest.raises(OSError, match=r"lack \d+ tensor\(s\)"):
-        tester.head_class.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
-    model = tester.head_class.from_pretrained(
-        None, config=copy.deepcopy(config), state_dict={}, allow_missing_weights=True
+    model, info = tester.head_class.from_pretrained(
+        None, config=copy.deepcopy(config), state_dict={}, output_loading_info=True
     )
+    assert sorted(info["missing_keys"]) == sorted(model.state_dict())
     reference = tester.head_class(copy.deepcopy(config)).state_dict()
     assert sorted(model.state_dict()) == sorted(reference)
     for name, value in model.state_dict().items():
@@ -523,3 +522,19 @@ def test_a_one_token_input_works_or_is_refused_clearly(tester):
         build(tester)(pixel_values)
     logits = build(tester, head_hidden_size=64)(pixel_values).logits
     assert all(value.shape[-2:] == (8, 8) and torch.isfinite(value).all() for value in logits.values())
+
+
+@pytest.mark.parametrize("tester", ALL)
+def test_base_model_weights_load_into_the_dense_prediction_class_with_new_heads(tester, tmp_path):
+    """transformers' contract (`test_base_model_prefix_loads_base_weights`, `test_correct_missing_keys`): the base
+    model's weights load into the head class, the heads are initialised and reported missing."""
+    config = tester.config()
+    torch.manual_seed(0)
+    base = tester.base_class(copy.deepcopy(config))
+    base.save_pretrained(tmp_path)
+    model, info = tester.head_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(key.startswith("heads.") for key in info["missing_keys"])
+    prefix = tester.head_class.base_model_prefix
+    loaded = getattr(model, prefix).state_dict()
+    for key, value in base.state_dict().items():
+        assert torch.equal(loaded[key], value), key
