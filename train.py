@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModel
 
 import modeling_taskexpert  # noqa: F401 - registers the model types with the Auto classes
 from modeling_taskexpert import TaskExpertImageProcessor
+from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
 from modeling_taskexpert.data import (
     build_transforms,
     collate_dense_batch,
@@ -59,6 +60,7 @@ from modeling_taskexpert.training import (
     recipe_fingerprint,
     resolve_checkpoint,
     save_checkpoint,
+    write_example_maps,
     write_provenance,
 )
 
@@ -442,19 +444,24 @@ def _evaluate(model, eval_loader, evaluator, accelerator, log, step: int) -> dic
 
 
 def save_final_model(model, processor, recipe, metrics: dict, metadata: dict, chance_baseline=None) -> None:
-    """Model, processor, remote code, card, curves and metrics, each written to a temporary name first (metrics.json
-    last: its presence marks a finished run); every file gets the user's normal permissions."""
+    """Model, processor, remote code, example maps, card, curves and metrics, each written to a temporary name first
+    (metrics.json last: its presence marks a finished run); every file gets the user's normal permissions."""
     output_dir = Path(recipe.output_dir)
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final_"))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         plot_training_curves(output_dir / "train_log.jsonl", staging / "training_curves.png", model.config.task_specs)
+        example = load_rgb_image(load_multitask_dataset(recipe.dataset, "validation")[0]["image"])
+        example_maps = write_example_maps(model, processor, example, staging)
         name = recipe.hub_model_id or output_dir.name
-        card = build_model_card(model.config, recipe, metrics, metadata, name, chance_baseline=chance_baseline)
+        card = build_model_card(model.config, recipe, metrics, metadata, name, chance_baseline=chance_baseline,
+                                example_maps=example_maps)  # fmt: skip
         (staging / "README.md").write_text(card)
         for item in staging.iterdir():
             give_default_permissions(item)
+            if item.is_dir() and (output_dir / item.name).is_dir():  # a folder (examples/) replaces its old copy
+                shutil.rmtree(output_dir / item.name)
             os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -175,6 +175,17 @@ def resolve_task_settings(tasks: Any, task_id2label: Any, loss_weights: Any, tas
     return tasks, task_id2label, loss_weights, task_kinds
 
 
+def primary_id2label(tasks: Any, task_id2label: Any, kwargs: dict) -> None:
+    """Give transformers' `id2label` a meaning: the class names of the first segmentation task, unless the config's
+    own `id2label` / `num_labels` were given (as in a saved `config.json`). Every task's classes are in
+    `task_id2label`; this one is for tools that read the standard field."""
+    if "id2label" in kwargs or "num_labels" in kwargs or not isinstance(task_id2label, dict):
+        return
+    first = next((task for task in tasks or [] if isinstance(task_id2label.get(task), dict)), None)
+    if first is not None:
+        kwargs["id2label"] = dict(task_id2label[first])
+
+
 def _label_map(labels: Any) -> Any:
     """{id: name} with integer ids ("3" from JSON -> 3) and string names; other values kept for validation."""
     if not isinstance(labels, dict):

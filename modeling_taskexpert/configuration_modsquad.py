@@ -15,6 +15,7 @@ from .configuration_common import (
     check_int_list,
     check_number,
     is_integer,
+    primary_id2label,
     resolve_task_settings,
     validate_task_settings,
 )
@@ -312,6 +313,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.edge_positive_weight = edge_positive_weight
         self.initializer_range = initializer_range
         self.output_gates = output_gates
+        primary_id2label(self.tasks, self.task_id2label, kwargs)
         super().__init__(**kwargs)
         self.validate_modsquad()
 

@@ -14,6 +14,7 @@ from .configuration_common import (
     check_int_list,
     check_number,
     check_optional_str,
+    primary_id2label,
     resolve_task_settings,
     validate_task_settings,
 )
@@ -206,6 +207,7 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
         self.output_gates = output_gates
+        primary_id2label(self.tasks, self.task_id2label, kwargs)
         super().__init__(**kwargs)
         self.validate_taskexpert()
 

@@ -293,6 +293,22 @@ class RemotePipelineSaveMixin:
         return found
 
 
+class OfflinePushMixin:
+    """Mixin for `PreTrainedModel` subclasses: `push_to_hub` in offline mode fails at once with a plain message
+    instead of a network error from deep inside the upload."""
+
+    def push_to_hub(self, *args, **kwargs):
+        from huggingface_hub import is_offline_mode
+
+        if is_offline_mode():
+            raise ConnectionError(
+                "Cannot push to the Hub: the Hub is in offline mode (HF_HUB_OFFLINE=1), so it cannot be reached. "
+                "Unset HF_HUB_OFFLINE, check the network and log in (`hf auth login`), or save the model locally "
+                "with save_pretrained."
+            )
+        return super().push_to_hub(*args, **kwargs)
+
+
 class SafetensorsOnlyLoadMixin:
     """Mixin for `PreTrainedModel` subclasses: `from_pretrained` reads weights from safetensors files only, and only
     complete ones.
@@ -446,7 +462,9 @@ class DenseDecoding:
     aux_loss: Optional[torch.Tensor] = None
 
 
-class DenseMultiTaskPreTrainedModel(SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel):
+class DenseMultiTaskPreTrainedModel(
+    OfflinePushMixin, SafetensorsOnlyLoadMixin, RemotePipelineSaveMixin, PreTrainedModel
+):
     """Base class of every dense multi-task model of this package (TaskExpert, Mod-Squad): what transformers needs to
     know about an image model, the generic weight initialisation, task selection, and the dense-prediction end (one
     `DenseTaskHead` per task, the depth activation, the weighted task and auxiliary losses).

@@ -249,3 +249,13 @@ def test_the_evaluation_cli_inherits_the_refusal(tmp_path, synthetic_dataset, ca
     code = main([*arguments, "--max-samples", "2", "--cpu", "--no-progress"])
     assert code != 0 and not (tmp_path / "out.json").exists()
     assert "lack 1 tensor(s) of TaskExpertForDensePrediction: heads.semseg.conv.weight" in capsys.readouterr().err
+
+
+def test_push_to_hub_offline_says_the_hub_cannot_be_reached(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = TaskExpertForDensePrediction(tiny_config())
+    with pytest.raises(ConnectionError, match="offline mode .*cannot be reached.*save_pretrained"):
+        model.push_to_hub("someone/model")

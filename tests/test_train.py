@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -88,7 +89,16 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     card = (finished_run / "README.md").read_text()
     front_matter = yaml.safe_load(card.split("---")[1])
     assert front_matter["library_name"] == "transformers" and front_matter["license"] == "apache-2.0"
-    assert front_matter["pipeline_tag"] == "image-segmentation" and front_matter["datasets"] == ["synthetic"]
+    # No pipeline tag whose standard pipeline would fail on the model, no `datasets` entry that is not a Hub id.
+    assert "pipeline_tag" not in front_matter and "datasets" not in front_matter
+    assert "TASKEXPERT_MODEL=your-namespace/uninterrupted python space_app/app.py" in card
+    # Example maps rendered by the pipeline, referenced by the card (relative paths, as the Hub shows them).
+    config = json.loads((finished_run / "config.json").read_text())
+    for name in ["input", *config["tasks"]]:
+        assert (finished_run / "examples" / f"{name}.png").is_file() and f"](examples/{name}.png)" in card, name
+    assert Image.open(finished_run / "examples" / "depth.png").size == Image.open(finished_run / "examples" / "input.png").size
+    # transformers' id2label means something: the first segmentation task's classes.
+    assert config["id2label"] == config["task_id2label"]["semseg"]
     assert {"taskexpert", "multi-task-learning", "synthetic-data", "edge-detection"} <= set(front_matter["tags"])
     assert "base_model" not in front_matter  # the tiny model starts from scratch
     results = {result["task"]["name"]: result for result in front_matter["model-index"][0]["results"]}

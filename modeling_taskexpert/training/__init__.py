@@ -13,7 +13,7 @@ from .checkpoints import (
 from .loss_weighting import LossWeighting
 from .provenance import claim_output_dir, read_provenance, recipe_fingerprint, write_provenance
 from .recipe import RecipeError, TrainingRecipe, dump_recipe, hub_recipe, load_recipe, parse_command_line
-from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log
+from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log, write_example_maps
 from .schedules import poly_schedule
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "load_recipe",
     "parse_command_line",
     "plot_training_curves",
+    "write_example_maps",
     "poly_schedule",
     "read_log",
     "read_provenance",

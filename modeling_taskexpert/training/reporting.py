@@ -129,14 +129,36 @@ def card_task_types(specs: Mapping[str, TaskSpec]) -> dict[str, str]:
     return types
 
 
-def _pipeline_tag(specs: Mapping[str, TaskSpec]) -> str:
-    """The Hub task closest to what the model predicts (its full output is the custom pipeline's)."""
-    kinds = {spec.kind.name for spec in specs.values()}
-    if "segmentation" in kinds:
-        return "image-segmentation"
-    if "depth" in kinds:
-        return "depth-estimation"
-    return "image-to-image"
+def write_example_maps(model, processor, image, folder: Path) -> dict[str, str]:
+    """Render the model's maps of one RGB image (H, W, 3) uint8 as the pipeline does, into `folder/examples/` (PNG,
+    each written atomically); return {"input" or task: path relative to `folder`}."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..visualization_taskexpert import visualize_prediction
+
+    specs = model.config.task_specs
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = processor(image, return_tensors="pt").to(model.device)
+            outputs = model(**inputs)
+        maps = processor.post_process_dense_predictions(outputs, target_sizes=[image.shape[:2]], task_specs=specs)[0]
+    finally:
+        model.train(was_training)
+    rendered = {"input": np.asarray(image)}
+    rendered.update({task: visualize_prediction(specs[task], value.cpu().numpy()) for task, value in maps.items()})
+    paths = {}
+    for name, array in rendered.items():
+        relative = f"examples/{name}.png"
+        (folder / "examples").mkdir(exist_ok=True)
+        atomic_write(
+            folder / relative, lambda temporary, array=array: Image.fromarray(array).save(temporary, format="PNG")
+        )
+        paths[name] = relative
+    return paths
 
 
 def _citation(model_type: str) -> str:
@@ -156,7 +178,7 @@ def _citation(model_type: str) -> str:
 
 
 def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: str,
-                     chance_baseline: Optional[dict] = None) -> str:  # fmt: skip
+                     chance_baseline: Optional[dict] = None, example_maps: Optional[dict] = None) -> str:  # fmt: skip
     """A Hub model card (README.md): front matter with a `model-index` of the evaluation metrics, then intended uses
     and limitations, usage, training data and recipe, results (against the chance bar when one was recorded for
     this data), per-class IoU, the training curves and the citation. No path of the training machine appears in it."""
@@ -193,8 +215,9 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
-        pipeline_tag=_pipeline_tag(specs),
-        datasets=[dataset_type],
+        # No pipeline_tag: no standard transformers pipeline runs this model (the custom one below does), and a tag
+        # would offer the Hub widget of one that fails. `datasets` names Hub datasets only.
+        datasets=[dataset_id] if looks_like_repo_id(dataset_id) else None,
         base_model=backbone_checkpoint or None,
         tags=[config.model_type, "multi-task-learning", "dense-prediction", "mixture-of-experts", "vision",
               *task_tags, *(["synthetic-data"] if synthetic else [])],
@@ -263,6 +286,15 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
         for task in tasks if task in getattr(config, "task_id2label", {})
     )  # fmt: skip
     recipe_text = yaml.safe_dump(hub_recipe(recipe), sort_keys=False).strip()
+    examples_section = ""
+    if example_maps:
+        shown = [task for task in tasks if task in example_maps]
+        examples_section = (
+            "\nWhat it predicts for a validation image (rendered by the pipeline; files in `examples/`):\n\n"
+            + "| input | " + " | ".join(shown) + " |\n|" + "---|" * (len(shown) + 1) + "\n"
+            + f"| ![input]({example_maps['input']}) | "
+            + " | ".join(f"![{task}]({example_maps[task]})" for task in shown) + " |\n"
+        )  # fmt: skip
     architecture = (
         "TaskExpert (Ye & Xu, ICCV 2023)" if config.model_type == "taskexpert" else "Mod-Squad (Chen et al., CVPR 2023)"
     )
@@ -280,9 +312,11 @@ Trained with `train.py` of the `modeling_taskexpert` package on `{dataset_id}`.
 
 ## How to use
 
-The model predicts every task at once; the Hub's closest task is `{_pipeline_tag(specs)}`, and the full output comes from
-the custom pipeline `{PIPELINE_TASK}` shipped with the model (remote code; or install `modeling_taskexpert`).
-
+The model predicts every task at once. No standard transformers pipeline covers that, so the model ships its own:
+`{PIPELINE_TASK}` (remote code, which needs only torch, transformers, numpy and pillow; or install
+`modeling_taskexpert`). To try it in a browser, serve it with the package's Gradio Space:
+`TASKEXPERT_MODEL={repo_id} python space_app/app.py` (or publish `space_app/` as a Space naming this model).
+{examples_section}
 ```python
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
