@@ -22,18 +22,17 @@ train: $(STAMP)
 	$(PY) -m modeling_taskexpert.data synthetic --output-dir data/synthetic --skip-if-exists
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		train.py --config hub_configs/synthetic-tiny.yaml
+	@echo "Model written to outputs/taskexpert-synthetic-tiny: open it in the Space with 'make space' (http://127.0.0.1:7860)."
 
+# One line per test file with its progress; slow end-to-end tests included (they run in CI too).
 test: $(STAMP) browser
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -p no:cacheprovider
 
 # Debian's chromium, which the Space's browser test drives through Playwright (never `playwright install`);
-# installed only when missing. Playwright itself comes with the `test` extra.
-CHROMIUM := /usr/bin/chromium
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-browser: $(CHROMIUM)
-
-$(CHROMIUM):
-	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+# installed only when missing, waiting for another apt run's lock; skipped with a message where apt or root is
+# missing (the browser tests then skip, except in CI). Playwright itself comes with the `test` extra.
+browser:
+	@bash .ci/install-browser
 
 space: $(STAMP)
 	$(PY) space_app/app.py

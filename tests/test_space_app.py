@@ -219,7 +219,10 @@ def test_browser_shows_limits_keeps_errors_and_explains_every_map(server, tmp_pa
     title in place; then a good image gives every map, with the normals' orientation sphere and readable colour bars;
     the Experts tab names tasks by title and says the memory is among the candidates."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`make browser` does it).")
+        message = f"{CHROMIUM} is missing: install Debian's chromium (`make browser` does it; it needs apt and root)."
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run the browser test
+        pytest.skip(message)
     from playwright.sync_api import expect, sync_playwright
 
     from rendering import task_title
@@ -288,3 +291,21 @@ def test_browser_shows_limits_keeps_errors_and_explains_every_map(server, tmp_pa
             page.screenshot(path=str(ARTIFACTS / "space-experts.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_the_browser_install_explains_itself_where_apt_is_missing(tmp_path):
+    """`make browser` on a machine without apt: a message, exit 0, nothing attempted (the browser test then skips)."""
+    import subprocess
+
+    script = REPO_ROOT / ".ci" / "install-browser"
+    completed = subprocess.run(
+        ["/bin/bash", str(script)], env={"PATH": str(tmp_path), "CHROMIUM": str(tmp_path / "no-chromium")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode == 0
+    assert (
+        "apt-get is not available, so chromium is not installed; the browser tests will be skipped" in completed.stderr
+    )
+    present = subprocess.run(["/bin/bash", str(script)], env={"PATH": str(tmp_path), "CHROMIUM": "/bin/bash"},
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert present.returncode == 0 and present.stderr == ""  # already installed: nothing to do, nothing said

@@ -96,7 +96,10 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     config = json.loads((finished_run / "config.json").read_text())
     for name in ["input", *config["tasks"]]:
         assert (finished_run / "examples" / f"{name}.png").is_file() and f"](examples/{name}.png)" in card, name
-    assert Image.open(finished_run / "examples" / "depth.png").size == Image.open(finished_run / "examples" / "input.png").size
+    assert (
+        Image.open(finished_run / "examples" / "depth.png").size
+        == Image.open(finished_run / "examples" / "input.png").size
+    )
     # transformers' id2label means something: the first segmentation task's classes.
     assert config["id2label"] == config["task_id2label"]["semseg"]
     assert {"taskexpert", "multi-task-learning", "synthetic-data", "edge-detection"} <= set(front_matter["tags"])
