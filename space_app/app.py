@@ -40,6 +40,7 @@ from rendering import (
     ImageOutput,
     class_color_map,
     class_names,
+    empty_map_note,
     render_task,
     task_legend,
     task_title,
@@ -67,10 +68,13 @@ CSS = (
 #model-missing {border-left: 4px solid #e5484d; padding-left: 12px;}
 #model-limits {border-left: 4px solid #f5a524; padding-left: 12px;}
 .status-error {border-left: 4px solid #e5484d; padding: 4px 12px; background: rgba(229, 72, 77, 0.08);}
+/* Maps of tiny inputs (down to 1x1) are shown enlarged and crisp; the files and the API keep the image's size. */
+.task-map img {image-rendering: pixelated; min-width: 128px; min-height: 128px; object-fit: contain;}
 """
     + LEGEND_CSS
 )
 READY = "Upload an image and press **Run**."
+NEW_IMAGE = "New image: press **Run** to predict its maps."
 
 
 class UploadedImageData(ImageData):
@@ -177,6 +181,7 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
         else:
             gr.Markdown(demo_model.describe(), elem_id="model-info")
         experts_state = gr.State(time_to_live=limits.state_ttl_s)
+        map_notes = gr.State(time_to_live=limits.state_ttl_s)  # per task: what an empty map shows nothing of
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
@@ -257,15 +262,27 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                 fail(f"Inference failed ({type(error).__name__}: {error}).", request)
             janitor.sweep()  # make room before this request's files are written: only earlier files can go
             device = "GPU" if demo_model.model.device.type == "cuda" else "CPU"
-            maps = [
-                None if task not in prediction.predictions
-                else render_task(prediction.predictions[task], task, prediction.image, demo_model.config)
-                for task in task_outputs
-            ]  # fmt: skip
+            maps = []
+            for task in task_outputs:
+                if task not in prediction.predictions:
+                    maps.append(None)
+                    continue
+                value = prediction.predictions[task]
+                maps.append(render_task(value, task, prediction.image, demo_model.config))
             arrays = save_npz(prediction, arrays_file.GRADIO_CACHE)
             depth = prediction.predictions.get("depth")
             state = ExpertsState.from_prediction(prediction.image, prediction.routing, depth)
-            return status_text(prediction, device), *maps, str(arrays), state
+            # An empty map says so in its title rather than showing the bare photo (set after the API's outputs).
+            notes = {
+                task: empty_map_note(value, task, demo_model.config) for task, value in prediction.predictions.items()
+            }
+            return status_text(prediction, device), *maps, str(arrays), state, notes
+
+        def label_maps(notes: Optional[dict]):
+            notes = notes or {}
+            return [
+                gr.update(label=titles[task] + (f": {notes[task]}" if notes.get(task) else "")) for task in task_outputs
+            ]
 
         def after_run(state: Optional[ExpertsState], layer: Optional[int]):
             selected = state.routing.tasks
@@ -275,8 +292,14 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             return dropdown, *show_experts(state, selected[0], layer), *legend_values
 
         def show_error(request: gr.Request):
+            # The maps of an earlier image must not stay under this request's error: they are cleared.
             message = errors.pop(request.session_hash)
-            return gr.skip() if message is None else error_box(message)
+            if message is None:
+                return gr.skip(), *[gr.skip()] * (len(task_outputs) + 1)
+            return error_box(message), *[None] * (len(task_outputs) + 1)
+
+        def clear_for_new_image():
+            return NEW_IMAGE, *[gr.update(value=None, label=titles[task]) for task in task_outputs], None
 
         def show_tasks(chosen_tasks):
             return [gr.update(visible=task in chosen_tasks) for task in task_outputs] + [
@@ -307,13 +330,25 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
 
         demo.unload(forget_session)
 
-        # The API endpoint returns the status, every task's map and the arrays; the rest of the page follows.
-        run_event = run_button.click(
+        # Run is disabled while this session's request is in flight (a second click would be dropped silently) and
+        # enabled again however the request ends. The API endpoint returns the status, every task's map and the
+        # arrays; the rest of the page follows.
+        busy = run_button.click(
+            lambda: gr.update(interactive=False, value="Running..."), None, run_button, queue=False,
+            api_visibility="private",
+        )  # fmt: skip
+        run_event = busy.then(
             run,
             inputs=[image_input, task_choice],
-            outputs=[status, *task_outputs.values(), arrays_file, experts_state],
+            outputs=[status, *task_outputs.values(), arrays_file, experts_state, map_notes],
             api_name="predict",
             show_progress_on=[status],
+        )
+        for ended in (run_event.success, run_event.failure):
+            ended(lambda: gr.update(interactive=True, value="Run"), None, run_button, api_visibility="private")
+        run_event.success(label_maps, map_notes, list(task_outputs.values()), api_visibility="private")
+        image_input.change(
+            clear_for_new_image, None, [status, *task_outputs.values(), arrays_file], api_visibility="private"
         )
         run_event.success(
             after_run,
@@ -321,7 +356,9 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
             outputs=[expert_task, expert_note, expert_map, expert_plot, *legends.values()],
             api_visibility="private",
         )
-        run_event.failure(show_error, inputs=None, outputs=[status], api_visibility="private")
+        run_event.failure(
+            show_error, inputs=None, outputs=[status, *task_outputs.values(), arrays_file], api_visibility="private"
+        )
         task_choice.change(
             show_tasks, inputs=task_choice, outputs=[*task_outputs.values(), *legends.values()],
             api_visibility="private",
@@ -343,6 +380,7 @@ def _task_component(task: str, demo_model: DemoModel):
         "label": task_title(demo_model.config.task_specs[task]),
         "format": "png",
         "elem_id": f"map-{task}",
+        "elem_classes": ["task-map"],
         "min_width": 240,
     }
     if demo_model.config.task_specs[task].kind.name == "segmentation":

@@ -60,6 +60,17 @@ def segmentation_overlay(image: np.ndarray, labels: np.ndarray, names: list[str]
     return image, [((labels == c) * OVERLAY_OPACITY, names[c]) for c in present]
 
 
+def empty_map_note(prediction: np.ndarray, task: str, config) -> Optional[str]:
+    """What a segmentation map shows nothing of, when it shows nothing: every pixel predicted as the class that is
+    left unpainted (human parts' background). None otherwise."""
+    spec = config.task_specs[task]
+    if spec.kind.name != "segmentation" or not spec.parameters["background_only_is_unlabelled"]:
+        return None
+    if np.any(prediction != 0):
+        return None
+    return f"nothing found: every pixel is {spec.class_names[0]}"
+
+
 def render_task(prediction: np.ndarray, task: str, image: np.ndarray, config):
     """A task's prediction -> the value its output component shows (its legend is `task_legend`), by its kind."""
     spec = config.task_specs[task] if config is not None else preset_spec(task)

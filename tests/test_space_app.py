@@ -289,6 +289,14 @@ def test_browser_shows_limits_keeps_errors_and_explains_every_map(server, tmp_pa
             expect(page.locator("#expert-map img.mask").first).to_be_visible()
             page.wait_for_function("() => [...document.querySelectorAll('#expert-map img')].every(i => i.complete)")
             page.screenshot(path=str(ARTIFACTS / "space-experts.png"), full_page=True)
+
+            # Another image: the first image's maps go (never shown under another image), and Run is enabled again.
+            page.get_by_role("tab", name="Task maps").click()
+            page.locator("#input-image button[aria-label='Remove Image']").first.click()
+            expect(status).to_contain_text("New image: press Run", timeout=30_000)
+            for task in ALL_TASKS:
+                expect(page.locator(f"#map-{task} img")).to_have_count(0, timeout=30_000)
+            expect(page.locator("#run")).to_be_enabled()
         finally:
             browser.close()
 

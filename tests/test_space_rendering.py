@@ -35,7 +35,7 @@ def test_legend_colours_are_the_voc_palette():
 
 
 def test_scalar_maps_are_the_image_alone_at_its_size():
-    """Colour bars are no longer drawn into the image: the map is exactly the colour-mapped prediction."""
+    """Colour bars are not drawn into the image: the map is exactly the colour-mapped prediction."""
     depth = np.linspace(0.5, 4.25, 40 * 60, dtype=np.float32).reshape(40, 60)
     rendered = rendering.render_task(depth, "depth", random_image(40, 60), tiny_config())
     np.testing.assert_array_equal(rendered, colorize_scalar(depth, 0.5, 4.25))
@@ -43,6 +43,15 @@ def test_scalar_maps_are_the_image_alone_at_its_size():
     np.testing.assert_array_equal(
         rendering.render_task(saliency, "saliency", None, None), colorize_scalar(saliency, 0.0, 1.0)
     )
+
+
+def test_an_empty_human_parts_map_says_so():
+    config = tiny_config()
+    assert rendering.empty_map_note(np.zeros((4, 4), np.int64), "human_parts", config) == (
+        "nothing found: every pixel is background"
+    )
+    assert rendering.empty_map_note(np.ones((4, 4), np.int64), "human_parts", config) is None
+    assert rendering.empty_map_note(np.zeros((4, 4), np.int64), "semseg", config) is None  # class 0 is painted there
 
 
 def test_colour_bar_legends_are_text_with_the_colour_map_as_a_gradient():
