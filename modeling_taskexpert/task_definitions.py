@@ -545,8 +545,15 @@ class TaskSpec:
 
     @property
     def card_title(self) -> str:
-        """The title with every word capitalised (model-index task names: "Semantic Segmentation")."""
-        return " ".join(word[:1].upper() + word[1:] for word in self.title.split(" "))
+        """The title in title case (model-index task names: "Semantic Segmentation", "Road and Lane Segmentation")."""
+        small = {"a", "an", "and", "as", "at", "by", "for", "in", "of", "on", "or", "the", "to"}
+        words = []
+        for index, word in enumerate(self.title.split(" ")):
+            lead = len(word) - len(word.lstrip("(["))
+            if index == 0 or word[lead:] not in small:
+                word = word[:lead] + word[lead : lead + 1].upper() + word[lead + 1 :]
+            words.append(word)
+        return " ".join(words)
 
     def lower_is_better(self, key: str) -> bool:
         """Whether a lower value of the result key `key` of this task is better."""

@@ -94,7 +94,8 @@ def test_own_tasks_train_evaluate_reload_and_serve_without_touching_the_package(
     config = json.loads((output / "config.json").read_text())
     assert config["tasks"] == OWN_TASKS and config["task_kinds"]["elevation"]["value_range"] == [0.0, 50.0]
     card = (output / "README.md").read_text()
-    assert "Mean absolute error (m)" in card and "Road and lane segmentation" in card
+    assert "Mean absolute error (m)" in card and "name: Road and Lane Segmentation" in card
+    assert "name: Elevation (Dense Regression)" in card and "](examples/elevation.png)" in card
 
     # The evaluation command line scores the saved model exactly as the end of training did.
     evaluated = subprocess.run(

@@ -7,7 +7,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
@@ -128,14 +127,18 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     recipe = yaml.safe_load((finished_run / "recipe.yaml").read_text())
     assert recipe["dataset"] == "synthetic" and "output_dir" not in recipe
 
-    # The usage snippet of the card runs as written (with the local folder in place of the Hub id).
+    # The usage snippet of the card runs as written (with the local folder in place of the Hub id), with only torch,
+    # transformers, numpy and pillow installed.
     snippet = (
         re.search(r"```python\n(.*?)```", card, re.S)
         .group(1)
         .replace("your-namespace/uninterrupted", str(finished_run))
     )
-    completed = subprocess.run([sys.executable, "-c", snippet + "\nassert set(maps) == set(result)\n"], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    from clean_environment import clean_python  # what a transformers user has: not this package
+
+    completed = subprocess.run([str(clean_python()), "-c", snippet + "\nassert set(maps) == set(result)\n"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                               env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     # What upload_folder would push: no checkpoint (optimiser state), no hidden temporary file.

@@ -55,10 +55,15 @@ def test_card_of_a_real_data_model_with_a_pretrained_backbone(tmp_path):
     card = build_model_card(config, recipe, metrics, METADATA, "someone/taskexpert-nyud")
     front_matter = yaml.safe_load(card.split("---")[1])
     assert front_matter["base_model"] == "google/vit-base-patch16-384"
-    assert front_matter["datasets"] == ["nyud"] and "synthetic-data" not in front_matter["tags"]
+    # A local dataset folder is no Hub dataset: no `datasets` entry (a Hub id is named, below).
+    assert "datasets" not in front_matter and "synthetic-data" not in front_matter["tags"]
     types = {r["task"]["type"] for r in front_matter["model-index"][0]["results"]}
     assert types == {"image-segmentation", "depth-estimation"}
-    assert 'AutoModel.from_pretrained("someone/taskexpert-nyud"' in card and "images.cocodataset.org" in card
+    assert 'AutoModel.from_pretrained("someone/taskexpert-nyud"' in card
+    assert 'cached_file("someone/taskexpert-nyud", "examples/input.png")' in card
+    recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"dataset": "someone/nyud-v2-multitask"})
+    on_the_hub = yaml.safe_load(build_model_card(config, recipe, metrics, METADATA, "x").split("---")[1])
+    assert on_the_hub["datasets"] == ["someone/nyud-v2-multitask"]
     assert "| semseg | 1 | floor | 23.00 |" in card and "synthetic scenes only" not in card
     assert str(tmp_path) not in card and "dataset: nyud" in card  # the local folder is named, not its path
     assert "chance" not in card  # no bar recorded for this data

@@ -238,12 +238,11 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
                 f"{dataset_name} (evaluated at {size_text} pixels). Outside that domain (other scene types, very "
                 "different resolutions or camera geometry) expect degraded maps; depth is metric only for cameras "
                 "like the dataset's. Not evaluated for any safety-critical use.")  # fmt: skip
-    if synthetic:
-        image_code = ("from modeling_taskexpert.data.synthetic import render_sample  # a scene like those it was trained on\n"
-                      f"image = Image.fromarray(render_sample(seed=0, split=\"validation\", index=0, image_size={size[0] if size else 128})[\"image\"])")  # fmt: skip
-    else:
-        image_code = ("from transformers.image_utils import load_image  # transformers' own URL loader\n"
-                      "image = load_image(\"http://images.cocodataset.org/val2017/000000039769.jpg\")")  # fmt: skip
+    # A validation image of the training data ships with the model (examples/input.png), so that the snippet runs
+    # with transformers alone, for a Hub id or a local folder alike.
+    image_code = ("from transformers.utils import cached_file\n"
+                  f"image = Image.open(cached_file(\"{repo_id}\", \"examples/input.png\")).convert(\"RGB\")  "
+                  "# or any photo")  # fmt: skip
 
     # Results: main metrics per task, against the chance bar when one was recorded for this data.
     chance = chance_baseline or {}
