@@ -193,3 +193,38 @@ def test_a_fresh_run_never_takes_over_another_runs_folder(saved):
     claim_output_dir(output_dir, "b" * 64, overwrite=True)
     assert sorted(p.name for p in output_dir.iterdir()) == ["launch.log"]
     claim_output_dir(output_dir, "b" * 64, overwrite=False)  # nothing of a run left: no refusal
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "outside"])
+def test_a_file_linked_elsewhere_is_refused_before_anything_is_read(saved, tmp_path, target):
+    """Round-3 probe: `optimizer.bin` a symbolic link to /dev/zero, listed in the manifest with size 0, made every
+    resume hash forever. Only regular files of the checkpoint folder itself are accepted, sizes are compared before
+    hashing, and hashing reads no more than the recorded size."""
+    import signal
+
+    _, output_dir = saved
+    newest = checkpoint_root(str(output_dir)) / "step_00000003"
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"x" * 10)
+    victim = sorted(name for name in json.loads((newest / MANIFEST_FILE).read_text())["files"] if name != STATE_FILE)[0]
+    manifest = json.loads((newest / MANIFEST_FILE).read_text())
+    manifest["files"][victim]["size"] = 0 if target == "/dev/zero" else 10
+    (newest / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (newest / victim).unlink()
+    (newest / victim).symlink_to(target if target == "/dev/zero" else outside)
+    signal.alarm(60)  # a hang fails the test instead of the suite
+    try:
+        warnings = []
+        path, _ = resolve_checkpoint(str(output_dir), "latest", FINGERPRINT, FIELDS, warn=warnings.append)
+    finally:
+        signal.alarm(0)
+    assert path.name == "step_00000002"
+    assert any(f"{victim} is a symbolic link" in warning for warning in warnings), warnings
+
+
+def test_hashing_reads_no_more_than_the_recorded_size(tmp_path):
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"abc" * 1000)
+    assert _sha256(data, 3000) == __import__("hashlib").sha256(b"abc" * 1000).hexdigest()
+    assert _sha256(data, 10) == "size changed while reading"  # grew after its size was taken
+    assert _sha256(__import__("pathlib").Path("/dev/zero"), 0) == "size changed while reading"  # returns at once

@@ -18,6 +18,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -62,15 +63,42 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return [p for p in checkpoint_folders(output_dir) if (p / MANIFEST_FILE).is_file()]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+# The JSON files of a checkpoint (manifest, trainer state) are small; anything larger is not one of ours.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def _sha256(path: Path, size: Optional[int] = None) -> str:
+    """SHA-256 of `path`, reading no more than `size` + 1 bytes (default: its size now), so that a file that grew, or
+    a device behind a link, cannot keep the reader busy."""
+    size = os.stat(path).st_size if size is None else size
+    digest, remaining = hashlib.sha256(), size + 1
     with open(path, "rb") as stream:
-        while chunk := stream.read(HASH_CHUNK):
+        while remaining > 0 and (chunk := stream.read(min(HASH_CHUNK, remaining))):
             digest.update(chunk)
-    return digest.hexdigest()
+            remaining -= len(chunk)
+    return digest.hexdigest() if remaining == 1 else "size changed while reading"
+
+
+def _regular_file(path: Path) -> os.stat_result:
+    """The status of `path` when it is a regular file of its folder itself (not a link, a device or a folder);
+    otherwise a CheckpointError naming it."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: {path.name} is missing.") from None
+    if not stat.S_ISREG(status.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(status.st_mode) else "not a regular file"
+        raise CheckpointError(
+            f"{path.parent}: {path.name} is {what}; train.py writes only regular files into checkpoints, so the "
+            "checkpoint is refused."
+        )
+    return status
 
 
 def _read_json(path: Path, what: str):
+    status = _regular_file(path)
+    if status.st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path.parent}: {what} {path.name} is {status.st_size} bytes, not a file of ours.")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -109,12 +137,13 @@ def verify_checkpoint(path: Path) -> dict:
         )
     for name, entry in sorted(files.items()):
         file = path / name
-        if Path(name).name != name or not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing.")
-        size = file.stat().st_size
-        if size != entry.get("size"):
-            raise CheckpointError(f"{path}: {name} is damaged ({size} bytes, {entry.get('size')} were written).")
-        if _sha256(file) != entry.get("sha256"):
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{path}: the manifest names {name!r}, which is not a file of the checkpoint folder.")
+        size = _regular_file(file).st_size  # sizes are compared before anything is read
+        if not isinstance(entry, dict) or size != entry.get("size"):
+            recorded = entry.get("size") if isinstance(entry, dict) else None
+            raise CheckpointError(f"{path}: {name} is damaged ({size} bytes, {recorded} were written).")
+        if _sha256(file, size) != entry.get("sha256"):
             raise CheckpointError(
                 f"{path}: {name} is damaged or was modified (its SHA-256 differs from the manifest's)."
             )
