@@ -331,6 +331,14 @@ def _validated_settings(
         raise ValueError(f"resample must be a PIL resampling filter {sorted(_PIL_FILTERS)}, got {resample!r}.")
     if max_image_pixels is not None and (not _is_int(max_image_pixels) or max_image_pixels < 1):
         raise ValueError(f"max_image_pixels must be a positive integer or None (no limit), got {max_image_pixels!r}.")
+    # The canvas is allocated for every image: bounded like the images themselves, before any allocation (an untrusted
+    # preprocessor_config.json of 100000x100000 would otherwise ask for 112 GiB per call).
+    canvas_limit = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+    if size["height"] * size["width"] > canvas_limit:
+        raise ValueError(
+            f"size {size} is a canvas of {size['height'] * size['width']:,} pixels, more than the limit of "
+            f"{canvas_limit:,} (max_image_pixels); the benchmarks use 512x512 or 448x576."
+        )
     return _Settings(
         do_resize=_as_bool(do_resize, "do_resize"),
         size=size,

@@ -554,3 +554,18 @@ def test_processor_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(image)["pixel_values"], processor(image)["pixel_values"])
     with pytest.raises(ValueError, match="multiples of size_divisor"):
         TaskExpertImageProcessor(size={"height": 30, "width": 32})
+
+
+def test_an_untrusted_processor_config_cannot_ask_for_a_huge_canvas(tmp_path):
+    """Round-3 probe: a preprocessor_config.json with a 100000x100000 canvas was accepted and every call tried to
+    allocate about 112 GiB. The canvas is bounded like images, when the config is read."""
+    import json
+
+    TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    config["size"] = {"height": 100_000, "width": 100_000}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"canvas of 10,000,000,000 pixels, more than the limit of 50,000,000"):
+        TaskExpertImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="more than the limit of 1,000"):
+        TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=1000)
