@@ -91,7 +91,8 @@ def _pil_to_array(image: Image.Image, name: str, max_pixels: Optional[int]) -> n
         return array.astype(np.uint16)
     if mode == "F":
         return np.asarray(image, dtype=np.float32)
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+    # Transparency from an alpha channel or a tRNS chunk (palette, gray and RGB PNGs): composited on white later.
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
         return np.asarray(image.convert("RGBA"))
     if mode == "L":
         return np.asarray(image)

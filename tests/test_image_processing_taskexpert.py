@@ -569,3 +569,18 @@ def test_an_untrusted_processor_config_cannot_ask_for_a_huge_canvas(tmp_path):
         TaskExpertImageProcessor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="more than the limit of 1,000"):
         TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=1000)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_png_transparency_chunk_is_composited_on_white(mode, tmp_path):
+    """Round-3 probe: gray and RGB PNGs with a tRNS chunk (one colour marked transparent) kept that colour (black
+    here) where every other transparent image is composited on white."""
+    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
+
+    black = 0 if mode == "L" else (0, 0, 0)
+    image = Image.new(mode, (4, 2), black)
+    image.putpixel((0, 0), 200 if mode == "L" else (200, 10, 10))
+    image.save(tmp_path / "t.png", transparency=black)
+    rgb = load_rgb_image(str(tmp_path / "t.png"))
+    assert (rgb[0, 1] == 255).all() and (rgb[1, 3] == 255).all()  # the transparent colour is white
+    assert tuple(rgb[0, 0]) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
