@@ -293,6 +293,18 @@ class RemotePipelineSaveMixin:
         return found
 
 
+def check_model_folder(source) -> None:
+    """Refuse, saying so, a model source that names a local folder which does not exist: an absolute or relative path
+    (`/x`, `./x`, `~/x`), one of more than two parts, or one whose first part is an existing local folder (transformers
+    would call it a malformed repository id). Anything else may be a Hub id (`namespace/name`)."""
+    text = str(source)
+    if Path(text).expanduser().exists():
+        return
+    parts = text.split("/")
+    if text.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise OSError(f"The model folder {text} does not exist (a Hub model id has the form 'namespace/name').")
+
+
 class OfflinePushMixin:
     """Mixin for `PreTrainedModel` subclasses: `push_to_hub` in offline mode fails at once with a plain message
     instead of a network error from deep inside the upload."""
@@ -344,6 +356,17 @@ class SafetensorsOnlyLoadMixin:
             cls._refuse_other_tasks(source, kwargs, error)
             raise
         model = cls._match_task_order(model, source, kwargs, allow_missing_weights)
+        broken = [
+            name
+            for name, value in model.state_dict().items()
+            if value.is_floating_point() and not torch.isfinite(value).all()
+        ]
+        if broken:  # checked once here: otherwise every map is NaN with no word why
+            shown = ", ".join(broken[:8]) + (f", ... ({len(broken) - 8} more)" if len(broken) > 8 else "")
+            logger.warning(
+                f"The weights of {source} hold NaN or infinite values in {len(broken)} tensor(s): {shown}. The model's "
+                "outputs will be NaN; the checkpoint is damaged or comes from a diverged training run."
+            )
         missing = sorted(loading_info["missing_keys"])
         if allow_missing_weights is not True and cls._is_own_checkpoint(model, source, kwargs):
             prefixes = tuple(allow_missing_weights or ())
@@ -424,6 +447,8 @@ class SafetensorsOnlyLoadMixin:
     @classmethod
     def _load_safetensors_only(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         source = str(pretrained_model_name_or_path)
+        if pretrained_model_name_or_path is not None:
+            check_model_folder(source)
         refusal = (
             f"{cls.__name__} loads weights only from safetensors files: pickle checkpoints (pytorch_model.bin, .pt) "
             "are refused because loading them can run arbitrary code. If you trust the file, convert it with "

@@ -16,13 +16,16 @@ from transformers import AutoModel, PretrainedConfig
 
 from .configuration_modsquad import ModSquadConfig
 from .configuration_taskexpert import TaskExpertConfig
+from .dense_model_utils import check_model_folder
 
 MODEL_TYPES = (TaskExpertConfig.model_type, ModSquadConfig.model_type)
 
 
 def read_model_config(source, trust_remote_code: bool = False, **hub_kwargs) -> dict:
     """The `config.json` of a folder or Hub id as a dict; a ValueError naming the file when it has no `model_type`,
-    or (unless `trust_remote_code`) one that is not a model type of this package."""
+    or (unless `trust_remote_code`) one that is not a model type of this package, and an OSError saying so when a
+    local folder does not exist (transformers would call it a malformed repository id)."""
+    check_model_folder(source)
     config, _ = PretrainedConfig.get_config_dict(str(source), **hub_kwargs)
     local = Path(str(source)) / "config.json"
     where = str(local) if local.is_file() else f"The config.json of {source}"
@@ -48,4 +51,4 @@ def load_dense_model(source, trust_remote_code: bool = False, **kwargs):
     return AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
 
 
-__all__ = ["MODEL_TYPES", "load_dense_model", "read_model_config"]
+__all__ = ["MODEL_TYPES", "check_model_folder", "load_dense_model", "read_model_config"]

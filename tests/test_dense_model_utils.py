@@ -259,3 +259,32 @@ def test_push_to_hub_offline_says_the_hub_cannot_be_reached(monkeypatch):
     model = TaskExpertForDensePrediction(tiny_config())
     with pytest.raises(ConnectionError, match="offline mode .*cannot be reached.*save_pretrained"):
         model.push_to_hub("someone/model")
+
+
+def test_a_missing_local_model_folder_is_named_as_such(tmp_path, monkeypatch):
+    """Round-3 probe: a missing local folder was reported as "Repo id must be in the form 'repo_name'..."."""
+    from modeling_taskexpert.loading import load_dense_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for missing in (str(tmp_path / "nothing" / "here"), "./model", "outputs/model", "a/b/c"):
+        for load in (TaskExpertForDensePrediction.from_pretrained, load_dense_model):
+            with pytest.raises(OSError, match=f"The model folder {re.escape(missing)} does not exist"):
+                load(missing)
+
+
+def test_non_finite_weights_are_named_when_loading(tmp_path, caplog):
+    """Round-3 probe: NaN weights gave all-NaN maps without a word; loading names the tensors."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    model = TaskExpertForDensePrediction(tiny_config())
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    key = next(key for key in state if key.startswith("heads.depth"))
+    state[key][...] = float("nan")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING):
+        TaskExpertForDensePrediction.from_pretrained(tmp_path)
+    assert f"NaN or infinite values in 1 tensor(s): {key}" in caplog.text
