@@ -49,11 +49,13 @@ from modeling_taskexpert.training import (
     CheckpointError,
     JsonLinesLogger,
     LossWeighting,
+    STAGING_PREFIX,
     RecipeError,
     build_model_card,
     claim_output_dir,
     dump_recipe,
     load_checkpoint,
+    lock_output_dir,
     parse_command_line,
     plot_training_curves,
     poly_schedule,
@@ -245,8 +247,10 @@ def main(argv=None) -> dict:
     if recipe.gradient_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     num_parameters = sum(p.numel() for p in model.parameters())
+    output_lock = None  # held by the main process until the run ends: one run per output folder
     if accelerator.is_main_process:
         check_output_dir(recipe.output_dir, min_free_bytes=num_parameters * 4 * 3 * (recipe.save_total_limit + 2))
+        output_lock = lock_output_dir(recipe.output_dir)
     accelerator.wait_for_everyone()
 
     # ---- whose output folder: resume our own checkpoint, or start afresh in a folder that is not another run's ----
@@ -299,11 +303,14 @@ def main(argv=None) -> dict:
         load_checkpoint(accelerator, last_checkpoint, state, scheduler, weighting, warn=accelerator.print)
         completed_steps = state["step"]
         accelerator.print(f"Resumed from {last_checkpoint} at step {completed_steps}.")
-    log = (
-        JsonLinesLogger(Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if found else None)
-        if accelerator.is_main_process
-        else None
-    )
+    log = None
+    if accelerator.is_main_process:
+        try:
+            log = JsonLinesLogger(
+                Path(recipe.output_dir) / "train_log.jsonl", resume_step=completed_steps if found else None
+            )
+        except ValueError as error:  # a damaged log (a torn last line is dropped with a warning)
+            raise RecipeError(f"Cannot resume in {recipe.output_dir}: {error}") from None
     if accelerator.is_main_process:
         dump_recipe(recipe, Path(recipe.output_dir) / "recipe.yaml")
     accelerator.init_trackers("taskexpert", config=_scalar_items(recipe.to_dict()))
@@ -398,6 +405,8 @@ def main(argv=None) -> dict:
     accelerator.end_training()
     if recipe.push_to_hub and accelerator.is_main_process:
         push_folder(recipe)
+    if output_lock is not None:
+        output_lock.close()  # the folder is free for the next run
     return metrics
 
 
@@ -447,7 +456,7 @@ def save_final_model(model, processor, recipe, metrics: dict, metadata: dict, ch
     """Model, processor, remote code, example maps, card, curves and metrics, each written to a temporary name first
     (metrics.json last: its presence marks a finished run); every file gets the user's normal permissions."""
     output_dir = Path(recipe.output_dir)
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final_"))
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=STAGING_PREFIX))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)

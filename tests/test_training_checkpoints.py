@@ -228,3 +228,47 @@ def test_hashing_reads_no_more_than_the_recorded_size(tmp_path):
     assert _sha256(data, 3000) == __import__("hashlib").sha256(b"abc" * 1000).hexdigest()
     assert _sha256(data, 10) == "size changed while reading"  # grew after its size was taken
     assert _sha256(__import__("pathlib").Path("/dev/zero"), 0) == "size changed while reading"  # returns at once
+
+
+def test_one_run_per_output_folder_and_a_dead_holder_s_lock_is_taken_over(tmp_path):
+    """Round-3 probe: two runs into one output folder both exited 0 with interleaved logs. The folder is claimed with a
+    lock held for the whole run; a second run is refused naming the holder; the lock of a killed run frees itself, and
+    the next run removes the final-model staging folder the killed one left."""
+    import socket
+    import subprocess
+    import sys
+
+    from modeling_taskexpert.training import RecipeError, lock_output_dir
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom modeling_taskexpert.training import lock_output_dir\n"
+         f"handle = lock_output_dir({str(tmp_path)!r})\nprint('locked', flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RecipeError, match=rf"in use by another train.py run \(pid {holder.pid} on host "
+                                              rf"{socket.gethostname()}, started "):  # fmt: skip
+            lock_output_dir(tmp_path)
+        (tmp_path / ".final_abc123").mkdir()  # what a run killed during its final save leaves
+        (tmp_path / ".final_abc123" / "model.safetensors").write_bytes(b"x")
+    finally:
+        holder.kill()
+        holder.wait()
+    handle = lock_output_dir(tmp_path)  # the dead holder's lock is free
+    assert not (tmp_path / ".final_abc123").exists()
+    assert json.loads((tmp_path / ".train.lock").read_text())["pid"] == os.getpid()
+    handle.close()
+
+
+def test_a_torn_last_log_line_is_dropped_and_damage_elsewhere_is_named(tmp_path):
+    from modeling_taskexpert.training import JsonLinesLogger
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}\n{"step": 3, "ki')
+    with pytest.warns(UserWarning, match="dropped its last line, torn by an interrupted write"):
+        JsonLinesLogger(log, resume_step=2)
+    assert log.read_text() == '{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}\n'
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="train_log.jsonl, line 2, is not a JSON record"):
+        JsonLinesLogger(log, resume_step=2)

@@ -11,12 +11,21 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .loss_weighting import LossWeighting
-from .provenance import claim_output_dir, read_provenance, recipe_fingerprint, write_provenance
+from .provenance import (
+    STAGING_PREFIX,
+    claim_output_dir,
+    lock_output_dir,
+    read_provenance,
+    recipe_fingerprint,
+    write_provenance,
+)
 from .recipe import RecipeError, TrainingRecipe, dump_recipe, hub_recipe, load_recipe, parse_command_line
 from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log, write_example_maps
 from .schedules import poly_schedule
 
 __all__ = [
+    "STAGING_PREFIX",
+    "lock_output_dir",
     "CheckpointError",
     "JsonLinesLogger",
     "LossWeighting",

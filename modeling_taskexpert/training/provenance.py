@@ -100,6 +100,48 @@ RUN_RESULTS = ("model.safetensors", "metrics.json")
 RUN_FILES = ("metrics.json", "model.safetensors", "train_log.jsonl", "training_curves.png", PROVENANCE_FILE)
 
 
+LOCK_FILE = ".train.lock"
+STAGING_PREFIX = ".final_"
+
+
+def lock_output_dir(output_dir):
+    """Claim `output_dir` for this run (the main process calls it once, before anything is written there) and return
+    the open lock file, to keep open for the whole run: an exclusive `flock` on `<output_dir>/.train.lock`, which holds
+    the holder's pid, host and start time. A second run (fresh or resumed) is refused with a `RecipeError` naming the
+    holder; the kernel drops the lock of a process that died, so a stale lock is taken over by the next run. The
+    holder then removes what its own earlier, killed runs left: final-model staging folders (`.final_*`)."""
+    import fcntl
+    import os
+    import socket
+
+    from .recipe import RecipeError
+
+    path = Path(output_dir) / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        try:
+            holder = json.loads(handle.read() or "{}")
+        except json.JSONDecodeError:
+            holder = {}
+        handle.close()
+        raise RecipeError(
+            f"--output_dir {output_dir} is in use by another train.py run (pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, started {holder.get('started', '?')}). Two runs in one folder would mix "
+            "their logs, checkpoints and model: wait for it to end, or choose another --output_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}))
+    handle.flush()
+    for staging in Path(output_dir).glob(f"{STAGING_PREFIX}*"):  # ours: nobody else may write here now
+        shutil.rmtree(staging, ignore_errors=True)
+    return handle
+
+
 def claim_output_dir(output_dir, recipe_sha256: str, overwrite: bool, accelerator=None) -> None:
     """Make sure a fresh run may write to `output_dir`: refuse (`RecipeError`) when it holds checkpoints or a model of
     another run (or of an earlier run of this recipe), unless `overwrite`, which deletes them.
@@ -141,6 +183,9 @@ def claim_output_dir(output_dir, recipe_sha256: str, overwrite: bool, accelerato
 
 
 __all__ = [
+    "LOCK_FILE",
+    "STAGING_PREFIX",
+    "lock_output_dir",
     "FINGERPRINT_EXCLUDED",
     "PROVENANCE_FILE",
     "claim_output_dir",

@@ -28,9 +28,7 @@ class JsonLinesLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [line for line, record in _log_lines(self.path) if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
@@ -38,8 +36,32 @@ class JsonLinesLogger:
             stream.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def _log_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every record of a JSON-lines log. A torn last line (the run was killed while writing it) is
+    dropped with a warning; a damaged line elsewhere, or a record without an integer `step`, is a ValueError naming
+    the line."""
+    import warnings
+
+    lines = [line for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() if line]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                warnings.warn(
+                    f"{path}: dropped its last line, torn by an interrupted write: {line[:80]!r}", stacklevel=3
+                )
+                break
+            raise ValueError(f"{path}, line {number}, is not a JSON record ({error}); the log is damaged.") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}, is not a log record with an integer `step`: {line[:80]!r}.")
+        records.append((line, record))
+    return records
+
+
 def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [record for _, record in _log_lines(path)]
 
 
 def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> list[tuple[str, list[str]]]:
