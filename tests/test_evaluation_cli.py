@@ -158,3 +158,36 @@ def test_module_entry_point_help():
     )
     assert completed.returncode == 0
     assert "--trust-remote-code" in completed.stdout and "--edge-mode" in completed.stdout
+
+
+def test_class_names_must_agree_or_be_mapped_explicitly(workspace, tmp_path, capsys):
+    """Round-3 probe: a model whose class 0 is another class than the dataset's class 0 was scored as if they were the
+    same (exit 0). It is refused naming the first difference, unless --class-mapping says which dataset class each
+    model class is; then the predictions are scored as those classes."""
+    reversed_names = list(reversed(SEMSEG_CLASSES))
+    model = TaskExpertForDensePrediction.from_pretrained(workspace / "model").eval()
+    model.config.task_id2label = {**model.config.task_id2label, "semseg": dict(enumerate(reversed_names))}
+    model.save_pretrained(tmp_path / "reversed")
+    args = ["--model", str(tmp_path / "reversed"), "--dataset", str(workspace / "data"), "--batch-size", "2",
+            "--cache-dir", str(workspace / "cache"), "--no-progress", "--tasks", "semseg"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "refused.json")]) == 2
+    assert f"class 0 is {reversed_names[0]!r} for the model and {SEMSEG_CLASSES[0]!r} in the dataset" in (
+        capsys.readouterr().err
+    )
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"semseg": {name: name for name in reversed_names}}))
+    assert main([*args, "--output", str(tmp_path / "mapped.json"), "--class-mapping", str(mapping)]) == 0
+    mapped = json.loads((tmp_path / "mapped.json").read_text())["metrics"]
+    # Independently: the model's class i is the dataset's class n - 1 - i.
+    metadata = read_dataset_metadata(workspace / "data")
+    dataset = load_multitask_dataset(workspace / "data", "validation", cache_dir=str(workspace / "cache"))
+    dataset.set_transform(build_transforms(metadata, train=False, tasks=["semseg"]))
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, tasks=["semseg"])
+    batch = collate_dense_batch([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        predicted = model(pixel_values=batch["pixel_values"], tasks=["semseg"]).logits["semseg"].argmax(dim=1)
+    evaluator.update({"semseg": len(reversed_names) - 1 - predicted}, batch["labels"], meta=batch)
+    assert mapped == pytest.approx(evaluator.compute())
+    mapping.write_text(json.dumps({"semseg": {reversed_names[0]: "sky"}}))
+    assert main([*args, "--output", str(tmp_path / "bad.json"), "--class-mapping", str(mapping)]) == 2
+    assert "must map every model class" in capsys.readouterr().err

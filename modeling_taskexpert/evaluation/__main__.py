@@ -13,8 +13,10 @@ Exit status: 0 on success, 2 when the arguments or inputs are refused before the
 """
 
 import argparse
+import json
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..file_utils import write_json_atomic
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--baselines", help="JSON of single-task baseline metrics, for the multi-task gain delta_m.")
     parser.add_argument(
+        "--class-mapping",
+        help='JSON {"task": {"model class": "dataset class"}} for a model whose segmentation classes are not the '
+        "dataset's (otherwise refused): every model class is scored as the dataset class it names.",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="Allow running the checkpoint's own model code."
     )
     parser.add_argument("--cpu", action="store_true", help="Run on the CPU even when an accelerator is available.")
@@ -96,31 +103,75 @@ def _resolve_tasks(
     return list(requested)
 
 
-def _check_tasks_agree(model_config, metadata: dict, tasks: Sequence[str]) -> None:
+def read_class_mapping(path: Optional[str]) -> dict:
+    """The `--class-mapping` JSON: {task: {model class name: dataset class name}}."""
+    if path is None:
+        return {}
+    try:
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--class-mapping {path}: cannot read it as JSON ({error}).") from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(names, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in names.items())
+        for names in mapping.values()
+    ):
+        raise ValueError(f"--class-mapping {path} must map task names to {{model class name: dataset class name}}.")
+    return mapping
+
+
+def _check_tasks_agree(
+    model_config, metadata: dict, tasks: Sequence[str], class_mapping: Optional[dict] = None
+) -> dict:
     """The model's tasks must be the dataset's: the same kind, and for segmentation the same class names in the same
     order, or class ids would be compared across label sets (a model whose class 0 is "wall" scored against a dataset
-    whose class 0 is "floor")."""
+    whose class 0 is "floor"). Where they differ, `class_mapping` (`--class-mapping`) may say which dataset class
+    each model class is; returns {task: model class id -> dataset class id (a LongTensor)} for those tasks."""
+    import torch
+
+    class_mapping = dict(class_mapping or {})
+    unknown = sorted(set(class_mapping) - set(tasks))
+    if unknown:
+        raise ValueError(f"--class-mapping names task(s) {unknown} that are not evaluated here ({list(tasks)}).")
     if not hasattr(model_config, "task_specs"):
-        return
+        return {}
     model_specs, dataset_specs = model_config.task_specs, dataset_task_specs(metadata)
+    class_maps = {}
     for task in tasks:
         ours, theirs = model_specs[task], dataset_specs[task]
         if ours.kind.name != theirs.kind.name:
             raise ValueError(
                 f"Task {task!r} is a {ours.kind.name} task of the model but a {theirs.kind.name} task of the dataset."
             )
-        if ours.class_names != theirs.class_names:
-            if len(ours.class_names) != len(theirs.class_names):
-                raise ValueError(
-                    f"The model predicts {len(ours.class_names)} classes for {task!r} but the dataset has "
-                    f"{len(theirs.class_names)}."
-                )
-            first = next(i for i, (a, b) in enumerate(zip(ours.class_names, theirs.class_names)) if a != b)
-            raise ValueError(
-                f"The classes of {task!r} differ between the model and the dataset: class {first} is "
-                f"{ours.class_names[first]!r} for the model and {theirs.class_names[first]!r} in the dataset. Scores "
-                "would compare different classes; evaluate on a dataset with the model's classes."
+        if ours.class_names == theirs.class_names:
+            if task in class_mapping:
+                raise ValueError(f"--class-mapping maps {task!r}, whose classes are the dataset's already.")
+            continue
+        if task in class_mapping:
+            names = class_mapping[task]
+            missing = [name for name in ours.class_names if name not in names]
+            wrong = sorted(set(names) - set(ours.class_names)) + sorted(
+                name for name in names.values() if name not in theirs.class_names
             )
+            if missing or wrong:
+                raise ValueError(
+                    f"--class-mapping for {task!r} must map every model class {list(ours.class_names)} to a dataset "
+                    f"class {list(theirs.class_names)}; missing {missing}, unknown {wrong}."
+                )
+            class_maps[task] = torch.tensor([theirs.class_names.index(names[name]) for name in ours.class_names])
+            continue
+        if len(ours.class_names) != len(theirs.class_names):
+            raise ValueError(
+                f"The model predicts {len(ours.class_names)} classes for {task!r} but the dataset has "
+                f"{len(theirs.class_names)}; --class-mapping FILE says which dataset class each model class is."
+            )
+        first = next(i for i, (a, b) in enumerate(zip(ours.class_names, theirs.class_names)) if a != b)
+        raise ValueError(
+            f"The classes of {task!r} differ between the model and the dataset: class {first} is "
+            f"{ours.class_names[first]!r} for the model and {theirs.class_names[first]!r} in the dataset. Scores would "
+            "compare different classes; evaluate on a dataset with the model's classes, or give --class-mapping FILE "
+            '({"task": {"model class": "dataset class", ...}}).'
+        )
+    return class_maps
 
 
 def describe_edge_scoring(evaluator, num_samples: int) -> Optional[str]:
@@ -174,10 +225,11 @@ def prepare(args: argparse.Namespace):
             )
     model_tasks = list(getattr(model.config, "tasks", []))
     tasks = _resolve_tasks(args.tasks, model_tasks, list(metadata["tasks"]), args.dataset)
-    _check_tasks_agree(model.config, metadata, tasks)
+    class_maps = _check_tasks_agree(model.config, metadata, tasks, read_class_mapping(args.class_mapping))
     evaluator = DenseMultiTaskEvaluator.from_metadata(
         metadata,
         tasks=tasks,
+        class_maps=class_maps,
         edge_mode=BOUNDARY_MODES if args.edge_mode == "both" else args.edge_mode,
         saliency_maxf_mode=args.saliency_maxf_mode,
         single_task_baselines=args.baselines,

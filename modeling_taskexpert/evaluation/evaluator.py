@@ -93,6 +93,8 @@ class DenseMultiTaskEvaluator:
             dataset="pascal-context", where numbers are compared with those tables); "standard"
             thresholds p itself, the textbook maxF (the default for every other dataset).
         single_task_baselines: baseline metrics (a dict keyed like the results, or a JSON file) for Δm.
+        class_maps: per segmentation task whose model classes are not the dataset's, model class id -> dataset class
+            id (a tensor), applied to the predictions before scoring (the evaluation CLI's `--class-mapping`).
         edge_workers: processes that score boundary images in the background (0: score in `update`). The
             exact mode takes tens of seconds per full-size image on one core, so use as many as there are
             free cores for full benchmark runs; call `close()` when done to stop them.
@@ -109,6 +111,7 @@ class DenseMultiTaskEvaluator:
         saliency_maxf_mode: Optional[str] = None,
         single_task_baselines: Optional[Union[Mapping[str, float], str, os.PathLike]] = None,
         edge_workers: int = 0,
+        class_maps: Optional[Mapping[str, torch.Tensor]] = None,
     ):
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}.")
@@ -127,6 +130,8 @@ class DenseMultiTaskEvaluator:
             require_exact_scorer()
         self.tasks = list(self.task_specs)
         self.dataset = dataset
+        # Per segmentation task whose model classes are not the dataset's: model class id -> dataset class id.
+        self.class_maps = {task: torch.as_tensor(lookup).long() for task, lookup in (class_maps or {}).items()}
 
         boundary_tasks = [spec for spec in self.task_specs.values() if spec.kind.name == "boundary"]
         if boundary_tolerance is None and any("tolerance" not in spec.parameters for spec in boundary_tasks):
@@ -240,6 +245,11 @@ class DenseMultiTaskEvaluator:
                 if task not in mapping:
                     raise ValueError(f"{name} has no entry for task {task!r} (it has {sorted(mapping)}).")
             prediction, label = _check_pair(self.task_specs[task], predictions[task], labels[task])
+            if task in self.class_maps:
+                lookup = self.class_maps[task].to(prediction.device)
+                if prediction.numel() and (prediction.min() < 0 or prediction.max() >= len(lookup)):
+                    raise ValueError(f"Predictions of {task!r} hold class ids outside the mapped 0..{len(lookup) - 1}.")
+                prediction = lookup[prediction]
             if batch_size is None:
                 batch_size = len(label)
             elif len(label) != batch_size:
