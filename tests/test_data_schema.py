@@ -131,3 +131,41 @@ def test_a_missing_local_looking_folder_is_a_local_error_at_once(tmp_path, monke
             (tmp_path / "outputs").mkdir()
         with pytest.raises(DatasetNotAvailableError, match=f"{path} does not exist.*docs/data.md"):
             read_dataset_metadata(path)
+
+
+def test_the_cache_keeps_one_entry_per_content_in_use(tmp_path, monkeypatch):
+    """Round-3 probe: the cache key held the path, size and mtime of the shards, so every regeneration, copy or touch
+    added a full copy (2 entries, 118 MB -> 17 entries, 481 MB in an afternoon). Keyed by content: a copy and a touch
+    reuse the entry, a regenerated folder replaces its own superseded entry."""
+    import os
+    import shutil
+
+    import datasets
+
+    from modeling_taskexpert.data import generate_synthetic_dataset, load_multitask_dataset
+    from modeling_taskexpert.data.schema import CACHE_SUBDIR
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / CACHE_SUBDIR
+
+    def entries():
+        return sorted(path.name for path in root.iterdir() if path.is_dir())
+
+    folder = tmp_path / "data" / "synthetic"
+    generate_synthetic_dataset(folder, train_size=2, val_size=1, image_size=32, num_workers=0)
+    assert len(load_multitask_dataset(folder, "train")) == 2
+    first = entries()
+    assert len(first) == 1
+    for shard in folder.glob("data/*.parquet"):  # a touch: same content
+        os.utime(shard)
+    copy = tmp_path / "copy" / "synthetic"
+    shutil.copytree(folder, copy)  # a copy: same content
+    assert len(load_multitask_dataset(folder, "train")) == 2 and len(load_multitask_dataset(copy, "train")) == 2
+    assert entries() == first
+    generate_synthetic_dataset(folder, train_size=3, val_size=1, image_size=32, num_workers=0, overwrite=True)
+    assert len(load_multitask_dataset(folder, "train")) == 3
+    # The regenerated folder's old entry is gone; the copy (another folder, the old content) keeps its own.
+    assert len(entries()) == 2 and first[0] in entries()
+    generate_synthetic_dataset(copy, train_size=4, val_size=1, image_size=32, num_workers=0, overwrite=True)
+    assert len(load_multitask_dataset(copy, "train")) == 4
+    assert len(entries()) == 2 and first[0] not in entries()

@@ -10,13 +10,14 @@ pushed to the Hub as it is.
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Optional
 
 import datasets
 import yaml
 
-from ..file_utils import looks_like_repo_id
+from ..file_utils import looks_like_repo_id, write_json_atomic
 from ..task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TaskSpec, check_task_name, make_task_spec, preset_spec
 from .labels import CODECS
 
@@ -203,13 +204,62 @@ def read_dataset_metadata(path_or_repo_id) -> dict:
     return validate_metadata(metadata, str(metadata_path))
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """A hash of the absolute path, size and modification time of every shard of a dataset folder."""
+CACHE_SUBDIR = "taskexpert"
+CACHE_INDEX = "index.json"
+
+
+def _content_fingerprint(folder: Path, index: dict) -> str:
+    """A hash of the names and contents of every shard of a dataset folder. The hash of each shard is remembered in
+    `index` by (path, size, modification time), so a folder is read in full only when it changed."""
     digest = hashlib.sha256()
+    shards = index.setdefault("shards", {})
     for shard in sorted(folder.resolve().glob("data/*.parquet")):
-        stat = shard.stat()
-        digest.update(f"{shard}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        status = shard.stat()
+        key = f"{shard}|{status.st_size}|{status.st_mtime_ns}"
+        if key not in shards:
+            content = hashlib.sha256()
+            with open(shard, "rb") as stream:
+                while chunk := stream.read(16 * 1024 * 1024):
+                    content.update(chunk)
+            shards[key] = content.hexdigest()
+        digest.update(f"{shard.name}|{shards[key]}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _describes_a_current_file(key: str) -> bool:
+    """Whether a shard memo key `path|size|mtime_ns` still describes the file at that path."""
+    path, size, mtime = key.rsplit("|", 2)
+    try:
+        status = os.stat(path)
+    except OSError:
+        return False
+    return str(status.st_size) == size and str(status.st_mtime_ns) == mtime
+
+
+def local_dataset_cache(folder: Path) -> str:
+    """The `datasets` cache folder of a local dataset folder, keyed by its content: a copy, a move or a touch of the
+    folder reuses its entry, and a regenerated folder replaces its superseded entry (removed here), so the cache
+    holds one entry per folder content in use. (`datasets` itself keys a local parquet folder by its name only, so
+    two folders named alike would share a stale cache.)"""
+    root = Path(datasets.config.HF_DATASETS_CACHE) / CACHE_SUBDIR
+    root.mkdir(parents=True, exist_ok=True)
+    index_path = root / CACHE_INDEX
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        index = {}  # a memo only: rebuilt when missing or damaged
+    key = _content_fingerprint(folder, index)
+    source = str(folder.resolve())
+    entries = index.setdefault("entries", {})
+    for old_key, old in list(entries.items()):
+        if old_key != key and old.get("source") == source:  # this folder's earlier content
+            shutil.rmtree(root / old_key, ignore_errors=True)
+            del entries[old_key]
+    entries[key] = {"source": source}
+    index["shards"] = {k: v for k, v in index["shards"].items() if _describes_a_current_file(k)}
+    write_json_atomic(index_path, index)
+    return str(root / key)
 
 
 def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
@@ -224,9 +274,7 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
         raise ValueError(f"{path_or_repo_id}: the dataset has no {split!r} split (it has {list(metadata['splits'])}).")
     local = Path(str(path_or_repo_id))
     if cache_dir is None and local.is_dir():
-        # `datasets` keys the cache of a local parquet folder by the folder's name only, so two folders named alike
-        # (or a folder rewritten in place) would share a stale cache. Key it by the shards' identity instead.
-        cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "taskexpert" / _folder_fingerprint(local))
+        cache_dir = local_dataset_cache(local)
     try:
         dataset = datasets.load_dataset(str(path_or_repo_id), split=split, cache_dir=cache_dir)
     except Exception as error:
