@@ -84,7 +84,58 @@ def _shape(state: dict, key: str) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
-def infer_architecture(state: dict[str, torch.Tensor], num_heads: Optional[int], mlp_top_k: Optional[int]) -> dict:
+# The `mlp_ratio` of the authors' variants: 4, and 1 for the `..._small_MI` ones.
+REFERENCE_MLP_RATIOS = (4, 1)
+
+
+def _mlp_top_k(hidden: int, width: int, experts: int, top_k: Optional[int], ratio: Optional[float]) -> int:
+    """The MoE MLP top-k. In the authors' code an expert is `int(C * mlp_ratio) // k` wide, so the shapes give k only
+    with the ratio: the given `--mlp-top-k` (checked against `--mlp-ratio` when both are given), else the k of the given
+    `--mlp-ratio`, else the k that every ratio of the authors' variants agrees on; an ambiguous checkpoint is refused
+    naming the flags (it was silently converted with k = 8 for the `_small_MI` variants)."""
+
+    def k_for(mlp_ratio) -> Optional[int]:
+        total = int(hidden * mlp_ratio)
+        k = total // width if width else 0
+        return k if 1 <= k <= experts and total // k == width else None
+
+    if top_k is not None:
+        if not 1 <= top_k <= experts:
+            raise ConversionError(f"--mlp-top-k {top_k} must be in 1..{experts} (the checkpoint's MLP experts).")
+        if ratio is not None and k_for(ratio) != top_k:
+            raise ConversionError(
+                f"--mlp-top-k {top_k} and --mlp-ratio {ratio:g} disagree with the checkpoint: its experts are {width} "
+                f"wide for hidden size {hidden}, and int(C * mlp_ratio) // k must equal that."
+            )
+        return top_k
+    if ratio is not None:
+        k = k_for(ratio)
+        if k is None:
+            raise ConversionError(
+                f"--mlp-ratio {ratio:g}: no top-k in 1..{experts} makes experts {width} wide for hidden size {hidden}."
+            )
+        return k
+    candidates = {mlp_ratio: k for mlp_ratio in REFERENCE_MLP_RATIOS if (k := k_for(mlp_ratio)) is not None}
+    if len(set(candidates.values())) == 1:
+        return next(iter(candidates.values()))
+    readings = " or ".join(f"top-k {k} with mlp_ratio {r:g}" for r, k in candidates.items())
+    raise ConversionError(
+        f"The checkpoint's MoE MLP experts are {width} wide for hidden size {hidden}: "
+        + (
+            f"that is {readings}, and the shapes cannot tell which"
+            if candidates
+            else "no reading of the authors' mlp_ratio fits"
+        )
+        + ". Pass --mlp-top-k (or --mlp-ratio, e.g. 1 for the authors' `_small_MI` variants)."
+    )
+
+
+def infer_architecture(
+    state: dict[str, torch.Tensor],
+    num_heads: Optional[int],
+    mlp_top_k: Optional[int],
+    mlp_ratio: Optional[float] = None,
+) -> dict:
     """The config fields the tensor shapes determine (see `ARCHITECTURE_FIELDS`), plus `num_reference_tasks`."""
     hidden, channels, patch, _ = _shape(state, "patch_embed.proj.weight")
     if channels != 3:
@@ -139,23 +190,14 @@ def infer_architecture(state: dict[str, torch.Tensor], num_heads: Optional[int],
     fields.setdefault("dense_attention_head_dim", fields["attention_head_dim"])
     if moe_mlp:
         experts, _, expert_hidden = _shape(state, f"blocks.{moe_mlp[0]}.mlp.experts.w")
-        fields.update(num_mlp_experts=experts, mlp_expert_hidden_size=expert_hidden)
+        top_k = _mlp_top_k(hidden, expert_hidden, experts, mlp_top_k, mlp_ratio)
+        fields.update(num_mlp_experts=experts, mlp_expert_hidden_size=expert_hidden, mlp_top_k=top_k)
         gate_rows |= {(experts, _shape(state, f"blocks.{b}.mlp.f_gate.0.0.weight")[0]) for b in moe_mlp}
     dense_mlp = [b for b in blocks if b not in moe_mlp]
-    if dense_mlp:
+    if dense_mlp:  # the authors' dense MLP is 4C wide whatever `mlp_ratio`: it says nothing about the experts
         fields["intermediate_size"] = _shape(state, f"blocks.{dense_mlp[0]}.mlp.fc1.weight")[0]
-        if moe_mlp:  # the authors' experts are H / k wide
-            inferred = fields["intermediate_size"] // fields["mlp_expert_hidden_size"]
-            if mlp_top_k is not None and mlp_top_k != inferred:
-                raise ConversionError(
-                    f"--mlp-top-k {mlp_top_k} disagrees with the checkpoint: its MLP is {fields['intermediate_size']} "
-                    f"wide and its experts {fields['mlp_expert_hidden_size']}, so k = {inferred}."
-                )
-            fields["mlp_top_k"] = inferred
     else:
-        if mlp_top_k is None:
-            raise ConversionError("Every block has an MoE MLP, so its top-k is not in the shapes: pass --mlp-top-k.")
-        fields.update(mlp_top_k=mlp_top_k, intermediate_size=mlp_top_k * fields["mlp_expert_hidden_size"])
+        fields["intermediate_size"] = fields["mlp_top_k"] * fields["mlp_expert_hidden_size"]
     noisy = {rows == 2 * experts for experts, rows in gate_rows}
     if any(rows not in (experts, 2 * experts) for experts, rows in gate_rows) or len(noisy) > 1:
         raise ConversionError(
@@ -317,12 +359,13 @@ def convert(
     num_heads: Optional[int] = None,
     mlp_top_k: Optional[int] = None,
     seed: int = 0,
+    mlp_ratio: Optional[float] = None,
 ) -> list[str]:
     """Convert and write the model folder; returns notes for the user. Raises ConversionError for bad input."""
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ConversionError(f"--output-dir {output_dir} already holds files; choose a new or empty folder.")
     state = load_reference_state_dict(checkpoint)
-    architecture = infer_architecture(state, num_heads, mlp_top_k)
+    architecture = infer_architecture(state, num_heads, mlp_top_k, mlp_ratio)
     task_rows = parse_tasks(tasks, architecture["num_reference_tasks"])
     config = build_config(architecture, task_rows, config_file)
     converted, notes = convert_state_dict(state, config, task_rows)
@@ -378,7 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="heads (= MoE attention top-k), when every block has MoE attention",
     )
-    parser.add_argument("--mlp-top-k", type=int, help="MoE MLP top-k, when every block has an MoE MLP")
+    parser.add_argument(
+        "--mlp-top-k", type=int, help="MoE MLP top-k, when the shapes cannot tell it (the converter says so)"
+    )
+    parser.add_argument(
+        "--mlp-ratio", type=float, help="the authors' mlp_ratio of the checkpoint (4; 1 for the `_small_MI` variants)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the new dense heads")
     return parser
 
@@ -387,7 +435,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         notes = convert(
-            args.checkpoint, args.output_dir, args.tasks, args.config, args.num_heads, args.mlp_top_k, args.seed
+            args.checkpoint,
+            args.output_dir,
+            args.tasks,
+            args.config,
+            args.num_heads,
+            args.mlp_top_k,
+            args.seed,
+            mlp_ratio=args.mlp_ratio,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

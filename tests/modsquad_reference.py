@@ -102,7 +102,7 @@ def reference_shapes(arch: ReferenceArchitecture) -> dict[str, tuple[int, ...]]:
             for task in range(t):
                 shapes[f"{b}.mlp.f_gate.{task}.0.weight"] = (gate_rows(e), c)
         else:
-            h = arch.mlp_ratio * c
+            h = 4 * c  # the authors' dense MLP is 4C wide whatever mlp_ratio (only the experts follow it)
             shapes[f"{b}.mlp.fc1.weight"], shapes[f"{b}.mlp.fc1.bias"] = (h, c), (h,)
             shapes[f"{b}.mlp.fc2.weight"], shapes[f"{b}.mlp.fc2.bias"] = (c, h), (c,)
     shapes["norm.weight"] = shapes["norm.bias"] = (c,)

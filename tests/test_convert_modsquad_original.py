@@ -179,3 +179,26 @@ def test_command_line_exit_codes(tmp_path):
                           capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert good.returncode == 0, good.stderr
     assert (tmp_path / "b" / "model.safetensors").is_file() and not list(tmp_path.glob(".b.*"))
+
+
+def test_the_mlp_top_k_of_a_small_mi_checkpoint_is_asked_for_not_guessed(tmp_path, capsys):
+    """Round-3 probe: with the authors' mlp_ratio 1 (`..._small_MI`), experts are C // k wide while the dense MLP stays
+    4C: the converter read k = 8 (all experts) and the features were off by 9e-2 from the first MoE MLP on, and an
+    explicit, correct --mlp-top-k 2 was refused. Now the ambiguity is refused naming the flags, and either flag gives
+    the reference function."""
+    arch = ReferenceArchitecture(**{**TINY, "mlp_experts": 8, "mlp_ratio": 1})  # experts 32 // 2 = 16 wide
+    state = random_reference_state(arch)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pth", state)
+    base = ["--checkpoint", str(checkpoint), "--tasks", "depth=2"]
+    assert main([*base, "--output-dir", str(tmp_path / "guess")]) == 2
+    assert "top-k 8 with mlp_ratio 4 or top-k 2 with mlp_ratio 1" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "both"), "--mlp-top-k", "2", "--mlp-ratio", "4"]) == 2
+    assert "disagree with the checkpoint" in capsys.readouterr().err
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = reference_features(state, arch, pixel_values, 2)
+    for flags in (["--mlp-top-k", "2"], ["--mlp-ratio", "1"]):
+        folder = tmp_path / flags[0].strip("-")
+        assert main([*base, "--output-dir", str(folder), *flags]) == 0
+        model = ModSquadForDensePrediction.from_pretrained(folder).eval()
+        assert model.config.mlp_top_k == 2 and model.config.mlp_expert_hidden_size == 16
+        torch.testing.assert_close(features_of(model, pixel_values, "depth"), expected, rtol=1e-4, atol=1e-5)
