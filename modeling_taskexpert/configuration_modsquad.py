@@ -23,6 +23,7 @@ from .configuration_common import (
 logger = logging.get_logger(__name__)
 
 MOE_LAYOUTS = ("twice", "every")
+KEPT_ROUTERS = ("full", "kept")
 MUTUAL_INFORMATION_ESTIMATORS = ("reference", "exact")
 
 # What a config written before the model followed the reference code computed (see `ModSquadConfig`, "Earlier
@@ -142,8 +143,15 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             (as in the reference, whose main MI models switch it off). Outputs are then random.
         kept_experts (`list[list[int]]`, *optional*):
             Per MoE layer in network order, the ids of the experts this model has, out of `num_attention_experts` /
-            `num_mlp_experts`. `None` for a full model; set by [`ModSquadForDensePrediction.extract_task_model`]. The
-            routers keep all logits; top-k runs over the kept experts.
+            `num_mlp_experts`. `None` for a full model; set by [`ModSquadForDensePrediction.extract_task_model`]. See
+            `kept_router` for what the routers keep.
+        kept_router (`str`, *optional*, defaults to `"full"`):
+            The routers of an extracted model (`kept_experts`): `"full"` keeps the task's whole router (all logits;
+            the softmax runs over every expert of the full layer, then top-k over the kept ones), so a token routed
+            only to kept experts gets the full model's gates bit for bit. `"kept"` keeps only the kept experts' router
+            rows, as the authors' pruning does: the softmax runs over the kept experts alone, so every gate is larger
+            (renormalised over fewer experts) and the top-k among the kept experts is the same as with `"full"`;
+            the outputs differ from the full model's wherever the gates enter unnormalised (`renormalize_gates=False`).
         mutual_information_loss_weight (`float`, *optional*, defaults to 0.005):
             Weight of each MoE layer's mutual-information term (summed over layers).
         mutual_information_estimator (`str`, *optional*, defaults to `"reference"`):
@@ -234,6 +242,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         routing_epsilon: float = 1e-4,
         noisy_gating: bool = False,
         kept_experts: Optional[list[list[int]]] = None,
+        kept_router: str = "full",
         mutual_information_loss_weight: float = 0.005,
         mutual_information_estimator: str = "reference",
         cv_loss_weight: float = 0.0,
@@ -293,6 +302,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.kept_experts = (
             [as_list(ids) for ids in kept_experts] if isinstance(kept_experts, (list, tuple)) else kept_experts
         )
+        self.kept_router = kept_router
         self.mutual_information_loss_weight = mutual_information_loss_weight
         self.mutual_information_estimator = mutual_information_estimator
         self.cv_loss_weight = cv_loss_weight
@@ -416,6 +426,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             check_number(field, getattr(self, field), minimum=0.0)
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
+        check_choice("kept_router", self.kept_router, KEPT_ROUTERS)
         validate_task_settings(
             self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight, self.task_kinds
         )

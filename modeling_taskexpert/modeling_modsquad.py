@@ -307,6 +307,9 @@ class ModSquadMoELayer(nn.Module):
     def __init__(self, config: ModSquadConfig, expert_ids: list[int], router_experts: int, top_k: int):
         super().__init__()
         num_tasks = len(config.tasks)
+        if config.kept_router == "kept" and list(expert_ids) != list(range(router_experts)):
+            router_experts = len(expert_ids)  # the authors' pruning: the router has the kept experts' rows only
+            expert_ids = list(range(router_experts))
         self.num_experts, self.router_experts, self.top_k = len(expert_ids), router_experts, top_k
         self.momentum = config.expert_usage_momentum
         self.noisy_gating = config.noisy_gating
@@ -372,19 +375,28 @@ class ModSquadMoELayer(nn.Module):
         self.expert_usage_ema[task_index] = momentum * previous + (1.0 - momentum) * fraction
         self.expert_counts[task_index] += counts
 
-    def extract_state(self, task_index: int, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    def extract_state(self, task_index: int, keep: torch.Tensor, kept_router: str = "full") -> dict[str, torch.Tensor]:
         """This layer's state for a one-task model that keeps the experts `keep` (sorted positions among this layer's
-        experts) of task `task_index`: their parameters and statistics, and the task's whole router."""
+        experts) of task `task_index`: their parameters and statistics, and the task's whole router (`"full"`) or
+        its rows of the kept experts (`"kept"`, see `ModSquadConfig.kept_router`)."""
         state = {}
         for name, value in self.state_dict().items():
             if name in self.expert_parameters:
                 value = value[keep]
             elif name == "router_weight":
                 value = value[task_index][None]
+                if kept_router == "kept":
+                    columns = self._router_columns(keep)
+                    value = value[..., columns]
             elif name in ("expert_counts", "expert_usage_ema"):
                 value = value[task_index, keep][None]
             state[name] = value.clone()
         return state
+
+    def _router_columns(self, keep: torch.Tensor) -> torch.Tensor:
+        """The router logit columns of the experts at positions `keep` (and of their noise scales, with noise)."""
+        ids = keep if self.expert_ids is None else torch.tensor(self.expert_ids)[keep]
+        return torch.cat([ids, ids + self.router_experts]) if self.noisy_gating else ids
 
 
 class ModSquadMoEAttention(ModSquadMoELayer):
@@ -769,6 +781,7 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         by: str = "usage",
         threshold: Optional[float] = None,
         calibration_pixel_values: Optional[Union[torch.Tensor, Iterable[torch.Tensor]]] = None,
+        router: str = "full",
     ) -> "ModSquadForDensePrediction":
         """Build a standalone one-task model that keeps only the experts `task` uses.
 
@@ -783,6 +796,9 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
                 (the reference's rule), i.e. experts selected by more than a `threshold` fraction of the task's tokens;
                 `None` (or 0) keeps every expert selected at least once.
             calibration_pixel_values: images for `by="router"`.
+            router (`str`, *optional*, defaults to `"full"`):
+                `"full"` keeps the task's whole router (what follows); `"kept"` keeps only the kept experts' router
+                rows, as the authors' pruning does (softmax over the kept experts; see `ModSquadConfig.kept_router`).
 
         Every layer keeps at least its top-k experts (topped up with the most used, then the lowest ids). The new
         model has the kept experts, the task's whole router (all logits of the full layer), its task-embedding row
@@ -844,6 +860,9 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         config.kept_experts = [
             [self.config.expert_ids_per_layer[i][int(position)] for position in kept] for i, kept in enumerate(keep)
         ]
+        if router not in ("full", "kept"):
+            raise ValueError(f"`router` must be 'full' or 'kept', got {router!r}.")
+        config.kept_router = router
         config.validate_modsquad()
         extracted = type(self)(config).to(device=self.device, dtype=self.dtype)
 
@@ -852,7 +871,9 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         for (name, layer), kept in zip(layers, keep):
             prefix = f"{self.base_model_prefix}.{name}"
             moe_names.add(prefix)
-            state.update({f"{prefix}.{key}": value for key, value in layer.extract_state(task_index, kept).items()})
+            state.update(
+                {f"{prefix}.{key}": value for key, value in layer.extract_state(task_index, kept, router).items()}
+            )
         for key, value in self.state_dict().items():
             if any(key.startswith(name + ".") for name in moe_names):
                 continue

@@ -745,3 +745,38 @@ def test_mutual_information_loss_drives_task_expert_sets_apart():
     control_before, control_after = train(0.0)
     assert control_before == pytest.approx(before)
     assert control_after > after + 0.3
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_extraction_with_the_authors_kept_router_rows(noisy, tmp_path):
+    """router="kept" keeps only the kept experts' router rows (the authors' pruning): the softmax runs over the kept
+    experts, so the same experts are chosen as with the whole router, each gate divided by the kept experts' share of
+    the full softmax; the choice is recorded in the config and survives a save."""
+    model = build(
+        tiny_modsquad_config(num_attention_experts=12, num_mlp_experts=12, noisy_gating=noisy), router_std=2.0
+    )
+    pixel_values = torch.randn(1, 3, 16, 16)
+    full = model.extract_task_model("depth", by="router", calibration_pixel_values=pixel_values)
+    kept = model.extract_task_model("depth", by="router", calibration_pixel_values=pixel_values, router="kept")
+    assert kept.config.kept_router == "kept"
+    assert noisy or kept.config.kept_experts == full.config.kept_experts  # noise: each calibration pass differs
+    task = model.config.tasks.index("depth")
+    for (_, source), (_, layer), ids in zip(
+        model.modsquad.moe_layers, kept.modsquad.moe_layers, kept.config.kept_experts
+    ):
+        columns = torch.tensor(ids) if not noisy else torch.tensor(ids + [i + source.router_experts for i in ids])
+        assert torch.equal(layer.router_weight[0], source.router_weight[task][:, columns])
+        assert layer.router_experts == len(ids) and layer.expert_ids is None
+    if not noisy:  # noise makes every pass different
+        with torch.no_grad():
+            by_full = full(pixel_values, output_gates=True).gates
+            by_kept = kept(pixel_values, output_gates=True).gates
+        for full_gates, kept_gates in zip(by_full, by_kept):
+            assert torch.equal(full_gates["depth"] > 0, kept_gates["depth"] > 0)  # the same experts chosen
+            chosen = full_gates["depth"] > 0
+            assert (kept_gates["depth"][chosen] >= full_gates["depth"][chosen] - 1e-6).all()  # renormalised upwards
+    kept.save_pretrained(tmp_path / "kept")
+    reloaded = ModSquadForDensePrediction.from_pretrained(tmp_path / "kept")
+    assert reloaded.config.kept_router == "kept"
+    with pytest.raises(ValueError, match="`router` must be 'full' or 'kept'"):
+        model.extract_task_model("depth", by="router", calibration_pixel_values=pixel_values, router="some")
