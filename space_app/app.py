@@ -45,7 +45,7 @@ from rendering import (
     task_legend,
     task_title,
 )
-from resources import CacheJanitor, ErrorNotes, ResourceLimits, stop_on_sigterm
+from resources import CacheJanitor, ErrorNotes, ResourceLimits, StorageFull, stop_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,10 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
                 fail(problem.replace("`", ""), request)  # Markdown on the page, plain text in a toast or API error
             if image is None:
                 fail("Upload an image or pick an example first.", request)
+            try:
+                janitor.admit(image if isinstance(image, str) else None)  # the disk budget, before any work
+            except StorageFull as error:
+                fail(str(error), request)
             try:
                 prediction = predict(demo_model, image, chosen_tasks)
             except ValueError as error:  # the user's input: the message says what is wrong

@@ -5,6 +5,7 @@
 - Every file the app hands out (uploads, maps, the `.npz` downloads) lives in Gradio's cache folder, and
   `CacheJanitor` deletes those older than `cache_max_age_s` and, beyond `cache_max_mb`, the oldest ones first (but
   none younger than `cache_min_age_s`: a client may still be fetching it, or the request may be waiting in the queue).
+  A request that finds the budget exceeded all the same is refused at admission (`CacheJanitor.admit`).
 - When the server stops (Ctrl-C, SIGTERM, `Blocks.close`), every file the app created is deleted; `app.serve` gives
   the app a cache folder of its own (unless `GRADIO_TEMP_DIR` names one) and removes it whole.
 """
@@ -65,6 +66,10 @@ def last_change(stat: os.stat_result) -> float:
     return stat.st_ctime
 
 
+class StorageFull(Exception):
+    """A request refused because the files the app keeps exceed their size budget."""
+
+
 @dataclass
 class SweepReport:
     deleted_files: int = 0
@@ -122,6 +127,25 @@ class CacheJanitor:
                 report.kept_files += 1
                 report.kept_bytes += size
         return report
+
+    def admit(self, upload: Optional[str] = None) -> None:
+        """Admit a request only while the files kept fit the size budget (the age rules alone let a burst of uploads,
+        all younger than `cache_min_age_s`, pass it: 45 uploads of 19 MB put 855 MiB in a 512 MB budget). After a
+        sweep, a request that finds the budget exceeded is refused with `StorageFull`, and its own upload (a file this
+        app recorded) is deleted at once, so the folder stays within the budget plus the uploads in flight."""
+        report = self.sweep()
+        budget = self.limits.cache_max_mb * 2**20
+        if report.kept_bytes <= budget:
+            return
+        if upload is not None:
+            with self._lock:
+                for path, files in self._tracked():
+                    if path == upload:
+                        self._delete(path, files)
+        raise StorageFull(
+            f"The demo's temporary storage is full ({report.kept_bytes / 2**20:.0f} MB of "
+            f"{self.limits.cache_max_mb:.0f} MB, kept for recent downloads): try again in a minute."
+        )
 
     def delete_all(self) -> SweepReport:
         """Delete every file the app created (at shutdown), less the ones Gradio keeps for good (the cached examples,

@@ -136,3 +136,18 @@ def test_sigterm_interrupts_the_main_thread_like_ctrl_c():
         worker.join()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_request_is_refused_at_admission_while_the_budget_is_exceeded(tmp_path):
+    """Round-3 probe: with the defaults, 45 uploads of 19 MB put 855 MiB into a 512 MB budget within 22 s (no file
+    younger than 120 s is deleted). A request now finds the budget exceeded at admission: refused, its upload deleted."""
+    blocks = FakeBlocks(tmp_path)
+    recent = [blocks.add(f"map{k}", 1000, age=1, record=1) for k in range(3)]  # young: the age rules keep them
+    upload = blocks.add("upload", 1000, age=0)
+    janitor = resources.CacheJanitor(blocks, limits())
+    with pytest.raises(resources.StorageFull, match=r"temporary storage is full .* try again in a minute"):
+        janitor.admit(upload)
+    assert not Path(upload).exists() and upload not in blocks.temp_file_sets[0]
+    assert all(Path(path).exists() for path in recent)  # what others may still be downloading stays
+    Path(recent[0]).unlink()
+    janitor.admit(None)  # within the budget again (2000 of 3000 bytes): admitted
