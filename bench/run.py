@@ -27,6 +27,7 @@ import torch
 
 from bench import (
     batched_vs_loop,
+    boundary_cost,
     data_pipeline,
     gpu,
     headline,
@@ -54,6 +55,7 @@ SUITES = (
     pipeline_end_to_end,
     memory_growth,
     modsquad_extraction,
+    boundary_cost,
     gpu,
 )
 
@@ -65,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--full", action="store_true", help="also time the training steps of the 512² ViT settings")
     mode.add_argument(
         "--render", action="store_true", help="rewrite the report and plots from --results, measuring nothing"
+    )
+    parser.add_argument(
+        "--only", metavar="SUITE", help="measure this suite alone into the existing results, and render the page again"
     )
     parser.add_argument("--gpu", action="store_true", help="add the accelerator part (needs a CUDA device)")
     parser.add_argument("--gpu-peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for the MFU")
@@ -117,6 +122,20 @@ def main(argv=None) -> int:
             return 2
         write_report(results, args)
         logger.info("rendered %s from %s", args.report.name, args.results.name)
+        return 0
+    if args.only:
+        suite = next((suite for suite in SUITES if suite.KEY == args.only), None)
+        if suite is None:
+            print(f"bench/run.py: --only {args.only}: the suites are {[s.KEY for s in SUITES]}.", file=sys.stderr)
+            return 2
+        results = json.loads(args.results.read_text())
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+        plan = quick_plan() if args.quick else full_plan() if args.full else default_plan()
+        results["sections"][suite.KEY] = suite.measure(SuiteContext(plan, results["sections"], args))
+        results["sections"][suite.KEY]["measured_on"] = machine_info()  # the page's machine measured the rest
+        report.write_json(results, args.results)
+        write_report(results, args)
+        logger.info("measured %s; wrote %s and %s", suite.KEY, args.results.name, args.report.name)
         return 0
     results = run(args)
     for key, target in results["targets"].items():

@@ -154,8 +154,16 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
     sections = results["sections"]
     assert set(sections) == {
         "variants", "headline", "batched_vs_loop", "scaling", "data_pipeline", "pipeline", "memory_growth", "gpu",
-        "modsquad_extraction",
+        "modsquad_extraction", "boundary_cost",
     }  # fmt: skip
+    cost = sections["boundary_cost"]["one_threshold"]
+    assert {row["map"] for row in cost} == {"structured", "random"} and all(
+        row["seconds_one_threshold"] > 0 for row in cost
+    )
+    # What drives the cost: a random map has far more candidates (and pairs in reach) than a structured one.
+    by_map = {(row["size"], row["map"]): row for row in cost}
+    size = cost[-1]["size"]
+    assert by_map[(size, "random")]["candidates"] > 2 * by_map[(size, "structured")]["candidates"]
     variant = sections["variants"][0]
     assert set(variant["forward"]) == {"taskexpert", "backbone", "shared_decoder"}
     assert variant["forward_flops"]["taskexpert"] > variant["forward_flops"]["backbone"] > 0

@@ -188,3 +188,25 @@ def test_background_workers_give_the_same_results():
         results.append(evaluator.compute())
         evaluator.close()
     assert results[0] == results[1]
+
+
+def test_the_exact_scorer_stops_at_its_time_limit_naming_the_image():
+    """Round-3 probe: a random 512x512 prediction ran for more than 240 s (the matcher's work grows with the predicted
+    pixels times the ground-truth pixels in reach). The scorer has a limit per image and names the image past it."""
+    from modeling_taskexpert.evaluation import BoundaryTimeLimitError
+    from modeling_taskexpert.evaluation.metrics import BoundaryMeter
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((48, 48))
+    truth = np.zeros((48, 48), bool)
+    truth[::6, :] = True
+    counts = boundary_counts(probabilities, truth, 0.02, "exact")  # no limit: scored
+    assert counts[3, 0] > 0
+    with pytest.raises(BoundaryTimeLimitError, match=r"limit of 1e-09 s on image 7 .* predicted boundary pixels"):
+        boundary_counts(probabilities, truth, 0.02, "exact", time_limit_s=1e-9, image="image 7")
+    meter = BoundaryMeter("edge", 0.02, "exact", time_limit_s=1e-9)
+    label = torch.from_numpy(truth.astype(np.float32))[None]
+    with pytest.raises(BoundaryTimeLimitError, match="on boundary image 1 of 'edge'"):
+        meter.update(torch.from_numpy(probabilities)[None].float(), label)
+    with pytest.raises(ValueError, match="must be a positive number of seconds"):
+        BoundaryMeter("edge", 0.02, "exact", time_limit_s=0)

@@ -9,7 +9,7 @@ loadable offline with `evaluate.load(multitask_dense_metric_path(), tasks=[...],
 
 import os
 
-from .boundary import BOUNDARY_THRESHOLDS, BoundaryEvaluationError, boundary_counts, edge_nms
+from .boundary import BOUNDARY_THRESHOLDS, BoundaryEvaluationError, BoundaryTimeLimitError, boundary_counts, edge_nms
 from .delta_m import PRIMARY_METRICS, compute_delta_m, load_baselines
 from .evaluator import DenseMultiTaskEvaluator, sum_across_processes
 from .loop import evaluate_model
@@ -25,6 +25,7 @@ __all__ = [
     "BOUNDARY_THRESHOLDS",
     "PRIMARY_METRICS",
     "BoundaryEvaluationError",
+    "BoundaryTimeLimitError",
     "DenseMultiTaskEvaluator",
     "EmptyEvaluationError",
     "boundary_counts",

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 from ..file_utils import write_json_atomic
 from ..data.schema import dataset_task_specs
-from .boundary import BOUNDARY_MODES
+from .boundary import BOUNDARY_MODES, DEFAULT_EXACT_SECONDS_PER_IMAGE
 from .metrics import SALIENCY_MAXF_MODES
 
 EDGE_MODE_CHOICES = (*BOUNDARY_MODES, "both")
@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="Processes scoring boundaries in the background (the exact scorer takes about 1-3 s per 128x128 image "
         "and tens of seconds per full-size image on one core; use as many workers as there are free cores).",
+    )
+    parser.add_argument(
+        "--edge-time-limit",
+        type=float,
+        default=DEFAULT_EXACT_SECONDS_PER_IMAGE,
+        help="The exact boundary scorer's limit per image in seconds (default %(default)g): a noisy map can take hours; "
+        "past the limit the evaluation stops naming the image.",
     )
     parser.add_argument(
         "--saliency-maxf-mode",
@@ -230,6 +237,7 @@ def prepare(args: argparse.Namespace):
         metadata,
         tasks=tasks,
         class_maps=class_maps,
+        boundary_time_limit=args.edge_time_limit,
         edge_mode=BOUNDARY_MODES if args.edge_mode == "both" else args.edge_mode,
         saliency_maxf_mode=args.saliency_maxf_mode,
         single_task_baselines=args.baselines,

@@ -10,7 +10,7 @@ import torch
 from ..data import nyud, pascal_context
 from ..data.schema import dataset_task_specs
 from ..task_definitions import PRESET_TASKS, TaskSpec, check_task_name, make_task_spec
-from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS, require_exact_scorer
+from .boundary import BOUNDARY_MODES, BOUNDARY_THRESHOLDS, DEFAULT_EXACT_SECONDS_PER_IMAGE, require_exact_scorer
 from .delta_m import compute_delta_m, load_baselines
 from .metrics import NORMALS_HISTOGRAM_RESOLUTION, BoundaryMeter, EmptyEvaluationError, Meter, build_meters
 
@@ -93,6 +93,8 @@ class DenseMultiTaskEvaluator:
             dataset="pascal-context", where numbers are compared with those tables); "standard"
             thresholds p itself, the textbook maxF (the default for every other dataset).
         single_task_baselines: baseline metrics (a dict keyed like the results, or a JSON file) for Δm.
+        boundary_time_limit: the exact boundary scorer's time limit per image in seconds (None: none); past it the
+            evaluation fails naming the image (`BoundaryTimeLimitError`) instead of running for hours.
         class_maps: per segmentation task whose model classes are not the dataset's, model class id -> dataset class
             id (a tensor), applied to the predictions before scoring (the evaluation CLI's `--class-mapping`).
         edge_workers: processes that score boundary images in the background (0: score in `update`). The
@@ -112,6 +114,7 @@ class DenseMultiTaskEvaluator:
         single_task_baselines: Optional[Union[Mapping[str, float], str, os.PathLike]] = None,
         edge_workers: int = 0,
         class_maps: Optional[Mapping[str, torch.Tensor]] = None,
+        boundary_time_limit: Optional[float] = DEFAULT_EXACT_SECONDS_PER_IMAGE,
     ):
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}.")
@@ -155,7 +158,14 @@ class DenseMultiTaskEvaluator:
         self.meters: dict[str, Meter] = {}
         for spec in self.task_specs.values():
             self.meters.update(
-                build_meters(spec, saliency_maxf_mode, boundary_tolerance, edge_modes, boundary_workers=edge_workers)
+                build_meters(
+                    spec,
+                    saliency_maxf_mode,
+                    boundary_tolerance,
+                    edge_modes,
+                    boundary_workers=edge_workers,
+                    boundary_time_limit=boundary_time_limit,
+                )
             )
         self.num_samples = torch.zeros(1, dtype=torch.int64)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..process_utils import end_with_parent
 from ..task_definitions import IGNORE_INDEX, KINDS, TaskSpec
-from .boundary import BOUNDARY_THRESHOLDS, boundary_counts, counts_to_f
+from .boundary import BOUNDARY_THRESHOLDS, DEFAULT_EXACT_SECONDS_PER_IMAGE, boundary_counts, counts_to_f
 
 SALIENCY_MAXF_MODES = ("reference", "standard")
 # Saliency thresholds t_k = 0.05 k, k = 1..19, in float32 as the reference meter builds them.
@@ -338,7 +338,14 @@ class BoundaryMeter(Meter):
     # Images queued per worker before `update` waits: bounds the memory held by pending images.
     max_pending_per_worker = 4
 
-    def __init__(self, task: str, tolerance: float, mode: str, workers: int = 0):
+    def __init__(
+        self,
+        task: str,
+        tolerance: float,
+        mode: str,
+        workers: int = 0,
+        time_limit_s: Optional[float] = DEFAULT_EXACT_SECONDS_PER_IMAGE,
+    ):
         if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
             raise ValueError(
                 f"The boundary tolerance of {task!r} must be a fraction of the diagonal in (0, 1), got {tolerance!r}."
@@ -348,6 +355,10 @@ class BoundaryMeter(Meter):
         self.tolerance = float(tolerance)
         self.mode = mode
         self.workers = workers
+        if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+            raise ValueError(f"The boundary time limit must be a positive number of seconds, got {time_limit_s!r}.")
+        self.time_limit_s = time_limit_s
+        self.images_scored = 0
         self._executor = None
         self._pending = collections.deque()
         super().__init__(task)
@@ -386,10 +397,15 @@ class BoundaryMeter(Meter):
                 self.mode,
                 valid,
             )
+            self.images_scored += 1
+            options = {
+                "time_limit_s": self.time_limit_s,
+                "image": f"boundary image {self.images_scored} of {self.task!r}",
+            }
             if self.workers == 0:
-                self._add_image(boundary_counts(*arguments))
+                self._add_image(boundary_counts(*arguments, **options))
                 continue
-            self._pending.append(self._get_executor().submit(boundary_counts, *arguments))
+            self._pending.append(self._get_executor().submit(boundary_counts, *arguments, **options))
             while len(self._pending) > self.max_pending_per_worker * self.workers:
                 self._add_image(self._pending.popleft().result())
 
@@ -474,6 +490,7 @@ def build_meters(
     boundary_tolerance: Optional[float] = None,
     boundary_modes: Sequence[str] = ("exact",),
     boundary_workers: int = 0,
+    boundary_time_limit: Optional[float] = DEFAULT_EXACT_SECONDS_PER_IMAGE,
 ) -> dict[str, Meter]:
     """The meters of one task by its kind, keyed by meter name: the task's name, and for boundaries scored by several
     scorers "<task>:<mode>" for every mode after the first. A boundary task's own `tolerance` parameter wins over
@@ -498,7 +515,7 @@ def build_meters(
         tolerance = spec.parameters.get("tolerance", boundary_tolerance)
         return {
             spec.name if index == 0 else f"{spec.name}:{mode}": BoundaryMeter(
-                spec.name, tolerance, mode, workers=boundary_workers
+                spec.name, tolerance, mode, workers=boundary_workers, time_limit_s=boundary_time_limit
             )
             for index, mode in enumerate(boundary_modes)
         }
