@@ -15,6 +15,7 @@ Exit status: 0 on success, 2 when the recipe, the data or the output folder is r
 training fails while running (for instance a non-finite loss, which stops the run at once).
 """
 
+import errno
 import json
 from functools import partial
 import math
@@ -47,6 +48,7 @@ from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
 from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
 from modeling_taskexpert.training import (
     CheckpointError,
+    CheckpointWriteError,
     JsonLinesLogger,
     LossWeighting,
     STAGING_PREFIX,
@@ -380,11 +382,14 @@ def main(argv=None) -> dict:
             if recipe.eval_steps and completed_steps % recipe.eval_steps == 0 and completed_steps < recipe.max_steps:
                 metrics = _evaluate(model, eval_loader, evaluator, accelerator, log, completed_steps)
             if recipe.save_steps and completed_steps % recipe.save_steps == 0:
-                last_checkpoint = save_checkpoint(
-                    accelerator, recipe.output_dir, completed_steps,
-                    {"epoch": epoch, "recipe_sha256": fingerprint, "recipe": fingerprint_fields},
-                    recipe.save_total_limit, scheduler, weighting,
-                )  # fmt: skip
+                try:
+                    last_checkpoint = save_checkpoint(
+                        accelerator, recipe.output_dir, completed_steps,
+                        {"epoch": epoch, "recipe_sha256": fingerprint, "recipe": fingerprint_fields},
+                        recipe.save_total_limit, scheduler, weighting,
+                    )  # fmt: skip
+                except CheckpointWriteError as error:
+                    raise TrainingError(str(error)) from None
             if completed_steps >= recipe.max_steps:
                 break
         epoch += 1
@@ -513,4 +518,14 @@ if __name__ == "__main__":
         sys.exit(2)
     except TrainingError as error:  # failed while running
         print(f"train.py: {error}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:  # a write of the run failed: a full disk, a quota, a file system turned read-only
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(
+            f"train.py: cannot write {error.filename or 'to the output folder'}: {error.strerror}. The checkpoints "
+            "written before are intact (a final model is only ever written whole): free space, then continue with "
+            "--resume_from_checkpoint latest.",
+            file=sys.stderr,
+        )
         sys.exit(1)

@@ -272,3 +272,23 @@ def test_a_torn_last_log_line_is_dropped_and_damage_elsewhere_is_named(tmp_path)
     log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match="train_log.jsonl, line 2, is not a JSON record"):
         JsonLinesLogger(log, resume_step=2)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_and_says_why(saved, monkeypatch):
+    """Round-3 re-run of a round-2 probe: a full disk while writing a checkpoint ended in a SafetensorError traceback
+    and left `.tmp_step_*`. Now: its partial files are removed, the earlier checkpoints stay, the error says why."""
+    import errno
+
+    import modeling_taskexpert.training.checkpoints as checkpoints
+
+    trainer, output_dir = saved
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    trainer.step()
+    with pytest.raises(checkpoints.CheckpointWriteError, match=r"checkpoint of step 4 .*\(the disk is full\).*latest"):
+        trainer.save(output_dir, 4)
+    root = checkpoint_root(str(output_dir))
+    assert sorted(path.name for path in root.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]

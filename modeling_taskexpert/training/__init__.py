@@ -3,6 +3,7 @@ model cards."""
 
 from .checkpoints import (
     CheckpointError,
+    CheckpointWriteError,
     list_checkpoints,
     load_checkpoint,
     read_state,
@@ -27,6 +28,7 @@ __all__ = [
     "STAGING_PREFIX",
     "lock_output_dir",
     "CheckpointError",
+    "CheckpointWriteError",
     "JsonLinesLogger",
     "LossWeighting",
     "RecipeError",

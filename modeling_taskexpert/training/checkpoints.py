@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..file_utils import give_default_permissions
@@ -241,13 +242,38 @@ def weights_only_loads():
                 os.environ[name] = value
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the temporary folder is removed."""
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, keep: int, scheduler, loss_weighting) -> Path:
     """Save everything a run needs to continue exactly at `step`.
 
     Every process takes part in `save_state` and writes its random generators; the main process then writes the
     schedule, the loss weighting, the trainer state and the manifest last, renames the temporary folder and prunes to
-    the newest `keep`. An interrupted write never looks like a checkpoint.
+    the newest `keep`. An interrupted write never looks like a checkpoint; a failed one (a full disk) removes its
+    temporary folder and raises `CheckpointWriteError` naming the step and the cause.
     """
+    root = checkpoint_root(output_dir)
+    temporary = root / f".tmp_step_{step:08d}"
+    try:
+        return _save_checkpoint(accelerator, output_dir, step, state, keep, scheduler, loss_weighting)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        if isinstance(error, CheckpointWriteError):
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+        reason = (
+            "the disk is full" if getattr(error, "errno", None) == 28 or "No space left" in str(error) else str(error)
+        )
+        raise CheckpointWriteError(
+            f"Cannot write the checkpoint of step {step} under {root} ({reason}); its partial files were removed and "
+            "the checkpoints before it are intact. Free space, then continue with --resume_from_checkpoint latest."
+        ) from error
+
+
+def _save_checkpoint(
+    accelerator, output_dir: str, step: int, state: dict, keep: int, scheduler, loss_weighting
+) -> Path:
     root = checkpoint_root(output_dir)
     final = root / f"step_{step:08d}"
     temporary = root / f".tmp_step_{step:08d}"
