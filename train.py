@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel
@@ -477,6 +478,10 @@ def save_final_model(model, processor, recipe, metrics: dict, metadata: dict, ch
             if item.is_dir() and (output_dir / item.name).is_dir():  # a folder (examples/) replaces its old copy
                 shutil.rmtree(output_dir / item.name)
             os.replace(item, output_dir / item.name)
+    except SafetensorError as error:  # safetensors reports a full disk in an exception of its own
+        if "os error 28" not in str(error) and "No space left" not in str(error):
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(output_dir)) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json_atomic(output_dir / "metrics.json", metrics, sort_keys=True)
