@@ -293,6 +293,14 @@ class RemotePipelineSaveMixin:
         return found
 
 
+def _other_tasks_message(source: str, tasks: list, recorded: list) -> str:
+    return (
+        f"The config of {source} names the tasks {tasks}, but its weights were saved for {recorded}. Use the config "
+        "saved with the weights, or pass allow_missing_weights=True (and ignore_mismatched_sizes=True when the task "
+        "count differs) to start new task heads."
+    )
+
+
 def check_model_folder(source) -> None:
     """Refuse, saying so, a model source that names a local folder which does not exist: an absolute or relative path
     (`/x`, `./x`, `~/x`), one of more than two parts, or one whose first part is an existing local folder (transformers
@@ -410,11 +418,7 @@ class SafetensorsOnlyLoadMixin:
             return
         tasks = kwargs.get("tasks", tasks)
         if sorted(tasks) != sorted(recorded):
-            raise OSError(
-                f"The config of {source} names the tasks {tasks}, but its weights were saved for {recorded}. Use the "
-                "config saved with the weights, or pass ignore_mismatched_sizes=True and allow_missing_weights=True "
-                "to start new task heads."
-            ) from error
+            raise OSError(_other_tasks_message(source, tasks, recorded)) from error
 
     @classmethod
     def _match_task_order(cls, model, source: str, kwargs: dict, allow_missing_weights):
@@ -430,10 +434,7 @@ class SafetensorsOnlyLoadMixin:
         if sorted(recorded) != sorted(tasks):
             if allow_missing_weights is not False:
                 return model
-            raise OSError(
-                f"The config of {source} names the tasks {tasks}, but its weights were saved for {recorded}. Use the "
-                "config saved with the weights, or pass allow_missing_weights=True to start new task heads."
-            )
+            raise OSError(_other_tasks_message(source, tasks, recorded))
         logger.warning(
             f"The config of {source} lists the tasks {tasks}; the weights were saved in the order {recorded}. The "
             "tasks are matched by name (the model uses the saved order)."

@@ -183,7 +183,7 @@ class SegmentationKind(TaskKind):
         if bad.size:
             return (
                 f"class ids must be 0 to {spec.num_classes - 1} ({spec.num_classes} classes) or {IGNORE_INDEX} "
-                f"(ignore), found {_shown(bad)}"
+                f"(ignore), found {bad[:10].tolist()}"
             )
         return None
 

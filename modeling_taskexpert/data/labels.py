@@ -15,7 +15,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.morphology import thin
 
-from ..task_definitions import IGNORE_INDEX, TaskSpec, preset_spec
+from ..task_definitions import IGNORE_INDEX, KINDS, TaskSpec, preset_spec
 
 # Depth at or beyond this is no real metric depth of the indoor benchmarks (NYUD-v2 spans about 0.5-10 m; the
 # protocol's metric ignores depth >= 80 m): such values are taken to be in another unit.
@@ -224,14 +224,12 @@ def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def check_class_ids(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Refuse a segmentation map with ids outside 0..num_classes-1 and the ignore value; return it."""
-    values = np.unique(label)
-    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
-    if bad.size:
-        raise ValueError(
-            f"class ids must be 0 to {num_classes - 1} ({num_classes} classes) or {IGNORE_INDEX} (ignore), found "
-            f"{bad[:10].tolist()}"
-        )
+    """Refuse a segmentation map with ids outside 0..num_classes-1 and the ignore value (the segmentation kind's
+    rule); return it."""
+    spec = TaskSpec("classes", KINDS["segmentation"], {}, tuple(str(i) for i in range(num_classes)))
+    problem = spec.kind.invalid_label_values(label, spec)
+    if problem:
+        raise ValueError(problem)
     return label
 
 
