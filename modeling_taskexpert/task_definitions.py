@@ -32,6 +32,7 @@ A sample that lacks a task's label is filled with the unsupervised value entirel
 (B, C, H, W) at input resolution, with C = `TaskSpec.head_channels`.
 """
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -71,7 +72,7 @@ def _shown(values) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Kinds
 # ---------------------------------------------------------------------------------------------------------------------
-class TaskKind:
+class TaskKind(abc.ABC):
     """What a kind of dense task declares. Subclasses set the class attributes and implement the methods that
     depend on the kind; a method's `spec` is the `TaskSpec` of the task at hand."""
 
@@ -112,8 +113,9 @@ class TaskKind:
         """The head's output activation (identity unless the kind or config asks for one)."""
         return logits
 
+    @abc.abstractmethod
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, spec: "TaskSpec", config) -> torch.Tensor:
-        raise NotImplementedError
+        """The task's loss, averaged over the pixels with supervision (an exact zero when there is none)."""
 
     def postprocess(self, logits: torch.Tensor, spec: "TaskSpec") -> torch.Tensor:
         """Logits (B, C, H, W) -> predictions in the kind's convention (see the module docstring)."""
