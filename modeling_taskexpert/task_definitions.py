@@ -235,7 +235,7 @@ class SaliencyKind(_BinaryKind):
         positive_weight = ((target == 0) & valid).sum() / count.clamp(min=1)
         weights = torch.where(target > 0.5, positive_weight, 1.0 - positive_weight)
         per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights
-        return _masked_mean(per_pixel, valid, logits[:, None])
+        return _masked_mean(per_pixel, valid, logits)
 
 
 class BoundaryKind(_BinaryKind):
@@ -269,7 +269,7 @@ class BoundaryKind(_BinaryKind):
         target = labels.masked_fill(~valid, 0)
         weights = torch.where(target > 0.5, positive_weight, 1.0 - positive_weight)
         per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weights
-        return _masked_mean(per_pixel, valid, logits[:, None])
+        return _masked_mean(per_pixel, valid, logits)
 
 
 class NormalsKind(TaskKind):
@@ -684,14 +684,11 @@ def preset_spec(task: str) -> TaskSpec:
     return make_task_spec(task)
 
 
-def output_channels(task: str, num_labels: Optional[int] = None) -> int:
-    """Number of logit channels of a preset task's head (`num_labels` classes for a segmentation task)."""
-    spec = preset_spec(task)
-    if spec.kind.name == "segmentation":
-        if num_labels is None or num_labels < 2:
-            raise ValueError(f"Task {task!r} is a segmentation task and needs num_labels >= 2, got {num_labels!r}.")
-        return num_labels
-    return spec.head_channels
+def as_specs(tasks) -> dict[str, TaskSpec]:
+    """{task: TaskSpec} from such a mapping (kept as it is) or from preset task names, in the order given."""
+    if isinstance(tasks, Mapping) and all(isinstance(spec, TaskSpec) for spec in tasks.values()):
+        return dict(tasks)
+    return {task: preset_spec(task) for task in tasks}
 
 
 # The preset tasks as specs, in the protocol's canonical order.

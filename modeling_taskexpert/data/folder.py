@@ -123,12 +123,18 @@ def _check_options(path: Path, spec: TaskSpec, options: dict) -> None:
         if key != "classes" and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
             raise FolderLayoutError(f"{path}: task {spec.name!r}: `{key}` must be a number, got {value!r}.")
     if spec.kind.name in ("saliency", "boundary"):
-        positive = options.get("positive_value", 1)
-        ignore = options.get("ignore_value", 255 if positive != 255 else None)
+        positive, ignore = _binary_values(options)
         if positive in (0, ignore):
             raise FolderLayoutError(
                 f"{path}: task {spec.name!r}: `positive_value` {positive} must differ from 0 and `ignore_value`."
             )
+
+
+def _binary_values(options: dict) -> tuple:
+    """(positive, ignore) file values of a saliency or boundary task: 1 and 255 by default; a 0/255 mask
+    (`positive_value: 255`) has no ignore value unless one is given."""
+    positive = options.get("positive_value", 1)
+    return positive, options.get("ignore_value", 255 if positive != 255 else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,8 +191,7 @@ def read_label_file(path: Path, spec: TaskSpec, options: dict) -> np.ndarray:
     if kind in ("saliency", "boundary"):
         if array.ndim != 2:
             raise LabelError(f"expected a single-channel mask, got shape {array.shape}")
-        positive = options.get("positive_value", 1)
-        ignore = options.get("ignore_value", 255 if positive != 255 else None)
+        positive, ignore = _binary_values(options)
         known = (array == 0) | (array == positive) | ((array == ignore) if ignore is not None else False)
         if not known.all():
             raise LabelError(

@@ -18,7 +18,7 @@ import datasets
 import yaml
 
 from ..file_utils import looks_like_repo_id, write_json_atomic
-from ..task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TaskSpec, check_task_name, make_task_spec, preset_spec
+from ..task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TaskSpec, as_specs, check_task_name, make_task_spec
 from .labels import CODECS
 
 METADATA_FILENAME = "dense_multitask_dataset.json"
@@ -47,9 +47,8 @@ def ordered_tasks(tasks) -> list[str]:
 
 def as_task_specs(tasks) -> dict[str, TaskSpec]:
     """{task: TaskSpec} in stored column order, from such a mapping or from preset task names."""
-    if isinstance(tasks, Mapping) and all(isinstance(spec, TaskSpec) for spec in tasks.values()):
-        return {task: tasks[task] for task in ordered_tasks(tasks)}
-    return {task: preset_spec(task) for task in ordered_tasks(tasks)}
+    specs = as_specs(tasks)
+    return {task: specs[task] for task in ordered_tasks(specs)}
 
 
 def dataset_task_specs(metadata: Mapping) -> dict[str, TaskSpec]:

@@ -8,14 +8,7 @@ from typing import Mapping, Optional
 import yaml
 
 from ..file_utils import atomic_write, looks_like_repo_id
-from ..task_definitions import PIPELINE_TASK, TASKS, TaskSpec, preset_spec
-
-
-def _specs(tasks) -> dict[str, TaskSpec]:
-    """{task: TaskSpec} from a model config's `task_specs` mapping, or from preset task names."""
-    if isinstance(tasks, Mapping):
-        return dict(tasks)
-    return {task: preset_spec(task) for task in tasks}
+from ..task_definitions import PIPELINE_TASK, TASKS, TaskSpec, as_specs
 
 
 class JsonLinesLogger:
@@ -76,7 +69,7 @@ def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> 
     records = read_log(log_path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    specs = _specs(task_specs if task_specs is not None else TASKS)
+    specs = as_specs(task_specs if task_specs is not None else TASKS)
     panels = [
         (task, [key for key in spec.main_metric_keys if any(key in r for r in evals)]) for task, spec in specs.items()
     ]
@@ -120,7 +113,7 @@ def main_metric_rows(
     """(task, metric label with its direction, value, chance bar or None) of every main metric in `metrics`: the rows
     of the results table of the model card and of the README. `tasks`: preset task names or {task: TaskSpec}."""
     rows = []
-    for task, spec in _specs(tasks).items():
+    for task, spec in as_specs(tasks).items():
         for key in spec.main_metric_keys:
             if key in metrics:
                 direction = "lower is better" if spec.lower_is_better(key) else "higher is better"
