@@ -339,6 +339,8 @@ class DepthKind(TaskKind):
     scales_with_zoom = True
 
     def check_parameters(self, task, parameters, class_names):
+        # Depth at or beyond 80 m is no metric depth of the indoor benchmarks (NYUD-v2 spans about 0.5-10 m; the
+        # protocol's metric ignores depth >= 80 m): such values are taken to be in another unit.
         max_depth = parameters.get("max_depth", 80.0)
         if not (_is_number(max_depth) and math.isfinite(max_depth) and max_depth > 0):
             raise ValueError(f"Task {task!r}: `max_depth` (metres) must be a positive number, got {max_depth!r}.")

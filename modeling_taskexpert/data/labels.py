@@ -17,9 +17,6 @@ from skimage.morphology import thin
 
 from ..task_definitions import IGNORE_INDEX, KINDS, TaskSpec, preset_spec
 
-# Depth at or beyond this is no real metric depth of the indoor benchmarks (NYUD-v2 spans about 0.5-10 m; the
-# protocol's metric ignores depth >= 80 m): such values are taken to be in another unit.
-MAX_DEPTH_METRES = 80.0
 
 # Four-neighbour Laplacian, the boundary detector of the benchmark protocol.
 _LAPLACIAN_KERNEL = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
@@ -235,20 +232,14 @@ def check_class_ids(label: np.ndarray, num_classes: int) -> np.ndarray:
 
 def check_depth_metres(depth: np.ndarray) -> np.ndarray:
     """Refuse a depth map that is not float metres with 0 = invalid (NaN, negative, integer or millimetre-like
-    values); return it as float32."""
+    values: the depth kind's rule, with a hint for integer maps); return it as float32."""
     if np.issubdtype(depth.dtype, np.integer):
         raise ValueError(
             f"expected float depth in metres, got integers ({depth.dtype}); integer depth usually holds millimetres: "
             "convert it with depth.astype(np.float32) / 1000 (0 stays invalid)"
         )
-    if not np.issubdtype(depth.dtype, np.floating):
-        raise ValueError(f"expected float depth in metres, got {depth.dtype}")
-    if not np.isfinite(depth).all() or (depth < 0).any():
-        raise ValueError("depth values must be finite and >= 0 (0 = invalid)")
-    deepest = float(depth.max(initial=0.0))
-    if deepest >= MAX_DEPTH_METRES:
-        raise ValueError(
-            f"depth values reach {deepest:g}, which looks like millimetres (or centimetres), not metres; indoor "
-            f"depth stays far below {MAX_DEPTH_METRES:g} m. Convert the maps to metres (millimetres / 1000) first"
-        )
+    spec = preset_spec("depth")
+    problem = spec.kind.invalid_label_values(depth, spec)
+    if problem:
+        raise ValueError(problem)
     return depth.astype(np.float32)
