@@ -214,6 +214,42 @@ class ExpertDispatch:
         return torch.einsum("nkd,nk->nd", self.per_slot(grouped), gates.to(grouped.dtype))
 
 
+class DenseExpertDispatch:
+    """`ExpertDispatch`'s interface without data-dependent shapes, for graph export (ONNX): every expert runs on every
+    token (or token slot) and the outputs of the selected experts are read back by gathering. The top-k routing is
+    unchanged (same experts, same gates, same outputs up to float rounding); the cost is E/k times the sparse
+    computation, the price of a static graph. `expert_dispatch` picks it under `torch.export`."""
+
+    def __init__(self, expert_index: torch.Tensor, num_experts: int):
+        self.num_tokens, self.top_k = expert_index.shape
+        self.num_experts = num_experts
+        self.expert_index = expert_index
+
+    def dispatch(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Per-token (N, D) or per-slot (N*k, D) inputs -> (E, N or N*k, D): the same rows for every expert."""
+        return inputs.unsqueeze(0).expand(self.num_experts, -1, -1)
+
+    def per_slot(self, grouped: torch.Tensor) -> torch.Tensor:
+        """(E, N or N*k, D) outputs of every expert -> (N, k, D): per slot, the output of the expert it selected."""
+        rows = torch.arange(grouped.shape[1], device=grouped.device)
+        if grouped.shape[1] == self.num_tokens * self.top_k and self.top_k > 1:
+            values = grouped[self.expert_index.reshape(-1), rows]  # slot s read from its own row
+        else:
+            values = grouped[self.expert_index, rows[:, None]]  # per-token rows, read by each of the k slots
+        return values.reshape(self.num_tokens, self.top_k, -1)
+
+    def combine(self, grouped: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """As `ExpertDispatch.combine`."""
+        return torch.einsum("nkd,nk->nd", self.per_slot(grouped), gates.to(grouped.dtype))
+
+
+def expert_dispatch(expert_index: torch.Tensor, num_experts: int):
+    """The dispatch for this run: grouped sparse computation, or the static dense one while a graph is exported."""
+    if torch.compiler.is_exporting():
+        return DenseExpertDispatch(expert_index, num_experts)
+    return ExpertDispatch(expert_index, num_experts)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,7 +463,7 @@ class ModSquadMoEAttention(ModSquadMoELayer):
     ) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
         batch, length, channels = hidden.shape
         gates, expert_index, aux_terms, report = self.route(hidden, task_index)
-        dispatch = ExpertDispatch(expert_index, self.num_experts)
+        dispatch = expert_dispatch(expert_index, self.num_experts)
         queries = torch.bmm(dispatch.dispatch(hidden.reshape(-1, channels)), self.query_weight)
         if self.query_bias is not None:
             queries = queries + self.query_bias[:, None]
@@ -461,7 +497,7 @@ class ModSquadMoEMLP(ModSquadMoELayer):
         self, hidden: torch.Tensor, task_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, RoutingReport]:
         gates, expert_index, aux_terms, report = self.route(hidden, task_index)
-        dispatch = ExpertDispatch(expert_index, self.num_experts)
+        dispatch = expert_dispatch(expert_index, self.num_experts)
         grouped = dispatch.dispatch(hidden.reshape(-1, hidden.shape[-1]))
         grouped = F.gelu(torch.bmm(grouped, self.fc1_weight) + self.fc1_bias[:, None])
         grouped = torch.bmm(grouped, self.fc2_weight) + self.fc2_bias[:, None]
@@ -592,7 +628,10 @@ class ModSquadModel(ModSquadPreTrainedModel):
         if self.task_embedding is not None:
             # Every task takes its own pass through every block: one copy of the batch per task, task-major.
             hidden, stacked = hidden.repeat(num_tasks, 1, 1), True
-            task_embedding = self.task_embedding[0, task_index].repeat_interleave(batch, dim=0).unsqueeze(1)
+            # (T'*B, 1, C), task-major; expand + reshape rather than repeat_interleave, which ONNX export mistranslates for
+            # a dynamic batch.
+            rows = self.task_embedding[0, task_index]
+            task_embedding = rows[:, None].expand(-1, batch, -1).reshape(num_tasks * batch, 1, -1)
         all_hidden, aux_terms, reports = [hidden], [], []
         for block in self.blocks:
             if block.has_moe and not stacked:  # without task embedding, tasks part ways at the first MoE layer

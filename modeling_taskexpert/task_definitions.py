@@ -121,6 +121,13 @@ class TaskKind(abc.ABC):
         """Logits (B, C, H, W) -> predictions in the kind's convention (see the module docstring)."""
         return logits[:, 0]
 
+    def postprocess_steps(self, spec: "TaskSpec") -> list[dict]:
+        """`postprocess` as data, for runtimes without torch (the ONNX export's description): steps applied in order
+        to the (B, C, H, W) logits, each one of {"op": "channel", "index": i} (keep channel i, dropping the axis),
+        {"op": "argmax"} (over the channels), {"op": "sigmoid"}, {"op": "l2_normalize", "eps": e} (over the
+        channels, norm floored at e) and {"op": "clip", "min": a, "max": b} (either bound may be None)."""
+        return [{"op": "channel", "index": 0}]
+
     def valid_label_pixels(self, labels: torch.Tensor) -> torch.Tensor:
         """(B, H, W) mask of the pixels that carry supervision."""
         valid = labels != IGNORE_INDEX
@@ -177,6 +184,9 @@ class SegmentationKind(TaskKind):
     def postprocess(self, logits, spec):
         return logits.argmax(dim=1)
 
+    def postprocess_steps(self, spec):
+        return [{"op": "argmax"}]
+
     def invalid_label_values(self, label, spec):
         import numpy as np
 
@@ -201,6 +211,9 @@ class _BinaryKind(TaskKind):
 
     def postprocess(self, logits, spec):
         return logits[:, 0].sigmoid()
+
+    def postprocess_steps(self, spec):
+        return [{"op": "channel", "index": 0}, {"op": "sigmoid"}]
 
     def invalid_label_values(self, label, spec):
         import numpy as np
@@ -311,6 +324,9 @@ class NormalsKind(TaskKind):
     def postprocess(self, logits, spec):
         return F.normalize(logits, p=2, dim=1)
 
+    def postprocess_steps(self, spec):
+        return [{"op": "l2_normalize", "eps": 1e-12}]  # F.normalize's floor
+
     def invalid_label_values(self, label, spec):
         import numpy as np
 
@@ -366,6 +382,9 @@ class DepthKind(TaskKind):
 
     def postprocess(self, logits, spec):
         return logits[:, 0].clamp(min=0)
+
+    def postprocess_steps(self, spec):
+        return [{"op": "channel", "index": 0}, {"op": "clip", "min": 0.0, "max": None}]
 
     def invalid_label_values(self, label, spec):
         import numpy as np
@@ -458,6 +477,10 @@ class RegressionKind(TaskKind):
     def postprocess(self, logits, spec):
         low, high = spec.parameters["value_range"]
         return logits.clamp(min=low, max=high)
+
+    def postprocess_steps(self, spec):
+        low, high = spec.parameters["value_range"]
+        return [{"op": "clip", "min": low, "max": high}]
 
     def invalid_label_values(self, label, spec):
         import numpy as np

@@ -28,7 +28,10 @@ from transformers import AutoConfig, AutoModel
 from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction, ModSquadModel
 from modeling_taskexpert.dense_losses import dense_task_losses
 from modeling_taskexpert.modeling_modsquad import (
+    DenseExpertDispatch,
     ExpertDispatch,
+    ModSquadMoEAttention,
+    ModSquadMoEMLP,
     cv_squared_loss,
     mutual_information_loss,
     switch_loss,
@@ -166,6 +169,31 @@ def test_dispatch_combine_is_the_gate_weighted_sum():
     grouped = dispatch.dispatch(torch.zeros(3, 1)) + expert_outputs[:, None]
     expected = torch.tensor([[0.7 * 10 + 0.3 * 30], [0.5 * 30 + 0.5 * 20], [0.9 * 10 + 0.1 * 20]])
     torch.testing.assert_close(dispatch.combine(grouped, gates), expected)
+
+
+@pytest.mark.parametrize("layer_name", ["attention", "mlp"])
+def test_dense_dispatch_gives_the_sparse_layers_outputs(layer_name, monkeypatch):
+    """The static dispatch used under graph export: same experts, same outputs as the grouped computation."""
+    model = build(tiny_modsquad_config(attention_expert_bias=True))
+    kind = ModSquadMoEAttention if layer_name == "attention" else ModSquadMoEMLP
+    layer = next(module for _, module in model.modsquad.moe_layers if isinstance(module, kind))
+    for name in layer.expert_parameters:
+        torch.nn.init.normal_(getattr(layer, name), std=0.2)
+    task_index = torch.tensor([1, 4])
+    hidden = torch.randn(2 * 3, 17, 32, generator=torch.Generator().manual_seed(0))
+    sparse, sparse_terms, sparse_report = layer(hidden, task_index)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    dense, dense_terms, dense_report = layer(hidden, task_index)
+    torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_terms, sparse_terms)
+    assert torch.equal(dense_report.counts, sparse_report.counts)
+    index = torch.tensor([[0, 2], [2, 1], [0, 1]])
+    dense_dispatch = DenseExpertDispatch(index, num_experts=3)
+    expert_outputs = torch.tensor([[10.0], [20.0], [30.0]])
+    grouped = dense_dispatch.dispatch(torch.zeros(3, 1)) + expert_outputs[:, None]  # (E, N, 1)
+    gates = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+    expected = torch.tensor([[0.7 * 10 + 0.3 * 30], [0.5 * 30 + 0.5 * 20], [0.9 * 10 + 0.1 * 20]])
+    torch.testing.assert_close(dense_dispatch.combine(grouped, gates), expected)
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
