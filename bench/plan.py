@@ -34,6 +34,8 @@ class BenchPlan:
     pipeline_settings: list[Setting] = field(default_factory=list)
     memory_setting: Setting = Setting("tiny", 128, 1)
     modsquad_image_size: int = 128
+    # ONNX Runtime against eager PyTorch: the headline setting and the tiny one (empty: the headline only).
+    onnx_settings: list[Setting] = field(default_factory=lambda: [Setting("vit-b", 512, 1), Setting("tiny", 128, 1)])
     modsquad_batch: int = 1
     modsquad_tasks: tuple[str, ...] = ("semseg", "depth")
     memory_model_calls: int = 1000
@@ -88,6 +90,7 @@ def quick_plan() -> BenchPlan:
         pipeline_settings=[Setting("tiny", 32, 1)],
         memory_setting=Setting("tiny", 32, 1),
         modsquad_image_size=32,
+        onnx_settings=[],
         memory_model_calls=20,
         memory_pipeline_calls=5,
         data_samples=4,

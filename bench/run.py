@@ -33,6 +33,7 @@ from bench import (
     headline,
     memory_growth,
     modsquad_extraction,
+    onnx_runtime,
     pipeline_end_to_end,
     report,
     scaling,
@@ -56,6 +57,7 @@ SUITES = (
     memory_growth,
     modsquad_extraction,
     boundary_cost,
+    onnx_runtime,
     gpu,
 )
 

@@ -154,8 +154,11 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
     sections = results["sections"]
     assert set(sections) == {
         "variants", "headline", "batched_vs_loop", "scaling", "data_pipeline", "pipeline", "memory_growth", "gpu",
-        "modsquad_extraction", "boundary_cost",
+        "modsquad_extraction", "boundary_cost", "onnx_runtime",
     }  # fmt: skip
+    (onnx_row,) = sections["onnx_runtime"]["rows"]  # the quick plan: one export
+    assert onnx_row["max_abs_difference"] <= 1e-4 and onnx_row["ratio_all"] > 0
+    assert set(onnx_row) >= {"pytorch", "onnxruntime_basic", "onnxruntime_all"}
     cost = sections["boundary_cost"]["one_threshold"]
     assert {row["map"] for row in cost} == {"structured", "random"} and all(
         row["seconds_one_threshold"] > 0 for row in cost
