@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test browser space bench experiments clean
+.PHONY: setup train test browser space space-bundle bench experiments clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ browser:
 
 space: $(STAMP)
 	$(PY) space_app/app.py
+
+# A complete Space repository in dist/space (MODEL: a model folder, embedded, or a Hub id); see space_app/bundle.py.
+MODEL ?= outputs/taskexpert-synthetic-tiny
+space-bundle: $(STAMP)
+	$(PY) -m space_app.bundle --model $(MODEL) --output dist/space --overwrite
 
 bench: $(STAMP)
 	$(PY) bench/run.py

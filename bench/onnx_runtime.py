@@ -105,8 +105,8 @@ def sections(section: dict, plots: dict[str, str], results: dict) -> list[tuple[
     machine = section.get("measured_on") or results.get("machine", {})
     text = "\n\n".join([
         __doc__.split("\n\n")[0].replace("\n", " "),
-        table(["model", "image", "tasks", "PyTorch eager", "ORT basic", "ORT all", "speed-up basic",
-               "speed-up all", "max |ORT − PyTorch|"], rows),
+        table(["model", "image", "tasks", "PyTorch eager (ms)", "ORT basic (ms)", "ORT all (ms)", "speed-up basic",
+               "speed-up all", "largest difference to PyTorch"], rows),
         "Speed-ups are medians of per-round ratios (PyTorch time / ONNX Runtime time) of one interleaved run, batch "
         f"1, {section['threads']} threads, onnxruntime {section['onnxruntime']}; above 1 ONNX Runtime is faster. Int8 "
         "dynamic quantisation of the graph is not measured here.",

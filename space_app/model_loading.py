@@ -5,6 +5,7 @@ and `ModelUnavailable` into messages.
 """
 
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from modeling_taskexpert.loading import load_dense_model
 SPACE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SPACE_DIR.parent
 MODEL_ENV_VAR = "TASKEXPERT_MODEL"
+# Written by `python -m space_app.bundle` into a Space repository: the model the bundle serves unless
+# `TASKEXPERT_MODEL` (a Space variable) names another ({"model": folder relative to this file's folder, or Hub id}).
+SETTINGS_FILE = SPACE_DIR / "space_settings.json"
 # Where `make train` writes its model (hub_configs/synthetic-tiny.yaml), relative to the repository root.
 DEFAULT_MODEL = "outputs/taskexpert-synthetic-tiny"
 EXAMPLES_DIR = SPACE_DIR / "examples"
@@ -197,14 +201,37 @@ class DemoModel:
         return f"**Trained on {data.title}.** Images unlike that data give unreliable maps. {canvas}"
 
 
-def resolve_model_source(model_path: Optional[str] = None) -> tuple[str, bool]:
-    """(source, is a local folder) of the model to serve: `model_path`, else `$TASKEXPERT_MODEL`, else the study's
-    best synthetic TaskExpert when `make experiments` has written it, else the `make train` folder.
+def bundled_model() -> Optional[str]:
+    """The model named by `space_settings.json` (a Space bundle), None without that file."""
+    if not SETTINGS_FILE.is_file():
+        return None
+    try:
+        model = json.loads(SETTINGS_FILE.read_text()).get("model")
+    except (ValueError, AttributeError):
+        model = None
+    if not isinstance(model, str) or not model:
+        raise ModelUnavailable(f'`{SETTINGS_FILE.name}` must hold {{"model": "<folder or Hub id>"}}.')
+    return model
 
-    Relative folders are read from the repository root; a name that is no folder there and reads as `namespace/name`
-    is a Hub id. Raises `ModelUnavailable` when the name is neither.
+
+def resolve_model_source(model_path: Optional[str] = None) -> tuple[str, bool]:
+    """(source, is a local folder) of the model to serve: `model_path`, else `$TASKEXPERT_MODEL`, else the model of
+    a Space bundle's `space_settings.json`, else the study's best synthetic TaskExpert when `make experiments` has
+    written it, else the `make train` folder.
+
+    Relative folders are read from the repository root (from the app's folder for the bundle's setting); a name that
+    is no folder there and reads as `namespace/name` is a Hub id. Raises `ModelUnavailable` when the name is neither.
     """
     explicit = model_path or os.environ.get(MODEL_ENV_VAR)
+    if explicit is None and (bundled := bundled_model()) is not None:
+        path = SPACE_DIR / bundled
+        if path.is_dir():
+            return str(path), True
+        if looks_like_repo_id(bundled):
+            return bundled, False
+        raise ModelUnavailable(
+            f"`{SETTINGS_FILE.name}` names `{bundled}`, which is neither a folder here nor a Hub id."
+        )
     if explicit is None:
         best = study_best_model_dir()
         if best is not None and (REPO_ROOT / best / "config.json").is_file():

@@ -346,6 +346,14 @@ pipe = pipeline("{PIPELINE_TASK}", model="{repo_id}", trust_remote_code=True)
 result = pipe(image)  # task -> {{"prediction": array, "image": rendering}}
 ```
 
+To deploy without PyTorch, export it to ONNX with the package (its `export` extra) for all tasks or a subset; the
+folder it writes describes every output and its post-processing for ONNX Runtime (the package's
+`docs/deployment.md` has a numpy example):
+
+```bash
+python -m modeling_taskexpert.export onnx --model {repo_id} --output onnx-model --dynamic-size
+```
+
 ## Training data
 
 `{dataset_name}`: {splits.get("train", "?")} training and {splits.get("validation", "?")} validation images, trained on
