@@ -288,6 +288,34 @@ def test_push_to_hub_offline_fails_before_training(synthetic_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_push_to_hub_uploads_the_folder_without_checkpoints_and_a_second_push_updates_it(synthetic_dataset, tmp_path):
+    """train.py --push_to_hub against a Hub-compatible endpoint on 127.0.0.1: the repository receives exactly the
+    model folder minus checkpoints and hidden files, byte for byte; a second run pushing to it updates it."""
+    from huggingface_hub.utils import filter_repo_objects
+    from hub_server import hub_environment, local_hub
+    from training_runs import training_env
+
+    def pushed_files(folder):
+        every_file = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        kept = filter_repo_objects(every_file, ignore_patterns=_train_module().HUB_IGNORE_PATTERNS)
+        return {path: (folder / path).read_bytes() for path in kept}
+
+    with local_hub() as hub:
+        env = hub_environment(hub, training_env())
+        for output_dir, steps in ((tmp_path / "first", "2"), (tmp_path / "second", "3")):
+            command = train_command(synthetic_dataset, output_dir, "--max_steps", steps, "--save_steps", "1",
+                                    "--push_to_hub", "--hub_model_id", "tester/model", launcher=False)  # fmt: skip
+            completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert completed.returncode == 0, completed.stderr[-4000:]
+            assert (output_dir / "checkpoints").is_dir()  # there were checkpoints to leave out
+            repository = hub.repos[("model", "tester/model")]
+            assert repository.files == pushed_files(output_dir)
+            assert "model.safetensors" in repository.files and "README.md" in repository.files
+            assert not any(path.startswith("checkpoints/") for path in repository.files)
+        assert len(repository.commits) == 2 and hub.unknown_requests == []
+
+
+@pytest.mark.slow
 def test_bad_recipe_and_unwritable_output_fail_cleanly(synthetic_dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
