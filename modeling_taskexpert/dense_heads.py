@@ -47,3 +47,16 @@ class DenseTaskHead(nn.Module):
         if logits.shape[-2:] != quarter:
             logits = F.interpolate(logits, size=quarter, mode="bilinear", align_corners=False)
         return F.interpolate(logits.contiguous(), size=output_size, mode="bilinear", align_corners=False)
+
+
+class ImageLevelHead(nn.Module):
+    """Token map -> one vector per image (image-level tasks): mean over the token map, LayerNorm, linear layer to the
+    task's channels. `output_size` is ignored (the output has no spatial extent): logits (B, C)."""
+
+    def __init__(self, in_channels: int, out_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels, eps=eps)
+        self.classifier = nn.Linear(in_channels, out_channels)
+
+    def forward(self, features: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+        return self.classifier(self.norm(features.float().mean(dim=(-2, -1)).to(features.dtype)))

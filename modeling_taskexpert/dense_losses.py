@@ -15,9 +15,12 @@ from .task_definitions import TaskSpec, preset_spec
 
 def check_label(spec: TaskSpec, label: torch.Tensor, logits: torch.Tensor) -> None:
     """Raise a ValueError when a label tensor does not fit the task's kind or the logits."""
-    batch, _, height, width = logits.shape
     channels = spec.label_channels
-    expected = (batch, channels, height, width) if channels else (batch, height, width)
+    if spec.kind.image_level:
+        expected = (logits.shape[0], channels)
+    else:
+        batch, _, height, width = logits.shape
+        expected = (batch, channels, height, width) if channels else (batch, height, width)
     if tuple(label.shape) != expected:
         raise ValueError(f"labels[{spec.name!r}] has shape {tuple(label.shape)}; expected {expected} for this batch.")
     if spec.kind.label_dtype == torch.int64 and label.dtype != torch.long:

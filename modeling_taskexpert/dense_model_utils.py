@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import logging
 
-from .dense_heads import DenseTaskHead
+from .dense_heads import DenseTaskHead, ImageLevelHead
 from .dense_losses import dense_task_losses
 from .task_definitions import PIPELINE_TASK
 
@@ -550,7 +550,9 @@ class DenseMultiTaskPreTrainedModel(
         config = self.config
         return nn.ModuleDict(
             {
-                task: DenseTaskHead(in_channels, config.head_hidden_size, spec.head_channels, config.head_norm)
+                task: ImageLevelHead(in_channels, spec.head_channels)
+                if spec.kind.image_level
+                else DenseTaskHead(in_channels, config.head_hidden_size, spec.head_channels, config.head_norm)
                 for task, spec in config.task_specs.items()
             }
         )

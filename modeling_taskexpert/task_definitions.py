@@ -86,6 +86,8 @@ class TaskKind(abc.ABC):
     hub_category: Optional[str] = None  # Hub task category of datasets and models with such a task
     stored_as: str = ""  # the dataset column's encoding, for dataset cards
     legend: str = "colorbar"  # "classes" (a swatch per class), "colorbar" (a scale) or "rgb" (direction colours)
+    image_level: bool = False  # one prediction per image (logits (B, C), labels (B, C)) instead of a map
+    has_class_names: bool = False  # whether a task of the kind names its classes (`task_id2label`)
     negate_on_flip: tuple[int, ...] = ()  # label channels whose sign changes on a horizontal flip
     scales_with_zoom: bool = False  # values divide by the zoom factor when the image is resized (depth)
     card_task_type: str = ""  # the model-index task type of a model card
@@ -150,6 +152,7 @@ class SegmentationKind(TaskKind):
     hub_category = "image-segmentation"
     stored_as = "PNG, 8-bit gray"
     legend = "classes"
+    has_class_names = True
 
     def check_parameters(self, task, parameters, class_names):
         if not class_names or len(class_names) < 2:
@@ -404,14 +407,24 @@ class DepthKind(TaskKind):
 
 class RegressionKind(TaskKind):
     """A generic dense regression: C channels of values within a declared range, in a declared unit. Pixels without a
-    label are NaN on every channel."""
+    label are NaN on every channel.
+
+    Parameters besides the range: `loss` ("l1", "l2" or "cosine": 1 - cosine similarity over the channels),
+    `primary_metric` ("MAE", "MSE" or "RMSE"), `negate_on_flip`, `scales_with_zoom`, `metric_transforms` (names of
+    `METRIC_TRANSFORMS`: the RMSE is also reported after mapping prediction and label through each) and `decode`:
+    a dataset storing the raw integer maps (8- or 16-bit PNG, kept losslessly) declares the steps that turn them into
+    the working values (see `check_decode_steps`); without it the column holds float32 arrays."""
 
     name = "regression"
     description = "dense regression"
     card_task_type = "dense-regression"
-    card_metrics = {"MAE": ("mae", "Mean absolute error ({unit})"), "RMSE": ("rmse", "RMSE ({unit})")}
-    lower_is_better = ("RMSE",)
-    parameters = ("channels", "value_range", "unit", "loss", "negate_on_flip", "scales_with_zoom")
+    card_metrics = {"MAE": ("mae", "Mean absolute error ({unit})"), "RMSE": ("rmse", "RMSE ({unit})"),
+                    "MSE": ("mse", "Mean squared error ({unit}²)")}  # fmt: skip
+    parameters = (
+        "channels", "value_range", "unit", "loss", "negate_on_flip", "scales_with_zoom", "decode", "primary_metric",
+        "metric_transforms",
+    )  # fmt: skip
+    lower_is_better = ("RMSE", "MSE", "MAE", "RMSE_reference", "RMSE_m")
     unsupervised_value = float("nan")
     primary_metric = "MAE"
     higher_is_better = False
@@ -436,15 +449,27 @@ class RegressionKind(TaskKind):
         if not isinstance(unit, str):
             raise ValueError(f"Task {task!r}: `unit` must be a string, got {unit!r}.")
         loss = parameters.get("loss", "l1")
-        if loss not in ("l1", "l2"):
-            raise ValueError(f"Task {task!r}: `loss` must be 'l1' or 'l2', got {loss!r}.")
+        if loss not in ("l1", "l2", "cosine"):
+            raise ValueError(f"Task {task!r}: `loss` must be 'l1', 'l2' or 'cosine', got {loss!r}.")
+        if loss == "cosine" and channels < 2:
+            raise ValueError(f"Task {task!r}: the cosine loss needs at least 2 channels, got {channels}.")
+        transforms = list(parameters.get("metric_transforms", []))
+        unknown = [name for name in transforms if name not in METRIC_TRANSFORMS]
+        if unknown:
+            raise ValueError(
+                f"Task {task!r}: unknown `metric_transforms` {unknown}; known: {', '.join(METRIC_TRANSFORMS)}."
+            )
+        primary = parameters.get("primary_metric", "MAE")
+        choices = ["MAE", "MSE", "RMSE"] + [METRIC_TRANSFORMS[name][0] for name in transforms]
+        if primary not in choices:
+            raise ValueError(f"Task {task!r}: `primary_metric` must be one of {choices}, got {primary!r}.")
         negate = list(parameters.get("negate_on_flip", []))
         if not all(_is_integer(c) and 0 <= c < channels for c in negate):
             raise ValueError(f"Task {task!r}: `negate_on_flip` must list channel indices 0..{channels - 1}.")
         zoom = parameters.get("scales_with_zoom", False)
         if not isinstance(zoom, bool):
             raise ValueError(f"Task {task!r}: `scales_with_zoom` must be true or false, got {zoom!r}.")
-        return {
+        checked = {
             "channels": int(channels),
             "value_range": [float(value_range[0]), float(value_range[1])],
             "unit": unit,
@@ -452,6 +477,15 @@ class RegressionKind(TaskKind):
             "negate_on_flip": negate,
             "scales_with_zoom": zoom,
         }
+        # Written only when set, so that the declarations of tasks made before these parameters read as before.
+        decode = check_decode_steps(task, parameters.get("decode"))
+        if decode is not None:
+            checked["decode"] = decode
+        if primary != "MAE":
+            checked["primary_metric"] = primary
+        if transforms:
+            checked["metric_transforms"] = transforms
+        return checked
 
     def head_channels(self, spec):
         return spec.parameters["channels"]
@@ -470,7 +504,11 @@ class RegressionKind(TaskKind):
     def loss(self, logits, labels, spec, config):
         """L1 (or squared error) per channel, mean over channels and valid pixels."""
         valid = self.valid_label_pixels(labels)
-        difference = logits - torch.where(valid[:, None], labels, torch.zeros_like(labels))
+        target = torch.where(valid[:, None], labels, torch.zeros_like(labels))
+        if spec.parameters["loss"] == "cosine":  # 1 - cosine similarity over the channels
+            per_pixel = 1.0 - F.cosine_similarity(logits, target, dim=1, eps=1e-8)
+            return _masked_mean(per_pixel, valid, logits)
+        difference = logits - target
         per_pixel = (difference.abs() if spec.parameters["loss"] == "l1" else difference.square()).mean(dim=1)
         return _masked_mean(per_pixel, valid, logits)
 
@@ -504,6 +542,138 @@ class RegressionKind(TaskKind):
         return None
 
 
+class ImageClassificationKind(TaskKind):
+    """An image-level task: one (soft) label over N classes per image, a probability vector (one-hot for a hard
+    label). The head pools the task's features over the image (`ImageLevelHead`); logits and labels are (B, N), an
+    image without a label is a row of NaN. Loss: the mean squared error between the logits and the label vector (the
+    Taskonomy protocol's); the prediction is the score vector; the metric is the top-1 accuracy against the argmax of
+    the label."""
+
+    name = "image_classification"
+    description = "image classification"
+    card_task_type = "image-classification"
+    card_metrics = {"top1": ("accuracy", "Top-1 accuracy (%)")}
+    parameters = ("num_classes",)
+    image_level = True
+    has_class_names = True
+    unsupervised_value = float("nan")
+    primary_metric = "top1"
+    hub_category = "image-classification"
+    stored_as = "float32 sequence (the soft label)"
+    legend = "scores"
+
+    def check_parameters(self, task, parameters, class_names):
+        count = parameters.get("num_classes", len(class_names) if class_names else None)
+        if not (_is_integer(count) and count >= 2):
+            raise ValueError(
+                f"Image classification task {task!r} needs `num_classes` (an integer >= 2) or class names, got {count!r}."
+            )
+        if class_names and len(class_names) != count:
+            raise ValueError(f"Task {task!r}: num_classes {count} but {len(class_names)} class names.")
+        return {"num_classes": int(count)}
+
+    def head_channels(self, spec):
+        return spec.parameters["num_classes"]
+
+    def label_channels(self, spec):
+        return spec.parameters["num_classes"]
+
+    def stored_values(self, spec):
+        return f"{spec.parameters['num_classes']} class probabilities per image (NaN: no label)"
+
+    def valid_label_pixels(self, labels):
+        return torch.isfinite(labels).all(dim=1)  # (B,): images with a label
+
+    def loss(self, logits, labels, spec, config):
+        valid = self.valid_label_pixels(labels)
+        target = torch.where(valid[:, None], labels, torch.zeros_like(labels))
+        return _masked_mean((logits - target).square().mean(dim=1), valid, logits)
+
+    def postprocess(self, logits, spec):
+        return logits
+
+    def postprocess_steps(self, spec):
+        return []
+
+    def invalid_label_values(self, label, spec):
+        import numpy as np
+
+        count = spec.parameters["num_classes"]
+        if label.shape != (count,):
+            return f"expected a vector of {count} class probabilities, got shape {label.shape}"
+        if np.isnan(label).all():
+            return None
+        if not np.isfinite(label).all() or (label < -1e-6).any():
+            return "class probabilities must be finite and >= 0 (a row of NaN marks an image without a label)"
+        return None
+
+
+DECODE_OPS = ("channels", "invalid", "linear", "log1p", "gaussian_blur", "clip", "standardize")
+
+
+def check_decode_steps(task: str, steps) -> Optional[list]:
+    """Validate a regression task's `decode`: the ordered steps from a raw integer map (H, W, C) to working values.
+
+    - {"op": "channels", "keep": [i, ...]}: keep these channels of the stored image;
+    - {"op": "invalid", "value": v}: remember the pixels whose raw value (any channel) equals v; they become NaN
+      (no label) at the end;
+    - {"op": "linear", "from": [a, b], "to": [c, d], "clip": bool}: map [a, b] linearly to [c, d], clipping to it
+      first when "clip" (default true);
+    - {"op": "log1p", "base": b}: log(1 + x) / log(b);
+    - {"op": "gaussian_blur", "sigma": s}: a Gaussian blur of every channel;
+    - {"op": "clip", "min": a, "max": b};
+    - {"op": "standardize", "mean": [...], "std": [...]}: (x - mean) / std per channel.
+    """
+    if steps is None:
+        return None
+    if not isinstance(steps, (list, tuple)) or not steps:
+        raise ValueError(f"Task {task!r}: `decode` must be a non-empty list of steps, got {steps!r}.")
+    checked = []
+    for index, step in enumerate(steps):
+        op = step.get("op") if isinstance(step, Mapping) else None
+        where = f"Task {task!r}: decode step {index} ({step!r})"
+        if op not in DECODE_OPS:
+            raise ValueError(f"{where} has no known `op`; the ops are {', '.join(DECODE_OPS)}.")
+        step = dict(step)
+        numbers = {
+            "channels": ["keep"], "invalid": ["value"], "linear": ["from", "to"], "log1p": ["base"],
+            "gaussian_blur": ["sigma"], "clip": ["min", "max"], "standardize": ["mean", "std"],
+        }[op]  # fmt: skip
+        for key in numbers:
+            value = step.get(key)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is None or not values or not all(_is_number(v) and math.isfinite(v) for v in values):
+                raise ValueError(f"{where}: `{key}` must be a finite number or a list of them, got {value!r}.")
+        if op == "linear" and not (len(step["from"]) == len(step["to"]) == 2 and step["from"][0] != step["from"][1]):
+            raise ValueError(f"{where}: `from` and `to` must be [low, high] pairs.")
+        if op == "standardize" and (len(step["mean"]) != len(step["std"]) or min(step["std"]) <= 0):
+            raise ValueError(f"{where}: `mean` and `std` must have one value per channel, std > 0.")
+        checked.append(step)
+    return checked
+
+
+def _taskonomy_depth_reference(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Taskonomy reference's depth metric space, from the log-scaled values v = log(1 + d) / log(2^16): d =
+    exp(v log 2^16) - 1, then log(d) / 11.09, (x - 0.64) / 0.18, (x + 1) / 2 * 80, clamped to [1, 80]."""
+    raw = torch.exp(values * math.log(2.0**16)) - 1.0
+    mapped = ((torch.log(raw.clamp_min(1e-8)) / 11.09 - 0.64) / 0.18 + 1.0) / 2.0 * 80.0
+    return mapped.clamp(1.0, 80.0), torch.ones_like(values, dtype=torch.bool)
+
+
+def _taskonomy_depth_metres(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metres from the log-scaled values (the 16-bit depth is in 1/512 m; 65535, v = 1, means no depth)."""
+    raw = torch.exp(values * math.log(2.0**16)) - 1.0
+    return raw / 512.0, raw < 65535.0 - 0.5
+
+
+# Name -> (result key suffix, function values -> (mapped values, valid mask)). A regression task lists the names in
+# `metric_transforms`; the meter reports the RMSE in each space, over the pixels valid in the label's.
+METRIC_TRANSFORMS = {
+    "taskonomy_depth_reference": ("RMSE_reference", _taskonomy_depth_reference),
+    "taskonomy_depth_metres": ("RMSE_m", _taskonomy_depth_metres),
+}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -514,7 +684,15 @@ def _is_integer(value: Any) -> bool:
 
 KINDS: dict[str, TaskKind] = {
     kind.name: kind
-    for kind in (SegmentationKind(), SaliencyKind(), BoundaryKind(), NormalsKind(), DepthKind(), RegressionKind())
+    for kind in (
+        SegmentationKind(),
+        SaliencyKind(),
+        BoundaryKind(),
+        NormalsKind(),
+        DepthKind(),
+        RegressionKind(),
+        ImageClassificationKind(),
+    )  # fmt: skip
 }
 
 
@@ -556,8 +734,13 @@ class TaskSpec:
         return "m" if self.kind.name == "depth" else self.parameters.get("unit", "")
 
     @property
+    def primary_metric(self) -> str:
+        """The result key suffix of the task's primary metric (the kind's, or the task's `primary_metric`)."""
+        return self.parameters.get("primary_metric") or self.kind.primary_metric
+
+    @property
     def primary_metric_key(self) -> str:
-        return f"{self.name}/{self.kind.primary_metric}"
+        return f"{self.name}/{self.primary_metric}"
 
     @property
     def main_metric_keys(self) -> tuple[str, ...]:
@@ -585,7 +768,7 @@ class TaskSpec:
     def lower_is_better(self, key: str) -> bool:
         """Whether a lower value of the result key `key` of this task is better."""
         suffix = key.split("/", 1)[1].removesuffix("_approx")
-        primary = suffix == self.kind.primary_metric and not self.kind.higher_is_better
+        primary = suffix == self.primary_metric and not self.kind.higher_is_better
         return primary or suffix in self.kind.lower_is_better
 
     def card_metric(self, key: str) -> Optional[tuple[str, str]]:
@@ -665,8 +848,9 @@ def make_task_spec(name: str, declaration: Optional[Mapping] = None, class_names
     if class_names is None and kind_name == "segmentation" and name in PRESET_CLASS_NAMES:
         class_names = PRESET_CLASS_NAMES[name]
     names = _class_name_tuple(name, class_names)
-    if names is not None and kind_name != "segmentation":
-        raise ValueError(f"Task {name!r} is a {kind_name} task; only segmentation tasks have class names.")
+    if names is not None and not kind.has_class_names:
+        classy = ", ".join(k for k, v in KINDS.items() if v.has_class_names)
+        raise ValueError(f"Task {name!r} is a {kind_name} task; only {classy} tasks have class names.")
     parameters = {key: value for key, value in declaration.items() if key not in _DECLARATION_KEYS}
     parameters = kind.check_parameters(name, parameters, names)
     description = declaration.get("description", "")

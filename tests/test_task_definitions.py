@@ -62,10 +62,20 @@ def test_a_declaration_round_trips_and_bad_ones_name_the_task():
         ("e", {"kind": "boundary", "tolerance": 2}, "`tolerance`"),
         ("s", {"kind": "segmentation"}, "at least 2 classes"),
         ("a b", {"kind": "saliency"}, "Invalid task"),
+        ("n", {"kind": "regression", "value_range": [0, 1], "loss": "cosine"}, "cosine loss needs at least 2"),
+        ("h", {"kind": "regression", "value_range": [0, 1], "primary_metric": "RMSE_m"}, "`primary_metric` must be"),
+        ("h", {"kind": "regression", "value_range": [0, 1], "metric_transforms": ["x"]}, "unknown `metric_transforms`"),
+        ("h", {"kind": "regression", "value_range": [0, 1], "decode": [{"op": "fft"}]}, "decode step 0 .* no known"),
+        (
+            "h",
+            {"kind": "regression", "value_range": [0, 1], "decode": [{"op": "linear", "from": [0, 0], "to": [0, 1]}]},
+            "`from` and `to` must be",
+        ),
+        ("c", {"kind": "image_classification"}, "needs `num_classes`"),
     ]:
         with pytest.raises(ValueError, match=message):
             make_task_spec(name, declaration)
-    with pytest.raises(ValueError, match="only segmentation tasks have class names"):
+    with pytest.raises(ValueError, match="only segmentation, image_classification tasks have class names"):
         make_task_spec("d", {"kind": "depth"}, ["a", "b"])
 
 
@@ -272,7 +282,9 @@ def test_every_kind_has_a_codec_and_a_meter():
     assert set(CODECS) == set(KINDS)
     for kind in KINDS:
         declaration = {"kind": kind, **({"value_range": [0, 1]} if kind == "regression" else {})}
-        spec = make_task_spec("t", declaration, ["a", "b"] if kind == "segmentation" else None)
+        spec = make_task_spec(
+            "t", declaration, ["a", "b"] if kind in ("segmentation", "image_classification") else None
+        )
         assert build_meters(spec, boundary_tolerance=0.01, boundary_modes=("approximate",))
         assert spec.kind.unsupervised_value in (IGNORE_INDEX,) or np.isnan(spec.kind.unsupervised_value)
 

@@ -156,23 +156,116 @@ def _encode_array(array: np.ndarray, spec: TaskSpec) -> bytes:
     return buffer.getvalue()
 
 
+def apply_decode_steps(raw: np.ndarray, steps: list, spec: TaskSpec) -> np.ndarray:
+    """A raw integer map (H, W) or (H, W, C) -> float32 (H, W, C) working values, following the task's `decode`
+    steps (see `task_definitions.check_decode_steps`)."""
+    values = np.asarray(raw)
+    if values.ndim == 2:
+        values = values[..., None]
+    values = values.astype(np.float64)
+    invalid = np.zeros(values.shape[:2], dtype=bool)
+    for step in steps:
+        op = step["op"]
+        if op == "channels":
+            keep = [int(c) for c in step["keep"]]
+            if max(keep) >= values.shape[-1]:
+                raise LabelError(f"decode keeps channels {keep} of a map with {values.shape[-1]} channel(s)")
+            values = values[..., keep]
+        elif op == "invalid":
+            invalid |= (values == step["value"]).any(axis=-1)
+        elif op == "linear":
+            (low, high), (to_low, to_high) = step["from"], step["to"]
+            if step.get("clip", True):
+                values = np.clip(values, min(low, high), max(low, high))
+            values = (values - low) / (high - low) * (to_high - to_low) + to_low
+        elif op == "log1p":
+            values = np.log1p(values) / np.log(step["base"])
+        elif op == "gaussian_blur":
+            values = np.stack(
+                [ndimage.gaussian_filter(values[..., c], sigma=step["sigma"]) for c in range(values.shape[-1])], -1
+            )
+        elif op == "clip":
+            values = np.clip(values, step["min"], step["max"])
+        elif op == "standardize":
+            mean, std = np.asarray(step["mean"], np.float64), np.asarray(step["std"], np.float64)
+            if mean.size != values.shape[-1]:
+                raise LabelError(f"decode standardizes {mean.size} channel(s) of a map with {values.shape[-1]}")
+            values = (values - mean) / std
+    channels = spec.parameters["channels"]
+    if values.shape[-1] != channels:
+        raise LabelError(
+            f"the decoded map has {values.shape[-1]} channel(s), the task declares {channels} (add a 'channels' step)"
+        )
+    values = values.astype(np.float32)
+    values[invalid] = np.nan
+    return values
+
+
+def _decode_regression(cell, spec: TaskSpec) -> np.ndarray:
+    steps = spec.parameters.get("decode")
+    if steps is None:
+        return _decode_array(cell, spec)
+    raw = np.asarray(cell)
+    if not np.issubdtype(raw.dtype, np.integer):
+        raise LabelError(f"a raw map to decode must hold integers (8- or 16-bit PNG), got {raw.dtype}")
+    return apply_decode_steps(raw, steps, spec)
+
+
+def _encode_regression(array, spec: TaskSpec):
+    """Float working values -> .npy bytes; with `decode`, the stored cell is the raw integer map itself (an 8- or
+    16-bit array or PNG bytes, kept losslessly), checked by decoding it."""
+    if spec.parameters.get("decode") is None:
+        return _encode_array(array, spec)
+    if isinstance(array, (bytes, bytearray)):
+        raw = np.asarray(Image.open(io.BytesIO(array)))
+        stored = {"bytes": bytes(array), "path": None}
+    else:
+        raw = np.asarray(array)
+        if raw.dtype not in (np.uint8, np.uint16):
+            raise LabelError(f"a raw map to store must be uint8 or uint16, got {raw.dtype}")
+        stored = encode_png(raw)
+    check_label_values(spec, apply_decode_steps(raw, spec.parameters["decode"], spec))
+    return stored
+
+
+def _regression_feature(spec: TaskSpec):
+    return datasets.Image() if spec.parameters.get("decode") is not None else datasets.Value("binary")
+
+
+def _decode_scores(cell, spec: TaskSpec) -> np.ndarray:
+    return np.asarray(cell, dtype=np.float32).reshape(-1)
+
+
+def _encode_scores(array, spec: TaskSpec) -> list:
+    vector = np.asarray(array, dtype=np.float32).reshape(-1)
+    check_label_values(spec, vector)
+    return vector.tolist()
+
+
 @dataclass(frozen=True)
 class LabelCodec:
     """How a kind's labels are stored in a dataset column and read back."""
 
-    feature: Callable[[], Any]  # the `datasets` feature of the column
+    feature: Callable[[TaskSpec], Any]  # the `datasets` feature of the column, from the task's spec
     encode: Callable[[np.ndarray, TaskSpec], Any]  # working array -> stored cell (values checked first)
     decode: Callable[[Any, TaskSpec], np.ndarray]  # stored cell (decoded by `datasets`) -> working array
     pad_value: float  # value of the padding of the working array, before the ignore step
 
 
+def _image_feature(spec: TaskSpec):
+    return datasets.Image()
+
+
 CODECS: dict[str, LabelCodec] = {
-    "segmentation": LabelCodec(datasets.Image, _encode_class_ids, _decode_class_ids, IGNORE_INDEX),
-    "saliency": LabelCodec(datasets.Image, _encode_binary, _decode_binary, IGNORE_INDEX),
-    "boundary": LabelCodec(datasets.Image, _encode_binary, _decode_binary, IGNORE_INDEX),
-    "normals": LabelCodec(datasets.Image, _encode_normals, _decode_normals, 0.0),  # the zero vector: invalid
-    "depth": LabelCodec(datasets.Image, _encode_depth, _decode_depth, 0.0),  # 0: invalid
-    "regression": LabelCodec(lambda: datasets.Value("binary"), _encode_array, _decode_array, float("nan")),
+    "segmentation": LabelCodec(_image_feature, _encode_class_ids, _decode_class_ids, IGNORE_INDEX),
+    "saliency": LabelCodec(_image_feature, _encode_binary, _decode_binary, IGNORE_INDEX),
+    "boundary": LabelCodec(_image_feature, _encode_binary, _decode_binary, IGNORE_INDEX),
+    "normals": LabelCodec(_image_feature, _encode_normals, _decode_normals, 0.0),  # the zero vector: invalid
+    "depth": LabelCodec(_image_feature, _encode_depth, _decode_depth, 0.0),  # 0: invalid
+    "regression": LabelCodec(_regression_feature, _encode_regression, _decode_regression, float("nan")),
+    "image_classification": LabelCodec(
+        lambda spec: datasets.List(datasets.Value("float32")), _encode_scores, _decode_scores, float("nan")
+    ),
 }
 
 

@@ -80,7 +80,7 @@ def build_features(tasks, columns: Optional[Mapping[str, str]] = None) -> datase
     columns = columns or {}
     features = {"id": datasets.Value("string"), "image": datasets.Image()}
     for task, spec in as_task_specs(tasks).items():
-        features[columns.get(task, task)] = CODECS[spec.kind.name].feature()
+        features[columns.get(task, task)] = CODECS[spec.kind.name].feature(spec)
     return datasets.Features(features)
 
 

@@ -41,6 +41,28 @@ HUE_DELTA = 18  # OpenCV hue units (degrees / 2)
 
 
 # ----------------------------------------------------------------------------- geometry
+GEOMETRIES = ("protocol", "resize_crop")
+
+
+def check_geometry(geometry: Optional[Mapping]) -> dict:
+    """A dataset's training/evaluation geometry (metadata key `geometry`): {"kind": "protocol"} (the default: random
+    scale, balanced crop, flip, photometric distortion in training; centred padding in evaluation) or {"kind":
+    "resize_crop", "resize": R} (Taskonomy: resize to R x R, crop the train/eval size, random in training and centred
+    in evaluation, flip in training)."""
+    geometry = dict(geometry or {"kind": "protocol"})
+    if geometry.get("kind") not in GEOMETRIES:
+        raise ValueError(f"geometry {geometry!r}: `kind` must be one of {GEOMETRIES}.")
+    if geometry["kind"] == "resize_crop":
+        side = geometry.get("resize")
+        if not (isinstance(side, int) and not isinstance(side, bool) and side > 0):
+            raise ValueError(f"geometry {geometry!r}: `resize` must be a positive integer.")
+    return geometry
+
+
+def _resize_label_bilinear(label: np.ndarray, side: int) -> np.ndarray:
+    """A float label map (H, W) or (H, W, C) resized bilinearly (Taskonomy resizes its labels so)."""
+    resized = resize_bilinear(label.astype(np.float32), (side, side))
+    return resized.astype(np.float32)
 
 
 def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -208,6 +230,7 @@ class DenseTransform:
         columns: Optional[Mapping[str, str]] = None,
         balance_task: Optional[str] = "semseg",
         source: str = "dataset",
+        geometry: Optional[Mapping] = None,
     ):
         self.task_specs = as_task_specs(tasks)
         self.tasks = list(self.task_specs)
@@ -215,6 +238,7 @@ class DenseTransform:
         balance_spec = self.task_specs.get(balance_task)
         self.balance_task = balance_task if balance_spec and balance_spec.kind.name == "segmentation" else None
         self.source = source
+        self.geometry = check_geometry(geometry)
         self.train = train
         self.size = (int(size[0]), int(size[1]))
         self.seed = seed
@@ -249,19 +273,22 @@ class DenseTransform:
         # training sees what inference sees.
         image = load_rgb_image(row["image"], name=f"{self.source}, sample {row['id']!r}, column 'image'")
         split = "train" if self.train else "validation"
-        labels = {}
+        labels, image_labels = {}, {}  # maps, and the labels of image-level tasks (no geometry applies to them)
         for task, spec in self.task_specs.items():
             value = row.get(task)
+            target = image_labels if spec.kind.image_level else labels
             if value is None:
-                labels[task] = None
+                target[task] = None
                 continue
             where = f"{self.source}, {split} split, sample {row['id']!r}, column {self.columns[task]!r}"
-            labels[task] = decode_label(spec, value, where)
-            if labels[task].shape[:2] != image.shape[:2]:
+            target[task] = decode_label(spec, value, where)
+            if not spec.kind.image_level and target[task].shape[:2] != image.shape[:2]:
                 raise ValueError(
                     f"Sample {row['id']!r}: the {task} label is {labels[task].shape[:2]} but the image is {image.shape[:2]}."
                 )
-        if self.train:
+        if self.geometry["kind"] == "resize_crop":
+            image, labels = self._resize_crop(image, labels, self._generator(row["id"]) if self.train else None)
+        elif self.train:
             image, labels = self._augment(image, labels, self._generator(row["id"]))
         elif image.shape[0] > self.size[0] or image.shape[1] > self.size[1]:
             raise ValueError(
@@ -280,6 +307,8 @@ class DenseTransform:
             spec = self.task_specs[task]
             label, _ = pad_centered(label, self.size, CODECS[spec.kind.name].pad_value)
             tensors[task] = _to_label_tensor(spec, label)
+        for task, label in image_labels.items():
+            tensors[task] = None if label is None else torch.from_numpy(np.asarray(label, dtype=np.float32).copy())
         return {
             "pixel_values": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
             "labels": tensors,
@@ -287,6 +316,26 @@ class DenseTransform:
             "original_size": tuple(int(v) for v in original_size),
             "pad_offset": offset,
         }
+
+    def _resize_crop(self, image: np.ndarray, labels: dict, rng: Optional[np.random.Generator]):
+        """The `resize_crop` geometry (Taskonomy's protocol): resize to `resize` x `resize` (image and labels
+        bilinear), crop `size` (random with `rng`, i.e. in training, else centred), then in training a horizontal flip
+        with probability one half (negating the channels a task declares, e.g. the x of normals)."""
+        side = self.geometry["resize"]
+        image = resize_bilinear(image.astype(np.float32), (side, side))
+        labels = {task: None if label is None else _resize_label_bilinear(label, side) for task, label in labels.items()}
+        height, width = self.size
+        if height > side or width > side:
+            raise ValueError(f"The crop {height}x{width} is larger than the resized image {side}x{side}.")
+        if rng is None:
+            top, left = (side - height) // 2, (side - width) // 2
+        else:
+            top, left = int(rng.integers(0, side - height + 1)), int(rng.integers(0, side - width + 1))
+        image = image[top : top + height, left : left + width]
+        labels = {task: None if label is None else label[top : top + height, left : left + width] for task, label in labels.items()}
+        if rng is not None and rng.random() < FLIP_PROBABILITY:
+            image, labels = flip_horizontal(image, labels, self.task_specs)
+        return image, labels
 
     def _augment(self, image: np.ndarray, labels: dict, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         """Protocol steps 1-4: random scale, balanced random crop, flip, photometric distortion."""
@@ -358,6 +407,7 @@ def build_transforms(
         columns=task_columns(metadata),
         balance_task=crop_balance_task(metadata),
         source=f"dataset {metadata.get('name')!r}",
+        geometry=metadata.get("geometry"),
     )
 
 
@@ -383,7 +433,10 @@ def collate_dense_batch(samples: Sequence[dict], task_specs=None) -> dict:
                 ) from None
         spec = specs[task]
         channels = spec.label_channels
-        shape = (channels, height, width) if channels else (height, width)
+        if spec.kind.image_level:
+            shape = (channels,)
+        else:
+            shape = (channels, height, width) if channels else (height, width)
         labels[task] = torch.stack([
             sample["labels"].get(task) if sample["labels"].get(task) is not None
             else torch.full(shape, spec.kind.unsupervised_value, dtype=spec.kind.label_dtype)

@@ -341,10 +341,10 @@ def _check_pair(spec: TaskSpec, prediction, label) -> tuple[torch.Tensor, torch.
     prediction = _as_tensor(prediction, task, "prediction")
     label = _as_tensor(label, task, "label")
     channels = spec.label_channels
-    ndim = 4 if channels else 3
-    layout = f"(B, {channels}, H, W)" if ndim == 4 else "(B, H, W)"
+    ndim = 2 if spec.kind.image_level else 4 if channels else 3
+    layout = {2: f"(B, {channels})", 3: "(B, H, W)", 4: f"(B, {channels}, H, W)"}[ndim]
     for name, tensor in (("prediction", prediction), ("label", label)):
-        if tensor.dim() != ndim or (ndim == 4 and tensor.shape[1] != channels):
+        if tensor.dim() != ndim or (ndim != 3 and tensor.shape[1] != channels):
             raise ValueError(f"The {name} of task {task!r} must have shape {layout}, got {tuple(tensor.shape)}.")
     if prediction.shape != label.shape:
         raise ValueError(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..process_utils import end_with_parent
-from ..task_definitions import IGNORE_INDEX, KINDS, TaskSpec
+from ..task_definitions import IGNORE_INDEX, KINDS, METRIC_TRANSFORMS, TaskSpec
 from .boundary import BOUNDARY_THRESHOLDS, DEFAULT_EXACT_SECONDS_PER_IMAGE, boundary_counts, counts_to_f
 
 SALIENCY_MAXF_MODES = ("reference", "standard")
@@ -241,21 +241,66 @@ class NormalsMeter(Meter):
 
 class RegressionMeter(Meter):
     """Errors of a dense regression pooled over the labelled pixels and channels of the split (labels NaN where
-    unlabelled), in the task's unit: MAE (the primary metric) and RMSE, from float64 sums."""
+    unlabelled), in the task's unit: MAE and RMSE (and MSE when it is the task's primary metric), from float64 sums.
+
+    `transforms` (the task's `metric_transforms`): for each, the RMSE after mapping prediction and label through the
+    transform (`task_definitions.METRIC_TRANSFORMS`), over the pixels the transform keeps valid in the label."""
+
+    def __init__(self, task: str, transforms: Sequence[str] = (), report_mse: bool = False):
+        self.transforms = list(transforms)
+        self.report_mse = report_mse
+        super().__init__(task)
 
     def initial_state(self):
-        return {"sums": torch.zeros(2, dtype=torch.float64), "count": torch.zeros(1, dtype=torch.int64)}
+        return {
+            "sums": torch.zeros(2, dtype=torch.float64),
+            "count": torch.zeros(1, dtype=torch.int64),
+            "transformed": torch.zeros(len(self.transforms), 2, dtype=torch.float64),  # squared errors, count
+        }
 
     def update(self, prediction, label):
         valid = torch.isfinite(label).all(dim=1, keepdim=True).expand_as(label)  # (B, C, H, W)
         error = prediction.double()[valid] - label.double()[valid]
         self._add("sums", torch.stack([error.abs().sum(), error.square().sum()]))
         self._add("count", torch.tensor([error.numel()]))
+        rows = []
+        for name in self.transforms:
+            transform = METRIC_TRANSFORMS[name][1]
+            mapped_label, keep = transform(label.double()[valid])
+            mapped_prediction, _ = transform(prediction.double()[valid])
+            squared = (mapped_prediction - mapped_label).square()[keep]
+            rows.append(torch.stack([squared.sum(), torch.tensor(float(squared.numel()), dtype=torch.float64)]))
+        if rows:
+            self._add("transformed", torch.stack(rows))
 
     def summarise(self, state):
         count = int(state["count"].item())
         self._require(count, "value (label pixel that is not NaN)")
-        return {"MAE": state["sums"][0].item() / count, "RMSE": math.sqrt(state["sums"][1].item() / count)}
+        results = {"MAE": state["sums"][0].item() / count, "RMSE": math.sqrt(state["sums"][1].item() / count)}
+        if self.report_mse:
+            results["MSE"] = state["sums"][1].item() / count
+        for name, (squared, pixels) in zip(self.transforms, state["transformed"].tolist()):
+            self._require(pixels, f"value in the space of {name}")
+            results[METRIC_TRANSFORMS[name][0]] = math.sqrt(squared / pixels)
+        return results
+
+
+class ImageClassificationMeter(Meter):
+    """Top-1 accuracy (%) of image-level predictions (B, C) against the argmax of the (soft) labels (B, C), over the
+    images with a label (rows without NaN), as the Taskonomy reference reports it."""
+
+    def initial_state(self):
+        return {"counts": torch.zeros(2, dtype=torch.int64)}  # correct, labelled
+
+    def update(self, prediction, label):
+        valid = torch.isfinite(label).all(dim=1)
+        correct = prediction[valid].argmax(dim=1) == label[valid].argmax(dim=1)
+        self._add("counts", torch.tensor([int(correct.sum()), int(valid.sum())]))
+
+    def summarise(self, state):
+        correct, count = (int(v) for v in state["counts"])
+        self._require(count, "image label")
+        return {"top1": 100.0 * correct / count}
 
 
 def _histogram_median(histogram: torch.Tensor, width: float) -> float:
@@ -510,7 +555,11 @@ def build_meters(
     elif kind == "depth":
         meter = DepthMeter(spec.name)
     elif kind == "regression":
-        meter = RegressionMeter(spec.name)
+        meter = RegressionMeter(
+            spec.name, spec.parameters.get("metric_transforms", ()), report_mse=spec.primary_metric == "MSE"
+        )
+    elif kind == "image_classification":
+        meter = ImageClassificationMeter(spec.name)
     elif kind == "boundary":
         tolerance = spec.parameters.get("tolerance", boundary_tolerance)
         return {
