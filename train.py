@@ -61,7 +61,7 @@ from modeling_taskexpert.training import (
     lock_output_dir,
     parse_command_line,
     plot_training_curves,
-    poly_schedule,
+    lr_factor,
     recipe_fingerprint,
     resolve_checkpoint,
     save_checkpoint,
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
         )
     # Stepped by hand once per optimiser step (a prepared scheduler would step once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_schedule(recipe.warmup_steps, recipe.max_steps, recipe.poly_power)
+        optimizer, lr_factor(recipe.lr_schedule, recipe.warmup_steps, recipe.max_steps, recipe.poly_power)
     )
 
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

@@ -578,7 +578,7 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         """Model outputs -> per image, a dict task -> prediction at the image's original size.
 
         Predictions: class-id maps (h, w) int64 for segmentation tasks, probabilities (h, w) for saliency and
-        boundaries, unit normals (3, h, w), depth (h, w) in metres; plain tensors without autograd history, on the
+        boundaries, unit normals (3, h, w), depth (h, w) in metres, a score vector (C,) for image-level tasks; plain tensors without autograd history, on the
         device of the logits. `target_sizes` are the original (h, w) of the images given to `preprocess` (a list of
         pairs, or a tensor (B, 2)): the padding is cropped away and the rest resized back before the logits are
         turned into predictions. Without `target_sizes`, predictions stay at the input resolution. `size`,
@@ -601,6 +601,12 @@ class TaskExpertImageProcessor(BaseImageProcessor):
         if target_sizes is None:
             predictions = logits_to_predictions(logits, specs)
             return [{task: value[i] for task, value in predictions.items()} for i in range(batch)]
+        # Image-level tasks (one score vector per image) have no geometry to undo.
+        image_level = {task: value for task, value in logits.items() if specs[task].kind.image_level}
+        image_predictions = logits_to_predictions(image_level, specs) if image_level else {}
+        logits = {task: value for task, value in logits.items() if task not in image_level}
+        if not logits:
+            return [{task: value[i] for task, value in image_predictions.items()} for i in range(batch)]
         if isinstance(target_sizes, torch.Tensor):
             target_sizes = target_sizes.tolist()
         if len(target_sizes) != batch:
@@ -627,6 +633,7 @@ class TaskExpertImageProcessor(BaseImageProcessor):
             for task in result:
                 if specs[task].scales_with_zoom:
                     result[task] = result[task] * scale
+            result.update({task: value[index] for task, value in image_predictions.items()})
             results.append(result)
         return results
 

@@ -111,6 +111,10 @@ class TaskKind(abc.ABC):
         """What the stored values mean, for dataset cards."""
         return ""
 
+    def storage(self, spec: "TaskSpec") -> str:
+        """How the dataset column stores the task's labels, for dataset cards."""
+        return self.stored_as
+
     def activate(self, logits: torch.Tensor, spec: "TaskSpec", config) -> torch.Tensor:
         """The head's output activation (identity unless the kind or config asks for one)."""
         return logits
@@ -419,7 +423,9 @@ class RegressionKind(TaskKind):
     description = "dense regression"
     card_task_type = "dense-regression"
     card_metrics = {"MAE": ("mae", "Mean absolute error ({unit})"), "RMSE": ("rmse", "RMSE ({unit})"),
-                    "MSE": ("mse", "Mean squared error ({unit}²)")}  # fmt: skip
+                    "MSE": ("mse", "Mean squared error ({unit}²)"),
+                    "RMSE_reference": ("rmse", "RMSE in the Taskonomy reference's depth space"),
+                    "RMSE_m": ("rmse", "RMSE (m)")}  # fmt: skip
     parameters = (
         "channels", "value_range", "unit", "loss", "negate_on_flip", "scales_with_zoom", "decode", "primary_metric",
         "metric_transforms",
@@ -496,7 +502,17 @@ class RegressionKind(TaskKind):
     def stored_values(self, spec):
         low, high = spec.parameters["value_range"]
         unit = f" {spec.parameters['unit']}" if spec.parameters["unit"] else ""
-        return f"{spec.parameters['channels']} channel(s) in [{low:g}, {high:g}]{unit}, NaN = no label"
+        working = f"{spec.parameters['channels']} channel(s) in [{low:g}, {high:g}]{unit}"
+        if spec.parameters.get("decode"):
+            steps = "; ".join(
+                ", ".join(f"{k} {v}" if k == "op" else f"{k}={v}" for k, v in step.items())
+                for step in spec.parameters["decode"]
+            )
+            return f"the raw values, decoded to {working} by: {steps}"
+        return f"{working}, NaN = no label"
+
+    def storage(self, spec):
+        return "PNG, the raw 8- or 16-bit map" if spec.parameters.get("decode") else self.stored_as
 
     def valid_label_pixels(self, labels):
         return torch.isfinite(labels).all(dim=1)

@@ -74,12 +74,31 @@ def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
     return np.round((np.clip(normals, -1, 1).transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
 
 
+def score_bars(scores: np.ndarray, class_names=None, top: int = 5, width: int = 240, row: int = 16) -> np.ndarray:
+    """An image-level prediction as RGB uint8: the `top` highest scores as horizontal bars (length relative to the
+    highest), each with its class name (or id) and score."""
+    from PIL import Image, ImageDraw
+
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")[:top]
+    image = Image.new("RGB", (width, row * len(order)), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    highest = max(float(scores[order[0]]), 1e-12) if len(order) else 1.0
+    for rank, index in enumerate(order):
+        length = int(round(max(float(scores[index]), 0.0) / highest * (width - 2)))
+        draw.rectangle([0, rank * row + 2, max(length, 1), (rank + 1) * row - 2], fill=(120, 170, 230))
+        name = class_names[index] if class_names is not None else str(index)
+        draw.text((4, rank * row + 2), f"{name} {scores[index]:.2f}", fill=(0, 0, 0))
+    return np.asarray(image)
+
+
 def visualize_prediction(task, prediction: np.ndarray, num_classes: Optional[int] = None) -> np.ndarray:
     """Post-processed prediction of a task (no batch dim) -> RGB uint8 (H, W, 3), by the task's kind.
 
     `task` is a `TaskSpec` or a preset task's name. Segmentation: the class palette (`num_classes` defaults to the
     spec's); normals: direction colours; depth: viridis over the map's range; saliency and boundaries: viridis over
-    [0, 1]; regression: viridis over the declared value range (the first channel of a multi-channel map)."""
+    [0, 1]; regression: viridis over the declared value range (the first channel of a multi-channel map); image
+    classification: bars of the five highest scores (`score_bars`)."""
     spec = task if isinstance(task, TaskSpec) else preset_spec(task)
     kind = spec.kind.name
     if kind == "segmentation":
@@ -91,6 +110,8 @@ def visualize_prediction(task, prediction: np.ndarray, num_classes: Optional[int
         return normals_to_rgb(prediction)
     if kind == "depth":
         return colorize_scalar(prediction)
+    if kind == "image_classification":
+        return score_bars(np.asarray(prediction), spec.class_names)
     if kind == "regression":
         prediction = np.asarray(prediction)
         low, high = spec.parameters["value_range"]

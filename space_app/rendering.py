@@ -151,6 +151,9 @@ def task_legend(task, value_range: Optional[tuple[float, float]] = None) -> Opti
     kind = spec.kind.name
     if kind == "segmentation":
         return None
+    if kind == "image_classification":
+        classes = spec.parameters["num_classes"]
+        return f'<div class="map-legend">the five highest of the {classes} class scores of the image</div>'
     if kind == "normals":
         return normals_legend()
     if kind == "depth":

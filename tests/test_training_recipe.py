@@ -182,3 +182,24 @@ def test_a_short_smoke_run_scales_the_warm_up_and_says_so():
         ["--config", "hub_configs/synthetic-tiny.yaml", "--max-steps=30", "--gradient_checkpointing"]
     )
     assert recipe.max_steps == 30 and recipe.warmup_steps == 3 and recipe.gradient_checkpointing is True
+
+
+def test_cosine_schedule_and_the_fingerprint_of_the_default_schedule():
+    import math
+
+    from modeling_taskexpert.training import cosine_schedule, lr_factor, poly_schedule
+    from modeling_taskexpert.training.provenance import fingerprint_fields
+
+    factor = cosine_schedule(warmup_steps=10, max_steps=110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.5) and factor(110) == pytest.approx(0.0)
+    assert factor(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_factor("poly", 0, 100, 0.9)(50) == poly_schedule(0, 100, 0.9)(50)
+    # At its default the field stays out of the fingerprint, so that runs started before it existed still resume.
+    recipe = load_recipe("hub_configs/synthetic-tiny.yaml")
+    assert recipe.lr_schedule == "poly" and "lr_schedule" not in fingerprint_fields(recipe)
+    assert (
+        fingerprint_fields(load_recipe("hub_configs/modsquad-synthetic-taskonomy-tiny.yaml"))["lr_schedule"] == "cosine"
+    )
+    with pytest.raises(RecipeError, match="lr_schedule"):
+        parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", "--lr_schedule", "step"])

@@ -1,4 +1,4 @@
-"""Command line: `python -m modeling_taskexpert.data {pascal-context,nyud,synthetic,push} ...`.
+"""Command line: `python -m modeling_taskexpert.data {pascal-context,nyud,taskonomy,synthetic,folder,push} ...`.
 
 Exit status: 0 on success, 2 for bad input or usage (arguments, a missing or damaged raw archive, an
 existing output folder without --overwrite), 1 for a failure while running (the Hub unreachable, a
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import SOURCES
 from . import folder as folder_module
+from . import taskonomy
 from .schema import DatasetNotAvailableError, has_dataset_metadata, push_dataset_to_hub, read_dataset_metadata
 from .source import convert
 from .synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE, generate_synthetic_dataset
@@ -43,6 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     for source in SOURCES.values():
         _add_converter(subparsers, source.name, source.archive)
 
+    source = subparsers.add_parser(
+        "taskonomy", help="convert the raw Taskonomy layout (rgb/, <task>/, splits_taskonomy/)",
+        description=taskonomy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    source.add_argument("--raw-dir", required=True, type=Path, help="the Taskonomy root (holding rgb/ and the tasks)")
+    _add_output_options(source)
+    source.add_argument("--split-size", choices=taskonomy.SPLIT_SIZES, default="tiny",
+                        help="which splits_taskonomy/train_val_test_<size>.csv to use")  # fmt: skip
+    source.add_argument("--tasks", nargs="+", default=None, help=f"a subset of {', '.join(taskonomy.TASKS)}")
+    source.add_argument("--buildings", nargs="+", default=None, help="convert only these buildings")
+    source.add_argument("--max-views-per-building", type=int, default=None, help="at most this many views each")
+    source.add_argument("--exclude-buildings", nargs="*", default=list(taskonomy.DEFAULT_EXCLUDED_BUILDINGS),
+                        help="buildings left out (default: the reference's woodbine and wiconisco)")  # fmt: skip
+    source.add_argument(
+        "--on-error", choices=ON_ERROR_CHOICES, default="stop",
+        help="on a corrupt raw file: stop (default, nothing is written) or skip the sample (a missing task file is "
+        "not an error: the view has no label for that task)",
+    )  # fmt: skip
+
     synthetic = subparsers.add_parser("synthetic", help="generate the embedded synthetic benchmark (no download)")
     _add_output_options(synthetic)
     synthetic.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE, help="train samples")
@@ -52,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument(
         "--skip-if-exists", action="store_true", help="do nothing if a complete dataset is already at --output-dir"
     )
+    synthetic.add_argument(
+        "--style", choices=("pascal", "taskonomy"), default="pascal",
+        help="pascal: the six tasks of PASCAL-Context/NYUD-v2 (default); taskonomy: Taskonomy's 13 tasks",
+    )  # fmt: skip
 
     folder = subparsers.add_parser(
         "folder",
@@ -85,7 +109,15 @@ def run(args: argparse.Namespace) -> str:
             return f"{args.output_dir} already holds a dataset ({splits}); nothing to do."
         generate_synthetic_dataset(
             args.output_dir, train_size=args.train_size, val_size=args.val_size, image_size=args.image_size,
-            seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite,
+            seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite, style=args.style,
+        )  # fmt: skip
+    elif args.command == "taskonomy":
+        if args.max_views_per_building is not None and args.max_views_per_building < 1:
+            raise ValueError("--max-views-per-building must be at least 1.")
+        taskonomy.convert_taskonomy(
+            args.raw_dir, args.output_dir, split_size=args.split_size, tasks=args.tasks, buildings=args.buildings,
+            max_views_per_building=args.max_views_per_building, excluded=args.exclude_buildings,
+            num_workers=args.num_workers, on_error=args.on_error, overwrite=args.overwrite,
         )  # fmt: skip
     elif args.command == "folder":
         folder_module.convert_folder(args.input_dir, args.output_dir, num_workers=args.num_workers,

@@ -43,6 +43,16 @@ def encode_png(array: np.ndarray) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
+def encode_raw_png(array: np.ndarray) -> dict:
+    """Encode a raw integer map as a lossless PNG cell: uint8 (H, W) or (H, W, 3), or uint16 (H, W)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint16 and array.ndim == 2:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")  # mode I;16, 16-bit grayscale PNG
+        return {"bytes": buffer.getvalue(), "path": None}
+    return encode_png(array)
+
+
 def encode_depth(depth: np.ndarray) -> dict:
     """Encode a float32 depth map in metres (0 = invalid) as a mode-'F' TIFF cell (exact)."""
     depth = np.asarray(depth)
@@ -223,7 +233,7 @@ def _encode_regression(array, spec: TaskSpec):
         raw = np.asarray(array)
         if raw.dtype not in (np.uint8, np.uint16):
             raise LabelError(f"a raw map to store must be uint8 or uint16, got {raw.dtype}")
-        stored = encode_png(raw)
+        stored = encode_raw_png(raw)
     check_label_values(spec, apply_decode_steps(raw, spec.parameters["decode"], spec))
     return stored
 

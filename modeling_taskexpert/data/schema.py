@@ -85,14 +85,22 @@ def build_features(tasks, columns: Optional[Mapping[str, str]] = None) -> datase
 
 
 def build_metadata(
-    name, tasks, train_size, eval_size, boundary_tolerance, split_sizes, crop_balance_task: Optional[str] = None
+    name,
+    tasks,
+    train_size,
+    eval_size,
+    boundary_tolerance,
+    split_sizes,
+    crop_balance_task: Optional[str] = None,
+    geometry: Optional[Mapping] = None,
 ) -> dict:
     """The content of the metadata file (`METADATA_FILENAME`).
 
     `tasks` maps every task of the dataset to its `TaskSpec` (or lists preset task names); each is stored as its
     declaration, with the class names of a segmentation task as `id2label` (string keys, as in model configs).
     `crop_balance_task` names the segmentation task whose class balance guides the training crops (default: `semseg`
-    when the dataset has it, as in the protocol)."""
+    when the dataset has it, as in the protocol). `geometry`: the dataset's transform geometry when it is not the
+    protocol's (see `transforms.check_geometry`)."""
     stored = {}
     for task, spec in as_task_specs(tasks).items():
         entry = spec.declaration()
@@ -109,6 +117,8 @@ def build_metadata(
     }
     if crop_balance_task is not None:
         metadata["crop_balance_task"] = crop_balance_task
+    if geometry is not None:
+        metadata["geometry"] = dict(geometry)
     return metadata
 
 
@@ -335,8 +345,8 @@ def render_card(
         spec = specs[columns[column]]
         what = f"{spec.name}: {spec.description or spec.kind.description} ({spec.kind.name})"
         values = spec.kind.stored_values(spec) + "; empty (None) where the sample has no label"
-        lines.append(f"| `{column}` | {what} | {spec.kind.stored_as} | {values} |")
-    lines += ["", "Labels are aligned pixel for pixel with the image (same height and width).", ""]
+        lines.append(f"| `{column}` | {what} | {spec.kind.storage(spec)} | {values} |")
+    lines += ["", "Maps are aligned pixel for pixel with the image (same height and width).", ""]
     segmentation = {task: spec.class_names for task, spec in specs.items() if spec.class_names is not None}
     if segmentation:
         lines += ["## Class names", ""]

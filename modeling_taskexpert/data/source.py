@@ -96,6 +96,7 @@ class DatasetSource:
         read_split_ids: optional `(root, split) -> ids` for archives without one-id-per-line lists; the ids
             are checked like those of a list file.
         task_kinds: the declaration (`{"kind": ..., parameter: value}`) of every task that is not a preset.
+        geometry: the transform geometry of the dataset when it is not the protocol's (`transforms.check_geometry`).
     """
 
     name: str
@@ -114,6 +115,7 @@ class DatasetSource:
     license_id: str = "other"
     read_split_ids: Optional[Callable[[Path, str], list[str]]] = field(default=None)
     task_kinds: Mapping[str, Mapping] = field(default_factory=dict)
+    geometry: Optional[Mapping] = None
 
     def __post_init__(self):
         where = f"DatasetSource {self.name!r}"
@@ -174,8 +176,9 @@ class DatasetSource:
     def finalize(self, split_sizes: dict) -> tuple[dict, str]:
         """The metadata and the dataset card of a converted dataset with these split sizes."""
         metadata = build_metadata(
-            self.name, self.task_specs, self.train_size, self.eval_size, self.boundary_tolerance, split_sizes
-        )
+            self.name, self.task_specs, self.train_size, self.eval_size, self.boundary_tolerance, split_sizes,
+            geometry=self.geometry,
+        )  # fmt: skip
         card = render_card(
             metadata, build_features(self.task_specs), self.title, self.card_body, self.license_id, self.card_licence
         )

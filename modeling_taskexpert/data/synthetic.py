@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES, make_task_spec
-from .labels import encode_depth, encode_normals, encode_png
+from .labels import encode_depth, encode_normals, encode_png, encode_raw_png
 from .schema import build_features, build_metadata, render_card
 from .writer import write_dataset
 
@@ -489,9 +489,11 @@ def _camera_rays(camera: dict, size: int):
     return directions, np.stack([right, up, forward])
 
 
-def render_sample(seed: int, split: str, index: int, image_size: int) -> dict:
+def render_sample(seed: int, split: str, index: int, image_size: int, extras: bool = False) -> dict:
     """Render one sample: uint8 image, every label as arrays (see the module docstring), and the
-    instance map (`instance`, int32, not stored) the boundaries come from."""
+    instance map (`instance`, int32, not stored) the boundaries come from. With `extras`, also what the Taskonomy
+    style derives its tasks from: `euclidean_depth` (metres along the ray, 0 on sky), `shading` (the Lambert term of
+    the light) and `normals_camera` (unit normals, (0, 0, 1) on sky)."""
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     scene, camera = _random_scene(rng)
     primitives = scene.primitives
@@ -541,7 +543,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int) -> dict:
     depth = np.where(is_hit, t * (directions @ axes[2]), 0.0).astype(np.float32)
     instance_map = instance.reshape(shape)
     parts_map = parts.reshape(shape)
-    return {
+    arrays = {
         "image": image,
         "semseg": semantic.reshape(shape),
         "human_parts": parts_map if (semantic == PERSON).any() else None,
@@ -551,6 +553,11 @@ def render_sample(seed: int, split: str, index: int, image_size: int) -> dict:
         "instance": instance_map,
         "depth": depth.reshape(shape),
     }
+    if extras:
+        arrays["euclidean_depth"] = np.where(is_hit, t, 0.0).astype(np.float32).reshape(shape)
+        arrays["shading"] = (np.clip(normals_world @ scene.light, 0, 1) * is_hit).reshape(shape)
+        arrays["normals_camera"] = np.where(is_hit[:, None], normals_camera, [0.0, 0.0, 1.0]).reshape(*shape, 3)
+    return arrays
 
 
 def occlusion_boundaries(instance: np.ndarray, depth: np.ndarray) -> np.ndarray:
@@ -586,6 +593,99 @@ def make_row(seed: int, image_size: int, split: str, sample_id_: str) -> dict:
     return row
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Taskonomy style: the same scenes, with Taskonomy's 13 tasks stored as raw maps in its encodings
+# --------------------------------------------------------------------------------------------------------------------
+TASKONOMY_OBJECT_CLASSES = ("sphere", "box", "cylinder", "person")
+TASKONOMY_SCENE_CLASSES = ("empty room", "objects only", "figures only", "objects and figures")
+_NO_DEPTH = 65535
+
+
+def taskonomy_task_kinds() -> dict:
+    """The declarations of the Taskonomy style: Taskonomy's (data/taskonomy.py), the image-level tasks over this
+    benchmark's classes."""
+    from .taskonomy import TASK_KINDS
+
+    kinds = {task: dict(declaration) for task, declaration in TASK_KINDS.items()}
+    kinds["class_object"]["num_classes"] = len(TASKONOMY_OBJECT_CLASSES)
+    kinds["class_object"]["description"] = "object classification (share of each object class)"
+    kinds["class_scene"]["num_classes"] = len(TASKONOMY_SCENE_CLASSES)
+    kinds["class_scene"]["description"] = "scene classification (soft label)"
+    return kinds
+
+
+def _gradient_magnitude(values: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.hypot(ndimage.sobel(values, axis=0), ndimage.sobel(values, axis=1))
+
+
+def _corner_response(values: np.ndarray) -> np.ndarray:
+    """|det| of the smoothed structure tensor: high at corners (the keypoint tasks' stand-in)."""
+    from scipy import ndimage
+
+    dy, dx = ndimage.sobel(values, axis=0), ndimage.sobel(values, axis=1)
+    xx, yy, xy = (ndimage.gaussian_filter(v, 1.0) for v in (dx * dx, dy * dy, dx * dy))
+    return np.abs(xx * yy - xy * xy)
+
+
+def _scaled_uint(values: np.ndarray, high: float, dtype) -> np.ndarray:
+    """`values` mapped to [0, high] by their 99th percentile, as integers of `dtype`."""
+    top = float(np.percentile(values, 99)) or 1.0
+    return np.clip(np.rint(values / top * high), 0, high).astype(dtype)
+
+
+def taskonomy_arrays(arrays: dict) -> dict:
+    """The raw Taskonomy-style maps (uint8 / uint16, as the raw release stores them) and soft labels of one rendered
+    sample (`render_sample(..., extras=True)`)."""
+    hit = arrays["depth"] > 0
+    gray = arrays["image"].astype(np.float64).mean(axis=-1) / 255.0
+    zbuffer = np.where(hit, np.clip(np.rint(arrays["depth"] * 512), 0, _NO_DEPTH - 1), _NO_DEPTH).astype(np.uint16)
+    euclid = arrays["euclidean_depth"]
+    euclidean = np.where(hit, np.clip(np.rint(euclid * 512), 0, _NO_DEPTH - 1), _NO_DEPTH).astype(np.uint16)
+    normal = np.clip(np.rint((arrays["normals_camera"] + 1.0) / 2.0 * 255.0), 0, 255).astype(np.uint8)
+    depth_m = np.where(hit, arrays["depth"], arrays["depth"].max(initial=1.0))
+    from scipy import ndimage
+
+    curvature = np.stack([ndimage.laplace(ndimage.gaussian_filter(depth_m, 1.0)) * k for k in (-10.0, 10.0)], -1)
+    principal = np.zeros((*hit.shape, 3), np.uint8)
+    principal[..., 0] = np.clip(np.rint(123.572 + 31.922 * curvature[..., 0]), 0, 255)
+    principal[..., 1] = np.clip(np.rint(120.1 + 21.658 * curvature[..., 1]), 0, 255)
+    instance = arrays["instance"].astype(np.int64)
+    depth_bins = np.floor(depth_m).astype(np.int64)
+    semantic = arrays["semseg"]
+    object_pixels = np.array([(semantic == c).sum() for c in (SPHERE, BOX, CYLINDER, PERSON)], dtype=np.float64)
+    has_objects, has_figures = object_pixels[:3].sum() > 0, object_pixels[3] > 0
+    scene = 2 * int(has_figures) + int(has_objects)
+    scene_label = np.full(len(TASKONOMY_SCENE_CLASSES), 0.05)
+    scene_label[scene] = 1.0 - 0.05 * (len(TASKONOMY_SCENE_CLASSES) - 1)
+    return {
+        "class_object": (object_pixels / object_pixels.sum()).tolist() if object_pixels.sum() else None,
+        "class_scene": scene_label.tolist(),
+        "depth_euclidean": euclidean,
+        "depth_zbuffer": zbuffer,
+        "edge_occlusion": (arrays["edge"].astype(np.uint16) * 300),
+        "edge_texture": _scaled_uint(_gradient_magnitude(gray), 5000, np.uint16),
+        "keypoints2d": _scaled_uint(_corner_response(gray), 320, np.uint16),
+        "keypoints3d": _scaled_uint(_corner_response(depth_m), 60000, np.uint16),
+        "normal": normal,
+        "principal_curvature": principal,
+        "reshading": np.clip(np.rint(arrays["shading"] * 255), 0, 255).astype(np.uint8),
+        "segment_unsup2d": ((instance * 37) % 256).astype(np.uint8),
+        "segment_unsup25d": ((instance * 53 + depth_bins * 17) % 256).astype(np.uint8),
+    }
+
+
+def make_taskonomy_row(seed: int, image_size: int, split: str, sample_id_: str) -> dict:
+    """The Taskonomy-style row of the sample named `sample_id_`: raw maps as PNG, soft labels as lists."""
+    index = int(sample_id_.rsplit("_", 1)[1])
+    arrays = render_sample(seed, split, index, image_size, extras=True)
+    row = {"id": sample_id_, "image": encode_png(arrays["image"])}
+    for task, value in taskonomy_arrays(arrays).items():
+        row[task] = value if value is None or isinstance(value, list) else encode_raw_png(value)
+    return row
+
+
 CARD_BODY = f"""\
 A procedurally generated multi-task benchmark embedded in `modeling_taskexpert` (no download):
 rooms with a floor, walls and open sky, random spheres, boxes and cylinders, and articulated
@@ -608,6 +708,18 @@ Generated by `python -m modeling_taskexpert.data synthetic`; the same seed gives
   {BOUNDARY_TOLERANCE} of the diagonal.
 """
 
+TASKONOMY_CARD_BODY = """\
+The package's procedural scenes (see the `synthetic` dataset) with Taskonomy's 13 tasks, generated by
+`python -m modeling_taskexpert.data synthetic --style taskonomy`, stored in Taskonomy's raw encodings (16-bit depth
+in 1/512 m with 65535 = no depth (sky), 8-bit normals and reshading, 16-bit edges and keypoints, curvature around
+(123.572, 120.1)) and read back through the same `decode` steps as the converted Taskonomy, so that a model and
+recipe for Taskonomy train on it offline. Stand-ins where the scene has no such annotation: texture edges are the
+image gradient, the keypoint maps a corner response of the image (2D) and of the depth (3D), curvature the Laplacian
+of the depth, the unsupervised segments hash the instances (2D) and instances with 1 m depth bins (2.5D), reshading
+is the Lambert term of the light. `class_object` is the share of each object class among the object pixels (no
+label without objects), `class_scene` a soft label of which of objects and figures the room holds.
+"""
+
 CARD_LICENCE = """\
 ## Licence
 Generated data, released under Apache-2.0 like the package.
@@ -622,6 +734,7 @@ def generate_synthetic_dataset(
     seed: int = 0,
     num_workers: Optional[int] = None,
     overwrite: bool = False,
+    style: str = "pascal",
 ):
     """Generate the synthetic benchmark into the dataset folder `output_dir`.
 
@@ -631,7 +744,12 @@ def generate_synthetic_dataset(
         seed: the dataset seed; the output depends only on it and the sizes.
         num_workers: worker processes (None = all cores); does not change the output.
         overwrite: replace an existing `output_dir`.
+        style: "pascal" (the six tasks of PASCAL-Context / NYUD-v2) or "taskonomy" (Taskonomy's 13 tasks from the
+            same scenes, stored in Taskonomy's raw encodings with its decode steps, and its resize-and-crop
+            geometry: images of `image_size`, resized to it and cropped to 7/8 of it).
     """
+    if style not in ("pascal", "taskonomy"):
+        raise ValueError(f"style must be 'pascal' or 'taskonomy', got {style!r}.")
     for name, value, minimum in (("train_size", train_size, 1), ("val_size", val_size, 1), ("image_size", image_size, 16)):
         if int(value) != value or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
@@ -640,18 +758,25 @@ def generate_synthetic_dataset(
         "validation": [sample_id("validation", i) for i in range(val_size)],
     }
 
-    class_names = {"semseg": SEMSEG_CLASSES, "human_parts": HUMAN_PART_CLASSES}
-    specs = {task: make_task_spec(task, None, class_names.get(task)) for task in TASKS}
+    if style == "taskonomy":
+        class_names = {"class_object": TASKONOMY_OBJECT_CLASSES, "class_scene": TASKONOMY_SCENE_CLASSES}
+        kinds = taskonomy_task_kinds()
+        specs = {task: make_task_spec(task, kinds[task], class_names.get(task)) for task in kinds}
+        crop = max(image_size * 7 // 8 // 8 * 8, 8)  # Taskonomy's 224 of 256, to a multiple of 8
+        sizes, geometry, row = (crop, crop), {"kind": "resize_crop", "resize": image_size}, make_taskonomy_row
+        name, title, body = f"{NAME}-taskonomy", "Synthetic scenes in Taskonomy's tasks", TASKONOMY_CARD_BODY
+    else:
+        class_names = {"semseg": SEMSEG_CLASSES, "human_parts": HUMAN_PART_CLASSES}
+        specs = {task: make_task_spec(task, None, class_names.get(task)) for task in TASKS}
+        sizes, geometry, row = (image_size, image_size), None, make_row
+        name, title, body = NAME, "TaskExpert synthetic multi-task scenes", CARD_BODY
 
     def finalize(split_sizes):
-        size = (image_size, image_size)
-        metadata = build_metadata(NAME, specs, size, size, BOUNDARY_TOLERANCE, split_sizes)
-        card = render_card(
-            metadata, build_features(specs), "TaskExpert synthetic multi-task scenes", CARD_BODY, "apache-2.0", CARD_LICENCE
-        )
+        metadata = build_metadata(name, specs, sizes, sizes, BOUNDARY_TOLERANCE, split_sizes, geometry=geometry)
+        card = render_card(metadata, build_features(specs), title, body, "apache-2.0", CARD_LICENCE)
         return metadata, card
 
     return write_dataset(
-        output_dir, split_ids, partial(make_row, seed, image_size), specs, finalize,
+        output_dir, split_ids, partial(row, seed, image_size), specs, finalize,
         num_workers=num_workers, overwrite=overwrite, description="Synthetic scenes",
     )  # fmt: skip

@@ -124,7 +124,7 @@ def describe(model, processor, tasks: list[str], gates: bool, dynamic_size: bool
         spec = specs[task]
         outputs.append({
             "name": f"logits.{task}", "task": task, "kind": spec.kind.name,
-            "shape": ["batch", spec.head_channels, "height", "width"],
+            "shape": ["batch", spec.head_channels] + ([] if spec.kind.image_level else ["height", "width"]),
             "postprocess": spec.kind.postprocess_steps(spec),
             "class_names": list(spec.class_names) if spec.class_names is not None else None,
             "unit": spec.unit or None, "scales_with_zoom": spec.scales_with_zoom,

@@ -22,7 +22,7 @@ from .provenance import (
 )
 from .recipe import RecipeError, TrainingRecipe, dump_recipe, hub_recipe, load_recipe, parse_command_line
 from .reporting import JsonLinesLogger, build_model_card, plot_training_curves, read_log, write_example_maps
-from .schedules import poly_schedule
+from .schedules import cosine_schedule, lr_factor, poly_schedule
 
 __all__ = [
     "STAGING_PREFIX",
@@ -43,6 +43,8 @@ __all__ = [
     "parse_command_line",
     "plot_training_curves",
     "write_example_maps",
+    "cosine_schedule",
+    "lr_factor",
     "poly_schedule",
     "read_log",
     "read_provenance",

@@ -31,6 +31,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 def fingerprint_fields(recipe) -> dict:
     """The recipe fields that define what is trained, with the model config's content instead of its path."""
     fields = {name: value for name, value in recipe.to_dict().items() if name not in FINGERPRINT_EXCLUDED}
+    if fields.get("lr_schedule") == "poly":  # a field added later: at its default, the fingerprint of earlier runs
+        del fields["lr_schedule"]
     fields["model_config"] = json.loads(Path(recipe.model_config).read_text())
     return fields
 

@@ -15,6 +15,7 @@ import yaml
 from ..evaluation.boundary import BOUNDARY_MODES
 from ..file_utils import looks_like_repo_id, write_text_atomic
 from .loss_weighting import STRATEGIES as LOSS_WEIGHTINGS
+from .schedules import SCHEDULES
 
 OPTIMIZERS = ("adamw", "adam")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -43,6 +44,8 @@ class TrainingRecipe:
         warmup_steps: linear warm-up steps, then poly decay lr = base (1 - t / T)^poly_power (a warm-up not shorter
             than `max_steps` becomes a tenth of the run, with a warning).
         poly_power: the exponent of the poly decay.
+        lr_schedule: "poly" (the protocol's, default) or "cosine" (after the warm-up, half a cosine down to 0 at
+            `max_steps`; Mod-Squad's Taskonomy recipe).
         max_steps: optimiser steps in total (T).
         per_device_train_batch_size, per_device_eval_batch_size: samples per process and step.
         gradient_accumulation_steps: micro-batches per optimiser step.
@@ -90,6 +93,7 @@ class TrainingRecipe:
     adam_epsilon: float = 1e-8
     warmup_steps: int = 0
     poly_power: float = 0.9
+    lr_schedule: str = "poly"
     max_steps: int = 1000
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -119,7 +123,7 @@ class TrainingRecipe:
 
     def validate(self) -> "TrainingRecipe":
         """Check every field now, so that a bad value fails before any training time is spent."""
-        choices = {"optimizer": OPTIMIZERS, "loss_weighting": LOSS_WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "loss_weighting": LOSS_WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
                    "edge_mode": BOUNDARY_MODES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

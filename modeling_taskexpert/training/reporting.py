@@ -361,8 +361,8 @@ crops of {"x".join(str(v) for v in (recipe.crop_size or metadata.get("train_size
 {class_lists}
 ## Training procedure
 
-{recipe.max_steps} steps of {recipe.optimizer} (learning rate {recipe.learning_rate:g}, poly decay with power
-{recipe.poly_power:g}, {recipe.warmup_steps} warm-up steps), batch {recipe.per_device_train_batch_size} per device,
+{recipe.max_steps} steps of {recipe.optimizer} (learning rate {recipe.learning_rate:g}, {"cosine decay" if getattr(recipe, "lr_schedule", "poly") == "cosine" else f"poly decay with power {recipe.poly_power:g}"},
+{recipe.warmup_steps} warm-up steps), batch {recipe.per_device_train_batch_size} per device,
 loss weighting `{recipe.loss_weighting}`, seed {recipe.seed}. The full recipe (`recipe.yaml`):
 
 ```yaml
