@@ -223,8 +223,13 @@ def test_the_converter_command_refuses_what_it_cannot_convert(taskonomy_raw, tmp
 @pytest.mark.slow
 def test_the_modsquad_taskonomy_recipe_trains_all_13_tasks(converted, tmp_path):
     folder, _ = converted
+    from training_runs import ACCELERATE
+
+    # The command the docs give: accelerate launch train.py --config hub_configs/modsquad-taskonomy-vitb.yaml.
     command = [
-        sys.executable, "train.py", "--config", "hub_configs/modsquad-taskonomy-vitb.yaml", "--dataset", str(folder),
+        ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        "train.py", "--config", "hub_configs/modsquad-taskonomy-vitb.yaml", "--dataset", str(folder),
         "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--warmup_steps", "0", "--eval_steps", "0",
         "--save_steps", "0", "--logging_steps", "1", "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "3", "--num_workers", "0", "--crop_size", "[32, 32]", "--mixed_precision", "no",

@@ -138,7 +138,7 @@ def card_task_types(specs: Mapping[str, TaskSpec]) -> dict[str, str]:
     for task, spec in specs.items():
         kind_type = spec.kind.card_task_type
         if kind_type in types.values():
-            slug = "".join(c if c.isalnum() else "-" for c in spec.title.lower()).strip("-")
+            slug = "-".join("".join(c if c.isalnum() else " " for c in spec.title.lower()).split())
             kind_type = slug if slug not in types.values() else f"{task}-{kind_type}"
         types[task] = kind_type
     return types
