@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import send_to_device
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -44,6 +45,7 @@ from modeling_taskexpert.data import (
     load_multitask_dataset,
     read_dataset_metadata,
 )
+from modeling_taskexpert.data.streaming import StreamingSamples, batches_per_epoch, epoch_batches
 from modeling_taskexpert.evaluation import BoundaryEvaluationError, DenseMultiTaskEvaluator, evaluate_model
 from modeling_taskexpert.evaluation.trivial_baselines import recorded_baseline
 from modeling_taskexpert.file_utils import give_default_permissions, write_json_atomic
@@ -271,13 +273,21 @@ def main(argv=None) -> dict:
         size={"height": eval_size[0], "width": eval_size[1]}, size_divisor=config.patch_size
     )
     train_transform = build_transforms(metadata, train=True, tasks=tasks, size=recipe.crop_size, seed=recipe.seed)
-    train_dataset = load_multitask_dataset(recipe.dataset, "train").with_transform(train_transform)
+    if recipe.streaming:  # this process's share of the stream, shuffled per epoch (data/streaming.py)
+        train_dataset = StreamingSamples(
+            load_multitask_dataset(recipe.dataset, "train", streaming=True), train_transform,
+            accelerator.process_index, accelerator.num_processes, recipe.seed, recipe.shuffle_buffer_size,
+        )  # fmt: skip
+    else:
+        train_dataset = load_multitask_dataset(recipe.dataset, "train").with_transform(train_transform)
     eval_dataset = load_multitask_dataset(recipe.dataset, "validation")
     if recipe.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(recipe.max_eval_samples, len(eval_dataset))))
     eval_dataset = eval_dataset.with_transform(build_transforms(metadata, train=False, tasks=tasks))
     specs = train_transform.task_specs
-    train_loader = make_loader(train_dataset, recipe.per_device_train_batch_size, True, recipe.num_workers, specs)
+    train_loader = make_loader(
+        train_dataset, recipe.per_device_train_batch_size, not recipe.streaming, recipe.num_workers, specs
+    )
     eval_loader = make_loader(eval_dataset, recipe.per_device_eval_batch_size, False, recipe.num_workers, specs)
 
     # ---- optimisation --------------------------------------------------------------------------------------
@@ -296,7 +306,10 @@ def main(argv=None) -> dict:
         optimizer, lr_factor(recipe.lr_schedule, recipe.warmup_steps, recipe.max_steps, recipe.poly_power)
     )
 
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    if recipe.streaming:  # the stream is split across processes already: the loader is not prepared (sharded again)
+        model, optimizer, eval_loader = accelerator.prepare(model, optimizer, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     weighting = weighting.to(accelerator.device)
 
     # ---- resume --------------------------------------------------------------------------------------------
@@ -318,15 +331,23 @@ def main(argv=None) -> dict:
         dump_recipe(recipe, Path(recipe.output_dir) / "recipe.yaml")
     accelerator.init_trackers("taskexpert", config=_scalar_items(recipe.to_dict()))
 
-    steps_per_epoch = len(train_loader) // recipe.gradient_accumulation_steps
+    num_train_samples = metadata["splits"]["train"]
+    if recipe.streaming:  # the same number of batches on every process (data/streaming.py)
+        loader_batches = batches_per_epoch(
+            num_train_samples, accelerator.num_processes, recipe.per_device_train_batch_size
+        )
+    else:
+        loader_batches = len(train_loader)
+    steps_per_epoch = loader_batches // recipe.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise RecipeError(
-            f"The training split has too few samples for one step ({len(train_dataset)} samples, batch "
+            f"The training split has too few samples for one step ({num_train_samples} samples, batch "
             f"{recipe.per_device_train_batch_size} x {accelerator.num_processes} processes x {recipe.gradient_accumulation_steps} accumulation)."
         )
     accelerator.print(
-        f"Training {config.model_type} ({num_parameters / 1e6:.2f} M parameters) on {len(train_dataset)} samples, "
-        f"tasks {tasks}, {accelerator.num_processes} process(es), {recipe.max_steps} steps."
+        f"Training {config.model_type} ({num_parameters / 1e6:.2f} M parameters) on {num_train_samples} samples"
+        f"{' (streamed)' if recipe.streaming else ''}, tasks {tasks}, {accelerator.num_processes} process(es), "
+        f"{recipe.max_steps} steps."
     )
 
     # ---- the loop ------------------------------------------------------------------------------------------
@@ -339,9 +360,15 @@ def main(argv=None) -> dict:
     skip_batches = (completed_steps % steps_per_epoch) * recipe.gradient_accumulation_steps
     model.train()
     while completed_steps < recipe.max_steps:
-        train_loader.set_epoch(epoch)
         train_transform.set_epoch(epoch)  # augmentations are a function of (seed, epoch, sample id)
-        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        if recipe.streaming:
+            train_dataset.set_epoch(epoch)  # the shuffle of the stream
+            batches = (send_to_device(batch, accelerator.device)
+                       for batch in epoch_batches(train_loader, steps_per_epoch * recipe.gradient_accumulation_steps,
+                                                  skip_batches))  # fmt: skip
+        else:
+            train_loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])

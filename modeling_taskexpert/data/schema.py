@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import datasets
 import yaml
@@ -271,10 +271,13 @@ def local_dataset_cache(folder: Path) -> str:
     return str(root / key)
 
 
-def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str] = None) -> datasets.Dataset:
+def load_multitask_dataset(
+    path_or_repo_id, split: str, cache_dir: Optional[str] = None, streaming: bool = False
+) -> Union[datasets.Dataset, datasets.IterableDataset]:
     """Load one split (`train` or `validation`) of a dataset folder or Hub dataset repository.
 
-    `cache_dir` is where `datasets` caches the prepared split (default: its usual cache).
+    `cache_dir` is where `datasets` caches the prepared split (default: its usual cache). `streaming`: an
+    `IterableDataset` reading the parquet shards as it goes (nothing prepared or cached; see `data/streaming.py`).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; the splits of the schema are {list(SPLITS)}.")
@@ -282,10 +285,10 @@ def load_multitask_dataset(path_or_repo_id, split: str, cache_dir: Optional[str]
     if split not in metadata["splits"]:
         raise ValueError(f"{path_or_repo_id}: the dataset has no {split!r} split (it has {list(metadata['splits'])}).")
     local = Path(str(path_or_repo_id))
-    if cache_dir is None and local.is_dir():
+    if cache_dir is None and local.is_dir() and not streaming:
         cache_dir = local_dataset_cache(local)
     try:
-        dataset = datasets.load_dataset(str(path_or_repo_id), split=split, cache_dir=cache_dir)
+        dataset = datasets.load_dataset(str(path_or_repo_id), split=split, cache_dir=cache_dir, streaming=streaming)
     except Exception as error:
         cause = error
         while cause.__cause__ is not None:  # `datasets` wraps the real reason (e.g. a shard's wrong columns)

@@ -26,13 +26,16 @@ FINGERPRINT_EXCLUDED = frozenset({
     "single_task_baselines",
 })  # fmt: skip
 REPOSITORY = Path(__file__).resolve().parents[2]
+# Recipe fields added after runs existed: left out of the fingerprint at these values, so that those runs resume.
+ADDED_FIELD_DEFAULTS = {"lr_schedule": "poly", "streaming": False, "shuffle_buffer_size": 1000}
 
 
 def fingerprint_fields(recipe) -> dict:
     """The recipe fields that define what is trained, with the model config's content instead of its path."""
     fields = {name: value for name, value in recipe.to_dict().items() if name not in FINGERPRINT_EXCLUDED}
-    if fields.get("lr_schedule") == "poly":  # a field added later: at its default, the fingerprint of earlier runs
-        del fields["lr_schedule"]
+    for name, default in ADDED_FIELD_DEFAULTS.items():  # at their defaults, the fingerprint of earlier runs
+        if name in fields and fields[name] == default:
+            del fields[name]
     fields["model_config"] = json.loads(Path(recipe.model_config).read_text())
     return fields
 

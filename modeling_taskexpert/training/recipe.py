@@ -44,6 +44,9 @@ class TrainingRecipe:
         warmup_steps: linear warm-up steps, then poly decay lr = base (1 - t / T)^poly_power (a warm-up not shorter
             than `max_steps` becomes a tenth of the run, with a warning).
         poly_power: the exponent of the poly decay.
+        streaming: read the training split as a stream (`datasets` IterableDataset, local folder or Hub id alike;
+            see `data/streaming.py`) instead of preparing it; the validation split stays map-style.
+        shuffle_buffer_size: the streamed split's shuffle buffer, in samples (0: the stored order).
         lr_schedule: "poly" (the protocol's, default) or "cosine" (after the warm-up, half a cosine down to 0 at
             `max_steps`; Mod-Squad's Taskonomy recipe).
         max_steps: optimiser steps in total (T).
@@ -94,6 +97,8 @@ class TrainingRecipe:
     warmup_steps: int = 0
     poly_power: float = 0.9
     lr_schedule: str = "poly"
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
     max_steps: int = 1000
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -137,7 +142,15 @@ class TrainingRecipe:
         for name in positive:
             if getattr(self, name) < 1:
                 raise RecipeError(f"Recipe field `{name}` must be >= 1, got {getattr(self, name)!r}.")
-        for name in ("eval_steps", "save_steps", "warmup_steps", "num_workers", "seed", "edge_workers"):
+        for name in (
+            "eval_steps",
+            "save_steps",
+            "warmup_steps",
+            "num_workers",
+            "seed",
+            "edge_workers",
+            "shuffle_buffer_size",
+        ):
             if getattr(self, name) < 0:
                 raise RecipeError(f"Recipe field `{name}` must be >= 0, got {getattr(self, name)!r}.")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
