@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -85,6 +85,7 @@ class TrainingError(RuntimeError):
 
 # Model config fields that train.py sets itself: the recipe's `tasks`, the dataset's task kinds and class names.
 FIELDS_SET_BY_TRAINING = ("tasks", "task_id2label", "task_kinds")
+SHARDED_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def valid_model_config_keys(model_type: str) -> set[str]:
@@ -209,6 +210,11 @@ def main(argv=None) -> dict:
         project_dir=recipe.output_dir,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
     )
+    sharding = {"FSDP": os.environ.get("ACCELERATE_USE_FSDP"), "DeepSpeed": os.environ.get("ACCELERATE_USE_DEEPSPEED")}
+    for name, flag in sharding.items():
+        if str(flag).lower() in ("1", "true") and accelerator.distributed_type not in SHARDED_TYPES:
+            notices.append(f"the launch configuration asks for {name}, which Accelerate runs on GPUs only; this run is "
+                           f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es).")  # fmt: skip
     for notice in notices:
         accelerator.print(f"Notice: {notice}")
     if recipe.push_to_hub and accelerator.is_main_process:
@@ -429,9 +435,18 @@ def main(argv=None) -> dict:
         metrics = _evaluate(model, eval_loader, final_evaluator, accelerator, log, completed_steps)
     finally:
         final_evaluator.close()
+    # Sharded training (FSDP2, DeepSpeed): the full weights are gathered (a collective) into an ordinary model, which
+    # the main process saves unsharded; otherwise the trained model itself is saved.
+    sharded = accelerator.distributed_type in SHARDED_TYPES
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model)
+        if sharded:
+            final_model = AutoModel.from_config(config)
+            final_model.load_state_dict(full_state)
+            final_model.eval()
         chance = recorded_baseline(RECORDED_CHANCE_BASELINE, metadata, len(eval_dataset))
-        save_final_model(accelerator.unwrap_model(model), processor, recipe, metrics, metadata, chance_baseline=chance)
+        save_final_model(final_model, processor, recipe, metrics, metadata, chance_baseline=chance)
         log.log({"kind": "end", "step": completed_steps, "runtime_seconds": time.perf_counter() - started,
                  "num_eval_samples": len(eval_dataset), "chance_baseline": chance})  # fmt: skip
     accelerator.wait_for_everyone()

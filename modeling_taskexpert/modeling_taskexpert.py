@@ -314,7 +314,8 @@ class TaskExpertPreTrainedModel(DenseMultiTaskPreTrainedModel):
     config_class = TaskExpertConfig
     config: TaskExpertConfig
     base_model_prefix = "taskexpert"
-    _no_split_modules = ["TaskExpertMMoELayer"]
+    # The units FSDP wraps and a device map never splits: the ViT backbone's block and the MMoE layer.
+    _no_split_modules = ["ViTLayer", "TaskExpertMMoELayer"]
     # Attention lives in the backbone, which checks the requested implementation against what it supports itself.
     _supports_sdpa = True
     _supports_flash_attn = True
