@@ -118,3 +118,34 @@ def test_a_killed_streamed_run_resumes_exactly_with_two_processes(synthetic_data
     assert [r["step"] for r in actual] == list(range(1, 9))
     for a, b in zip(expected, actual):
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a["step"], a["loss"], b["loss"])
+
+
+def test_bounded_shards_stream_and_split_by_shard(tmp_path):
+    """`max_shard_bytes` bounds every shard (cells of its rows), row groups hold at most 100 rows, the split reads
+    back whole and in order, and with an even number of shards the processes get whole shards, disjoint and
+    complete."""
+    import pyarrow.parquet as pq
+
+    from modeling_taskexpert.data import generate_synthetic_dataset
+    from modeling_taskexpert.data.writer import ROWS_PER_ROW_GROUP, row_bytes
+
+    folder = generate_synthetic_dataset(
+        tmp_path / "sharded", train_size=30, val_size=4, image_size=48, num_workers=0, max_shard_bytes=40_000
+    )  # fmt: skip (15 shards)
+    shards = sorted((folder / "data").glob("train-*.parquet"))
+    assert len(shards) > 3 and all(f"-of-{len(shards):05d}.parquet" in shard.name for shard in shards)
+    for shard in shards:
+        rows = pq.read_table(shard).to_pylist()
+        metadata = pq.ParquetFile(shard).metadata
+        assert sum(row_bytes(row) for row in rows) <= 40_000 or len(rows) == 1
+        assert all(metadata.row_group(i).num_rows <= ROWS_PER_ROW_GROUP for i in range(metadata.num_row_groups))
+    ids = list(load_multitask_dataset(folder, "train")["id"])
+    assert ids == [f"synthetic_train_{i:06d}" for i in range(30)]
+    streamed = load_multitask_dataset(folder, "train", streaming=True)
+    assert streamed.num_shards == len(shards)
+    world_size = next(n for n in (5, 3, 2) if len(shards) % n == 0)  # a divisor: whole shards per process
+    shares = [[s["id"] for s in stream(folder, False, rank, world_size, buffer=4)] for rank in range(world_size)]
+    assert sorted(sum(shares, [])) == sorted(ids)
+    shard_of = {row["id"]: index for index, shard in enumerate(shards) for row in pq.read_table(shard).to_pylist()}
+    shard_sets = [{shard_of[i] for i in share} for share in shares]
+    assert all(not (a & b) for k, a in enumerate(shard_sets) for b in shard_sets[k + 1 :])  # no shard on two ranks

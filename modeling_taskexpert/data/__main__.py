@@ -16,13 +16,17 @@ from . import taskonomy
 from .schema import DatasetNotAvailableError, has_dataset_metadata, push_dataset_to_hub, read_dataset_metadata
 from .source import convert
 from .synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE, generate_synthetic_dataset
-from .writer import ON_ERROR_CHOICES, DatasetConversionError
+from .writer import DEFAULT_MAX_SHARD_BYTES, ON_ERROR_CHOICES, DatasetConversionError, parse_size
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, type=Path, help="dataset folder to create")
     parser.add_argument("--num-workers", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+        help="a parquet shard ends once its rows hold this much (e.g. 500MB, the default; or 1000 rows)",
+    )  # fmt: skip
 
 
 def _add_converter(subparsers, name: str, archive: str) -> None:
@@ -110,6 +114,7 @@ def run(args: argparse.Namespace) -> str:
         generate_synthetic_dataset(
             args.output_dir, train_size=args.train_size, val_size=args.val_size, image_size=args.image_size,
             seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite, style=args.style,
+            max_shard_bytes=args.max_shard_size,
         )  # fmt: skip
     elif args.command == "taskonomy":
         if args.max_views_per_building is not None and args.max_views_per_building < 1:
@@ -118,13 +123,15 @@ def run(args: argparse.Namespace) -> str:
             args.raw_dir, args.output_dir, split_size=args.split_size, tasks=args.tasks, buildings=args.buildings,
             max_views_per_building=args.max_views_per_building, excluded=args.exclude_buildings,
             num_workers=args.num_workers, on_error=args.on_error, overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_size,
         )  # fmt: skip
     elif args.command == "folder":
         folder_module.convert_folder(args.input_dir, args.output_dir, num_workers=args.num_workers,
-                                     on_error=args.on_error, overwrite=args.overwrite)  # fmt: skip
+                                     on_error=args.on_error, overwrite=args.overwrite,
+                                     max_shard_bytes=args.max_shard_size)  # fmt: skip
     else:
         convert(SOURCES[args.command], args.raw_dir, args.output_dir, num_workers=args.num_workers,
-                on_error=args.on_error, overwrite=args.overwrite)  # fmt: skip
+                on_error=args.on_error, overwrite=args.overwrite, max_shard_bytes=args.max_shard_size)  # fmt: skip
     splits = read_dataset_metadata(args.output_dir)["splits"]
     return f"Wrote {args.output_dir} ({', '.join(f'{split}: {count}' for split, count in splits.items())})"
 

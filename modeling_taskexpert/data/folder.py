@@ -49,7 +49,7 @@ from .labels import LabelError, encode_label
 from .raw_files import read_rgb_image_cell
 from .schema import SPLITS, build_features, build_metadata, render_card
 from .source import check_disjoint_splits, check_sample_id
-from .writer import RawDataError, read_raw, write_dataset
+from .writer import DEFAULT_MAX_SHARD_BYTES, RawDataError, read_raw, write_dataset
 
 CONFIG_FILENAME = "tasks.yaml"
 IMAGES_DIRNAME = "images"
@@ -241,7 +241,12 @@ def make_folder_row(root: Path, specs: dict, options: dict, files: dict, split: 
 
 
 def convert_folder(
-    input_dir, output_dir, num_workers: Optional[int] = None, on_error: str = "stop", overwrite: bool = False
+    input_dir,
+    output_dir,
+    num_workers: Optional[int] = None,
+    on_error: str = "stop",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Convert a folder in the layout above to a dataset folder of the schema at `output_dir`."""
     root = Path(input_dir)
@@ -286,7 +291,7 @@ def convert_folder(
     make_row = partial(make_folder_row, root, specs, options, files)
     return write_dataset(
         output_dir, split_ids, make_row, specs, finalize, num_workers=num_workers, on_error=on_error,
-        overwrite=overwrite, description=name,
+        overwrite=overwrite, description=name, max_shard_bytes=max_shard_bytes,
     )  # fmt: skip
 
 

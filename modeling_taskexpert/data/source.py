@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..task_definitions import PRESET_TASKS, check_task_name, make_task_spec
 from .schema import SPLITS, build_features, build_metadata, render_card
-from .writer import write_dataset
+from .writer import DEFAULT_MAX_SHARD_BYTES, write_dataset
 
 
 def check_sample_id(sample_id: str, where: str) -> str:
@@ -212,6 +212,7 @@ def convert(
     on_error: str = "stop",
     overwrite: bool = False,
     splits: Sequence[str] = SPLITS,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Convert the extracted archive of `source` at `raw_dir` to a dataset folder at `output_dir`.
 
@@ -220,6 +221,7 @@ def convert(
         on_error: "stop" at the first missing/corrupt raw file (nothing is written), or "skip" such samples.
         overwrite: replace an existing `output_dir`.
         splits: the splits to convert.
+        max_shard_bytes: a parquet shard ends once its rows hold this many bytes (or 1000 rows).
     """
     root = source.find_root(raw_dir)
     split_ids = {split: source.split_ids(root, split) for split in splits}
@@ -227,4 +229,5 @@ def convert(
     return write_dataset(
         output_dir, split_ids, partial(source.make_row, root), source.task_specs, source.finalize,
         num_workers=num_workers, on_error=on_error, overwrite=overwrite, description=source.title,
+        max_shard_bytes=max_shard_bytes,
     )  # fmt: skip

@@ -32,7 +32,7 @@ import numpy as np
 from ..task_definitions import PASCAL_HUMAN_PARTS_CLASSES, make_task_spec
 from .labels import encode_depth, encode_normals, encode_png, encode_raw_png
 from .schema import build_features, build_metadata, render_card
-from .writer import write_dataset
+from .writer import DEFAULT_MAX_SHARD_BYTES, write_dataset
 
 NAME = "synthetic"
 TASKS = ("semseg", "human_parts", "saliency", "normals", "edge", "depth")
@@ -735,6 +735,7 @@ def generate_synthetic_dataset(
     num_workers: Optional[int] = None,
     overwrite: bool = False,
     style: str = "pascal",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ):
     """Generate the synthetic benchmark into the dataset folder `output_dir`.
 
@@ -778,5 +779,5 @@ def generate_synthetic_dataset(
 
     return write_dataset(
         output_dir, split_ids, partial(row, seed, image_size), specs, finalize,
-        num_workers=num_workers, overwrite=overwrite, description="Synthetic scenes",
+        num_workers=num_workers, overwrite=overwrite, description="Synthetic scenes", max_shard_bytes=max_shard_bytes,
     )  # fmt: skip

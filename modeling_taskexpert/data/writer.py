@@ -42,6 +42,47 @@ logger = logging.getLogger(__name__)
 ON_ERROR_CHOICES = ("stop", "skip")
 # Rows per parquet shard: a few hundred MB for full-size PASCAL-Context samples.
 ROWS_PER_SHARD = 1000
+# A shard holds at most ROWS_PER_SHARD rows and this many bytes of cells: shards stream well and the writer holds at
+# most one shard in memory.
+DEFAULT_MAX_SHARD_BYTES = 500 * 2**20
+# Rows per parquet row group: the unit a streaming reader fetches (datasets' own choice for image datasets).
+ROWS_PER_ROW_GROUP = 100
+
+
+def row_bytes(row: dict) -> int:
+    """The approximate size of a row: the bytes of its encoded cells (images, label maps, arrays) and lists."""
+    total = 0
+    for value in row.values():
+        if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+            total += len(value["bytes"])
+        elif isinstance(value, (bytes, bytearray)):
+            total += len(value)
+        elif isinstance(value, list):
+            total += 4 * len(value)
+        elif isinstance(value, str):
+            total += len(value)
+    return total
+
+
+def parse_size(text) -> int:
+    """"500MB", "2GB", "64KB" or a number of bytes -> bytes (for `--max-shard-size`)."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    value = str(text).strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            break
+    else:
+        number, factor = value, 1
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise ValueError(f"A size must look like 500MB, 2GB or a number of bytes, got {text!r}.") from None
+    if size < 1:
+        raise ValueError(f"A size must be positive, got {text!r}.")
+    return size
 INCOMPLETE_MARK = ".incomplete-"
 # A temporary folder without a lock file (the instant between its creation and its lock, or a run of a version
 # without locks) counts as left over only after this long without any write in it.
@@ -140,23 +181,33 @@ def _star_call(arguments):
     return _call(*arguments)
 
 
-def _write_split(folder: Path, split: str, features, rows, rows_per_shard: int) -> int:
-    """Write `rows` as `data/<split>-XXXXX-of-YYYYY.parquet` shards; return the number of rows."""
+def _write_split(
+    folder: Path, split: str, features, rows, rows_per_shard: int, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> int:
+    """Write `rows` as `data/<split>-XXXXX-of-YYYYY.parquet` shards of at most `rows_per_shard` rows whose cells hold
+    at most `max_shard_bytes` (a single larger row gets a shard of its own), in row groups of `ROWS_PER_ROW_GROUP`
+    rows; return the number of rows. One shard's rows are in memory at a time."""
     data_dir = folder / DATA_DIRNAME
     data_dir.mkdir(exist_ok=True)
-    shard_paths, buffer, count = [], [], 0
+    shard_paths, buffer, count, buffered_bytes = [], [], 0, 0
 
     def flush():
         path = data_dir / f".{split}-{len(shard_paths):05d}.parquet"
-        datasets.Dataset.from_list(buffer, features=features).to_parquet(str(path))
+        datasets.Dataset.from_list(buffer, features=features).to_parquet(str(path), batch_size=ROWS_PER_ROW_GROUP)
         shard_paths.append(path)
         buffer.clear()
 
     for row in rows:
+        size = row_bytes(row)
+        if buffer and buffered_bytes + size > max_shard_bytes:  # the row would overfill the shard: it starts the next
+            flush()
+            buffered_bytes = 0
         buffer.append(row)
         count += 1
+        buffered_bytes += size
         if len(buffer) == rows_per_shard:
             flush()
+            buffered_bytes = 0
     if buffer:
         flush()
     for index, path in enumerate(shard_paths):
@@ -280,6 +331,7 @@ def write_dataset(
     overwrite: bool = False,
     description: str = "samples",
     rows_per_shard: int = ROWS_PER_SHARD,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Convert every sample and write the dataset folder atomically at `output_dir`.
 
@@ -293,6 +345,7 @@ def write_dataset(
             does not depend on it.
         on_error: "stop" raises `DatasetConversionError` at the first bad sample, "skip" leaves
             bad samples out and reports how many.
+        rows_per_shard, max_shard_bytes: a shard ends at this many rows or once its rows hold this many bytes.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}.")
@@ -334,7 +387,9 @@ def write_dataset(
                     yield result
 
             try:
-                split_sizes[split] = _write_split(temp_dir, split, features, accepted_rows(), rows_per_shard)
+                split_sizes[split] = _write_split(
+                    temp_dir, split, features, accepted_rows(), rows_per_shard, max_shard_bytes
+                )
             finally:
                 progress.close()
             if split_sizes[split] == 0:
