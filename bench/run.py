@@ -36,6 +36,7 @@ from bench import (
     onnx_runtime,
     pipeline_end_to_end,
     report,
+    scale_rehearsal,
     scaling,
     targets,
     variants,
@@ -58,6 +59,7 @@ SUITES = (
     modsquad_extraction,
     boundary_cost,
     onnx_runtime,
+    scale_rehearsal,
     gpu,
 )
 

@@ -154,8 +154,9 @@ def test_quick_run_writes_results_report_and_plots(tmp_path):
     sections = results["sections"]
     assert set(sections) == {
         "variants", "headline", "batched_vs_loop", "scaling", "data_pipeline", "pipeline", "memory_growth", "gpu",
-        "modsquad_extraction", "boundary_cost", "onnx_runtime",
+        "modsquad_extraction", "boundary_cost", "onnx_runtime", "scale_rehearsal",
     }  # fmt: skip
+    assert "--only scale_rehearsal" in sections["scale_rehearsal"]["skipped"]  # heavy: only when asked for
     (onnx_row,) = sections["onnx_runtime"]["rows"]  # the quick plan: one export
     assert onnx_row["max_abs_difference"] <= 1e-4 and onnx_row["ratio_all"] > 0
     assert set(onnx_row) >= {"pytorch", "onnxruntime_basic", "onnxruntime_all"}

@@ -12,7 +12,8 @@ An epoch of a streamed split has a fixed length in batches, the same on every pr
 never waits in a collective for another that ran out of samples, and a resumed run knows where it stood. Resuming
 restarts the epoch's stream (same seed, same order) and skips the batches already trained on (`skip_batches`), which
 reproduces the uninterrupted run exactly; the skipped batches are read and transformed again, a cost proportional to
-the position in the epoch.
+the position in the epoch. (`datasets` pauses 5 s when a shuffled stream's prefetch threads end, once per epoch: noise
+for a real epoch, noticeable only on toy datasets.)
 """
 
 import itertools
