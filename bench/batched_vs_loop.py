@@ -12,7 +12,7 @@ from modeling_taskexpert.testing_utils import taskexpert_experts_loop
 from .measure import interleaved_times, median_ratio, summarize
 from .models import load_config
 from .plan import BenchPlan, SuiteContext
-from .report import pyplot, ratio, save_plot, setting_label, table
+from .formatting import pyplot, ratio, save_plot, setting_label, table
 
 KEY = "batched_vs_loop"
 TITLE = "Batched experts vs a per-expert loop"

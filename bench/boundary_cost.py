@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from .plan import SuiteContext
-from .report import table
+from .formatting import table
 
 KEY = "boundary_cost"
 TITLE = "The exact boundary scorer's cost per image"

@@ -142,7 +142,7 @@ OPTIMISATIONS = """\
 
 def before_after_text(path: Path = BEFORE_AFTER_FILE) -> str:
     """The recorded before/after measurement of `bench/compare_revisions.py`, when there is one."""
-    from bench.report import ms, ratio  # not at the top: a worker imports the package of its own revision
+    from bench.formatting import ms, ratio  # not at the top: a worker imports the package of its own revision
 
     if not Path(path).is_file():
         return ""

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from .measure import interleaved_times, summarize
 from .models import build_model, load_config, random_labels, random_pixels, train_step
 from .plan import BenchPlan, SuiteContext
-from .report import ratio, table
+from .formatting import ratio, table
 
 KEY = "data_pipeline"
 TITLE = "Data pipeline vs training step"

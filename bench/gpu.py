@@ -10,7 +10,7 @@ import torch
 from .measure import count_flops, interleaved_times, median, median_ratio, summarize
 from .models import build_model, inference_call, load_config, random_labels, random_pixels, train_step
 from .plan import Setting, SuiteContext
-from .report import mib, ratio, setting_label, table
+from .formatting import mib, ratio, setting_label, table
 
 # Dense bf16 tensor-core peak of common data-centre GPUs (FLOP/s, no sparsity), keyed by a name fragment.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}

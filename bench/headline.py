@@ -8,7 +8,7 @@ import torch
 from .measure import count_flops, interleaved_times, median, median_ratio, summarize
 from .models import build_model, inference_call, load_config, random_pixels, replay_backbone
 from .plan import BenchPlan, SuiteContext
-from .report import ms, ratio, setting_label, table
+from .formatting import ms, ratio, setting_label, table
 
 KEY = "headline"
 

@@ -10,7 +10,7 @@ from .measure import resident_memory_bytes
 from .models import build_model, inference_call, load_config, random_pixels
 from .pipeline_end_to_end import _build_pipeline
 from .plan import BenchPlan, SuiteContext
-from .report import mib, pyplot, save_plot, setting_label, table
+from .formatting import mib, pyplot, save_plot, setting_label, table
 
 KEY = "memory_growth"
 TITLE = "Memory over repeated inference"

@@ -7,7 +7,7 @@ from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction
 from .measure import interleaved_times, median_ratio, summarize
 from .models import MODEL_CONFIG_DIR, count_parameters, random_pixels
 from .plan import BenchPlan, SuiteContext
-from .report import millions, ratio, table
+from .formatting import millions, ratio, table
 
 KEY = "modsquad_extraction"
 TITLE = "Mod-Squad: extracted single-task models"

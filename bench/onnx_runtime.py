@@ -13,7 +13,7 @@ import torch
 from .measure import interleaved_times, median_ratio, summarize
 from .models import build_model, load_config, random_pixels
 from .plan import SuiteContext
-from .report import ms, table
+from .formatting import ms, table
 
 KEY = "onnx_runtime"
 TITLE = "ONNX Runtime against eager PyTorch"

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from .measure import interleaved_times, median_ratio, summarize
 from .models import build_model, inference_call, load_config
 from .plan import BenchPlan, Setting, SuiteContext
-from .report import ms, ratio, setting_label, table
+from .formatting import ms, ratio, setting_label, table
 
 KEY = "pipeline"
 TITLE = "`pipeline` end to end"

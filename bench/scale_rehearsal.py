@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .plan import SuiteContext
-from .report import table
+from .formatting import table
 
 KEY = "scale_rehearsal"
 TITLE = "Scale rehearsal: 50,000 streamed samples, 2 processes, a kill and a resume"

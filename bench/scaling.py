@@ -7,7 +7,7 @@ from dataclasses import asdict
 from .measure import count_flops, interleaved_times, median
 from .models import build_model, count_parameters, inference_call, load_config, random_pixels, replay_backbone
 from .plan import BenchPlan, SuiteContext
-from .report import millions, ms, pyplot, ratio, save_plot, setting_label, table
+from .formatting import millions, ms, pyplot, ratio, save_plot, setting_label, table
 
 KEY = "scaling"
 TITLE = "Cost vs experts, tasks, MMoE layers, image size"

@@ -5,7 +5,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from .plan import BenchPlan
-from .report import setting_label
+from .formatting import setting_label
 
 # Targets of the issue, as (results key, comparison, bound).
 TARGETS = {

@@ -16,7 +16,7 @@ from .models import (
     train_step,
 )
 from .plan import BenchPlan, Setting, SuiteContext
-from .report import mib, millions, ms, pyplot, ratio, save_plot, setting_label, table
+from .formatting import mib, millions, ms, pyplot, ratio, save_plot, setting_label, table
 
 KEY = "variants"
 TITLE = "TaskExpert vs backbone vs shared decoder"

@@ -19,6 +19,7 @@ from .modeling_modsquad import (
     ModSquadOutput,
     ModSquadPreTrainedModel,
 )
+from .model_types import MODEL_TYPES
 from .modeling_taskexpert import (
     TaskExpertForDensePrediction,
     TaskExpertModel,
@@ -29,18 +30,16 @@ from .modeling_taskexpert import (
 from .pipeline_taskexpert import MultiTaskDensePredictionPipeline
 from .task_definitions import IGNORE_INDEX, PIPELINE_TASK, TASKS
 
-AutoConfig.register(TaskExpertConfig.model_type, TaskExpertConfig, exist_ok=True)
-# AutoModel gives the model with heads: a dense multi-task model has no task-specific Auto class.
-AutoModel.register(TaskExpertConfig, TaskExpertForDensePrediction, exist_ok=True)
-AutoImageProcessor.register(TaskExpertConfig, image_processor_classes={"pil": TaskExpertImageProcessor}, exist_ok=True)
-TaskExpertConfig.register_for_auto_class()
-TaskExpertForDensePrediction.register_for_auto_class("AutoModel")
+for _entry in MODEL_TYPES.values():
+    AutoConfig.register(_entry.name, _entry.config_class, exist_ok=True)
+    # AutoModel gives the model with heads: a dense multi-task model has no task-specific Auto class.
+    AutoModel.register(_entry.config_class, _entry.model_class, exist_ok=True)
+    AutoImageProcessor.register(
+        _entry.config_class, image_processor_classes={"pil": TaskExpertImageProcessor}, exist_ok=True
+    )
+    _entry.config_class.register_for_auto_class()
+    _entry.model_class.register_for_auto_class("AutoModel")
 TaskExpertImageProcessor.register_for_auto_class("AutoImageProcessor")
-AutoConfig.register(ModSquadConfig.model_type, ModSquadConfig, exist_ok=True)
-AutoModel.register(ModSquadConfig, ModSquadForDensePrediction, exist_ok=True)
-AutoImageProcessor.register(ModSquadConfig, image_processor_classes={"pil": TaskExpertImageProcessor}, exist_ok=True)
-ModSquadConfig.register_for_auto_class()
-ModSquadForDensePrediction.register_for_auto_class("AutoModel")
 PIPELINE_REGISTRY.register_pipeline(
     PIPELINE_TASK, pipeline_class=MultiTaskDensePredictionPipeline, pt_model=AutoModel, type="image"
 )

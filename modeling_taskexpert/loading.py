@@ -14,11 +14,10 @@ from pathlib import Path
 
 from transformers import AutoModel, PretrainedConfig
 
-from .configuration_modsquad import ModSquadConfig
-from .configuration_taskexpert import TaskExpertConfig
 from .dense_model_utils import check_model_folder
+from .model_types import MODEL_TYPES as _REGISTRY
 
-MODEL_TYPES = (TaskExpertConfig.model_type, ModSquadConfig.model_type)
+MODEL_TYPES = tuple(_REGISTRY)  # the model_type names this package loads
 
 
 def read_model_config(source, trust_remote_code: bool = False, **hub_kwargs) -> dict:
@@ -35,8 +34,9 @@ def read_model_config(source, trust_remote_code: bool = False, **hub_kwargs) -> 
         raise ValueError(
             f"{where} has no `model_type`: a model of this package names its type there ({expected}). Without it "
             f'transformers cannot match the file to the installed classes. Add "model_type": {MODEL_TYPES[0]!r} (or '
-            f"{MODEL_TYPES[1]!r}) to the file, or load it with TaskExpertForDensePrediction.from_pretrained(...) or "
-            "ModSquadForDensePrediction.from_pretrained(...)."
+            f"{MODEL_TYPES[1]!r}) to the file, or load it with "
+            + " or ".join(f"{entry.model_class.__name__}.from_pretrained(...)" for entry in _REGISTRY.values())
+            + "."
         )
     if model_type not in MODEL_TYPES and not trust_remote_code:
         raise ValueError(f"{where} has `model_type` {model_type!r}; this package loads {expected}.")

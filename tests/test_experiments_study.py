@@ -191,7 +191,7 @@ def _part(captured: dict, prefix: str) -> dict:
 @pytest.mark.slow
 def test_variants_of_a_seed_share_initial_backbone_and_first_batch(synthetic_dataset, tmp_path):
     variants = study.variants_by_name()
-    names = ("taskexpert", "no-memory", "single-semseg", "modsquad")
+    names = ("taskexpert", "single-semseg", "modsquad")  # another TaskExpert variant, and the other model type
     runs = _initial_states(
         {**{name: (variants[name].recipe, 1) for name in names}, "other-seed": (variants["taskexpert"].recipe, 2)},
         synthetic_dataset,
@@ -202,7 +202,7 @@ def test_variants_of_a_seed_share_initial_backbone_and_first_batch(synthetic_dat
     reference = runs["taskexpert"]
     backbone, batch = _part(reference, "backbone/"), _part(reference, "batch/")
     assert len(backbone) > 10 and "pixel_values" in batch
-    for name in ("no-memory", "single-semseg"):  # TaskExpert models: same backbone module
+    for name in ("single-semseg",):  # TaskExpert models: same backbone module
         other = _part(runs[name], "backbone/")
         assert other.keys() == backbone.keys(), name
         assert all(torch.equal(other[key], backbone[key]) for key in backbone), f"{name}: different initial backbone"

@@ -3,6 +3,8 @@ routing outputs, the folder's description, the torch-free example of docs/deploy
 
 import json
 import os
+import shutil
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from markdown_snippets import python_snippets
-from modsquad_reference import build_modsquad, tiny_modsquad_config
+from modsquad_reference import build_modsquad
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -52,11 +54,22 @@ def assert_same_segmentation(onnx_logits: np.ndarray, torch_logits: torch.Tensor
 
 @pytest.fixture(scope="module")
 def exported_taskexpert(tmp_path_factory):
+    """A saved TaskExpert exported by the command line (dynamic size, gates): (model, folder of the export)."""
     model = taskexpert()
-    folder = tmp_path_factory.mktemp("onnx") / "taskexpert"
-    processor = TaskExpertImageProcessor(size=48, size_divisor=8)
-    result = export_onnx(model, folder, dynamic_size=True, gates=True, processor=processor)
-    return model, result
+    root = tmp_path_factory.mktemp("onnx")
+    model.save_pretrained(root / "model")
+    TaskExpertImageProcessor(size=48, size_divisor=8).save_pretrained(root / "model")
+    arguments = [
+        "onnx",
+        "--model",
+        str(root / "model"),
+        "--output",
+        str(root / "taskexpert"),
+        "--dynamic-size",
+        "--gates",
+    ]
+    assert export_main(arguments) == 0
+    return model, SimpleNamespace(folder=root / "taskexpert")
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +173,14 @@ def test_postprocess_steps_of_every_kind_equal_the_kinds_postprocess():
         "segmentation": {"kind": "segmentation"},
         "saliency": {"kind": "saliency"}, "boundary": {"kind": "boundary"}, "normals": {"kind": "normals"},
         "depth": {"kind": "depth"}, "regression": {"kind": "regression", "channels": 2, "value_range": [-1.0, 2.5]},
+        "image_classification": {"kind": "image_classification"},
     }  # fmt: skip
     assert set(declarations) == set(KINDS)
     for name, declaration in declarations.items():
-        spec = make_task_spec(name, declaration, class_names=["a", "b", "c", "d"] if name == "segmentation" else None)
-        logits = torch.randn(2, spec.head_channels, 5, 7, generator=generator) * 3
+        classes = ["a", "b", "c", "d"] if name in ("segmentation", "image_classification") else None
+        spec = make_task_spec(name, declaration, class_names=classes)
+        shape = (2, spec.head_channels) if spec.kind.image_level else (2, spec.head_channels, 5, 7)
+        logits = torch.randn(*shape, generator=generator) * 3
         expected = spec.kind.postprocess(logits, spec).numpy()
         got = namespace["postprocess"](logits.numpy(), spec.kind.postprocess_steps(spec))
         assert got.shape == expected.shape, name
@@ -177,15 +193,12 @@ def deployment_snippet() -> str:
     return example.code
 
 
-def test_the_deployment_example_runs_without_torch(tmp_path):
-    """The CLI exports a saved model; the docs' script, in a process where torch cannot be imported, gives the maps of
-    the PyTorch processor + model + post-processing."""
-    model = taskexpert()
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
+def test_the_deployment_example_runs_without_torch(exported_taskexpert, tmp_path):
+    """The export the command line wrote (fixture); the docs' script, in a process where torch cannot be imported,
+    gives the maps of the PyTorch processor + model + post-processing."""
+    model, result = exported_taskexpert
+    shutil.copytree(result.folder, tmp_path / "taskexpert-onnx")
     processor = TaskExpertImageProcessor(size=48, size_divisor=8)
-    processor.save_pretrained(model_dir)
-    assert export_main(["onnx", "--model", str(model_dir), "--output", str(tmp_path / "taskexpert-onnx")]) == 0
     rng = np.random.default_rng(0)
     from PIL import Image
 
@@ -243,11 +256,21 @@ def test_errors_are_clear_and_leave_nothing(tmp_path):
     broken = NumpyInForward(tiny_config()).eval()
     with pytest.raises(OnnxExportError, match="torch.onnx.export could not export this taskexpert model"):
         export_onnx(broken, tmp_path / "c", size=(32, 32))
-    # A graph that does not match PyTorch closely enough is refused (here with a tolerance nothing meets).
-    with pytest.raises(OnnxExportError, match=r"differs from PyTorch by .* \(> 0\)"):
-        export_onnx(build_modsquad(tiny_modsquad_config(tasks=["semseg", "depth"], task_id2label={"semseg": {0: "a", 1: "b"}})), tmp_path / "d", tolerance=0.0,
-                    size=(32, 32))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]  # no output, no staging folder
+
+
+def test_a_graph_that_does_not_match_pytorch_is_refused(exported_modsquad):
+    """The verification step (run by every export before anything is written) names the output and the input; here
+    with a tolerance nothing meets."""
+    from modeling_taskexpert.export.onnx_export import ExportedForward, output_names, verify
+
+    model, result = exported_modsquad
+    wrapper = ExportedForward(model, model.config.tasks, gates=True).eval()
+    names = output_names(model.config, model.config.tasks, gates=True)
+    example = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(4))
+    assert verify(result.model_file, wrapper, [example], names, tolerance=1e-4) <= 1e-4
+    with pytest.raises(OnnxExportError, match=r"Output logits\.semseg on input \(2, 3, 40, 48\): ONNX Runtime differs"):
+        verify(result.model_file, wrapper, [example], names, tolerance=0.0)
 
 
 def test_the_cli_names_a_missing_model(tmp_path, capsys):

@@ -21,7 +21,7 @@ from modeling_taskexpert.evaluation import PRIMARY_METRICS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOKE_OVERRIDES = [
     "--max_steps", "1", "--warmup_steps", "0", "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1",
-    "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--num_workers", "0",
+    "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--max_eval_samples", "1", "--num_workers", "0",
     "--crop_size", "[64, 64]", "--mixed_precision", "no", "--model_overrides", "{backbone_checkpoint: null}",
 ]  # fmt: skip
 

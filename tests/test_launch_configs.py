@@ -50,7 +50,7 @@ def test_fsdp_finds_the_wrap_units_of_both_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp2.yaml"])
+@pytest.mark.parametrize("config", ["fsdp2.yaml"])  # on CPU it runs as ddp.yaml does (2 processes, gloo)
 def test_train_py_under_a_launch_configuration_on_cpu(config, synthetic_dataset, tmp_path):
     output_dir = tmp_path / "run"
     command = [

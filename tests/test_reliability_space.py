@@ -1,9 +1,9 @@
-"""The Space under a small version of its load test (space_app/load_test.py): the temporary folder stays within its
+"""The Space under a small version of its load test (bench/space_load_test.py): the temporary folder stays within its
 budget over many sessions, bad inputs are refused with reasons, and SIGTERM leaves no file behind."""
 
 import pytest
 
-import load_test
+from bench import space_load_test as load_test
 
 pytestmark = pytest.mark.slow
 

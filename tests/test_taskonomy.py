@@ -200,19 +200,22 @@ def test_reference_metrics_on_hand_computed_cases():
     assert meter.summarise(meter.state) == {"top1": pytest.approx(100 / 3)}  # right, wrong, (no label), wrong
 
 
-def test_the_converter_command_refuses_what_it_cannot_convert(taskonomy_raw, tmp_path):
+def test_the_converter_command_refuses_what_it_cannot_convert(taskonomy_raw, tmp_path, capsys):
+    from modeling_taskexpert.data.__main__ import main
+
     root, _ = taskonomy_raw
-    command = [sys.executable, "-m", "modeling_taskexpert.data", "taskonomy", "--raw-dir", str(root), "--output-dir"]
-    completed = subprocess.run([*command, str(tmp_path / "a"), "--tasks", "class_sky"], capture_output=True, text=True)
-    assert completed.returncode == 2 and "Unknown Taskonomy task(s) ['class_sky']" in completed.stderr
-    completed = subprocess.run([*command, str(tmp_path / "b"), "--split-size", "full"], capture_output=True, text=True)
-    assert completed.returncode == 2 and "train_val_test_full.csv" in completed.stderr
-    completed = subprocess.run([*command, str(tmp_path / "c"), "--buildings", "zulu"], capture_output=True, text=True)
-    assert completed.returncode == 2 and "No view of the train split" in completed.stderr
-    # A subset: two tasks, one building per split, one view each.
+    command = ["taskonomy", "--raw-dir", str(root), "--num-workers", "0", "--output-dir"]
+    assert main([*command, str(tmp_path / "a"), "--tasks", "class_sky"]) == 2
+    assert "Unknown Taskonomy task(s) ['class_sky']" in capsys.readouterr().err
+    assert main([*command, str(tmp_path / "b"), "--split-size", "full"]) == 2
+    assert "train_val_test_full.csv" in capsys.readouterr().err
+    assert main([*command, str(tmp_path / "c"), "--buildings", "zulu"]) == 2
+    assert "No view of the train split" in capsys.readouterr().err
+    # A subset: two tasks, one building per split, one view each (the command as a user runs it).
     completed = subprocess.run(
-        [*command, str(tmp_path / "d"), "--tasks", "normal", "class_scene", "--buildings", "alpha", "charlie",
-         "--max-views-per-building", "1", "--num-workers", "0"], capture_output=True, text=True,
+        [sys.executable, "-m", "modeling_taskexpert.data", *command, str(tmp_path / "d"), "--tasks", "normal",
+         "class_scene", "--buildings", "alpha", "charlie", "--max-views-per-building", "1"],
+        capture_output=True, text=True,
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     metadata = read_dataset_metadata(tmp_path / "d")
@@ -223,16 +226,12 @@ def test_the_converter_command_refuses_what_it_cannot_convert(taskonomy_raw, tmp
 @pytest.mark.slow
 def test_the_modsquad_taskonomy_recipe_trains_all_13_tasks(converted, tmp_path):
     folder, _ = converted
-    from training_runs import ACCELERATE
-
-    # The command the docs give: accelerate launch train.py --config hub_configs/modsquad-taskonomy-vitb.yaml.
     command = [
-        ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no",
-        "train.py", "--config", "hub_configs/modsquad-taskonomy-vitb.yaml", "--dataset", str(folder),
+        sys.executable, "train.py", "--config", "hub_configs/modsquad-taskonomy-vitb.yaml", "--dataset", str(folder),
         "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--warmup_steps", "0", "--eval_steps", "0",
         "--save_steps", "0", "--logging_steps", "1", "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "3", "--num_workers", "0", "--crop_size", "[32, 32]", "--mixed_precision", "no",
+        "--per_device_eval_batch_size", "1", "--max_eval_samples", "1", "--num_workers", "0", "--crop_size", "[32, 32]",
+        "--mixed_precision", "no",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -257,8 +256,13 @@ def test_the_synthetic_taskonomy_style_trains_the_tiny_modsquad_recipe_offline(t
     metadata = read_dataset_metadata(data)
     assert list(metadata["tasks"]) == list(TASKS) and metadata["train_size"] == [56, 56]
     assert metadata["tasks"]["class_scene"]["num_classes"] == 4
+    from training_runs import ACCELERATE
+
+    # Through accelerate launch, as the docs give the command.
     command = [
-        sys.executable, "train.py", "--config", "hub_configs/modsquad-synthetic-taskonomy-tiny.yaml", "--dataset",
+        ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+        "train.py", "--config", "hub_configs/modsquad-synthetic-taskonomy-tiny.yaml", "--dataset",
         str(data), "--output_dir", str(tmp_path / "run"), "--max_steps", "3", "--warmup_steps", "0", "--eval_steps",
         "0", "--save_steps", "0", "--logging_steps", "1", "--per_device_train_batch_size", "4", "--num_workers", "0",
     ]  # fmt: skip

@@ -7,6 +7,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -302,16 +303,24 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_and_a_second_push_up
 
     with local_hub() as hub:
         env = hub_environment(hub, training_env())
-        for output_dir, steps in ((tmp_path / "first", "2"), (tmp_path / "second", "3")):
-            command = train_command(synthetic_dataset, output_dir, "--max_steps", steps, "--save_steps", "1",
-                                    "--push_to_hub", "--hub_model_id", "tester/model", launcher=False)  # fmt: skip
-            completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-            assert completed.returncode == 0, completed.stderr[-4000:]
-            assert (output_dir / "checkpoints").is_dir()  # there were checkpoints to leave out
-            repository = hub.repos[("model", "tester/model")]
-            assert repository.files == pushed_files(output_dir)
-            assert "model.safetensors" in repository.files and "README.md" in repository.files
-            assert not any(path.startswith("checkpoints/") for path in repository.files)
+        output_dir = tmp_path / "run"
+        command = train_command(synthetic_dataset, output_dir, "--max_steps", "2", "--save_steps", "1",
+                                "--push_to_hub", "--hub_model_id", "tester/model", launcher=False)  # fmt: skip
+        completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert (output_dir / "checkpoints").is_dir()  # there were checkpoints to leave out
+        repository = hub.repos[("model", "tester/model")]
+        assert repository.files == pushed_files(output_dir)
+        assert "model.safetensors" in repository.files and "README.md" in repository.files
+        assert not any(path.startswith("checkpoints/") for path in repository.files)
+        # The folder changes (as a longer run would change it) and train.py's push runs again: the repo follows.
+        (output_dir / "metrics.json").write_text('{"semseg/mIoU": 1.0}\n')
+        (output_dir / "notes.txt").write_text("second push\n")
+        push = ("import sys, types; sys.path.insert(0, '.'); import train; train.push_folder(types.SimpleNamespace("
+                f"hub_model_id='tester/model', hub_private=False, output_dir={str(output_dir)!r}))")  # fmt: skip
+        completed = subprocess.run([sys.executable, "-c", push], cwd=REPO, env=env, capture_output=True, text=True)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        assert repository.files == pushed_files(output_dir) and repository.files["notes.txt"] == b"second push\n"
         assert len(repository.commits) == 2 and hub.unknown_requests == []
 
 

@@ -9,6 +9,7 @@ import yaml
 
 from ..file_utils import atomic_write, looks_like_repo_id
 from ..task_definitions import PIPELINE_TASK, TASKS, TaskSpec, as_specs
+from ..model_types import MODEL_TYPES
 
 
 class JsonLinesLogger:
@@ -176,22 +177,6 @@ def write_example_maps(model, processor, image, folder: Path) -> dict[str, str]:
     return paths
 
 
-def _citation(model_type: str) -> str:
-    if model_type == "modsquad":
-        return """@inproceedings{chen2023modsquad,
-  title     = {Mod-Squad: Designing Mixtures of Experts As Modular Multi-Task Learners},
-  author    = {Chen, Zitian and Shen, Yikang and Ding, Mingyu and Chen, Zhenfang and Zhao, Hengshuang and Learned-Miller, Erik and Gan, Chuang},
-  booktitle = {CVPR},
-  year      = {2023}
-}"""
-    return """@inproceedings{ye2023taskexpert,
-  title     = {TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial Mixture-of-Experts},
-  author    = {Ye, Hanrong and Xu, Dan},
-  booktitle = {ICCV},
-  year      = {2023}
-}"""
-
-
 def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: str,
                      chance_baseline: Optional[dict] = None, example_maps: Optional[dict] = None) -> str:  # fmt: skip
     """A Hub model card (README.md): front matter with a `model-index` of the evaluation metrics, then intended uses
@@ -309,9 +294,7 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
             + f"| ![input]({example_maps['input']}) | "
             + " | ".join(f"![{task}]({example_maps[task]})" for task in shown) + " |\n"
         )  # fmt: skip
-    architecture = (
-        "TaskExpert (Ye & Xu, ICCV 2023)" if config.model_type == "taskexpert" else "Mod-Squad (Chen et al., CVPR 2023)"
-    )
+    architecture = MODEL_TYPES[config.model_type].title
     body = f"""
 # {model_name}
 
@@ -392,7 +375,7 @@ Units: mIoU, accuracy, maxF and odsF in %, angles in degrees, depth errors in me
 ## Citation
 
 ```bibtex
-{_citation(config.model_type)}
+{MODEL_TYPES[config.model_type].citation}
 ```
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").content

@@ -1,7 +1,7 @@
 """Load test of the Space: do memory and the temporary folder stay flat over many sessions, and is everything
 cleaned up when the server is stopped with SIGTERM?
 
-    python space_app/load_test.py --sessions 300 --clients 20 --requests_per_client 5 \\
+    python bench/space_load_test.py --sessions 300 --clients 20 --requests_per_client 5 \\
         --report docs/reliability.md --figure docs/figures/space_load_test.png
 
 The app runs in its own process (`--serve`), on a free port of 127.0.0.1, with a tiny random TaskExpert saved to a
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPACE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SPACE_DIR.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPACE_DIR = REPO_ROOT / "space_app"
 REPORT_START = "<!-- space-load-test:start -->"
 REPORT_END = "<!-- space-load-test:end -->"
 TASKS = ["semseg", "human_parts", "saliency", "normals", "edge", "depth"]
@@ -365,7 +365,7 @@ def render_report(results: dict, figure: Path = None, report: Path = None) -> st
     machine, seq, conc = results["machine"], results["sequential"], results["concurrent"]
     shutdown = results["shutdown"]
     command = (
-        f"python space_app/load_test.py --sessions {results['sessions']} --clients {results['clients']} "
+        f"python bench/space_load_test.py --sessions {results['sessions']} --clients {results['clients']} "
         f"--requests_per_client {results['requests_per_client']} --image_side {results['image_side']}"
     )
     lines = [
