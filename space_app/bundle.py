@@ -33,6 +33,8 @@ from typing import Optional
 
 import yaml
 
+from modeling_taskexpert.file_utils import give_default_permissions
+
 SPACE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SPACE_DIR.parent
 PACKAGE_DIR = REPO_ROOT / "modeling_taskexpert"
@@ -165,9 +167,7 @@ def write_bundle(model: str, output, hub_id: Optional[str] = None, overwrite: bo
         (staging / "space_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         (staging / "requirements.txt").write_text(requirements_text())
         (staging / "README.md").write_text(readme_text(model, hub_id or (None if embedded else model), embedded))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the bundle is an ordinary folder
+        give_default_permissions(staging)  # mkdtemp's folder is private; the bundle is an ordinary folder
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..file_utils import give_default_permissions
 from ..task_definitions import task_specs_of
 
 logger = logging.getLogger(__name__)
@@ -265,9 +266,7 @@ def export_onnx(
         processor.save_pretrained(staging)
         config.to_json_file(staging / "config.json")
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
+        give_default_permissions(staging)  # mkdtemp's folder is private; the export is an ordinary folder
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
