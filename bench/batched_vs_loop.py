@@ -31,7 +31,7 @@ def batched_vs_loop(plan: BenchPlan) -> list[dict]:
         channels = config.backbone_config.hidden_size
         grid = (setting.image_size // config.patch_size,) * 2
         tokens = torch.randn(setting.batch, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(0))
-        for experts in plan.expert_counts:
+        for experts in plan.num_experts_sweep:
             torch.manual_seed(0)
             module = TaskExpertExperts(load_config(setting.preset, num_experts=experts), channels).eval()
             for weight in (module.fc1_weight, module.fc2_weight):

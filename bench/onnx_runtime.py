@@ -45,10 +45,10 @@ def _sessions(model_file: Path, threads: int) -> dict:
 
 def compare(model, label: str, image_size: int, tasks, budget_s: float, min_rounds: int) -> dict:
     from modeling_taskexpert.export import export_onnx
-    from modeling_taskexpert.image_processing_taskexpert import TaskExpertImageProcessor
+    from modeling_taskexpert.image_processing_dense_multitask import DenseMultiTaskImageProcessor
 
     pixels = random_pixels(1, image_size)
-    processor = TaskExpertImageProcessor(size=image_size, size_divisor=model.config.patch_size)
+    processor = DenseMultiTaskImageProcessor(size=image_size, size_divisor=model.config.patch_size)
     with tempfile.TemporaryDirectory() as folder:
         result = export_onnx(model, Path(folder) / "onnx", tasks=tasks, processor=processor)
         sessions = _sessions(result.model_file, torch.get_num_threads())

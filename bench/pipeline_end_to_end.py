@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modeling_taskexpert import MultiTaskDensePredictionPipeline, TaskExpertImageProcessor
+from modeling_taskexpert import MultiTaskDensePredictionPipeline, DenseMultiTaskImageProcessor
 
 from dataclasses import asdict
 
@@ -52,7 +52,7 @@ def pipeline_end_to_end(plan: BenchPlan) -> list[dict]:
 def _build_pipeline(setting: Setting) -> tuple[MultiTaskDensePredictionPipeline, Image.Image]:
     config = load_config(setting.preset)
     model = build_model(config)
-    processor = TaskExpertImageProcessor(
+    processor = DenseMultiTaskImageProcessor(
         size={"height": setting.image_size, "width": setting.image_size}, size_divisor=config.patch_size
     )
     pipe = MultiTaskDensePredictionPipeline(model=model, image_processor=processor)

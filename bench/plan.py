@@ -23,7 +23,7 @@ class BenchPlan:
     grid: list[Setting]
     train_grid: list[Setting]
     headline: Setting
-    expert_counts: tuple[int, ...] = (4, 8, 16)
+    num_experts_sweep: tuple[int, ...] = (4, 8, 16)
     loop_settings: list[Setting] = field(default_factory=list)
     sweep: Setting = Setting("vit-s", 256, 1)
     sweep_experts: tuple[int, ...] = (2, 4, 8, 16)
@@ -80,7 +80,7 @@ def quick_plan() -> BenchPlan:
         grid=[tiny],
         train_grid=[tiny],
         headline=tiny,
-        expert_counts=(2, 4),
+        num_experts_sweep=(2, 4),
         loop_settings=[tiny],
         sweep=Setting("tiny", 32, 1),
         sweep_experts=(2,),

@@ -65,7 +65,7 @@ def _train(data: Path, output: Path, streaming: bool, steps: int, resume: bool =
         "--config", "hub_configs/synthetic-tiny.yaml", "--dataset", str(data), "--output_dir", str(output),
         "--max_steps", str(steps), "--warmup_steps", "0", "--eval_steps", "0", "--save_steps", str(KILL_AFTER),
         "--logging_steps", str(LOGGING_STEPS), "--per_device_train_batch_size", str(BATCH), "--num_workers", "1",
-        "--max_eval_samples", "16", "--edge_mode", "approximate", "--final_edge_modes", "[approximate]",
+        "--max_eval_samples", "16", "--boundary_mode", "approximate", "--final_boundary_modes", "[approximate]",
         "--streaming", "true" if streaming else "false", "--shuffle_buffer_size", "1000",
     ] + (["--resume_from_checkpoint", "latest"] if resume else [])  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

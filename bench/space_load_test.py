@@ -53,7 +53,7 @@ def save_tiny_model(folder: Path) -> Path:
     """A small random TaskExpert (ViT with 4 layers of width 64, all six tasks) and a 128 px processor canvas."""
     import torch
 
-    from modeling_taskexpert import TaskExpertConfig, TaskExpertForDensePrediction, TaskExpertImageProcessor
+    from modeling_taskexpert import TaskExpertConfig, TaskExpertForDensePrediction, DenseMultiTaskImageProcessor
 
     torch.manual_seed(0)
     config = TaskExpertConfig(
@@ -64,7 +64,7 @@ def save_tiny_model(folder: Path) -> Path:
         mmoe_layers=[2, 4], num_experts=3, expert_hidden_size=32, head_hidden_size=32,
     )  # fmt: skip
     TaskExpertForDensePrediction(config).eval().save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": 128, "width": 128}, size_divisor=16).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": 128, "width": 128}, size_divisor=16).save_pretrained(folder)
     return folder
 
 

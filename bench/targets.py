@@ -29,7 +29,7 @@ def target_values(sections: dict, plan: BenchPlan) -> dict:
     """The value of every target (and the related ratios the notes quote) from the measured sections."""
     headline = next(row for row in sections["variants"] if row["setting"] == asdict(plan.headline))
     loop_rows = [row for row in sections["batched_vs_loop"] if row["setting"] == asdict(plan.loop_settings[0])]
-    middle_experts = plan.expert_counts[len(plan.expert_counts) // 2]
+    middle_experts = plan.num_experts_sweep[len(plan.num_experts_sweep) // 2]
     growth = sections["memory_growth"]
     return {
         "mmoe_overhead_ratio": headline["forward_time_ratio_to_backbone"]["taskexpert"],

@@ -206,7 +206,7 @@ def one_boundary_scorer(variants: list[dict]) -> Optional[str]:
 
 
 def primary_key(task: str, metrics: dict) -> str:
-    """The main metric of a task as reported (boundary odsF from the approximate scorer when the exact one is absent)."""
+    """The primary metric of a task as reported (boundary odsF from the approximate scorer when the exact one is absent)."""
     key = PRIMARY_METRICS[task][0]
     return (
         APPROXIMATE_EDGE_METRIC if task == "edge" and key not in metrics and APPROXIMATE_EDGE_METRIC in metrics else key
@@ -311,7 +311,7 @@ def _known(values: dict) -> dict:
 
 
 def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[dict]:
-    """The paired differences of one comparison: Δm, and each task's main metric (signed so that positive means the
+    """The paired differences of one comparison: Δm, and each task's primary metric (signed so that positive means the
     variant is better), with their t intervals and the verdict on Δm. None when a model of it was not trained."""
     variants = collected["variants"]
     if comparison.variant not in variants or not variants[comparison.variant]["runs"]:

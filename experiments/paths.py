@@ -1,11 +1,15 @@
 """Where the study reads and writes: file names of its output folders and what other parts of the repository read."""
 
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# The study's best default-TaskExpert run, copied push-ready by `experiments/run.py`; `make space` serves it.
-STUDY_BEST_MODEL_DIR = "outputs/taskexpert-synthetic-best"
+# The study's best default-TaskExpert run, copied push-ready by `experiments/run.py`: the folder the Space serves
+# first, configured in pyproject.toml (`[tool.taskexpert.space] best_model`).
+STUDY_BEST_MODEL_DIR = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["taskexpert"]["space"][
+    "best_model"
+]
 
 # Output root of each mode of the study (experiments/study.py).
 DEFAULT_OUTPUT_ROOTS = {

@@ -25,7 +25,7 @@ from modeling_taskexpert.file_utils import write_json_atomic
 from . import paired
 from .collect import StudyError, aggregate, collect
 from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT
-from .study import COMPARISONS, DESCRIPTIVE_VARIANTS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
+from .study import COMPARISONS, DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
 
 ALPHA = 1 - paired.CONFIDENCE
 TARGET_DIFFERENCE = 1.0  # Δm points the study should resolve
@@ -198,6 +198,22 @@ def estimate_from(collected: dict, summary: dict, study_seeds: Optional[int] = N
     }  # fmt: skip
     result["bigger_recipe"] = bigger_recipe(result)
     return result
+
+
+def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
+    """The full study's command, runs and CPU time, from the power estimate's measured CPU times."""
+    cpu = estimate["cpu"]
+    runs = sum(cpu["runs"].values())
+    hours = cpu["total_seconds"] / 3600
+    # Counted at the TaskExpert cost when a kind was not measured (the pilot has no Mod-Squad run, say).
+    if cpu["unmeasured_kinds"] and "taskexpert" in cpu["per_run_seconds"]:
+        hours += (
+            sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
+        )
+    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["planned_seeds"],
+            "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
+            "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
+            "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip
 
 
 def main(argv=None) -> int:

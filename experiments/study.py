@@ -39,7 +39,7 @@ DESCRIPTIVE_VARIANTS = ("two-experts", "twelve-experts", "last-layer-only", "mod
 # Recipe fields every run of the study sets, whatever its recipe: the final evaluation scores boundaries with the
 # approximate scorer only, the one used during training. Every model is compared on the same scorer, and the exact
 # one (the protocol's, for the published numbers) costs more CPU time per run than the training itself.
-STUDY_OVERRIDES = {"final_edge_modes": ["approximate"]}
+STUDY_OVERRIDES = {"final_boundary_modes": ["approximate"]}
 
 # Kinds of variants, in the order the report lists them.
 KINDS = ("taskexpert", "ablation", "baseline", "modsquad", "single-task")
@@ -82,7 +82,7 @@ class Run:
 class Comparison:
     """A claim as a paired comparison: `variant` against `reference`, seed by seed.
 
-    The claim is that `variant` is better (higher Δm, better main metrics). `reference` is another variant, or
+    The claim is that `variant` is better (higher Δm, better primary metrics). `reference` is another variant, or
     `SINGLE_TASK` for the multi-task gain (Δm of `variant` against the single-task models of the same seed).
     `claim` is None for a comparison the paper makes no claim about (shown with its interval, without a verdict).
     """
@@ -146,7 +146,7 @@ PILOT_VARIANTS = ("taskexpert", "no-memory", "shared-decoder")
 PILOT_SEEDS = (0, 1, 2, 3, 4)
 PILOT_ONE_SEED_VARIANTS = ("modsquad",) + tuple(f"single-{task}" for task in TASKS)
 
-# The quick mode: two tasks (one higher- and one lower-is-better main metric, so that Δm is exercised both ways),
+# The quick mode: two tasks (one higher- and one lower-is-better primary metric, so that Δm is exercised both ways),
 # the variants needed for every section of the report, two seeds (so that paired intervals exist; Mod-Squad, the
 # slowest, one), three steps on a toy dataset.
 QUICK_TASKS = ("semseg", "depth")

@@ -6,6 +6,7 @@ sentences chosen by the computed verdicts, with the numbers filled in.
 
 import os
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,7 @@ from modeling_taskexpert.task_definitions import TASKS
 from . import paired, power
 from .collect import UNRECORDED, primary_key, revisions
 from .paths import STUDY_BEST_MODEL_DIR
-from .study import COMPARISONS, DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SINGLE_TASK, VARIANTS
+from .study import COMPARISONS, SINGLE_TASK
 
 UNITS = "Units: mIoU and maxF/odsF in %, normals in degrees, depth in metres"
 
@@ -26,6 +27,30 @@ UNITS = "Units: mIoU and maxF/odsF in %, normals in degrees, depth in metres"
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class StudyReport:
+    """Everything the report and its notes are written from, computed by `experiments.report.build_report`.
+
+    collected/summary: the runs (`collect.collect`) and their aggregate (`collect.aggregate`); results: the paired
+    comparisons (`collect.comparisons`); costs/usage: parameters, FLOPs and routing of the study's models; figures:
+    paths of the figures, relative to the report; estimate/plan: the power estimate and the study plan built from it
+    (`power.study_plan`), or `no_estimate` saying why there is none; pairing: the augmentation-pairing measurement;
+    best: the run copied for the Space; gpu_recipes: the costs of the GPU recipes."""
+
+    collected: dict
+    summary: dict
+    results: list
+    costs: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    estimate: Optional[dict] = None
+    pairing: Optional[dict] = None
+    plan: Optional[dict] = None
+    no_estimate: Optional[str] = None
+    best: Optional[dict] = None
+    gpu_recipes: list = field(default_factory=list)
+
+
 def _pyplot():
     import matplotlib
 
@@ -74,7 +99,7 @@ def plot_curves(collected: dict, path: Path) -> None:
 
 def plot_paired_differences(results: list[dict], path: Path) -> None:
     """One row per comparison: every seed's paired difference (dots), their mean and 95 % interval (bar), for Δm and
-    each task's main metric (positive = the first model of the comparison is better)."""
+    each task's primary metric (positive = the first model of the comparison is better)."""
     plt = _pyplot()
     tasks = [t for t in TASKS if any(t in r["per_task"] for r in results)]
     panels = [("Δm (points)", lambda r: r["delta_m"])] + [
@@ -225,16 +250,17 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
         if worse:
             parts.append(f"worse on {', '.join(worse)}")
         text += (
-            f" Per task (main metric, same test): {comparison.variant} is "
+            f" Per task (primary metric, same test): {comparison.variant} is "
             + " and ".join(parts)
             + "; the other tasks are not resolved."
         )
     return text
 
 
-def build_notes(collected: dict, summary: dict, results: list[dict], costs: dict, estimate: Optional[dict],
-                pairing: Optional[dict], plan: Optional[dict] = None) -> str:  # fmt: skip
+def build_notes(report: StudyReport) -> str:
     """The "Reading these results" notes: sentences chosen by the computed values, every number filled in by code."""
+    collected, summary, results, costs = report.collected, report.summary, report.results, report.costs
+    estimate, pairing, plan = report.estimate, report.pairing, report.plan
     mode = collected["mode"]
     lines = ["### Reading these results", ""]
     if mode == "quick":
@@ -313,9 +339,13 @@ def _power_sentence(estimate: dict, mode: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------------------------
-def build_markdown(collected: dict, summary: dict, results: list[dict], costs: dict, usage: dict, figures: dict,
-                   notes: str, estimate: Optional[dict], best: Optional[dict], plan: Optional[dict],
-                   no_estimate: Optional[str], gpu_recipes: list[dict]) -> str:  # fmt: skip
+def build_markdown(report: StudyReport, notes: str) -> str:
+    """The report (`docs/results.md`): tables, figures, verdicts and `notes`, from `report` alone."""
+    collected, summary, results, costs, usage = (
+        report.collected, report.summary, report.results, report.costs, report.usage
+    )  # fmt: skip
+    figures, estimate, best, plan = report.figures, report.estimate, report.best, report.plan
+    no_estimate, gpu_recipes = report.no_estimate, report.gpu_recipes
     mode = collected["mode"]
     variants = summary["variants"]
     lines = ["# Results: TaskExpert on the synthetic benchmark", "",
@@ -337,7 +367,7 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
               f"- Code revision: {_revision_text(collected)}.",
               "- Paired design: runs of one seed start from the same backbone weights and see the same data order and "
               "augmentation draws; every ablation changes one thing against the model it is compared with.",
-              f"- Verdicts: per-seed paired differences of Δm (and of each task's main metric), {paired.METHOD} at "
+              f"- Verdicts: per-seed paired differences of Δm (and of each task's primary metric), {paired.METHOD} at "
               f"{paired.CONFIDENCE:.0%}; a claim *holds* when the interval lies above 0, *fails* when it lies below 0, "
               f"is *inconclusive* when it contains 0, and is not decided with fewer than {paired.MIN_SEEDS} seeds.",
               "- Δm: `compute_delta_m` against the seed-mean of the single-task models, over the model's tasks (main "
@@ -377,7 +407,7 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
                           r["delta_m"].n if r["delta_m"] else 0, ", ".join(f"`{revision}`" for revision in r["revisions"])]
                          for r in others])  # fmt: skip
     tasks = [t for t in TASKS if any(t in r["per_task"] for r in results)]
-    lines += ["", f"Per task: paired difference of the main metric, mean [95 % CI], signed so that positive means the "
+    lines += ["", f"Per task: paired difference of the primary metric, mean [95 % CI], signed so that positive means the "
               f"first model is better ({UNITS}).", ""]  # fmt: skip
     lines += _table(["comparison"] + [f"{t} ({PRIMARY_METRICS[t][0].split('/')[1]})" for t in tasks],
                     [[f"{r['comparison'].variant} − {_reference_label(r['comparison'].reference)}"]
@@ -413,7 +443,7 @@ def build_markdown(collected: dict, summary: dict, results: list[dict], costs: d
     ]
 
     # Per task
-    lines += ["## Metrics per task", "", "Mean ± sample standard deviation over seeds; the main metric in bold.", ""]
+    lines += ["## Metrics per task", "", "Mean ± sample standard deviation over seeds; the primary metric in bold.", ""]
     for task in [t for t in TASKS if any(t in v.get("tasks", []) for v in variants.values())]:
         rows = [(name, entry) for name, entry in variants.items() if task in entry.get("tasks", [])]
         keys = sorted({k for _, e in rows for k in e["metrics"] if k.startswith(f"{task}/")})
@@ -493,22 +523,6 @@ def _power_table(estimate: dict) -> list[str]:
     return lines
 
 
-def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
-    """The full study's command, runs and CPU time, from the power estimate's measured CPU times."""
-    cpu = estimate["cpu"]
-    runs = sum(cpu["runs"].values())
-    hours = cpu["total_seconds"] / 3600
-    # Counted at the TaskExpert cost when a kind was not measured (the pilot has no Mod-Squad run, say).
-    if cpu["unmeasured_kinds"] and "taskexpert" in cpu["per_run_seconds"]:
-        hours += (
-            sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
-        )
-    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["planned_seeds"],
-            "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
-            "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
-            "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The GPU guide (the real benchmarks), with its numbers read from the recipes and counted on their models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -556,12 +570,12 @@ def gpu_guide(recipes: list[dict]) -> str:
              "Training reports the fast approximate boundary odsF; the paper's numbers use the exact scorer:", "",
              "```bash",
              "python -m modeling_taskexpert.evaluation --model outputs/taskexpert-pascal-context-vitl \\",
-             "    --dataset data/pascal-context --output pascal-vitl-metrics.json --edge-mode exact --edge-workers 16",
+             "    --dataset data/pascal-context --output pascal-vitl-metrics.json --boundary-mode exact --boundary-workers 16",
              "python -m modeling_taskexpert.evaluation --model outputs/taskexpert-nyud-vitl \\",
-             "    --dataset data/nyud --output nyud-vitl-metrics.json --edge-mode exact --edge-workers 16",
+             "    --dataset data/nyud --output nyud-vitl-metrics.json --boundary-mode exact --boundary-workers 16",
              "```", "",
              "Δm needs single-task models trained with the same recipe on one task (`--tasks [semseg]`, …); pass their "
-             "metrics with `--baselines`. The paper's tables report the main metrics: "
+             "metrics with `--baselines`. The paper's tables report the primary metrics: "
              + "; ".join(f"{source.name}: " + ", ".join(PRIMARY_METRICS[t][0] for t in source.tasks) for source in (pascal, nyud)) + ".", "",
              "### Expected cost (estimates)", "",
              "FLOPs of one forward pass of one image at the evaluation size, all tasks, counted with "
@@ -583,7 +597,7 @@ def gpu_guide(recipes: list[dict]) -> str:
         "`train_log.jsonl`) before planning more. Memory: the weights, gradients and Adam moments take about "
         f"{memory:.1f} GB in fp32 ({FP32_TRAINING_BYTES_PER_PARAMETER} bytes per parameter); activations add more "
         "(`gradient_checkpointing: true` trades them for time). The exact boundary evaluation is slow per image, so "
-        "give `--edge-workers` as many CPU cores as the machine has.", "",
+        "give `--boundary-workers` as many CPU cores as the machine has.", "",
         "### Protocol notes", "",
         "- Inputs: training crops of " + " and ".join(f"{s.train_size[0]}×{s.train_size[1]} ({s.name})" for s in (pascal, nyud))
         + " with the protocol's augmentation; evaluation pads every image, centred, to "

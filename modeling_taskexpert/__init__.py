@@ -8,10 +8,15 @@ code files and `auto_map` a fresh environment needs to load a checkpoint with `t
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .configuration_common import DenseMultiTaskConfig
 from .configuration_modsquad import ModSquadConfig
 from .configuration_taskexpert import TaskExpertConfig
-from .dense_model_utils import DenseMultiTaskPreTrainedModel
-from .image_processing_taskexpert import TaskExpertImageProcessor, logits_to_predictions
+from .dense_model_utils import DenseMultiTaskModelOutput, DenseMultiTaskOutput, DenseMultiTaskPreTrainedModel
+from .image_processing_dense_multitask import (
+    DenseMultiTaskImageProcessor,
+    TaskExpertImageProcessor,
+    logits_to_predictions,
+)
 from .modeling_modsquad import (
     ModSquadForDensePrediction,
     ModSquadModel,
@@ -19,6 +24,7 @@ from .modeling_modsquad import (
     ModSquadOutput,
     ModSquadPreTrainedModel,
 )
+from .loss_weighting import LossWeighting, build_loss_weighting
 from .model_types import MODEL_TYPES
 from .modeling_taskexpert import (
     TaskExpertForDensePrediction,
@@ -27,25 +33,33 @@ from .modeling_taskexpert import (
     TaskExpertOutput,
     TaskExpertPreTrainedModel,
 )
-from .pipeline_taskexpert import MultiTaskDensePredictionPipeline
+from .pipeline_dense_multitask import MultiTaskDensePredictionPipeline
 from .task_definitions import IGNORE_INDEX, PIPELINE_TASK, TASKS
 
 for _entry in MODEL_TYPES.values():
     AutoConfig.register(_entry.name, _entry.config_class, exist_ok=True)
     # AutoModel gives the model with heads: a dense multi-task model has no task-specific Auto class.
     AutoModel.register(_entry.config_class, _entry.model_class, exist_ok=True)
+    # The processor's earlier name is registered too, so that a `preprocessor_config.json` naming it finds it.
     AutoImageProcessor.register(
-        _entry.config_class, image_processor_classes={"pil": TaskExpertImageProcessor}, exist_ok=True
+        _entry.config_class,
+        image_processor_classes={"pil": DenseMultiTaskImageProcessor, "earlier_name": TaskExpertImageProcessor},
+        exist_ok=True,
     )
     _entry.config_class.register_for_auto_class()
     _entry.model_class.register_for_auto_class("AutoModel")
-TaskExpertImageProcessor.register_for_auto_class("AutoImageProcessor")
+DenseMultiTaskImageProcessor.register_for_auto_class("AutoImageProcessor")
 PIPELINE_REGISTRY.register_pipeline(
     PIPELINE_TASK, pipeline_class=MultiTaskDensePredictionPipeline, pt_model=AutoModel, type="image"
 )
 
 __all__ = [
+    "DenseMultiTaskConfig",
+    "DenseMultiTaskModelOutput",
+    "DenseMultiTaskOutput",
     "DenseMultiTaskPreTrainedModel",
+    "LossWeighting",
+    "build_loss_weighting",
     "IGNORE_INDEX",
     "PIPELINE_TASK",
     "TASKS",
@@ -58,6 +72,7 @@ __all__ = [
     "MultiTaskDensePredictionPipeline",
     "TaskExpertConfig",
     "TaskExpertForDensePrediction",
+    "DenseMultiTaskImageProcessor",
     "TaskExpertImageProcessor",
     "TaskExpertModel",
     "TaskExpertModelOutput",

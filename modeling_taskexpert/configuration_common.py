@@ -1,15 +1,18 @@
-"""What every model config of this package shares: the task fields (defaults and validation) and the type and range
-checks of fields.
+"""What every model config of this package shares: `DenseMultiTaskConfig`, the base class holding the task and head
+fields with their defaults and validation, and the type and range checks of fields.
 
 Each check raises a ValueError that names the field, what was expected and what was given, so that a hand-edited
 `config.json` (`"use_memory": "yes"`, `"mmoe_layers": 2`, `"num_experts": "8"`, a NaN loss weight) is refused when the
 config is built, before any module is, instead of failing deep inside the model or training silently wrong. A config
-applies them in its `validate_*` method, called at the end of `__init__`.
+applies them in `validate_architecture`, called at the end of `__init__`.
 """
 
 import math
 from collections.abc import Iterable
 from typing import Any, Optional
+
+from transformers import PretrainedConfig
+from transformers.utils import logging
 
 from .task_definitions import (
     PRESET_CLASS_NAMES,
@@ -21,23 +24,11 @@ from .task_definitions import (
     task_specs_of,
 )
 
+logger = logging.get_logger(__name__)
+
 DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
 # Options of the dense heads every model type shares.
 HEAD_CHOICES = {"head_norm": ("group", "batch", "none"), "depth_activation": ("none", "softplus", "exp")}
-
-
-class DenseTaskConfigMixin:
-    """What every model config of this package offers about its tasks (fields `tasks`, `task_kinds`,
-    `task_id2label`)."""
-
-    def num_labels_of(self, task: str) -> Optional[int]:
-        """Number of classes of a segmentation task, None for other tasks."""
-        return len(self.task_id2label[task]) if task in self.task_id2label else None
-
-    @property
-    def task_specs(self) -> dict[str, TaskSpec]:
-        """Every task as a `TaskSpec` (kind, parameters, class names), in config order."""
-        return task_specs_of(self)
 
 
 def _shown(value: Any) -> str:
@@ -198,7 +189,7 @@ def _as_float(value: Any) -> Any:
 
 
 def validate_task_settings(
-    tasks: Any, task_id2label: Any, loss_weights: Any, edge_positive_weight: Any, task_kinds: Any = None
+    tasks: Any, task_id2label: Any, loss_weights: Any, boundary_positive_weight: Any, task_kinds: Any = None
 ) -> None:
     """The task fields every model config shares; raise a ValueError naming the field and what was expected."""
     if not isinstance(tasks, (list, tuple)) or not all(isinstance(task, str) for task in tasks):
@@ -227,8 +218,125 @@ def validate_task_settings(
         for task in values:
             if task not in tasks:
                 raise ValueError(f"`{field}` names {task!r}, which is not in `tasks` {tasks}.")
-    check_number("edge_positive_weight", edge_positive_weight, 0.0, 1.0, min_exclusive=True, max_exclusive=True)
+    check_number("boundary_positive_weight", boundary_positive_weight, 0.0, 1.0, min_exclusive=True, max_exclusive=True)
     if not isinstance(loss_weights, dict):
         raise ValueError(f"`loss_weights` must map task names to weights, got {_shown(loss_weights)}.")
     for task, weight in loss_weights.items():
         check_number(f"loss_weights[{task!r}]", weight, minimum=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The base config
+# ---------------------------------------------------------------------------------------------------------------------
+class DenseMultiTaskConfig(PretrainedConfig):
+    r"""
+    Base of every model config of this package: the tasks a model predicts, its light dense heads and their losses.
+    A model type's config adds the fields of its trunk and extends `validate_architecture`.
+
+    Args:
+        tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
+            Names of the tasks predicted by the model, in the order of its per-task weights (the order is also
+            recorded in the saved weights, and a config listing the same tasks in another order is mapped by name
+            when loading).
+        task_id2label (`dict[str, dict[int, str]]`, *optional*):
+            Class names of every segmentation task; the number of output channels of those heads is the number of
+            names. Defaults to the PASCAL-Context names for the preset tasks `semseg` and `human_parts`.
+        task_kinds (`dict[str, dict]`, *optional*):
+            The kind and parameters of every task, `{name: {"kind": ..., parameter: value}}` (see
+            `task_definitions`: `segmentation`, `saliency`, `boundary`, `normals`, `depth`, `regression`,
+            `image_classification`). The protocol's task names are presets and need no entry; any other name needs
+            one, e.g. `{"elevation": {"kind": "regression", "channels": 1, "value_range": [0, 50], "unit": "m"}}`.
+            Filled in for every task when the config is built.
+        head_hidden_size (`int`, *optional*, defaults to 256):
+            Channels of the light per-task heads.
+        head_norm (`str`, *optional*, defaults to `"group"`):
+            Normalisation in the heads: `"group"` (batch-size independent), `"batch"` or `"none"`. *(interpretation)*
+        depth_activation (`str`, *optional*, defaults to `"none"`):
+            Output activation of the depth head. The protocol uses the raw output and clamps it at 0 when
+            post-processing (`"none"`); `"softplus"` and `"exp"` make it positive by construction.
+        loss_weights (`dict[str, float]`, *optional*):
+            Weight of each task loss in the total; defaults to the benchmark protocol's weights.
+        boundary_positive_weight (`float`, *optional*, defaults to 0.95):
+            Weight of boundary pixels in the weighted binary cross-entropy of `boundary` tasks (non-boundary pixels
+            get 1 minus it). Called `edge_positive_weight` before; a config.json with that name still loads.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the truncated normal initialisation of the weights.
+        output_gates (`bool`, *optional*, defaults to `False`):
+            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    Every model type offers the routing report's names as two derived (not saved) attributes: `layer_names`, one
+    name per routing layer, and `candidate_names`, per routing layer the names of the gate's candidates in gate order.
+    """
+
+    tasks: list[str]
+    task_id2label: dict[str, dict[int, str]]
+    task_kinds: dict[str, dict]
+    head_hidden_size: int
+    head_norm: str
+    depth_activation: str
+    loss_weights: dict[str, float]
+    boundary_positive_weight: float
+    initializer_range: float
+    output_gates: bool
+
+    def __init__(
+        self,
+        tasks: Optional[list[str]] = None,
+        task_id2label: Optional[dict[str, dict[int, str]]] = None,
+        task_kinds: Optional[dict[str, dict]] = None,
+        head_hidden_size: int = 256,
+        head_norm: str = "group",
+        depth_activation: str = "none",
+        loss_weights: Optional[dict[str, float]] = None,
+        boundary_positive_weight: float = 0.95,
+        initializer_range: float = 0.02,
+        output_gates: bool = False,
+        **kwargs,
+    ):
+        if "edge_positive_weight" in kwargs:  # a config.json written before the rename
+            if boundary_positive_weight != 0.95:
+                raise ValueError("The config gives both `edge_positive_weight` and `boundary_positive_weight`.")
+            boundary_positive_weight = kwargs.pop("edge_positive_weight")
+        self.tasks, self.task_id2label, self.loss_weights, self.task_kinds = resolve_task_settings(
+            tasks, task_id2label, loss_weights, task_kinds
+        )
+        self.head_hidden_size = head_hidden_size
+        self.head_norm = head_norm
+        self.depth_activation = depth_activation
+        self.boundary_positive_weight = boundary_positive_weight
+        self.initializer_range = initializer_range
+        self.output_gates = output_gates
+        primary_id2label(self.tasks, self.task_id2label, kwargs)
+        super().__init__(**kwargs)
+        self.validate_architecture()
+
+    def validate_architecture(self) -> None:
+        """Check every field; raise a ValueError naming the field and what was expected. A model type's config
+        checks its own fields, then calls this."""
+        validate_task_settings(
+            self.tasks, self.task_id2label, self.loss_weights, self.boundary_positive_weight, self.task_kinds
+        )
+        for field, choices in HEAD_CHOICES.items():
+            check_choice(field, getattr(self, field), choices)
+        check_int("head_hidden_size", self.head_hidden_size, minimum=1)
+        check_bool("output_gates", self.output_gates)
+        check_number("initializer_range", self.initializer_range, minimum=0.0)
+
+    def num_labels_of(self, task: str) -> Optional[int]:
+        """Number of classes of a segmentation task, None for other tasks."""
+        return len(self.task_id2label[task]) if task in self.task_id2label else None
+
+    @property
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """Every task as a `TaskSpec` (kind, parameters, class names), in config order."""
+        return task_specs_of(self)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Name of every routing layer, in network order: the entries of the routing report (`gates`)."""
+        raise NotImplementedError
+
+    @property
+    def candidate_names(self) -> list[list[str]]:
+        """Per routing layer, the names of the gate's candidates in gate order."""
+        raise NotImplementedError

@@ -2,12 +2,10 @@
 
 from typing import Optional
 
-from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .configuration_common import (
-    HEAD_CHOICES,
-    DenseTaskConfigMixin,
+    DenseMultiTaskConfig,
     as_list,
     check_bool,
     check_choice,
@@ -15,9 +13,6 @@ from .configuration_common import (
     check_int_list,
     check_number,
     is_integer,
-    primary_id2label,
-    resolve_task_settings,
-    validate_task_settings,
 )
 
 logger = logging.get_logger(__name__)
@@ -38,7 +33,7 @@ EARLIER_VERSION_FIELDS = {
 }
 
 
-class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
+class ModSquadConfig(DenseMultiTaskConfig):
     r"""
     Configuration of a [`ModSquadModel`] / [`ModSquadForDensePrediction`]: a ViT whose blocks hold mixture-of-experts
     layers (attention-head experts and MLP experts) with one sparse top-k router per task and per MoE layer, a learned
@@ -171,32 +166,13 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             reference adds them with more than 2 tasks); 1 adds them always.
         expert_usage_momentum (`float`, *optional*, defaults to 0.99):
             Momentum of the exponential moving average of per-task expert usage kept beside the exact counts.
-        tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
-            Names of the tasks predicted by the model, in the order of its per-task weights (recorded in the saved
-            weights too; see `TaskExpertConfig`).
-        task_id2label (`dict[str, dict[int, str]]`, *optional*):
-            Class names of every segmentation task; defaults to the PASCAL-Context names for the preset tasks.
-        task_kinds (`dict[str, dict]`, *optional*):
-            The kind and parameters of every task, `{name: {"kind": ..., parameter: value}}` (see
-            `task_definitions`: `segmentation`, `saliency`, `boundary`, `normals`, `depth`, `regression`). The
-            protocol's task names are presets and need no entry; any other name needs one, e.g.
-            `{"elevation": {"kind": "regression", "channels": 1, "value_range": [0, 50], "unit": "m"}}`. Filled in
-            for every task when the config is built.
-        head_hidden_size (`int`, *optional*, defaults to 256):
-            Channels of the light per-task heads.
-        head_norm (`str`, *optional*, defaults to `"group"`):
-            Normalisation in the heads: `"group"`, `"batch"` or `"none"`.
-        depth_activation (`str`, *optional*, defaults to `"none"`):
-            Output activation of the depth head: `"none"`, `"softplus"` or `"exp"`.
-        loss_weights (`dict[str, float]`, *optional*):
-            Weight of each task loss in the total; defaults to the benchmark protocol's weights.
-        edge_positive_weight (`float`, *optional*, defaults to 0.95):
-            Weight of boundary pixels in the weighted binary cross-entropy of the `edge` task.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal weight initialisation (routers start at zero, the task
             embedding at standard normal).
-        output_gates (`bool`, *optional*, defaults to `False`):
-            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The task and head fields (`tasks`, `task_id2label`, `task_kinds`, `head_hidden_size`, `head_norm`,
+    `depth_activation`, `loss_weights`, `boundary_positive_weight`, `output_gates`) are those of
+    [`DenseMultiTaskConfig`].
 
     The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MoE layer
     (`"block 0 attention"`, `"block 1 mlp"`, ...), and `candidate_names`, per layer the names of its experts in gate
@@ -214,6 +190,39 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
     """
 
     model_type = "modsquad"
+
+    image_size: int
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    qkv_bias: bool
+    layer_norm_eps: float
+    moe_attention_layers: list[int]
+    moe_mlp_layers: list[int]
+    num_attention_experts: int
+    attention_top_k: int
+    attention_head_dim: int
+    dense_attention_head_dim: int
+    attention_expert_bias: bool
+    num_mlp_experts: int
+    mlp_top_k: int
+    mlp_expert_hidden_size: int
+    use_task_embedding: bool
+    renormalize_gates: bool
+    routing_epsilon: float
+    noisy_gating: bool
+    kept_experts: Optional[list[list[int]]]
+    kept_router: str
+    mutual_information_loss_weight: float
+    mutual_information_estimator: str
+    cv_loss_weight: float
+    switch_loss_weight: float
+    z_loss_weight: float
+    aux_loss_min_tasks: int
+    expert_usage_momentum: float
 
     def __init__(
         self,
@@ -250,16 +259,6 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         z_loss_weight: float = 0.0,
         aux_loss_min_tasks: int = 3,
         expert_usage_momentum: float = 0.99,
-        tasks: Optional[list[str]] = None,
-        task_id2label: Optional[dict[str, dict[int, str]]] = None,
-        task_kinds: Optional[dict[str, dict]] = None,
-        head_hidden_size: int = 256,
-        head_norm: str = "group",
-        depth_activation: str = "none",
-        loss_weights: Optional[dict[str, float]] = None,
-        edge_positive_weight: float = 0.95,
-        initializer_range: float = 0.02,
-        output_gates: bool = False,
         **kwargs,
     ):
         earlier_version = _earlier_version_fields(kwargs)
@@ -314,18 +313,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             for field, value in EARLIER_VERSION_FIELDS.items():
                 setattr(self, field, value)
 
-        self.tasks, self.task_id2label, self.loss_weights, self.task_kinds = resolve_task_settings(
-            tasks, task_id2label, loss_weights, task_kinds
-        )
-        self.head_hidden_size = head_hidden_size
-        self.head_norm = head_norm
-        self.depth_activation = depth_activation
-        self.edge_positive_weight = edge_positive_weight
-        self.initializer_range = initializer_range
-        self.output_gates = output_gates
-        primary_id2label(self.tasks, self.task_id2label, kwargs)
-        super().__init__(**kwargs)
-        self.validate_modsquad()
+        super().__init__(**kwargs)  # the task and head fields, then `validate_architecture`
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -369,12 +357,12 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         """Experts a token selects in an MoE layer of `kind` ("attention" or "mlp")."""
         return self.attention_top_k if kind == "attention" else self.mlp_top_k
 
-    def validate_modsquad(self) -> None:
+    def validate_architecture(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""
         positive = (
             "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "num_attention_experts", "attention_top_k", "attention_head_dim", "dense_attention_head_dim",
-            "num_mlp_experts", "mlp_top_k", "mlp_expert_hidden_size", "head_hidden_size", "aux_loss_min_tasks",
+            "num_mlp_experts", "mlp_top_k", "mlp_expert_hidden_size", "aux_loss_min_tasks",
         )  # fmt: skip
         for field in positive:
             check_int(field, getattr(self, field), minimum=1)
@@ -384,11 +372,9 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
             "use_task_embedding",
             "renormalize_gates",
             "noisy_gating",
-            "output_gates",
         ):
             check_bool(field, getattr(self, field))
         check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
-        check_number("initializer_range", self.initializer_range, minimum=0.0)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (RGB input), got {self.num_channels!r}.")
         if self.image_size % self.patch_size:
@@ -427,11 +413,7 @@ class ModSquadConfig(DenseTaskConfigMixin, PretrainedConfig):
         check_number("expert_usage_momentum", self.expert_usage_momentum, 0.0, 1.0, max_exclusive=True)
         check_choice("mutual_information_estimator", self.mutual_information_estimator, MUTUAL_INFORMATION_ESTIMATORS)
         check_choice("kept_router", self.kept_router, KEPT_ROUTERS)
-        validate_task_settings(
-            self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight, self.task_kinds
-        )
-        for field, choices in HEAD_CHOICES.items():
-            check_choice(field, getattr(self, field), choices)
+        super().validate_architecture()
 
     def _validate_kept_experts(self) -> None:
         if self.kept_experts is None:

@@ -5,8 +5,7 @@ from typing import Optional, Union
 from transformers import AutoConfig, PretrainedConfig, ViTConfig
 
 from .configuration_common import (
-    HEAD_CHOICES,
-    DenseTaskConfigMixin,
+    DenseMultiTaskConfig,
     as_list,
     check_bool,
     check_choice,
@@ -14,9 +13,6 @@ from .configuration_common import (
     check_int_list,
     check_number,
     check_optional_str,
-    primary_id2label,
-    resolve_task_settings,
-    validate_task_settings,
 )
 
 _CHOICES = {
@@ -25,12 +21,11 @@ _CHOICES = {
     "gate_granularity": ("token", "image"),
     "memory_init": ("projection", "zeros"),
     "memory_update": ("replace", "residual", "ema"),
-    **HEAD_CHOICES,
 }
-_BOOLEANS = ("gate_use_context", "use_memory", "head_uses_all_layers", "output_gates")
+_BOOLEANS = ("gate_use_context", "use_memory", "head_uses_all_layers")
 
 
-class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
+class TaskExpertConfig(DenseMultiTaskConfig):
     r"""
     Configuration of a [`TaskExpertModel`] / [`TaskExpertForDensePrediction`]: a ViT-style backbone with Memorial
     Mixture-of-Experts (MMoE) layers after chosen backbone layers and one light dense head per task (TaskExpert,
@@ -49,19 +44,6 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             Hub id or local folder of pretrained backbone weights (safetensors), loaded by
             [`TaskExpertPreTrainedModel.load_pretrained_backbone`] when training starts from scratch. Ignored by
             `from_pretrained`, whose checkpoint already holds the backbone.
-        tasks (`list[str]`, *optional*, defaults to the five PASCAL-Context tasks):
-            Names of the tasks predicted by the model, in the order of its per-task weights (the order is also
-            recorded in the saved weights, and a config listing the same tasks in another order is mapped by name
-            when loading).
-        task_id2label (`dict[str, dict[int, str]]`, *optional*):
-            Class names of every segmentation task; the number of output channels of those heads is the number of
-            names. Defaults to the PASCAL-Context names for the preset tasks `semseg` and `human_parts`.
-        task_kinds (`dict[str, dict]`, *optional*):
-            The kind and parameters of every task, `{name: {"kind": ..., parameter: value}}` (see
-            `task_definitions`: `segmentation`, `saliency`, `boundary`, `normals`, `depth`, `regression`). The
-            protocol's task names are presets and need no entry; any other name needs one, e.g.
-            `{"elevation": {"kind": "regression", "channels": 1, "value_range": [0, 50], "unit": "m"}}`. Filled in
-            for every task when the config is built.
         mmoe_layers (`list[int]`, *optional*, defaults to `[6, 12, 18, 24]`):
             1-based indices of the backbone layers after which an MMoE layer sits (every quarter of the depth).
         num_experts (`int`, *optional*, defaults to 8):
@@ -94,31 +76,19 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             M_k = m M_{k-1} + (1 - m) LN(F_k). *(interpretation)*
         memory_ema_momentum (`float`, *optional*, defaults to 0.5):
             m of the `"ema"` memory update.
-        head_hidden_size (`int`, *optional*, defaults to 256):
-            Channels of the light per-task heads.
         head_uses_all_layers (`bool`, *optional*, defaults to `False`):
             Whether heads read the concatenated task features of all MMoE layers (multi-scale) instead of the final
             memory only. Without the memory (`use_memory=False`) set it when there are several MMoE layers: nothing
             else carries the earlier layers' task features to the heads (the model warns otherwise).
-        head_norm (`str`, *optional*, defaults to `"group"`):
-            Normalisation in the heads: `"group"` (batch-size independent), `"batch"` or `"none"`. *(interpretation)*
-        depth_activation (`str`, *optional*, defaults to `"none"`):
-            Output activation of the depth head. The protocol uses the raw output and clamps it at 0 when
-            post-processing (`"none"`); `"softplus"` and `"exp"` make it positive by construction.
-        loss_weights (`dict[str, float]`, *optional*):
-            Weight of each task loss in the total; defaults to the benchmark protocol's weights.
-        edge_positive_weight (`float`, *optional*, defaults to 0.95):
-            Weight of boundary pixels in the weighted binary cross-entropy of the `edge` task (non-boundary pixels
-            get 1 minus it).
         gate_balance_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of an optional regulariser that keeps the average gate of each task close to uniform over the
             candidates (load balance). Off in the paper's setting.
-        initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the truncated normal initialisation of the MMoE and head weights.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of the MMoE layer norms.
-        output_gates (`bool`, *optional*, defaults to `False`):
-            Whether `forward` returns the routing report (`gates`) when its `output_gates` argument is not given.
+
+    The task and head fields (`tasks`, `task_id2label`, `task_kinds`, `head_hidden_size`, `head_norm`,
+    `depth_activation`, `loss_weights`, `boundary_positive_weight`, `initializer_range`, `output_gates`) are those of
+    [`DenseMultiTaskConfig`].
 
     The routing report reads with two derived (not saved) attributes: `layer_names`, one name per MMoE layer, and
     `candidate_names`, per layer the names of the gate's candidates in gate order (`"expert 0"`, ..., `"memory"`;
@@ -136,13 +106,28 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
     model_type = "taskexpert"
     sub_configs = {"backbone_config": AutoConfig}
 
+    backbone_config: PretrainedConfig
+    backbone_checkpoint: Optional[str]
+    mmoe_layers: list[int]
+    num_experts: int
+    expert_hidden_size: int
+    expert_type: str
+    gating: str
+    gate_granularity: str
+    gate_use_context: bool
+    gate_top_k: Optional[int]
+    use_memory: bool
+    memory_init: str
+    memory_update: str
+    memory_ema_momentum: float
+    head_uses_all_layers: bool
+    gate_balance_loss_weight: float
+    layer_norm_eps: float
+
     def __init__(
         self,
         backbone_config: Optional[Union[PretrainedConfig, dict]] = None,
         backbone_checkpoint: Optional[str] = None,
-        tasks: Optional[list[str]] = None,
-        task_id2label: Optional[dict[str, dict[int, str]]] = None,
-        task_kinds: Optional[dict[str, dict]] = None,
         mmoe_layers: Optional[list[int]] = None,
         num_experts: int = 8,
         expert_hidden_size: int = 256,
@@ -155,16 +140,9 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         memory_init: str = "projection",
         memory_update: str = "replace",
         memory_ema_momentum: float = 0.5,
-        head_hidden_size: int = 256,
         head_uses_all_layers: bool = False,
-        head_norm: str = "group",
-        depth_activation: str = "none",
-        loss_weights: Optional[dict[str, float]] = None,
-        edge_positive_weight: float = 0.95,
         gate_balance_loss_weight: float = 0.0,
-        initializer_range: float = 0.02,
         layer_norm_eps: float = 1e-6,
-        output_gates: bool = False,
         **kwargs,
     ):
         if backbone_config is None:
@@ -182,10 +160,6 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
             )
         self.backbone_config = backbone_config
         self.backbone_checkpoint = backbone_checkpoint
-
-        self.tasks, self.task_id2label, self.loss_weights, self.task_kinds = resolve_task_settings(
-            tasks, task_id2label, loss_weights, task_kinds
-        )
         self.mmoe_layers = as_list(mmoe_layers) if mmoe_layers is not None else [6, 12, 18, 24]
         self.num_experts = num_experts
         self.expert_hidden_size = expert_hidden_size
@@ -198,18 +172,10 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         self.memory_init = memory_init
         self.memory_update = memory_update
         self.memory_ema_momentum = memory_ema_momentum
-        self.head_hidden_size = head_hidden_size
         self.head_uses_all_layers = head_uses_all_layers
-        self.head_norm = head_norm
-        self.depth_activation = depth_activation
-        self.edge_positive_weight = edge_positive_weight
         self.gate_balance_loss_weight = gate_balance_loss_weight
-        self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
-        self.output_gates = output_gates
-        primary_id2label(self.tasks, self.task_id2label, kwargs)
-        super().__init__(**kwargs)
-        self.validate_taskexpert()
+        super().__init__(**kwargs)  # the task and head fields, then `validate_architecture`
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -231,17 +197,15 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         names = [f"expert {e}" for e in range(self.num_experts)] + (["memory"] if self.use_memory else [])
         return [list(names) for _ in self.mmoe_layers]
 
-    def validate_taskexpert(self) -> None:
+    def validate_architecture(self) -> None:
         """Check every field; raise a ValueError naming the field and what was expected."""
-        validate_task_settings(
-            self.tasks, self.task_id2label, self.loss_weights, self.edge_positive_weight, self.task_kinds
-        )
+        super().validate_architecture()
         check_optional_str("backbone_checkpoint", self.backbone_checkpoint)
         for field, choices in _CHOICES.items():
             check_choice(field, getattr(self, field), choices)
         for field in _BOOLEANS:
             check_bool(field, getattr(self, field))
-        for field in ("num_experts", "expert_hidden_size", "head_hidden_size"):
+        for field in ("num_experts", "expert_hidden_size"):
             check_int(field, getattr(self, field), minimum=1)
         check_int_list("mmoe_layers", self.mmoe_layers)
         num_layers = self.backbone_num_layers
@@ -259,7 +223,6 @@ class TaskExpertConfig(DenseTaskConfigMixin, PretrainedConfig):
         )
         check_number("memory_ema_momentum", self.memory_ema_momentum, 0.0, 1.0)
         check_number("gate_balance_loss_weight", self.gate_balance_loss_weight, minimum=0.0)
-        check_number("initializer_range", self.initializer_range, minimum=0.0)
         check_number("layer_norm_eps", self.layer_norm_eps, minimum=0.0, min_exclusive=True)
         if self.backbone_config.model_type == "vit" and self.backbone_config.num_channels != 3:
             raise ValueError("The ViT backbone must take 3-channel RGB input (`backbone_config.num_channels=3`).")

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .configuration_modsquad import ModSquadConfig
-from .image_processing_taskexpert import TaskExpertImageProcessor
+from .image_processing_dense_multitask import DenseMultiTaskImageProcessor
 from .modeling_modsquad import ModSquadForDensePrediction
 
 IGNORED_PREFIXES = {
@@ -382,7 +382,7 @@ def convert(
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     try:
         model.save_pretrained(staging)
-        processor = TaskExpertImageProcessor(
+        processor = DenseMultiTaskImageProcessor(
             size={"height": config.image_size, "width": config.image_size}, size_divisor=config.patch_size
         )
         processor.save_pretrained(staging)

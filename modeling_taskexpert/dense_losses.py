@@ -38,7 +38,7 @@ def dense_task_losses(
     """Loss of every task present in both `logits` and `labels`, computed in float32.
 
     `task_specs` gives each task's kind and parameters (default: the preset of the task's name); `config` the
-    model-wide loss options (`edge_positive_weight`)."""
+    model-wide loss options (`boundary_positive_weight`)."""
     losses = {}
     for task, task_logits in logits.items():
         if task not in labels or labels[task] is None:

@@ -18,20 +18,21 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .dense_heads import DenseTaskHead, ImageLevelHead
 from .dense_losses import dense_task_losses
+from .loss_weighting import FixedWeighting, LossWeighting
 from .task_definitions import PIPELINE_TASK
 
 logger = logging.get_logger(__name__)
 
 # The pipeline's remote code, copied beside the weights by `save_pretrained`. It is not imported here because it
 # needs PIL, which a transformers + torch environment may lack.
-PIPELINE_FILES = ("pipeline_taskexpert.py", "visualization_taskexpert.py")
+PIPELINE_FILES = ("pipeline_dense_multitask.py", "visualization_dense_multitask.py")
 CUSTOM_PIPELINES = {
     PIPELINE_TASK: {
-        "impl": "pipeline_taskexpert.MultiTaskDensePredictionPipeline",
+        "impl": "pipeline_dense_multitask.MultiTaskDensePredictionPipeline",
         "pt": ["AutoModel"],
         "type": "image",
     }
@@ -67,7 +68,7 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
     if height % patch_size or width % patch_size or height < patch_size or width < patch_size:
         raise ValueError(
             f"Image size {height}x{width} is not a positive multiple of the patch size {patch_size}; pad or resize it "
-            f"(TaskExpertImageProcessor does this)."
+            f"(DenseMultiTaskImageProcessor does this)."
         )
 
 
@@ -479,6 +480,74 @@ class SafetensorsOnlyLoadMixin:
 
 
 @dataclass
+class DenseMultiTaskModelOutput(ModelOutput):
+    """
+    Output of a trunk (`TaskExpertModel`, `ModSquadModel`): what the dense heads decode. Batch first, like every
+    transformers output.
+
+    Args:
+        task_features (`torch.FloatTensor` of shape `(batch, num_tasks, channels, h, w)`):
+            Per requested task (in the order of `tasks`), the feature map its head decodes.
+        tasks (`tuple[str]`):
+            The tasks of `task_features`, in order.
+        aux_losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Unweighted auxiliary terms of this batch (Mod-Squad: its routing terms; TaskExpert: none in the trunk).
+        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
+            The routing report: per routing layer (`config.layer_names`), per task, the gate of every candidate
+            (`config.candidate_names`) for every patch token, `(batch, h, w, num_candidates)` (`(batch, 1, 1, ...)`
+            for image-level gates). Returned with `output_gates=True`.
+        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+            The trunk's hidden states, batch first; each model's docstring gives their layout. Returned with
+            `output_hidden_states=True`.
+    """
+
+    task_features: Optional[torch.FloatTensor] = None
+    tasks: Optional[tuple[str, ...]] = None
+    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
+    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class DenseMultiTaskOutput(ModelOutput):
+    """
+    Output of every `*ForDensePrediction` model of this package.
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*):
+            The weighted task losses (the `loss_weighting` given to `forward`, else the config's `loss_weights`) plus
+            `aux_loss`, when `labels` are given.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Unweighted loss of every task that had labels.
+        aux_loss (`torch.FloatTensor`, *optional*):
+            The weighted auxiliary terms included in `loss`: the sum of the model's auxiliary weights (TaskExpert:
+            `gate_balance_loss_weight`; Mod-Squad: `mutual_information_loss_weight`, `cv_loss_weight`,
+            `switch_loss_weight`, `z_loss_weight`) times the matching `aux_losses`, over the terms with a positive
+            weight; None when there is none (Mod-Squad: also when the pass ran fewer than `config.aux_loss_min_tasks`
+            tasks, as in its reference).
+        aux_losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Unweighted auxiliary terms: TaskExpert's `"gate_balance"` (with `labels` and dynamic gating), Mod-Squad's
+            routing terms `"mutual_information"`, `"cv"`, `"switch"`, `"z"` (always).
+        logits (`dict[str, torch.FloatTensor]`):
+            Per task, raw predictions at the input resolution, `(batch, channels, height, width)` (`(batch, classes)`
+            for image-level tasks): class logits for segmentation, one logit for saliency and boundaries,
+            unnormalised xyz for normals, metres for depth.
+        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
+            As in [`DenseMultiTaskModelOutput`].
+        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+            As in [`DenseMultiTaskModelOutput`].
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    task_losses: Optional[dict[str, torch.FloatTensor]] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
+    logits: Optional[dict[str, torch.FloatTensor]] = None
+    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
 class DenseDecoding:
     """What `decode_and_loss` returns: the fields every `*ForDensePrediction` output starts with."""
 
@@ -497,9 +566,9 @@ class DenseMultiTaskPreTrainedModel(
 
     A model type sets `config_class`, `base_model_prefix` and `_no_split_modules`, initialises its own modules in
     `_init_weights` and calls `super()._init_weights(module)` for the others. Its `*ForDensePrediction` model builds
-    `self.heads` with `build_task_heads`, names the weights of its auxiliary losses in `aux_loss_weights`, and ends
-    its forward with `decode_and_loss`. The config provides `tasks`, `head_hidden_size`, `head_norm`,
-    `depth_activation`, `loss_weights`, `edge_positive_weight`, `initializer_range` and `num_labels_of`.
+    `self.heads` with `build_task_heads`, names the weights of its auxiliary losses in `aux_loss_weights` and
+    provides its trunk in `trunk_outputs`; `forward` (task resolution, heads, loss, return type) is this class's.
+    The config is a `DenseMultiTaskConfig`.
     """
 
     main_input_name = "pixel_values"
@@ -538,6 +607,79 @@ class DenseMultiTaskPreTrainedModel(
                 )
 
     # ----------------------------------------------------------------------------------------------------------------
+    # The forward of every `*ForDensePrediction` model
+    # ----------------------------------------------------------------------------------------------------------------
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: Optional[dict[str, torch.Tensor]] = None,
+        tasks: Optional[list[str]] = None,
+        output_gates: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        loss_weighting: Optional[LossWeighting] = None,
+        return_dict: Optional[bool] = None,
+    ) -> DenseMultiTaskOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+                Normalised images; height and width multiples of the patch size (see
+                [`DenseMultiTaskImageProcessor`]).
+            labels (`dict[str, torch.Tensor]`, *optional*):
+                Per task, labels following `task_definitions` (ignore value 255; a sample without a label for a task
+                is all-255 and adds no loss). Tasks without labels get no loss.
+            tasks (`list[str]`, *optional*):
+                Run only these tasks (default: all tasks of the config).
+            output_gates (`bool`, *optional*):
+                Return the routing report (`gates`); defaults to `config.output_gates`.
+            output_hidden_states (`bool`, *optional*):
+                Return the trunk's hidden states; defaults to `config.output_hidden_states`.
+            loss_weighting ([`LossWeighting`], *optional*):
+                How the task losses make `loss` (e.g. `build_loss_weighting("uncertainty", ...)`, as `train.py`
+                passes it); defaults to the config's fixed `loss_weights`.
+            return_dict (`bool`, *optional*):
+                Return a [`DenseMultiTaskOutput`] instead of a tuple; defaults to `config.return_dict`.
+        """
+        output_gates = self.config.output_gates if output_gates is None else output_gates
+        tasks = self.resolve_tasks(tasks)
+        self.check_label_tasks(labels)
+        trunk = self.trunk_outputs(pixel_values, tasks, output_gates, output_hidden_states, labels is not None)
+        decoded = self.decode_and_loss(
+            trunk.task_features,
+            tasks,
+            tuple(pixel_values.shape[-2:]),
+            labels=labels,
+            aux_losses=self.aux_losses_in_loss(trunk, tasks),
+            loss_weighting=loss_weighting,
+        )
+        return DenseMultiTaskOutput(
+            loss=decoded.loss,
+            task_losses=decoded.task_losses,
+            aux_loss=decoded.aux_loss,
+            aux_losses=trunk.aux_losses,
+            logits=decoded.logits,
+            gates=trunk.gates if output_gates else None,
+            hidden_states=trunk.hidden_states,
+        )
+
+    def trunk_outputs(
+        self,
+        pixel_values: torch.Tensor,
+        tasks: list[str],
+        output_gates: bool,
+        output_hidden_states: Optional[bool],
+        with_labels: bool,
+    ) -> DenseMultiTaskModelOutput:
+        """The model type's trunk on `tasks`: task feature maps, gates and auxiliary terms (`with_labels`: the pass
+        computes a loss)."""
+        raise NotImplementedError
+
+    def aux_losses_in_loss(self, trunk: DenseMultiTaskModelOutput, tasks: list[str]) -> Optional[dict]:
+        """The auxiliary terms that join the loss of this pass (all the trunk reports, unless a model type says
+        otherwise)."""
+        return trunk.aux_losses
+
+    # ----------------------------------------------------------------------------------------------------------------
     # Dense-prediction end
     # ----------------------------------------------------------------------------------------------------------------
     @property
@@ -567,12 +709,16 @@ class DenseMultiTaskPreTrainedModel(
             for i, task in enumerate(tasks)
         }
 
-    def weighted_task_losses(self, logits: dict, labels: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(unweighted loss per task with labels, sum of loss_weights[t] * loss_t)."""
+    def weighted_task_losses(
+        self, logits: dict, labels: dict, loss_weighting: Optional[LossWeighting] = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(unweighted loss per task with labels, their combination by `loss_weighting`, by default the config's
+        fixed `loss_weights`)."""
         task_losses = dense_task_losses(logits, labels, self.config.task_specs, self.config)
-        reference = next(iter(logits.values()))
-        total = sum((self.config.loss_weights[t] * value for t, value in task_losses.items()), reference.new_zeros(()))
-        return task_losses, total
+        if not task_losses:  # labels for none of the tasks run: nothing to weight
+            return task_losses, next(iter(logits.values())).new_zeros(())
+        weighting = loss_weighting if loss_weighting is not None else FixedWeighting.from_config(self.config)
+        return task_losses, weighting(task_losses)
 
     def decode_and_loss(
         self,
@@ -581,15 +727,16 @@ class DenseMultiTaskPreTrainedModel(
         image_size: tuple[int, int],
         labels: Optional[dict[str, torch.Tensor]] = None,
         aux_losses: Optional[dict[str, torch.Tensor]] = None,
+        loss_weighting: Optional[LossWeighting] = None,
     ) -> DenseDecoding:
         """The end of every `*ForDensePrediction.forward`: logits of `tasks` at `image_size` from the task feature maps
         (B, T', C, h, w) and, with `labels`, the unweighted task losses and the total loss
-        `sum_t loss_weights[t] * task_loss_t + aux_loss`, where `aux_loss = sum_n aux_loss_weights[n] * aux_losses[n]`
+        `loss_weighting(task_losses) + aux_loss` (by default `sum_t loss_weights[t] * task_loss_t + aux_loss`), where `aux_loss = sum_n aux_loss_weights[n] * aux_losses[n]`
         over the terms with a positive weight (None when there is none)."""
         logits = self.decode_tasks(task_features, tasks, image_size)
         if labels is None:
             return DenseDecoding(logits=logits)
-        task_losses, loss = self.weighted_task_losses(logits, labels)
+        task_losses, loss = self.weighted_task_losses(logits, labels, loss_weighting)
         aux_loss = None
         for name, weight in self.aux_loss_weights.items():
             if weight > 0 and aux_losses is not None and name in aux_losses:

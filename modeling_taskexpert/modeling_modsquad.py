@@ -28,10 +28,15 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.utils import can_return_tuple
 
 from .configuration_modsquad import ModSquadConfig
-from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
+from .dense_model_utils import (
+    DenseMultiTaskModelOutput,
+    DenseMultiTaskOutput,
+    DenseMultiTaskPreTrainedModel,
+    check_pixel_values,
+)
 
 # Floor of the learned noise scale of noisy gating (the reference's value).
 NOISE_SCALE_FLOOR = 1e-2
@@ -42,72 +47,10 @@ Z_LOSS_EPSILON = 1e-4
 AUX_LOSS_NAMES = ("mutual_information", "cv", "switch", "z")
 
 
-@dataclass
-class ModSquadModelOutput(ModelOutput):
-    """
-    Output of [`ModSquadModel`].
-
-    Args:
-        task_features (`torch.FloatTensor` of shape `(batch, num_tasks, hidden_size, h, w)`):
-            Per requested task (in the order of `tasks`), the final token map the heads decode.
-        tasks (`tuple[str]`):
-            The tasks of `task_features`, in order.
-        aux_losses (`dict[str, torch.FloatTensor]`):
-            Auxiliary routing terms of this batch, unweighted, each summed over the MoE layers:
-            `"mutual_information"` (minus the task-expert mutual information, [`mutual_information_loss`]), `"cv"`
-            ([`cv_squared_loss`]), `"switch"` ([`switch_loss`]) and `"z"` ([`z_loss`]).
-        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
-            Per MoE layer (network order, named by `config.layer_names`), per task, the gate of every expert of the
-            layer for every patch token, `(batch, h, w, num_experts)` in the order of `config.candidate_names`: the
-            selected experts' routing probabilities, 0 for the others (the class token is left out). Returned with
-            `output_gates=True`.
-        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            The input of the first block and the output of every block, the tensors the model computes with (so
-            `retain_grad()` works): `(num_tasks * batch, 1 + h * w, hidden_size)`, task-major (row s is image s % batch
-            routed for task s // batch), the class token first, before the task embedding of the next block is added.
-            With `use_task_embedding=False`, blocks before the first MoE layer run once: their outputs are
-            `(batch, 1 + h * w, hidden_size)`. Returned with `output_hidden_states=True`.
-    """
-
-    task_features: Optional[torch.FloatTensor] = None
-    tasks: Optional[tuple[str, ...]] = None
-    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
-    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-
-
-@dataclass
-class ModSquadOutput(ModelOutput):
-    """
-    Output of [`ModSquadForDensePrediction`].
-
-    Args:
-        loss (`torch.FloatTensor`, *optional*):
-            sum_t loss_weights[t] * task_losses[t] + aux_loss, when `labels` are given.
-        task_losses (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted loss of every task that had labels.
-        aux_loss (`torch.FloatTensor`, *optional*):
-            The weighted routing terms included in `loss` (when `labels` are given): the sum of
-            `mutual_information_loss_weight`, `cv_loss_weight`, `switch_loss_weight` and `z_loss_weight` times the
-            matching `aux_losses`, over the terms with a positive weight; None when the pass ran fewer than
-            `config.aux_loss_min_tasks` tasks (the terms are then left out of `loss`, as in the reference).
-        aux_losses (`dict[str, torch.FloatTensor]`):
-            As in [`ModSquadModelOutput`].
-        logits (`dict[str, torch.FloatTensor]`):
-            Per task, raw predictions (B, C, H, W) at the input resolution (as for TaskExpert).
-        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
-            As in [`ModSquadModelOutput`].
-        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            As in [`ModSquadModelOutput`].
-    """
-
-    loss: Optional[torch.FloatTensor] = None
-    task_losses: Optional[dict[str, torch.FloatTensor]] = None
-    aux_loss: Optional[torch.FloatTensor] = None
-    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
-    logits: Optional[dict[str, torch.FloatTensor]] = None
-    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+# One output class per level for every model type of this package; the Mod-Squad names are kept for code that
+# imports them.
+ModSquadModelOutput = DenseMultiTaskModelOutput
+ModSquadOutput = DenseMultiTaskOutput
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -592,32 +535,43 @@ class ModSquadModel(ModSquadPreTrainedModel):
         """(name, module) of every MoE layer, in network order (that of `config.layer_names` and of `gates`)."""
         return [(name, module) for name, module in self.named_modules() if isinstance(module, ModSquadMoELayer)]
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         tasks: Optional[list[str]] = None,
-        output_hidden_states: Optional[bool] = None,
         output_gates: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-    ) -> Union[ModSquadModelOutput, tuple]:
+    ) -> DenseMultiTaskModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-                Normalised images; height and width multiples of the patch size (see [`TaskExpertImageProcessor`]).
+                Normalised images; height and width multiples of the patch size (see [`DenseMultiTaskImageProcessor`]).
             tasks (`list[str]`, *optional*):
                 Run only these tasks' passes (default: all tasks of the config).
-            output_hidden_states (`bool`, *optional*):
-                Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
             output_gates (`bool`, *optional*):
-                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
+                Return the gates of every MoE layer; defaults to `config.output_gates`.
+            output_hidden_states (`bool`, *optional*):
+                Return the block inputs/outputs; defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
-                Return a [`ModSquadModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+                Return a [`DenseMultiTaskModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+
+        `aux_losses` are the routing terms of this batch, unweighted, each summed over the MoE layers:
+        `"mutual_information"` (minus the task-expert mutual information, [`mutual_information_loss`]), `"cv"`
+        ([`cv_squared_loss`]), `"switch"` ([`switch_loss`]) and `"z"` ([`z_loss`]). `gates` give, per MoE layer and
+        task, the selected experts' routing probabilities and 0 for the others (the class token left out).
+
+        `hidden_states` are the input of the first block and the output of every block, batch first:
+        `(batch, num_tasks, 1 + h * w, hidden_size)`, `[:, t]` the tokens routed for the t-th requested task, the class
+        token first, before the task embedding of the next block is added. Blocks that run once for all tasks (before
+        the first MoE layer, without the task embedding) give `(batch, 1, 1 + h * w, hidden_size)`. They are the
+        tensors the next block reads, so `retain_grad()` works.
         """
+        output_gates = self.config.output_gates if output_gates is None else output_gates
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        output_gates = self.config.output_gates if output_gates is None else output_gates
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
         tasks = self.resolve_tasks(tasks)
         task_index = torch.tensor([self.config.tasks.index(task) for task in tasks], device=pixel_values.device)
@@ -632,7 +586,8 @@ class ModSquadModel(ModSquadPreTrainedModel):
             # a dynamic batch.
             rows = self.task_embedding[0, task_index]
             task_embedding = rows[:, None].expand(-1, batch, -1).reshape(num_tasks * batch, 1, -1)
-        all_hidden, aux_terms, reports = [hidden], [], []
+        all_hidden, aux_terms, reports = [], [], []
+        hidden = self._batch_first(hidden, num_tasks if stacked else 1, all_hidden)
         for block in self.blocks:
             if block.has_moe and not stacked:  # without task embedding, tasks part ways at the first MoE layer
                 hidden, stacked = hidden.repeat(num_tasks, 1, 1), True
@@ -641,7 +596,7 @@ class ModSquadModel(ModSquadPreTrainedModel):
             if block_terms is not None:
                 aux_terms.extend(block_terms.unbind(0))
             reports.extend(block_reports)
-            all_hidden.append(hidden)
+            hidden = self._batch_first(hidden, num_tasks if stacked else 1, all_hidden)
         # Statistics are updated here rather than in the layers, which gradient checkpointing runs twice.
         if self.training if self._force_usage_tracking is None else self._force_usage_tracking:
             for (_, layer), report in zip(self.moe_layers, reports):
@@ -660,14 +615,22 @@ class ModSquadModel(ModSquadPreTrainedModel):
                     r.gates.view(num_tasks, batch, -1, r.gates.shape[-1])[:, :, 1:].unflatten(2, grid) for r in reports
                 )
             )
-        output = ModSquadModelOutput(
+        return DenseMultiTaskModelOutput(
             task_features=maps,
             tasks=tuple(tasks),
             aux_losses=aux_losses,
             gates=gates,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
-        return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _batch_first(hidden: torch.Tensor, num_tasks: int, all_hidden: list) -> torch.Tensor:
+        """Record the task-major rows (T'*B, L, C) the blocks compute with as a batch-first (B, T', L, C) view, and
+        give the next block the same rows read back through that view, so that the recorded tensor is on the
+        gradient path. Both are views: no copy, the same values."""
+        batch_first = hidden.unflatten(0, (num_tasks, -1)).transpose(0, 1)
+        all_hidden.append(batch_first)
+        return batch_first.transpose(0, 1).flatten(0, 1)
 
 
 class ModSquadForDensePrediction(ModSquadPreTrainedModel):
@@ -683,53 +646,25 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.modsquad.get_input_embeddings()
 
-    def forward(
+    def trunk_outputs(
         self,
         pixel_values: torch.Tensor,
-        labels: Optional[dict[str, torch.Tensor]] = None,
-        tasks: Optional[list[str]] = None,
-        output_hidden_states: Optional[bool] = None,
-        output_gates: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[ModSquadOutput, tuple]:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-                Normalised images; height and width multiples of the patch size (see [`TaskExpertImageProcessor`]).
-            labels (`dict[str, torch.Tensor]`, *optional*):
-                Per task, labels following `task_definitions` (ignore value 255). Tasks without labels get no loss.
-            tasks (`list[str]`, *optional*):
-                Run only these tasks' passes and heads (default: all tasks of the config).
-            output_hidden_states (`bool`, *optional*):
-                Return the block inputs/outputs (see [`ModSquadModelOutput`]); defaults to `config.output_hidden_states`.
-            output_gates (`bool`, *optional*):
-                Return the gates of every MoE layer (see [`ModSquadModelOutput`]); defaults to `config.output_gates`.
-            return_dict (`bool`, *optional*):
-                Return a [`ModSquadOutput`] instead of a tuple; defaults to `config.return_dict`.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        tasks = self.resolve_tasks(tasks)
-        self.check_label_tasks(labels)
-        outputs = self.modsquad(
+        tasks: list[str],
+        output_gates: bool,
+        output_hidden_states: Optional[bool],
+        with_labels: bool,
+    ) -> DenseMultiTaskModelOutput:
+        return self.modsquad(
             pixel_values,
             tasks=tasks,
-            output_hidden_states=output_hidden_states,
             output_gates=output_gates,
+            output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+
+    def aux_losses_in_loss(self, trunk: DenseMultiTaskModelOutput, tasks: list[str]) -> Optional[dict]:
         # The reference adds the routing terms only when more than two tasks ran (`aux_loss_min_tasks`).
-        joined = outputs.aux_losses if len(tasks) >= self.config.aux_loss_min_tasks else None
-        decoded = self.decode_and_loss(outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels, joined)
-        output = ModSquadOutput(
-            loss=decoded.loss,
-            task_losses=decoded.task_losses,
-            aux_loss=decoded.aux_loss,
-            aux_losses=outputs.aux_losses,
-            logits=decoded.logits,
-            gates=outputs.gates,
-            hidden_states=outputs.hidden_states,
-        )
-        return output if return_dict else output.to_tuple()
+        return trunk.aux_losses if len(tasks) >= self.config.aux_loss_min_tasks else None
 
     @property
     def aux_loss_weights(self) -> dict[str, float]:
@@ -902,7 +837,7 @@ class ModSquadForDensePrediction(ModSquadPreTrainedModel):
         if router not in ("full", "kept"):
             raise ValueError(f"`router` must be 'full' or 'kept', got {router!r}.")
         config.kept_router = router
-        config.validate_modsquad()
+        config.validate_architecture()
         extracted = type(self)(config).to(device=self.device, dtype=self.dtype)
 
         state = {}

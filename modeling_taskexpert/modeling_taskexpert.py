@@ -10,8 +10,7 @@ Data flow for one image and T tasks (see the config docstring for every option):
     heads             ->  one light dense head per task on the final memory
 """
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,72 +18,23 @@ from torch.nn import functional as F
 from transformers import AutoBackbone, ViTModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_taskexpert import TaskExpertConfig
-from .dense_model_utils import DenseMultiTaskPreTrainedModel, check_pixel_values
+from .dense_model_utils import (
+    DenseMultiTaskModelOutput,
+    DenseMultiTaskOutput,
+    DenseMultiTaskPreTrainedModel,
+    check_pixel_values,
+)
 
 logger = logging.get_logger(__name__)
 
 
-@dataclass
-class TaskExpertModelOutput(ModelOutput):
-    """
-    Output of [`TaskExpertModel`].
-
-    Args:
-        task_features (`torch.FloatTensor` of shape `(batch, num_tasks, D', h, w)`):
-            Per requested task (in the order of `tasks`), the feature map the heads decode: the final memory (or,
-            without memory, the last layer's task features; with `head_uses_all_layers`, those of every MMoE layer
-            concatenated).
-        tasks (`tuple[str]`):
-            The tasks of `task_features`, in order.
-        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
-            The routing report: per MMoE layer (`config.layer_names`), per task, the gate weights (B, h, w, E + 1)
-            over the E experts and, last, the memory (E without memory), in the order of `config.candidate_names`;
-            (B, 1, 1, E + 1) for image-level gates. Returned with `output_gates=True`.
-        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            Backbone token maps (B, C, h, w) of the MMoE layers. Returned with `output_hidden_states=True`.
-    """
-
-    task_features: Optional[torch.FloatTensor] = None
-    tasks: Optional[tuple[str, ...]] = None
-    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
-
-
-@dataclass
-class TaskExpertOutput(ModelOutput):
-    """
-    Output of [`TaskExpertForDensePrediction`].
-
-    Args:
-        loss (`torch.FloatTensor`, *optional*):
-            sum_t loss_weights[t] * task_losses[t] + aux_loss, when `labels` are given.
-        task_losses (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted loss of every task that had labels.
-        aux_loss (`torch.FloatTensor`, *optional*):
-            The weighted auxiliary term included in `loss`: gate_balance_loss_weight * aux_losses["gate_balance"],
-            when that weight is positive.
-        aux_losses (`dict[str, torch.FloatTensor]`, *optional*):
-            Unweighted auxiliary terms, with `labels` and dynamic gating: `"gate_balance"` (see
-            [`gate_balance_loss`]), reported even when its weight is 0.
-        logits (`dict[str, torch.FloatTensor]`):
-            Per task, raw predictions (B, C, H, W) at the input resolution: class logits for `semseg` and
-            `human_parts`, one logit for `saliency` and `edge`, unnormalised xyz for `normals`, metres for `depth`.
-        gates (`tuple[dict[str, torch.FloatTensor]]`, *optional*):
-            As in [`TaskExpertModelOutput`].
-        hidden_states (`tuple[torch.FloatTensor]`, *optional*):
-            As in [`TaskExpertModelOutput`].
-    """
-
-    loss: Optional[torch.FloatTensor] = None
-    task_losses: Optional[dict[str, torch.FloatTensor]] = None
-    aux_loss: Optional[torch.FloatTensor] = None
-    aux_losses: Optional[dict[str, torch.FloatTensor]] = None
-    logits: Optional[dict[str, torch.FloatTensor]] = None
-    gates: Optional[tuple[dict[str, torch.FloatTensor], ...]] = None
-    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+# One output class per level for every model type of this package; the TaskExpert names are kept for code that
+# imports them.
+TaskExpertModelOutput = DenseMultiTaskModelOutput
+TaskExpertOutput = DenseMultiTaskOutput
 
 
 class TaskExpertBackbone(nn.Module):
@@ -400,6 +350,7 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
         channels = getattr(self.config.backbone_config, "num_channels", 3)
         check_pixel_values(pixel_values, channels, self.config.patch_size)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -407,7 +358,7 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
         output_gates: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-    ) -> Union[TaskExpertModelOutput, tuple]:
+    ) -> DenseMultiTaskModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
@@ -419,13 +370,15 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
             output_hidden_states (`bool`, *optional*):
                 Return the backbone token maps of the MMoE layers; defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
-                Return a [`TaskExpertModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+                Return a [`DenseMultiTaskModelOutput`] instead of a tuple; defaults to `config.return_dict`.
+
+        `hidden_states` are the backbone token maps `(batch, channels, h, w)` the MMoE layers read, one per MMoE
+        layer.
         """
         output_gates = self.config.output_gates if output_gates is None else output_gates
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         self.check_pixel_values(pixel_values)
         tasks = self.resolve_tasks(tasks)
         task_index = torch.tensor([self.config.tasks.index(task) for task in tasks], device=pixel_values.device)
@@ -451,13 +404,12 @@ class TaskExpertModel(TaskExpertPreTrainedModel):
             maps = torch.cat(stacked, dim=2)
         else:
             maps = _to_maps(memory if memory is not None else layer_features[-1][0], final_grid, final_grid)
-        output = TaskExpertModelOutput(
+        return DenseMultiTaskModelOutput(
             task_features=maps,
             tasks=tuple(tasks),
             gates=tuple(all_gates) if output_gates else None,
             hidden_states=tuple(feature_maps) if output_hidden_states else None,
         )
-        return output if return_dict else output.to_tuple()
 
 
 def _to_maps(features: torch.Tensor, grid: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
@@ -488,37 +440,16 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
     def aux_loss_weights(self) -> dict[str, float]:
         return {"gate_balance": self.config.gate_balance_loss_weight}
 
-    def forward(
+    def trunk_outputs(
         self,
         pixel_values: torch.Tensor,
-        labels: Optional[dict[str, torch.Tensor]] = None,
-        tasks: Optional[list[str]] = None,
-        output_gates: Optional[bool] = None,
-        output_hidden_states: Optional[bool] = None,
-        return_dict: Optional[bool] = None,
-    ) -> Union[TaskExpertOutput, tuple]:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-                Normalised images; height and width multiples of the patch size (see [`TaskExpertImageProcessor`]).
-            labels (`dict[str, torch.Tensor]`, *optional*):
-                Per task, labels following `task_definitions` (ignore value 255; a sample without a label for a task
-                is all-255 and adds no loss). Tasks without labels get no loss.
-            tasks (`list[str]`, *optional*):
-                Compute only these tasks' gates, memory and heads (default: all tasks of the config).
-            output_gates (`bool`, *optional*):
-                Return the routing report (`gates`) of every MMoE layer; defaults to `config.output_gates`.
-            output_hidden_states (`bool`, *optional*):
-                Return the backbone token maps of the MMoE layers; defaults to `config.output_hidden_states`.
-            return_dict (`bool`, *optional*):
-                Return a [`TaskExpertOutput`] instead of a tuple; defaults to `config.return_dict`.
-        """
-        output_gates = self.config.output_gates if output_gates is None else output_gates
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        tasks = self.resolve_tasks(tasks)
-        self.check_label_tasks(labels)
+        tasks: list[str],
+        output_gates: bool,
+        output_hidden_states: Optional[bool],
+        with_labels: bool,
+    ) -> DenseMultiTaskModelOutput:
         # The gate regulariser is reported with labels (added to the loss only with a positive weight).
-        needs_gates = labels is not None and self.config.gating == "dynamic"
+        needs_gates = with_labels and self.config.gating == "dynamic"
         outputs = self.taskexpert(
             pixel_values,
             tasks=tasks,
@@ -526,20 +457,9 @@ class TaskExpertForDensePrediction(TaskExpertPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        aux_losses = {"gate_balance": gate_balance_loss(outputs.gates)} if needs_gates else None
-        decoded = self.decode_and_loss(
-            outputs.task_features, tasks, tuple(pixel_values.shape[-2:]), labels=labels, aux_losses=aux_losses
-        )
-        output = TaskExpertOutput(
-            loss=decoded.loss,
-            task_losses=decoded.task_losses,
-            aux_loss=decoded.aux_loss,
-            aux_losses=aux_losses,
-            logits=decoded.logits,
-            gates=outputs.gates if output_gates else None,
-            hidden_states=outputs.hidden_states,
-        )
-        return output if return_dict else output.to_tuple()
+        if needs_gates:
+            outputs.aux_losses = {"gate_balance": gate_balance_loss(outputs.gates)}
+        return outputs
 
 
 def gate_balance_loss(gates: tuple[dict[str, torch.Tensor], ...]) -> torch.Tensor:

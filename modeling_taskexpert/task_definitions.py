@@ -282,8 +282,8 @@ class BoundaryKind(_BinaryKind):
 
     def loss(self, logits, labels, spec, config):
         """Weighted binary cross-entropy: w y (-log s) + (1 - w)(1 - y)(-log(1 - s)), mean over valid pixels, with w
-        the config's `edge_positive_weight`."""
-        positive_weight = getattr(config, "edge_positive_weight", 0.95)
+        the config's `boundary_positive_weight`."""
+        positive_weight = getattr(config, "boundary_positive_weight", 0.95)
         logits = logits[:, 0]
         valid = labels != IGNORE_INDEX
         target = labels.masked_fill(~valid, 0)
@@ -759,8 +759,8 @@ class TaskSpec:
         return f"{self.name}/{self.primary_metric}"
 
     @property
-    def main_metric_keys(self) -> tuple[str, ...]:
-        """The keys of the main metric: the primary one, and for boundaries the approximate scorer's beside it."""
+    def primary_metric_keys(self) -> tuple[str, ...]:
+        """The keys of the primary metric: the primary one, and for boundaries the approximate scorer's beside it."""
         key = self.primary_metric_key
         return (key, key + "_approx") if self.kind.name == "boundary" else (key,)
 

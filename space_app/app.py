@@ -1,4 +1,4 @@
-"""TaskExpert Space: every task's dense map for one image, and how each task routes through the model's experts.
+"""The Space of this package's dense multi-task models (TaskExpert, Mod-Squad): every task's dense map for one image, and how each task routes through the model's experts.
 
 Run it with `make space` or `python space_app/app.py` (serves on 127.0.0.1, port `GRADIO_SERVER_PORT` or 7860). The
 model comes from `TASKEXPERT_MODEL` (a local folder, relative ones from the repository root, or a Hub id), by
@@ -33,6 +33,7 @@ from experts_tab import (
 )
 from inference import DemoPrediction, predict, save_npz
 from model_loading import EXAMPLES_DIR, MAX_UPLOAD_MB, DemoModel, ModelUnavailable, load_demo_model
+from modeling_taskexpert.model_types import MODEL_TYPES
 from rendering import (
     LEGEND_CSS,
     OVERLAY_OPACITY,
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 # request at a time. A waiting request holds only its upload, which is on disk and counted in the cache budget.
 MAX_QUEUE_SIZE = 32
 
-TITLE = "TaskExpert: multi-task dense prediction with task experts and memory"
+TITLE = "Multi-task dense prediction with mixtures of experts"
 DESCRIPTION = (
     "One model predicts several dense maps of an image at once. TaskExpert (Ye & Xu, ICCV 2023) mixes a set of "
     "expert networks with a gate per task, pixel by pixel, together with a per-task memory carried from layer to "
@@ -174,7 +175,9 @@ def build_demo(model_path: Optional[str] = None, limits: Optional[ResourceLimits
     layer_names = list(demo_model.config.layer_names) if demo_model else []
     errors = ErrorNotes()
 
-    with gr.Blocks(title="TaskExpert") as demo:
+    # The page names the served model's architecture (TaskExpert, Mod-Squad), else the package's topic.
+    page_title = MODEL_TYPES[demo_model.config.model_type].title.split(" (")[0] if demo_model else "Dense multi-task"
+    with gr.Blocks(title=f"{page_title} demo") as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         if problem:
             gr.Markdown(f"**The demo has no model.** {problem}", elem_id="model-missing")

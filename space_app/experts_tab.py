@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from modeling_taskexpert.dense_model_utils import check_routing_report, dominant_candidates
-from modeling_taskexpert.visualization_taskexpert import label_palette
+from modeling_taskexpert.visualization_dense_multitask import label_palette
 from rendering import depth_range
 
 # Longer side of the image a session keeps for the dominant-candidate map (the gates are per token, so a larger

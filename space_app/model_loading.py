@@ -4,9 +4,9 @@ Nothing here knows about Gradio: the page (`app.py`) shows what these functions 
 and `ModelUnavailable` into messages.
 """
 
-import importlib.util
 import json
 import os
+import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from transformers import AutoImageProcessor
 
 import modeling_taskexpert  # noqa: F401  (registers the model types with the Auto classes)
 from modeling_taskexpert.file_utils import looks_like_repo_id
-from modeling_taskexpert.image_processing_taskexpert import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
+from modeling_taskexpert.image_processing_dense_multitask import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 from modeling_taskexpert.loading import load_dense_model
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -29,8 +29,8 @@ MODEL_ENV_VAR = "TASKEXPERT_MODEL"
 # Written by `python -m space_app.bundle` into a Space repository: the model the bundle serves unless
 # `TASKEXPERT_MODEL` (a Space variable) names another ({"model": folder relative to this file's folder, or Hub id}).
 SETTINGS_FILE = SPACE_DIR / "space_settings.json"
-# Where `make train` writes its model (hub_configs/synthetic-tiny.yaml), relative to the repository root.
-DEFAULT_MODEL = "outputs/taskexpert-synthetic-tiny"
+# The repository's configuration of the models served when none is named (`[tool.taskexpert.space]`).
+PROJECT_FILE = "pyproject.toml"
 EXAMPLES_DIR = SPACE_DIR / "examples"
 
 MAX_UPLOAD_MB = 20
@@ -55,19 +55,20 @@ _KNOWN_DATASETS = {
 }
 
 
-def study_best_model_dir() -> Optional[str]:
-    """`experiments/paths.py:STUDY_BEST_MODEL_DIR` when the app runs inside the repository, else None.
+def default_models() -> dict[str, str]:
+    """`{"best_model": ..., "fallback_model": ...}`, the folders (relative to the repository root) served when no
+    model is named, from `[tool.taskexpert.space]` of the repository's `pyproject.toml`; empty outside the repository
+    (a deployed Space names its model with `space_settings.json` or `TASKEXPERT_MODEL`)."""
+    try:
+        settings = tomllib.loads((REPO_ROOT / PROJECT_FILE).read_text())["tool"]["taskexpert"]["space"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return {}
+    return {key: str(settings[key]) for key in ("best_model", "fallback_model") if settings.get(key)}
 
-    Read from its file rather than imported: `python space_app/app.py` does not put the repository root on the
-    import path, and a deployed Space holds this folder only (it names its model with `TASKEXPERT_MODEL`).
-    """
-    paths_file = REPO_ROOT / "experiments" / "paths.py"
-    if not paths_file.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("taskexpert_experiment_paths", paths_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.STUDY_BEST_MODEL_DIR
+
+def study_best_model_dir() -> Optional[str]:
+    """The folder the study copies its best model to (`best_model`), None outside the repository."""
+    return default_models().get("best_model")
 
 
 class ModelUnavailable(Exception):
@@ -233,13 +234,16 @@ def resolve_model_source(model_path: Optional[str] = None) -> tuple[str, bool]:
             f"`{SETTINGS_FILE.name}` names `{bundled}`, which is neither a folder here nor a Hub id."
         )
     if explicit is None:
-        best = study_best_model_dir()
+        configured = default_models()
+        best = configured.get("best_model")
         if best is not None and (REPO_ROOT / best / "config.json").is_file():
             return str(REPO_ROOT / best), True
-        default = REPO_ROOT / DEFAULT_MODEL
-        if not default.is_dir():
-            raise ModelUnavailable(f"No trained model found at `{DEFAULT_MODEL}`. {_how_to_get_a_model()}")
-        return str(default), True
+        fallback = configured.get("fallback_model")
+        if fallback is None:
+            raise ModelUnavailable(f"No model is named and none is configured here. {_how_to_get_a_model()}")
+        if not (REPO_ROOT / fallback).is_dir():
+            raise ModelUnavailable(f"No trained model found at `{fallback}`. {_how_to_get_a_model()}")
+        return str(REPO_ROOT / fallback), True
     path = Path(explicit).expanduser()
     if not path.is_absolute():
         path = REPO_ROOT / path
@@ -254,12 +258,13 @@ def resolve_model_source(model_path: Optional[str] = None) -> tuple[str, bool]:
 
 
 def _how_to_get_a_model() -> str:
-    best = study_best_model_dir()
+    configured = default_models()
+    best, fallback = configured.get("best_model"), configured.get("fallback_model")
     study = f" (or `make experiments` for the study's best model in `{best}`)" if best else ""
-    return (
-        f"Run `make train` to train the tiny synthetic model into `{DEFAULT_MODEL}`{study}, or set `{MODEL_ENV_VAR}` "
-        "to a model folder or a Hub model id, then restart the app."
+    train = (
+        f"Run `make train` to train the tiny synthetic model into `{fallback}`{study}, or set" if fallback else "Set"
     )
+    return f"{train} `{MODEL_ENV_VAR}` to a model folder or a Hub model id, then restart the app."
 
 
 def load_demo_model(model_path: Optional[str] = None) -> DemoModel:

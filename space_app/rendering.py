@@ -20,7 +20,7 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 from modeling_taskexpert.task_definitions import TaskSpec, preset_spec
-from modeling_taskexpert.visualization_taskexpert import (
+from modeling_taskexpert.visualization_dense_multitask import (
     colorize_scalar,
     label_palette,
     normals_to_rgb,

@@ -109,10 +109,10 @@ def _model_outputs(prefix: str, model_class, config, output_kwargs: dict) -> dic
 
 
 def processor_outputs() -> dict[str, torch.Tensor]:
-    from modeling_taskexpert import TaskExpertImageProcessor
+    from modeling_taskexpert import DenseMultiTaskImageProcessor
 
     rng = np.random.default_rng(3)
-    processor = TaskExpertImageProcessor(size={"height": 48, "width": 64}, size_divisor=16)
+    processor = DenseMultiTaskImageProcessor(size={"height": 48, "width": 64}, size_divisor=16)
     images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), rng.integers(0, 256, (60, 20, 3), dtype=np.uint8)]
     batch = processor(images, return_tensors="pt")
     pinned = {f"processor/{key}": value for key, value in batch.items() if isinstance(value, torch.Tensor)}
@@ -148,7 +148,7 @@ def evaluator_metrics() -> dict[str, float]:
     }
     evaluator = DenseMultiTaskEvaluator(
         tasks=ALL_TASKS, num_classes={"semseg": 3, "human_parts": 3}, dataset="synthetic", boundary_tolerance=0.02,
-        edge_mode="approximate",
+        boundary_mode="approximate",
     )  # fmt: skip
     evaluator.update(predictions, labels)
     return {key: float(value) for key, value in evaluator.compute(sync=False).items()}

@@ -19,20 +19,20 @@ def make_model_folder(folder: Path) -> Path:
     (without a card: its training data is unrecorded)."""
     from conftest import tiny_config
 
-    from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor
+    from modeling_taskexpert import TaskExpertForDensePrediction, DenseMultiTaskImageProcessor
 
     torch.manual_seed(0)
     model = TaskExpertForDensePrediction(tiny_config()).eval()
     for layer in model.taskexpert.mmoe_layers:  # zero-initialised gates would make every expert map constant
         torch.nn.init.normal_(layer.gates.token_weight, std=0.5)
     model.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=PATCH).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=PATCH).save_pretrained(folder)
     return folder
 
 
 def make_modsquad_folder(folder: Path) -> Path:
     """A tiny random Mod-Squad model with varied routing and a 64x64 processor canvas."""
-    from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction, TaskExpertImageProcessor
+    from modeling_taskexpert import ModSquadConfig, ModSquadForDensePrediction, DenseMultiTaskImageProcessor
 
     config = ModSquadConfig.from_json_file(str(REPO_ROOT / "hub_configs" / "models" / "modsquad-tiny.json"))
     torch.manual_seed(0)
@@ -40,9 +40,9 @@ def make_modsquad_folder(folder: Path) -> Path:
     for _, layer in model.modsquad.moe_layers:  # zero-initialised routers would give every token the same experts
         torch.nn.init.normal_(layer.router_weight, std=0.5)
     model.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=config.patch_size).save_pretrained(
-        folder
-    )
+    DenseMultiTaskImageProcessor(
+        size={"height": CANVAS, "width": CANVAS}, size_divisor=config.patch_size
+    ).save_pretrained(folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from conftest import tiny_config
 from modsquad_reference import build_modsquad
 from safetensors.torch import save_file
 
-from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor
+from modeling_taskexpert import TaskExpertForDensePrediction, DenseMultiTaskImageProcessor
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def test_remote_code_survives_a_save_and_load_round_trip_with_its_pipeline(model
     model = TaskExpertForDensePrediction(tiny_config()).eval() if model_type == "taskexpert" else build_modsquad()
     source = tmp_path / "source"
     model.save_pretrained(source)
-    TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(source)
+    DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(source)
     pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(pixel_values).logits

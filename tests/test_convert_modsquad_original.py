@@ -12,7 +12,7 @@ import pytest
 import torch
 from modsquad_reference import ReferenceArchitecture, random_reference_state, reference_features
 
-from modeling_taskexpert import ModSquadForDensePrediction, TaskExpertImageProcessor
+from modeling_taskexpert import ModSquadForDensePrediction, DenseMultiTaskImageProcessor
 from modeling_taskexpert.convert_modsquad_original import ConversionError, convert, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_converted_checkpoint_computes_the_reference_function(tmp_path, layout, 
     )
     assert config.moe_attention_layers == arch.moe_attention and config.moe_mlp_layers == arch.moe_mlp
     assert not config.noisy_gating and not config.renormalize_gates and config.use_task_embedding
-    assert isinstance(TaskExpertImageProcessor.from_pretrained(tmp_path / "out"), TaskExpertImageProcessor)
+    assert isinstance(DenseMultiTaskImageProcessor.from_pretrained(tmp_path / "out"), DenseMultiTaskImageProcessor)
 
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     for task, row in (("depth", 2), ("normals", 0)):

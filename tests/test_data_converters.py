@@ -278,7 +278,7 @@ def test_nyud_depth_in_millimetres_is_refused(nyud_raw, tmp_path):
 def test_nyud_images_are_made_rgb_like_the_image_processor(nyud_raw, tmp_path):
     """16-bit grayscale is scaled (not clipped to white) and RGBA composited on white, exactly as the processor does
     for the same file, so a model sees the same pixels in training and at inference."""
-    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
+    from modeling_taskexpert.image_processing_dense_multitask import load_rgb_image
 
     raw_dir, root, samples = nyud_raw
     gray16 = np.random.default_rng(5).integers(0, 65536, (9, 12), dtype=np.uint16)

@@ -27,7 +27,7 @@ def line_map(row, cols, value=1.0, size=SIZE):
 
 
 def score(predictions, labels, mode="exact", tolerance=TOLERANCE, meta=None):
-    evaluator = DenseMultiTaskEvaluator(tasks=["edge"], boundary_tolerance=tolerance, edge_mode=mode)
+    evaluator = DenseMultiTaskEvaluator(tasks=["edge"], boundary_tolerance=tolerance, boundary_mode=mode)
     evaluator.update(
         {"edge": torch.as_tensor(np.stack(predictions))}, {"edge": torch.as_tensor(np.stack(labels))}, meta=meta
     )
@@ -178,7 +178,7 @@ def test_background_workers_give_the_same_results():
     predictions = np.clip(labels * 0.6 + rng.random(labels.shape) * 0.5, 0, 1).astype(np.float32)
     results = []
     for workers in (0, 1):
-        evaluator = DenseMultiTaskEvaluator(["edge"], boundary_tolerance=TOLERANCE, edge_workers=workers)
+        evaluator = DenseMultiTaskEvaluator(["edge"], boundary_tolerance=TOLERANCE, boundary_workers=workers)
         evaluator.meters["edge"].max_pending_per_worker = 1  # also exercise waiting on a full queue
         for index in range(0, 5, 2):
             evaluator.update(

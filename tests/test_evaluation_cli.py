@@ -19,7 +19,7 @@ from modeling_taskexpert.data import (
 from modeling_taskexpert.data.synthetic import HUMAN_PART_CLASSES, SEMSEG_CLASSES
 from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator
 from modeling_taskexpert.evaluation.__main__ import main
-from modeling_taskexpert.image_processing_taskexpert import logits_to_predictions
+from modeling_taskexpert.image_processing_dense_multitask import logits_to_predictions
 
 VAL_SIZE = 5
 
@@ -64,7 +64,7 @@ def test_cli_writes_the_metrics_of_a_saved_model(workspace, tmp_path, capsys):
     payload = json.loads(output.read_text())
     tasks = ["semseg", "human_parts", "saliency", "normals", "edge", "depth"]
     assert payload["settings"]["tasks"] == tasks
-    assert payload["settings"]["edge_mode"] == "exact"
+    assert payload["settings"]["boundary_mode"] == "exact"
     assert payload["settings"]["saliency_maxf_mode"] == "standard"  # synthetic data
     assert payload["num_samples"] == VAL_SIZE and payload["split"] == "validation"
     expected = direct_results(workspace, tasks)
@@ -81,7 +81,7 @@ def test_cli_task_selection_modes_and_baselines(workspace, tmp_path):
     baselines.write_text(json.dumps({"depth/RMSE": 1.0, "edge/odsF_approx": 10.0}))
     output = tmp_path / "metrics.json"
     code = cli(
-        workspace, output, "--tasks", "depth", "edge", "--edge-mode", "approximate", "--baselines", str(baselines)
+        workspace, output, "--tasks", "depth", "edge", "--boundary-mode", "approximate", "--baselines", str(baselines)
     )
     assert code == 0
     metrics = json.loads(output.read_text())["metrics"]
@@ -101,7 +101,7 @@ def test_cli_reports_bad_input_without_a_traceback(workspace, tmp_path, capsys):
     assert cli(workspace, output, "--batch-size", "0") == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
-        cli(workspace, output, "--edge-mode", "fast")
+        cli(workspace, output, "--boundary-mode", "fast")
     assert exited.value.code == 2
     assert not output.exists()
 
@@ -110,7 +110,7 @@ def test_cli_failure_while_running_exits_with_1(workspace, tmp_path, capsys):
     """The evaluation runs, then the output cannot be written (a file stands where its folder should be)."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert cli(workspace, blocker / "metrics.json", "--edge-mode", "approximate") == 1
+    assert cli(workspace, blocker / "metrics.json", "--boundary-mode", "approximate") == 1
     assert "error: the evaluation failed" in capsys.readouterr().err
 
 
@@ -136,17 +136,17 @@ def test_cli_refuses_a_weights_file_missing_tensors(workspace, tmp_path, capsys)
 
 
 def test_cli_names_its_boundary_scorer_and_scores_both(workspace, tmp_path, capsys):
-    """`--edge-mode both` gives each scorer's keys, equal to the single-scorer runs; the scorer is announced."""
+    """`--boundary-mode both` gives each scorer's keys, equal to the single-scorer runs; the scorer is announced."""
     both = tmp_path / "both.json"
-    assert cli(workspace, both, "--tasks", "edge", "--edge-mode", "both") == 0
+    assert cli(workspace, both, "--tasks", "edge", "--boundary-mode", "both") == 0
     announced = capsys.readouterr().err
-    assert "Boundary scorer: exact and approximate" in announced and "--edge-workers" in announced
+    assert "Boundary scorer: exact and approximate" in announced and "--boundary-workers" in announced
     metrics = json.loads(both.read_text())["metrics"]
-    assert json.loads(both.read_text())["settings"]["edge_mode"] == ["exact", "approximate"]
+    assert json.loads(both.read_text())["settings"]["boundary_mode"] == ["exact", "approximate"]
     assert sorted(metrics) == ["edge/odsF", "edge/odsF_approx", "edge/oisF", "edge/oisF_approx"]
     for mode in ("exact", "approximate"):
         single = tmp_path / f"{mode}.json"
-        assert cli(workspace, single, "--tasks", "edge", "--edge-mode", mode) == 0
+        assert cli(workspace, single, "--tasks", "edge", "--boundary-mode", mode) == 0
         for key, value in json.loads(single.read_text())["metrics"].items():
             assert metrics[key] == value, key
 
@@ -157,7 +157,7 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "modeling_taskexpert.evaluation", "--help"], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0
-    assert "--trust-remote-code" in completed.stdout and "--edge-mode" in completed.stdout
+    assert "--trust-remote-code" in completed.stdout and "--boundary-mode" in completed.stdout
 
 
 def test_class_names_must_agree_or_be_mapped_explicitly(workspace, tmp_path, capsys):

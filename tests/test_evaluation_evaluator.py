@@ -49,18 +49,18 @@ def subset(batch, index):
 
 
 def make_evaluator(**kwargs):
-    kwargs.setdefault("edge_mode", "approximate")
+    kwargs.setdefault("boundary_mode", "approximate")
     return DenseMultiTaskEvaluator(ALL_TASKS, num_classes=NUM_CLASSES, boundary_tolerance=0.02, **kwargs)
 
 
-@pytest.mark.parametrize("edge_mode", ["approximate", "exact"])
-def test_results_do_not_depend_on_batching_or_order(edge_mode):
+@pytest.mark.parametrize("boundary_mode", ["approximate", "exact"])
+def test_results_do_not_depend_on_batching_or_order(boundary_mode):
     predictions, labels = make_batch(6)
-    whole = make_evaluator(edge_mode=edge_mode)
+    whole = make_evaluator(boundary_mode=boundary_mode)
     whole.update(predictions, labels)
     expected = whole.compute()
 
-    pieces = make_evaluator(edge_mode=edge_mode)
+    pieces = make_evaluator(boundary_mode=boundary_mode)
     for index in ([5, 0], [3], [1, 4, 2]):
         pieces.update(subset(predictions, index), subset(labels, index))
     results = pieces.compute()
@@ -70,28 +70,28 @@ def test_results_do_not_depend_on_batching_or_order(edge_mode):
 
 
 def test_both_boundary_scorers_at_once_each_under_its_own_key():
-    """edge_mode=[exact, approximate] scores the same predictions with each scorer (in background workers here):
+    """boundary_mode=[exact, approximate] scores the same predictions with each scorer (in background workers here):
     the keys name the scorer and the values equal the single-scorer runs."""
     predictions, labels = make_batch(3)
-    both = make_evaluator(edge_mode=["exact", "approximate"], edge_workers=1)
+    both = make_evaluator(boundary_mode=["exact", "approximate"], boundary_workers=1)
     both.update(predictions, labels)
     assert sum(meter.pending_images for meter in both.meters.values() if hasattr(meter, "pending_images")) > 0
     both.flush(progress=True)
     results = both.compute()
     both.close()
-    assert both.settings["edge_mode"] == ["exact", "approximate"]
+    assert both.settings["boundary_mode"] == ["exact", "approximate"]
     for mode, keys in (
         ("exact", ("edge/odsF", "edge/oisF")),
         ("approximate", ("edge/odsF_approx", "edge/oisF_approx")),
     ):
-        single = make_evaluator(edge_mode=mode)
+        single = make_evaluator(boundary_mode=mode)
         single.update(predictions, labels)
         expected = single.compute()
         assert all(key in expected for key in keys)
         for key, value in expected.items():
             assert results[key] == value, key
-    with pytest.raises(ValueError, match="edge_mode"):
-        make_evaluator(edge_mode=["exact", "exact"])
+    with pytest.raises(ValueError, match="boundary_mode"):
+        make_evaluator(boundary_mode=["exact", "exact"])
 
 
 def test_delta_m_uses_the_boundary_scorer_both_sides_have():
@@ -240,7 +240,7 @@ def test_bad_configuration():
         DenseMultiTaskEvaluator(["semseg"])
     with pytest.raises(ValueError, match="'segmentation' is not a preset task"):
         DenseMultiTaskEvaluator(["segmentation"])
-    with pytest.raises(ValueError, match="edge_mode"):
-        DenseMultiTaskEvaluator(["depth"], edge_mode="fast")
+    with pytest.raises(ValueError, match="boundary_mode"):
+        DenseMultiTaskEvaluator(["depth"], boundary_mode="fast")
     with pytest.raises(ValueError, match="saliency_maxf_mode"):
         DenseMultiTaskEvaluator(["saliency"], saliency_maxf_mode="sigmoid")

@@ -67,7 +67,7 @@ def make_loader(samples):
 
 def evaluate_shard(evaluator, model, samples):
     batch = collate_dense_batch(samples)
-    from modeling_taskexpert.image_processing_taskexpert import logits_to_predictions
+    from modeling_taskexpert.image_processing_dense_multitask import logits_to_predictions
 
     with torch.no_grad():
         logits = model(pixel_values=batch["pixel_values"], tasks=TASKS).logits

@@ -8,7 +8,7 @@ from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator, multitask_de
 
 evaluate = pytest.importorskip("evaluate")
 
-SETTINGS = {"num_classes": {"semseg": 3}, "boundary_tolerance": 0.05, "edge_mode": "approximate"}
+SETTINGS = {"num_classes": {"semseg": 3}, "boundary_tolerance": 0.05, "boundary_mode": "approximate"}
 
 
 def examples(seed):

@@ -11,7 +11,7 @@ from modeling_taskexpert.evaluation.trivial_baselines import main, recorded_base
 
 
 def test_constant_predictors_match_a_hand_computation(synthetic_dataset):
-    result = trivial_baseline_metrics(str(synthetic_dataset), edge_mode="approximate")
+    result = trivial_baseline_metrics(str(synthetic_dataset), boundary_mode="approximate")
     metadata = read_dataset_metadata(synthetic_dataset)
     data = load_multitask_dataset(synthetic_dataset, "validation").with_transform(
         build_transforms(metadata, train=False)

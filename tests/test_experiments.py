@@ -204,7 +204,7 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     assert results["gating"]["verdict"] == paired.HOLDS
     assert results["shared-decoder"]["verdict"] == paired.FAILS
     assert results["memory"]["verdict"] == paired.INCONCLUSIVE
-    notes = write.build_notes(collected, summary, list(results.values()), {}, None, None)
+    notes = write.build_notes(write.StudyReport(collected, summary, list(results.values())))
     gating = results["gating"]["delta_m"]
     assert "Dynamic gating helps (TaskExpert vs uniform gates): holds.** taskexpert's Δm is above" in notes
     assert f"{gating.mean:+.2f} points, 95 % interval {gating.low:+.2f} to {gating.high:+.2f}, 5 seeds" in notes

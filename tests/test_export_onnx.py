@@ -19,10 +19,10 @@ from modsquad_reference import build_modsquad
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor  # noqa: E402
+from modeling_taskexpert import TaskExpertForDensePrediction, DenseMultiTaskImageProcessor  # noqa: E402
 from modeling_taskexpert.export import OnnxExportError, export_onnx  # noqa: E402
 from modeling_taskexpert.export.__main__ import main as export_main  # noqa: E402
-from modeling_taskexpert.image_processing_taskexpert import logits_to_predictions  # noqa: E402
+from modeling_taskexpert.image_processing_dense_multitask import logits_to_predictions  # noqa: E402
 from modeling_taskexpert.task_definitions import KINDS, make_task_spec  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def exported_taskexpert(tmp_path_factory):
     model = taskexpert()
     root = tmp_path_factory.mktemp("onnx")
     model.save_pretrained(root / "model")
-    TaskExpertImageProcessor(size=48, size_divisor=8).save_pretrained(root / "model")
+    DenseMultiTaskImageProcessor(size=48, size_divisor=8).save_pretrained(root / "model")
     arguments = [
         "onnx",
         "--model",
@@ -198,7 +198,7 @@ def test_the_deployment_example_runs_without_torch(exported_taskexpert, tmp_path
     gives the maps of the PyTorch processor + model + post-processing."""
     model, result = exported_taskexpert
     shutil.copytree(result.folder, tmp_path / "taskexpert-onnx")
-    processor = TaskExpertImageProcessor(size=48, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size=48, size_divisor=8)
     rng = np.random.default_rng(0)
     from PIL import Image
 

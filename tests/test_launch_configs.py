@@ -58,7 +58,7 @@ def test_train_py_under_a_launch_configuration_on_cpu(config, synthetic_dataset,
         "--config", str(REPO / "hub_configs/synthetic-tiny.yaml"), "--dataset", str(synthetic_dataset),
         "--output_dir", str(output_dir), "--max_steps", "3", "--warmup_steps", "0", "--eval_steps", "0",
         "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "2", "--num_workers", "0",
-        "--edge_mode", "approximate", "--final_edge_modes", "[approximate]",
+        "--boundary_mode", "approximate", "--final_boundary_modes", "[approximate]",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip

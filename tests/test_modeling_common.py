@@ -79,8 +79,8 @@ class ModSquadTester:
         return config.num_hidden_layers + 1  # the input of the first block and the output of every block
 
     def hidden_state_shape(self, config, batch: int) -> tuple[int, ...]:
-        # The tokens the blocks compute with: one pass per task stacked in the batch, class token first.
-        return (len(config.tasks) * batch, 1 + (HEIGHT // 8) * (WIDTH // 8), config.hidden_size)
+        # Batch first: per image, one pass per task, class token first.
+        return (batch, len(config.tasks), 1 + (HEIGHT // 8) * (WIDTH // 8), config.hidden_size)
 
     def gates_sum_to_one(self, config) -> bool:
         return config.renormalize_gates  # by default the top-k probabilities as they are (less than 1 in total)
@@ -420,11 +420,17 @@ def test_batching_equivalence(tester):
     perturb_routing(model)
     pixel_values, _ = inputs(batch=3)
     with torch.no_grad():
-        batched = model(pixel_values).logits
+        batched = model(pixel_values, output_hidden_states=True, output_gates=True)
         for index in range(3):
-            single = model(pixel_values[index : index + 1]).logits
+            single = model(pixel_values[index : index + 1], output_hidden_states=True, output_gates=True)
             for task in TASKS:
-                torch.testing.assert_close(single[task][0], batched[task][index], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(single.logits[task][0], batched.logits[task][index], rtol=1e-4, atol=1e-5)
+            # Every output is batch first: row `index` of the batch is what the image gets alone.
+            for alone, together in zip(single.hidden_states, batched.hidden_states, strict=True):
+                torch.testing.assert_close(alone[0], together[index], rtol=1e-4, atol=1e-5)
+            for alone, together in zip(single.gates, batched.gates, strict=True):
+                for task in TASKS:
+                    torch.testing.assert_close(alone[task][0], together[task][index], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("tester", ALL)

@@ -408,12 +408,14 @@ def test_task_embedding_is_added_before_every_block():
     with torch.no_grad():
         out = model.modsquad(pixel_values, tasks=["saliency", "depth"], output_hidden_states=True)
         hidden = out.hidden_states
-        assert len(hidden) == 5 and hidden[0].shape == (4, 17, 32)  # 2 tasks x 2 images, task-major
+        assert len(hidden) == 5 and hidden[0].shape == (2, 2, 17, 32)  # 2 images x 2 tasks, batch first
+        # The blocks compute with the tasks stacked task-major in the batch (row s: image s % 2, task s // 2).
         rows = model.modsquad.task_embedding[0, [2, 5]].repeat_interleave(2, dim=0)[:, None]
         for i, block in enumerate(model.modsquad.blocks):
-            expected, _, _ = block(hidden[i] + rows, torch.tensor([2, 5]))
-            torch.testing.assert_close(hidden[i + 1], expected)
-        features = model.modsquad.norm(hidden[-1])[:, 1:].transpose(1, 2).reshape(2, 2, 32, 4, 4).transpose(0, 1)
+            task_major = hidden[i].transpose(0, 1).flatten(0, 1)
+            expected, _, _ = block(task_major + rows, torch.tensor([2, 5]))
+            torch.testing.assert_close(hidden[i + 1], expected.unflatten(0, (2, 2)).transpose(0, 1))
+        features = model.modsquad.norm(hidden[-1])[:, :, 1:].transpose(2, 3).reshape(2, 2, 32, 4, 4)
         torch.testing.assert_close(out.task_features, features)
 
 
@@ -467,7 +469,7 @@ def test_hidden_states_are_on_the_gradient_path_and_follow_the_config(generator)
         shapes = [
             tuple(h.shape) for h in late.modsquad(torch.randn(2, 3, 32, 32), output_hidden_states=True).hidden_states
         ]
-    assert shapes == [(2, 17, 32)] * 3 + [(12, 17, 32)] * 2
+    assert shapes == [(2, 1, 17, 32)] * 3 + [(2, 6, 17, 32)] * 2
 
 
 def test_routing_report_gates(generator):
@@ -681,7 +683,7 @@ def test_extract_by_router_keeps_outputs_and_drops_parameters(tmp_path):
     assert saved["kept_experts"] == small.config.kept_experts
     assert saved["auto_map"]["AutoModel"] == "modeling_modsquad.ModSquadForDensePrediction"
     for code in ("configuration_modsquad.py", "modeling_modsquad.py", "configuration_common.py", "dense_heads.py",
-                 "dense_losses.py", "dense_model_utils.py", "task_definitions.py", "pipeline_taskexpert.py"):  # fmt: skip
+                 "dense_losses.py", "dense_model_utils.py", "task_definitions.py", "pipeline_dense_multitask.py"):  # fmt: skip
         assert (tmp_path / "depth-only" / code).exists(), code
     assert not (tmp_path / "depth-only" / "convert_modsquad_original.py").exists()  # a tool, not remote code
     loaded = AutoModel.from_pretrained(tmp_path / "depth-only").eval()

@@ -11,7 +11,7 @@ import torch
 from modsquad_reference import build_modsquad as build
 from transformers import AutoImageProcessor
 
-from modeling_taskexpert import TaskExpertImageProcessor
+from modeling_taskexpert import DenseMultiTaskImageProcessor
 
 
 @pytest.mark.slow
@@ -22,14 +22,14 @@ def test_extracted_model_loads_through_remote_code_in_a_clean_process(tmp_path):
     small = model.extract_task_model("depth", by="router", calibration_pixel_values=pixel_values)
     folder = tmp_path / "depth-only"
     small.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_modsquad.ModSquadConfig",
         "AutoModel": "modeling_modsquad.ModSquadForDensePrediction",
     }
     assert "multi-task-dense-prediction" in config["custom_pipelines"]
-    assert isinstance(AutoImageProcessor.from_pretrained(folder), TaskExpertImageProcessor)
+    assert isinstance(AutoImageProcessor.from_pretrained(folder), DenseMultiTaskImageProcessor)
 
     with torch.no_grad():
         expected = model(pixel_values).logits["depth"]

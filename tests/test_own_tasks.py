@@ -86,7 +86,7 @@ def test_own_tasks_train_evaluate_reload_and_serve_without_touching_the_package(
     output = tmp_path / "model"
     command = training_runs.train_command(own_dataset, output, "--max_steps", "4", "--save_steps", "4", processes=2)
     command[command.index("--config") + 1] = str(training_runs.REPO / RECIPES[model_type])
-    command += ["--edge_mode", "approximate", "--final_edge_modes", "[approximate]"]
+    command += ["--boundary_mode", "approximate", "--final_boundary_modes", "[approximate]"]
     completed = training_runs.run(command)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert {record["world_size"] for record in training_runs.train_records(output)} == {2}
@@ -101,7 +101,7 @@ def test_own_tasks_train_evaluate_reload_and_serve_without_touching_the_package(
     # The evaluation command line scores the saved model exactly as the end of training did.
     evaluated = subprocess.run(
         [sys.executable, "-m", "modeling_taskexpert.evaluation", "--model", str(output), "--dataset", str(own_dataset),
-         "--output", str(tmp_path / "eval.json"), "--edge-mode", "approximate", "--no-progress", "--cpu"],
+         "--output", str(tmp_path / "eval.json"), "--boundary-mode", "approximate", "--no-progress", "--cpu"],
         cwd=training_runs.REPO, env=training_runs.training_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

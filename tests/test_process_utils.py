@@ -20,7 +20,7 @@ EVALUATION = """
 import torch
 from modeling_taskexpert.evaluation import DenseMultiTaskEvaluator
 
-evaluator = DenseMultiTaskEvaluator(["edge"], boundary_tolerance=0.0075, edge_mode="exact", edge_workers=2)
+evaluator = DenseMultiTaskEvaluator(["edge"], boundary_tolerance=0.0075, boundary_mode="exact", boundary_workers=2)
 generator = torch.Generator().manual_seed(0)
 
 def batch(size, side):

@@ -28,7 +28,7 @@ import torch
 from conftest import tiny_config
 from markdown_snippets import Snippet, fill_hub_cache, hub_ids, python_snippets, run_snippet
 
-from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor
+from modeling_taskexpert import TaskExpertForDensePrediction, DenseMultiTaskImageProcessor
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def tiny_model_folder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("readme") / "model"
     TaskExpertForDensePrediction(tiny_config()).eval().save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": 64, "width": 64}, size_divisor=8).save_pretrained(folder)
     return folder
 
 

@@ -1,7 +1,6 @@
 """Reliability: the bad-input corpus (tests/bad_inputs.py) through the processor, pipeline, Space, model loading,
 configs, converters, datasets, evaluator and train.py; safetensors-only loading; checkpoints and the output folder."""
 
-import importlib.util
 import json
 import shutil
 
@@ -13,14 +12,14 @@ from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from raw_datasets import write_png
-from space_support import REPO_ROOT, make_model_folder
+from space_support import make_model_folder
 from transformers import AutoConfig, AutoModel, pipeline
 
 from modeling_taskexpert import (
     PIPELINE_TASK,
     MultiTaskDensePredictionPipeline,
     TaskExpertForDensePrediction,
-    TaskExpertImageProcessor,
+    DenseMultiTaskImageProcessor,
 )
 
 
@@ -66,7 +65,7 @@ def test_pipeline_answers_every_corpus_file(pipe, corpus, name):
 @pytest.mark.parametrize("name", CASES)
 def test_processor_answers_every_decodable_corpus_file(corpus, name):
     case = corpus[name]
-    processor = TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 64, "width": 64}, size_divisor=8)
     try:
         image = Image.open(case.path)
     except OSError:  # PIL itself refuses to open it (zero bytes, text): nothing reaches the processor
@@ -82,7 +81,7 @@ def test_processor_answers_every_decodable_corpus_file(corpus, name):
 
 
 def test_processor_refuses_a_huge_array_before_copying_it():
-    processor = TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=10_000)
+    processor = DenseMultiTaskImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=10_000)
     with pytest.raises(ValueError, match=r"images\[0\]: 101x100 is 10,100 pixels.*max_image_pixels"):
         processor(np.zeros((100, 101, 3), np.uint8))
     assert processor(np.zeros((100, 100, 3), np.uint8))["pixel_values"].shape == (1, 3, 64, 64)
@@ -256,13 +255,6 @@ def test_evaluator_names_the_sample_with_nan_or_inf(generator):
 # ---------------------------------------------------------------------------------------------------------------
 # Training: recipes, the output folder, interrupted checkpoint writes
 # ---------------------------------------------------------------------------------------------------------------
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("taskexpert_train_script", REPO_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recipe_with_an_unknown_key_or_a_wrong_type_is_refused(tmp_path):
     from modeling_taskexpert.training import RecipeError, parse_command_line
 
@@ -276,15 +268,14 @@ def test_recipe_with_an_unknown_key_or_a_wrong_type_is_refused(tmp_path):
 
 
 def test_output_folder_problems_are_reported_before_training(tmp_path):
-    from modeling_taskexpert.training import RecipeError
+    from modeling_taskexpert.training import RecipeError, run
 
-    train = load_train_script()
     # Disk full is simulated by asking for more free space than any disk has.
     with pytest.raises(RecipeError, match=r"MiB free under .*needs about 1073741824 MiB"):
-        train.check_output_dir(str(tmp_path / "out"), min_free_bytes=2**50)
+        run.check_output_dir(str(tmp_path / "out"), min_free_bytes=2**50)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(RecipeError, match="is not writable"):
-        train.check_output_dir(str(blocker / "out"), min_free_bytes=0)
-    train.check_output_dir(str(tmp_path / "fine"), min_free_bytes=1)
+        run.check_output_dir(str(blocker / "out"), min_free_bytes=0)
+    run.check_output_dir(str(tmp_path / "fine"), min_free_bytes=1)
     assert list((tmp_path / "fine").iterdir()) == []  # the write probe leaves nothing behind

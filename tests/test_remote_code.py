@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from modeling_taskexpert import TaskExpertForDensePrediction, TaskExpertImageProcessor
+from modeling_taskexpert import TaskExpertForDensePrediction, DenseMultiTaskImageProcessor
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def saved_model(tmp_path):
         torch.nn.init.normal_(layer.gates.token_weight, std=0.3)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(folder)
     return model, folder
 
 
@@ -31,7 +31,7 @@ def test_save_writes_safetensors_auto_map_and_code(saved_model):
     files = set(os.listdir(folder))
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     for code in ("configuration_taskexpert.py", "configuration_common.py", "modeling_taskexpert.py", "task_definitions.py",
-                 "dense_heads.py", "dense_losses.py", "image_processing_taskexpert.py", "pipeline_taskexpert.py"):  # fmt: skip
+                 "dense_heads.py", "dense_losses.py", "image_processing_dense_multitask.py", "pipeline_dense_multitask.py"):  # fmt: skip
         assert code in files, code
     # Test-only references and the loading helper are not remote code.
     assert "testing_utils.py" not in files and "loading.py" not in files
@@ -42,7 +42,10 @@ def test_save_writes_safetensors_auto_map_and_code(saved_model):
     }
     assert "multi-task-dense-prediction" in config["custom_pipelines"]
     processor_config = json.loads((folder / "preprocessor_config.json").read_text())
-    assert processor_config["auto_map"]["AutoImageProcessor"] == "image_processing_taskexpert.TaskExpertImageProcessor"
+    assert (
+        processor_config["auto_map"]["AutoImageProcessor"]
+        == "image_processing_dense_multitask.DenseMultiTaskImageProcessor"
+    )
 
 
 def test_from_pretrained_round_trip_equal_outputs(saved_model):
@@ -50,7 +53,7 @@ def test_from_pretrained_round_trip_equal_outputs(saved_model):
     loaded = AutoModel.from_pretrained(folder).eval()
     assert isinstance(loaded, TaskExpertForDensePrediction)
     assert isinstance(AutoConfig.from_pretrained(folder), type(model.config))
-    assert isinstance(AutoImageProcessor.from_pretrained(folder), TaskExpertImageProcessor)
+    assert isinstance(AutoImageProcessor.from_pretrained(folder), DenseMultiTaskImageProcessor)
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected, actual = model(pixel_values, output_gates=True), loaded(pixel_values, output_gates=True)

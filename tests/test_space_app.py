@@ -235,7 +235,9 @@ def test_browser_shows_limits_keeps_errors_and_explains_every_map(server, tmp_pa
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(server, wait_until="domcontentloaded")
-            expect(page.get_by_text("TaskExpert: multi-task dense prediction")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Multi-task dense prediction with mixtures of experts")).to_be_visible(
+                timeout=30_000
+            )
             banner = page.locator("#model-limits")
             expect(banner).to_contain_text("trained on synthetic scenes only")
             expect(banner).to_contain_text("Real photos give meaningless maps")

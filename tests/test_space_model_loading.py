@@ -1,5 +1,6 @@
 """space_app/model_loading.py: which model the Space serves, what it says about its training data, and image loading."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,10 @@ def model_folder(tmp_path_factory):
 
 @pytest.fixture
 def repo_root(tmp_path, monkeypatch):
-    """An empty repository root, with the real `experiments/paths.py`."""
+    """An empty repository root, with the real `pyproject.toml` (which configures the default models)."""
     monkeypatch.delenv(model_loading.MODEL_ENV_VAR, raising=False)
     monkeypatch.setattr(model_loading, "REPO_ROOT", tmp_path)
-    (tmp_path / "experiments").mkdir()
-    (tmp_path / "experiments" / "paths.py").write_text(
-        (model_loading.SPACE_DIR.parent / "experiments" / "paths.py").read_text()
-    )
+    shutil.copy(model_loading.SPACE_DIR.parent / "pyproject.toml", tmp_path / "pyproject.toml")
     (tmp_path / "outputs").mkdir()
     return tmp_path
 
@@ -47,12 +45,20 @@ def test_loads_the_folder_from_the_environment_variable(model_folder, monkeypatc
 
 
 def test_default_model_is_the_study_best_when_there_else_the_make_train_one(model_folder, repo_root):
-    assert model_loading.study_best_model_dir() == STUDY_BEST_MODEL_DIR  # the one constant the study writes to
-    (repo_root / model_loading.DEFAULT_MODEL).symlink_to(model_folder)
-    assert model_loading.load_demo_model().source == str(repo_root / model_loading.DEFAULT_MODEL)
+    # One configuration (pyproject.toml): the folder the study writes to is the one the Space serves first.
+    assert model_loading.study_best_model_dir() == STUDY_BEST_MODEL_DIR
+    fallback = model_loading.default_models()["fallback_model"]
+    assert (
+        fallback
+        == yaml.safe_load((model_loading.SPACE_DIR.parent / "hub_configs" / "synthetic-tiny.yaml").read_text())[
+            "output_dir"
+        ]
+    )
+    (repo_root / fallback).symlink_to(model_folder)
+    assert model_loading.load_demo_model().source == str(repo_root / fallback)
     best = repo_root / STUDY_BEST_MODEL_DIR
     best.mkdir(parents=True)  # a folder without a finished model (no config.json) is passed over
-    assert model_loading.load_demo_model().source == str(repo_root / model_loading.DEFAULT_MODEL)
+    assert model_loading.load_demo_model().source == str(repo_root / fallback)
     best.rmdir()
     best.symlink_to(model_folder)
     assert model_loading.load_demo_model().source == str(best)
@@ -73,7 +79,11 @@ def test_a_relative_model_folder_is_read_from_the_repository_root(
 def test_missing_default_model_says_how_to_get_one(repo_root):
     with pytest.raises(model_loading.ModelUnavailable, match="make train") as raised:
         model_loading.load_demo_model()
-    assert model_loading.DEFAULT_MODEL in str(raised.value) and STUDY_BEST_MODEL_DIR in str(raised.value)
+    assert model_loading.default_models()["fallback_model"] in str(raised.value)
+    assert STUDY_BEST_MODEL_DIR in str(raised.value)
+    (repo_root / "pyproject.toml").unlink()  # outside the repository nothing is configured: a model must be named
+    with pytest.raises(model_loading.ModelUnavailable, match="No model is named and none is configured"):
+        model_loading.load_demo_model()
 
 
 @pytest.mark.parametrize(
@@ -189,7 +199,7 @@ def test_bad_files_are_refused_with_a_plain_text_message(tmp_path):
 
 def test_images_go_through_the_package_loader_the_same_way_from_a_file_or_pil(tmp_path):
     """EXIF orientation is applied, as the processor and the pipeline apply it (one loader for all of them)."""
-    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
+    from modeling_taskexpert.image_processing_dense_multitask import load_rgb_image
 
     pixels = random_image(6, 10)
     exif = Image.Exif()

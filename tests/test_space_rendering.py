@@ -9,7 +9,7 @@ from PIL import Image
 from space_support import random_image
 
 import rendering
-from modeling_taskexpert.visualization_taskexpert import colorize_scalar, normals_to_rgb
+from modeling_taskexpert.visualization_dense_multitask import colorize_scalar, normals_to_rgb
 
 
 def test_segmentation_overlay_has_one_mask_per_present_class():

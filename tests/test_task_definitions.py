@@ -19,7 +19,7 @@ from modeling_taskexpert.data.transforms import DenseTransform, collate_dense_ba
 from modeling_taskexpert.dense_losses import dense_task_losses
 from modeling_taskexpert.dense_model_utils import read_task_order
 from modeling_taskexpert.evaluation.metrics import NormalsMeter, RegressionMeter
-from modeling_taskexpert.image_processing_taskexpert import TaskExpertImageProcessor, logits_to_predictions
+from modeling_taskexpert.image_processing_dense_multitask import DenseMultiTaskImageProcessor, logits_to_predictions
 from modeling_taskexpert.task_definitions import IGNORE_INDEX, KINDS, PRESET_TASKS, TASKS, make_task_spec
 
 ELEVATION = {"kind": "regression", "channels": 2, "value_range": [-5.0, 50.0], "unit": "m", "negate_on_flip": [1]}
@@ -269,7 +269,7 @@ def test_rgba_images_are_composited_on_white_in_training_as_at_inference():
     rgba[..., 3] = np.linspace(0, 255, 8, dtype=np.uint8)[None, :]
     transform = DenseTransform({}, train=False, size=(8, 8))
     sample = transform.transform_sample({"id": "a", "image": Image.fromarray(rgba, "RGBA")})
-    processor = TaskExpertImageProcessor(size={"height": 8, "width": 8}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 8, "width": 8}, size_divisor=8)
     expected = processor(Image.fromarray(rgba, "RGBA"), return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(sample["pixel_values"], expected, rtol=0, atol=1e-5)
     assert sample["pixel_values"][1, 0, 0] > 2.0  # a transparent pixel is white, not black

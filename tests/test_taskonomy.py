@@ -288,7 +288,7 @@ def test_image_level_and_taskonomy_tasks_through_the_processor_pipeline_and_the_
     import model_loading
     import rendering
     from modeling_taskexpert import MultiTaskDensePredictionPipeline, TaskExpertForDensePrediction
-    from modeling_taskexpert import TaskExpertImageProcessor
+    from modeling_taskexpert import DenseMultiTaskImageProcessor
 
     tasks = ["class_scene", "normal", "depth_euclidean", "principal_curvature"]
     kinds = {task: {**TASK_KINDS[task]} for task in tasks}
@@ -299,7 +299,7 @@ def test_image_level_and_taskonomy_tasks_through_the_processor_pipeline_and_the_
         tiny_config(tasks=tasks, task_kinds=kinds, task_id2label={"class_scene": names})
     )
     model.save_pretrained(tmp_path / "model")
-    TaskExpertImageProcessor(size=64, size_divisor=8).save_pretrained(tmp_path / "model")
+    DenseMultiTaskImageProcessor(size=64, size_divisor=8).save_pretrained(tmp_path / "model")
     rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
 
     pipe = pipeline("multi-task-dense-prediction", model=str(tmp_path / "model"),

@@ -15,6 +15,7 @@ from PIL import Image
 import torch
 import yaml
 from safetensors.torch import load_file
+from modeling_taskexpert.training.run import HUB_IGNORE_PATTERNS
 from training_runs import REPO, kill_process_tree, run, run_all, start, train_command, train_records, wait_until_gone
 
 
@@ -61,7 +62,7 @@ def test_run_writes_model_card_curves_and_metrics(finished_run, synthetic_datase
         build_transforms(metadata, train=False)
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_dense_batch)
-    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode=["approximate", "exact"])
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, boundary_mode=["approximate", "exact"])
     recomputed = evaluate_model(model, loader, evaluator, progress=False)
     for key in (
         "semseg/mIoU",
@@ -143,9 +144,8 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     # What upload_folder would push: no checkpoint (optimiser state), no hidden temporary file.
-    train = _train_module()
     every_file = [p.relative_to(finished_run).as_posix() for p in finished_run.rglob("*") if p.is_file()]
-    pushed = set(filter_repo_objects(every_file, ignore_patterns=train.HUB_IGNORE_PATTERNS))
+    pushed = set(filter_repo_objects(every_file, ignore_patterns=HUB_IGNORE_PATTERNS))
     assert "model.safetensors" in pushed and "README.md" in pushed
     assert not any(path.startswith("checkpoints/") or "/." in f"/{path}" for path in pushed)
 
@@ -155,15 +155,6 @@ def test_model_card_and_folder_are_fit_for_the_hub(finished_run, tmp_path):
     for path in [finished_run, *finished_run.rglob("*")]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
-
-
-def _train_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -298,7 +289,7 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_and_a_second_push_up
 
     def pushed_files(folder):
         every_file = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-        kept = filter_repo_objects(every_file, ignore_patterns=_train_module().HUB_IGNORE_PATTERNS)
+        kept = filter_repo_objects(every_file, ignore_patterns=HUB_IGNORE_PATTERNS)
         return {path: (folder / path).read_bytes() for path in kept}
 
     with local_hub() as hub:
@@ -316,7 +307,7 @@ def test_push_to_hub_uploads_the_folder_without_checkpoints_and_a_second_push_up
         # The folder changes (as a longer run would change it) and train.py's push runs again: the repo follows.
         (output_dir / "metrics.json").write_text('{"semseg/mIoU": 1.0}\n')
         (output_dir / "notes.txt").write_text("second push\n")
-        push = ("import sys, types; sys.path.insert(0, '.'); import train; train.push_folder(types.SimpleNamespace("
+        push = ("import sys, types; sys.path.insert(0, '.'); from modeling_taskexpert.training.run import push_folder; push_folder(types.SimpleNamespace("
                 f"hub_model_id='tester/model', hub_private=False, output_dir={str(output_dir)!r}))")  # fmt: skip
         completed = subprocess.run([sys.executable, "-c", push], cwd=REPO, env=env, capture_output=True, text=True)
         assert completed.returncode == 0, completed.stderr[-4000:]

@@ -16,7 +16,7 @@ from conftest import tiny_config
 from modeling_taskexpert import TaskExpertForDensePrediction
 from modeling_taskexpert.training import (
     CheckpointError,
-    LossWeighting,
+    build_loss_weighting,
     RecipeError,
     claim_output_dir,
     load_checkpoint,
@@ -37,7 +37,7 @@ class Trainer:
         torch.manual_seed(0)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         model = TaskExpertForDensePrediction(tiny_config())
-        self.weighting = LossWeighting(["semseg", "depth"], {"semseg": 1.0, "depth": 1.0}, "dwa", dwa_window=1)
+        self.weighting = build_loss_weighting("dwa", ["semseg", "depth"], {"semseg": 1.0, "depth": 1.0}, dwa_window=1)
         optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-3)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(2, 10, 0.9))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)

@@ -2,11 +2,18 @@
 before training."""
 
 import re
+from pathlib import Path
 
 import pytest
 
 
-from modeling_taskexpert.training import LossWeighting, RecipeError, load_recipe, parse_command_line, poly_schedule
+from modeling_taskexpert.training import (
+    RecipeError,
+    build_loss_weighting,
+    load_recipe,
+    parse_command_line,
+    poly_schedule,
+)
 
 
 def test_every_shipped_recipe_loads():
@@ -60,9 +67,9 @@ def test_overrides_and_inheritance():
         (["--seed", "-1"], "`seed` must be >= 0"),
         (["--crop_size", "[64, 0]"], "`crop_size` must be [height, width]"),
         (["--tasks", "[]"], "`tasks` must be a non-empty list"),
-        (["--edge_mode", "fast"], "`edge_mode` must be one of"),
-        (["--final_edge_modes", "[exact, fast]"], "`final_edge_modes` must list one or both of"),
-        (["--boundary_mode", "exact"], "Recipe field `boundary_mode` in the command line is now called `edge_mode`"),
+        (["--boundary_mode", "fast"], "`boundary_mode` must be one of"),
+        (["--final_boundary_modes", "[exact, fast]"], "`final_boundary_modes` must list one or both of"),
+        (["--edge_mode", "exact", "--boundary_mode", "exact"], "gives both `edge_mode` (the earlier name) and"),
     ],
 )
 def test_bad_overrides(argv, message):
@@ -94,19 +101,23 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(str(tmp_path / "broken.yaml"))
     with pytest.raises(RecipeError, match="Recipe file not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
-    (tmp_path / "old.yaml").write_text("boundary_mode: approximate\n")
-    with pytest.raises(RecipeError, match=r"`boundary_mode` in .*old.yaml is now called `edge_mode`"):
-        load_recipe(str(tmp_path / "old.yaml"))
 
 
-def load_train_script():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).resolve().parents[1] / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_earlier_field_names_are_read_with_a_warning_for_one_release(tmp_path):
+    """`edge_mode`, `final_edge_modes` and `edge_workers` became `boundary_*`: an old recipe still loads, and says so."""
+    (tmp_path / "old.yaml").write_text(
+        "base: " + str(Path("hub_configs/synthetic-tiny.yaml").resolve()) + "\n"
+        "edge_mode: exact\nfinal_edge_modes: [exact]\nedge_workers: 3\n"
+    )
+    with pytest.warns(FutureWarning, match=r"`edge_mode` in .*old.yaml is now called `boundary_mode`"):
+        recipe = load_recipe(str(tmp_path / "old.yaml"))
+    assert (recipe.boundary_mode, recipe.final_boundary_modes, recipe.boundary_workers) == ("exact", ["exact"], 3)
+    with pytest.warns(FutureWarning, match="`edge_workers` in the command line is now called `boundary_workers`"):
+        recipe = parse_command_line(["--config", "hub_configs/synthetic-tiny.yaml", "--edge_workers", "2"])
+    assert recipe.boundary_workers == 2
+    (tmp_path / "both.yaml").write_text("edge_mode: exact\nboundary_mode: exact\n")
+    with pytest.raises(RecipeError, match="gives both `edge_mode`"):
+        load_recipe(str(tmp_path / "both.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -124,18 +135,19 @@ def load_train_script():
 def test_model_overrides_are_checked_before_training(synthetic_dataset, overrides, message):
     from modeling_taskexpert.data import read_dataset_metadata
 
-    train = load_train_script()
+    from modeling_taskexpert.training.run import build_model_config
+
     recipe = load_recipe("hub_configs/synthetic-tiny.yaml", {"model_overrides": overrides})
     metadata = read_dataset_metadata(synthetic_dataset)
     with pytest.raises(RecipeError, match=message):
-        config = train.build_model_config(recipe, metadata)
+        config = build_model_config(recipe, metadata)
         LossWeighting_checked(config)
 
 
 def LossWeighting_checked(config):
     """What train.py does with the config's loss weights right after building it."""
     try:
-        LossWeighting(list(config.tasks), config.loss_weights)
+        build_loss_weighting("fixed", list(config.tasks), config.loss_weights)
     except ValueError as error:
         raise RecipeError(str(error)) from None
 
@@ -151,14 +163,14 @@ def test_loss_weighting_strategies():
     import torch
 
     losses = {"a": torch.tensor(2.0), "b": torch.tensor(3.0)}
-    fixed = LossWeighting(["a", "b"], {"a": 1.0, "b": 10.0})
+    fixed = build_loss_weighting("fixed", ["a", "b"], {"a": 1.0, "b": 10.0})
     assert fixed(losses).item() == pytest.approx(32.0)
-    uncertainty = LossWeighting(["a", "b"], {"a": 1.0, "b": 10.0}, strategy="uncertainty")
+    uncertainty = build_loss_weighting("uncertainty", ["a", "b"], {"a": 1.0, "b": 10.0})
     with torch.no_grad():
         uncertainty.log_variances.copy_(torch.tensor([0.0, 1.0]))
     # w (exp(-s) L + s): 1 * (2 + 0) + 10 * (exp(-1) * 3 + 1)
     assert uncertainty(losses).item() == pytest.approx(2.0 + 10 * (3 * torch.exp(torch.tensor(-1.0)).item() + 1))
-    dwa = LossWeighting(["a", "b"], {"a": 1.0, "b": 1.0}, strategy="dwa", dwa_temperature=2.0, dwa_window=1)
+    dwa = build_loss_weighting("dwa", ["a", "b"], {"a": 1.0, "b": 1.0}, dwa_temperature=2.0, dwa_window=1)
     dwa({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
     dwa({"a": torch.tensor(1.0), "b": torch.tensor(2.0)})  # b's loss doubled: ratios (1, 2)
     expected = torch.softmax(torch.tensor([1.0, 2.0]) / 2.0, 0) * 2

@@ -17,8 +17,8 @@ METADATA = {
 }
 
 
-def test_curves_show_every_tasks_main_metric(tmp_path):
-    """Twenty metric names per evaluation: the six tasks' main metrics are all plotted (not the first twelve
+def test_curves_show_every_tasks_primary_metric(tmp_path):
+    """Twenty metric names per evaluation: the six tasks' primary metrics are all plotted (not the first twelve
     names), boundaries with both scorers."""
     log = tmp_path / "train_log.jsonl"
     records = [

@@ -33,7 +33,7 @@ def train_command(dataset, output_dir, *extra, processes=1, launcher=True):
     return [*launch, str(REPO / "train.py"), "--config", str(REPO / "hub_configs/synthetic-tiny.yaml"),
             "--dataset", str(dataset), "--output_dir", str(output_dir), "--max_steps", "8", "--warmup_steps", "2",
             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--logging_steps", "1",
-            "--eval_steps", "0", "--save_steps", "4", "--save_total_limit", "2", "--edge_workers", "0", *extra]  # fmt: skip
+            "--eval_steps", "0", "--save_steps", "4", "--save_total_limit", "2", "--boundary_workers", "0", *extra]  # fmt: skip
 
 
 def training_env() -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from ..image_processing_taskexpert import load_rgb_image
+from ..image_processing_dense_multitask import load_rgb_image
 from .labels import encode_png
 
 _EXIF_ORIENTATION = 0x0112

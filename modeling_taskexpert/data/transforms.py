@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..image_processing_taskexpert import load_rgb_image
+from ..image_processing_dense_multitask import load_rgb_image
 from ..task_definitions import IGNORE_INDEX, TaskSpec, preset_spec
 from .labels import CODECS, decode_label, resize_nearest
 from .schema import as_task_specs, crop_balance_task, dataset_task_specs, ordered_tasks, task_columns
 
 # ImageNet statistics of the protocol, on [0, 1] RGB values: transformers' constants, which the image processor
-# (TaskExpertImageProcessor) reads too.
+# (DenseMultiTaskImageProcessor) reads too.
 IMAGE_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGE_STD = tuple(IMAGENET_DEFAULT_STD)
 

@@ -24,7 +24,7 @@ from ..data.schema import dataset_task_specs
 from .boundary import BOUNDARY_MODES, DEFAULT_EXACT_SECONDS_PER_IMAGE
 from .metrics import SALIENCY_MAXF_MODES
 
-EDGE_MODE_CHOICES = (*BOUNDARY_MODES, "both")
+BOUNDARY_MODE_CHOICES = (*BOUNDARY_MODES, "both")
 EXIT_BAD_INPUT, EXIT_FAILURE = 2, 1
 
 
@@ -45,14 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-samples", type=int, help="Score only the first N samples of the split (quick checks).")
     parser.add_argument(
-        "--edge-mode",
-        choices=EDGE_MODE_CHOICES,
+        "--boundary-mode",
+        "--edge-mode",  # the previous release's name, read for one release
+        choices=BOUNDARY_MODE_CHOICES,
         default="exact",
         help="Boundary scorer: the protocol's 'exact' one (needs pyEdgeEval; keys edge/odsF, edge/oisF), the fast "
         "'approximate' stand-in used during training (edge/odsF_approx, edge/oisF_approx), or 'both'.",
     )
     parser.add_argument(
-        "--edge-workers",
+        "--boundary-workers",
+        "--edge-workers",  # the previous release's name, read for one release
         type=int,
         default=0,
         help="Processes scoring boundaries in the background (the exact scorer takes about 1-3 s per 128x128 image "
@@ -186,7 +188,7 @@ def describe_edge_scoring(evaluator, num_samples: int) -> Optional[str]:
     boundary_tasks = [task for task, spec in evaluator.task_specs.items() if spec.kind.name == "boundary"]
     if not boundary_tasks:
         return None
-    modes, task = evaluator.edge_modes, boundary_tasks[0]
+    modes, task = evaluator.boundary_modes, boundary_tasks[0]
     lines = [f"Boundary scorer: {' and '.join(modes)} (results "
              + ", ".join(f"{task}/odsF" if mode == "exact" else f"{task}/odsF_approx" for mode in modes) + ")."]  # fmt: skip
     if "exact" in modes:
@@ -195,8 +197,8 @@ def describe_edge_scoring(evaluator, num_samples: int) -> Optional[str]:
             f"The exact scorer (the protocol's one-to-one matching at 101 thresholds) takes about 1-3 s per 128x128 "
             f"image and tens of seconds per full-size image on one core, for {num_samples} images here; the progress "
             f"bar's ETA includes it. "
-            + (f"It runs in {workers} background processes (--edge-workers)." if workers
-               else "--edge-workers N scores in N background processes; --edge-mode approximate is the fast stand-in.")
+            + (f"It runs in {workers} background processes (--boundary-workers)." if workers
+               else "--boundary-workers N scores in N background processes; --boundary-mode approximate is the fast stand-in.")
         )  # fmt: skip
     return "\n".join(lines)
 
@@ -210,7 +212,7 @@ def prepare(args: argparse.Namespace):
     from ..loading import load_dense_model  # also registers the model types with the Auto classes
     from .evaluator import DenseMultiTaskEvaluator
 
-    for name, minimum in (("batch_size", 1), ("max_samples", 1), ("edge_workers", 0), ("num_workers", 0)):
+    for name, minimum in (("batch_size", 1), ("max_samples", 1), ("boundary_workers", 0), ("num_workers", 0)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}.")
@@ -238,10 +240,10 @@ def prepare(args: argparse.Namespace):
         tasks=tasks,
         class_maps=class_maps,
         boundary_time_limit=args.edge_time_limit,
-        edge_mode=BOUNDARY_MODES if args.edge_mode == "both" else args.edge_mode,
+        boundary_mode=BOUNDARY_MODES if args.boundary_mode == "both" else args.boundary_mode,
         saliency_maxf_mode=args.saliency_maxf_mode,
         single_task_baselines=args.baselines,
-        edge_workers=args.edge_workers,
+        boundary_workers=args.boundary_workers,
     )
 
     dataset = load_multitask_dataset(args.dataset, args.split, cache_dir=args.cache_dir)

@@ -99,9 +99,9 @@ def _correspond_pixels():
         from pyEdgeEval._lib import correspond_pixels
     except ImportError as error:
         raise BoundaryEvaluationError(
-            "The exact boundary evaluation (edge_mode='exact') needs the BSDS pixel matcher of the `pyEdgeEval` "
+            "The exact boundary evaluation (boundary_mode='exact') needs the BSDS pixel matcher of the `pyEdgeEval` "
             "package: install it with `pip install modeling-taskexpert[eval]` (it compiles with g++), or use "
-            "edge_mode='approximate' (clearly labelled `edge/odsF_approx` in the results)."
+            "boundary_mode='approximate' (clearly labelled `edge/odsF_approx` in the results)."
         ) from error
     reseed = _matcher_reseed()
     if reseed is None:
@@ -223,7 +223,7 @@ def _count_exact(
                 f"threshold {threshold:.3f} of {len(thresholds)}: {int(thinned.sum())} predicted boundary pixels "
                 f"against {int(boundaries.sum())} ground-truth ones; the matcher's work grows with their product). A "
                 "noisy or near-constant boundary map makes most pixels candidates. Score it with the approximate "
-                "scorer (edge_mode 'approximate'), or raise the limit (--edge-time-limit, boundary_time_limit)."
+                "scorer (boundary_mode 'approximate'), or raise the limit (--edge-time-limit, boundary_time_limit)."
             )
         if boundaries.any():
             matched_pred, matched_gt, _, _ = correspond_pixels(

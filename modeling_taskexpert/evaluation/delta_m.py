@@ -1,6 +1,6 @@
 """Multi-task gain Δm over single-task baselines (protocol section 4.2).
 
-Δm = (100 / T) Σ_i (-1)^{l_i} (M_i - S_i) / S_i, in %, with M_i the multi-task model's main metric
+Δm = (100 / T) Σ_i (-1)^{l_i} (M_i - S_i) / S_i, in %, with M_i the multi-task model's primary metric
 of task i, S_i the single-task baseline's, and l_i = 1 for lower-is-better metrics (normals mean
 angular error, depth RMSE). A positive Δm means the multi-task model is better on average.
 """
@@ -44,7 +44,7 @@ def load_baselines(baselines: Union[dict, str, os.PathLike]) -> dict[str, float]
 
 
 def _primary_key(spec: TaskSpec, results: dict, baselines: Optional[dict] = None) -> tuple[str, bool]:
-    """The main metric key of a task. Boundaries: the exact scorer's odsF, or the approximate one's when the exact
+    """The primary metric key of a task. Boundaries: the exact scorer's odsF, or the approximate one's when the exact
     one is missing from the results (or, given baselines, from the baselines while both have the approximate one)."""
     key, higher_is_better = spec.primary_metric_key, spec.kind.higher_is_better
     approximate = key + APPROXIMATE_SUFFIX
@@ -60,8 +60,8 @@ def compute_delta_m(
     baselines: Union[dict, str, os.PathLike],
     tasks: Optional[Union[Sequence[str], Mapping[str, TaskSpec]]] = None,
 ) -> float:
-    """Δm in % of `results` against `baselines` over `tasks` (default: every preset task with a main metric in
-    results). `tasks` are preset task names or a {task: TaskSpec} mapping (any task: its kind gives the main metric
+    """Δm in % of `results` against `baselines` over `tasks` (default: every preset task with a primary metric in
+    results). `tasks` are preset task names or a {task: TaskSpec} mapping (any task: its kind gives the primary metric
     and its direction).
 
     Both mappings use the evaluator's keys; the baseline must give the same key as the results
@@ -79,12 +79,12 @@ def compute_delta_m(
                 )
         tasks = {task: TASKS[task] for task in tasks}
     if not tasks:
-        raise ValueError("compute_delta_m needs at least one task with a main metric in the results.")
+        raise ValueError("compute_delta_m needs at least one task with a primary metric in the results.")
     total = 0.0
     for task, spec in tasks.items():
         key, higher_is_better = _primary_key(spec, results, baselines)
         if key not in results:
-            raise ValueError(f"The results have no {key!r}, the main metric of task {task!r}, needed for Δm.")
+            raise ValueError(f"The results have no {key!r}, the primary metric of task {task!r}, needed for Δm.")
         if key not in baselines:
             raise ValueError(
                 f"The single-task baselines have no {key!r} (task {task!r}); "

@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -85,7 +86,7 @@ class DenseMultiTaskEvaluator:
             the per-class keys; the class ids are used otherwise.
         boundary_tolerance: boundary matching distance as a fraction of the image diagonal; defaults to
             the protocol's value of `dataset` (0.0075 PASCAL-Context, 0.011 NYUD), required otherwise.
-        edge_mode: "exact" (the protocol's NMS + thinning + one-to-one matching over 101 thresholds; needs
+        boundary_mode: "exact" (the protocol's NMS + thinning + one-to-one matching over 101 thresholds; needs
             `pyEdgeEval`; reported as "edge/odsF"), "approximate" (fast, for periodic evaluation during training,
             reported as "edge/odsF_approx"), or a sequence of both to score the same predictions with each.
         saliency_maxf_mode: "reference" thresholds sigmoid(p), the quirk of the InvPT/TaskPrompter meter
@@ -97,7 +98,7 @@ class DenseMultiTaskEvaluator:
             evaluation fails naming the image (`BoundaryTimeLimitError`) instead of running for hours.
         class_maps: per segmentation task whose model classes are not the dataset's, model class id -> dataset class
             id (a tensor), applied to the predictions before scoring (the evaluation CLI's `--class-mapping`).
-        edge_workers: processes that score boundary images in the background (0: score in `update`). The
+        boundary_workers: processes that score boundary images in the background (0: score in `update`). The
             exact mode takes tens of seconds per full-size image on one core, so use as many as there are
             free cores for full benchmark runs; call `close()` when done to stop them.
     """
@@ -109,27 +110,40 @@ class DenseMultiTaskEvaluator:
         dataset: Optional[str] = None,
         class_names: Optional[Mapping[str, Union[Sequence[str], Mapping[Any, str]]]] = None,
         boundary_tolerance: Optional[float] = None,
-        edge_mode: Union[str, Sequence[str]] = "exact",
+        boundary_mode: Union[str, Sequence[str]] = "exact",
         saliency_maxf_mode: Optional[str] = None,
         single_task_baselines: Optional[Union[Mapping[str, float], str, os.PathLike]] = None,
-        edge_workers: int = 0,
+        boundary_workers: int = 0,
         class_maps: Optional[Mapping[str, torch.Tensor]] = None,
         boundary_time_limit: Optional[float] = DEFAULT_EXACT_SECONDS_PER_IMAGE,
+        **earlier_names,
     ):
+        for old, new in (("edge_mode", "boundary_mode"), ("edge_workers", "boundary_workers")):
+            if old in earlier_names:  # the previous release's names, read for one release
+                warnings.warn(f"`{old}` is now called `{new}`; the old name is read until the next release.",
+                              FutureWarning, stacklevel=2)  # fmt: skip
+                if new == "boundary_mode":
+                    boundary_mode = earlier_names.pop(old)
+                else:
+                    boundary_workers = earlier_names.pop(old)
+        if earlier_names:
+            raise TypeError(f"DenseMultiTaskEvaluator got unexpected argument(s) {sorted(earlier_names)}.")
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}.")
         if not isinstance(tasks, Mapping) and len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks lists a task more than once: {list(tasks)}.")
         self.task_specs = _resolve_specs(tasks, dict(num_classes or {}), dict(class_names or {}))
         kinds = {spec.kind.name for spec in self.task_specs.values()}
-        edge_modes = [edge_mode] if isinstance(edge_mode, str) else list(edge_mode)
+        boundary_modes = [boundary_mode] if isinstance(boundary_mode, str) else list(boundary_mode)
         if (
-            not edge_modes
-            or any(mode not in BOUNDARY_MODES for mode in edge_modes)
-            or len(set(edge_modes)) != len(edge_modes)
+            not boundary_modes
+            or any(mode not in BOUNDARY_MODES for mode in boundary_modes)
+            or len(set(boundary_modes)) != len(boundary_modes)
         ):
-            raise ValueError(f"edge_mode must be one of {BOUNDARY_MODES}, or a sequence of both, got {edge_mode!r}.")
-        if "boundary" in kinds and "exact" in edge_modes:
+            raise ValueError(
+                f"boundary_mode must be one of {BOUNDARY_MODES}, or a sequence of both, got {boundary_mode!r}."
+            )
+        if "boundary" in kinds and "exact" in boundary_modes:
             require_exact_scorer()
         self.tasks = list(self.task_specs)
         self.dataset = dataset
@@ -148,8 +162,8 @@ class DenseMultiTaskEvaluator:
         if saliency_maxf_mode is None:
             saliency_maxf_mode = "reference" if dataset == pascal_context.NAME else "standard"
         self.boundary_tolerance = boundary_tolerance
-        self.edge_modes = edge_modes
-        self.edge_mode = edge_mode if isinstance(edge_mode, str) else list(edge_modes)
+        self.boundary_modes = boundary_modes
+        self.boundary_mode = boundary_mode if isinstance(boundary_mode, str) else list(boundary_modes)
         self.saliency_maxf_mode = saliency_maxf_mode
         self.single_task_baselines = None
         if single_task_baselines is not None:
@@ -162,8 +176,8 @@ class DenseMultiTaskEvaluator:
                     spec,
                     saliency_maxf_mode,
                     boundary_tolerance,
-                    edge_modes,
-                    boundary_workers=edge_workers,
+                    boundary_modes,
+                    boundary_workers=boundary_workers,
                     boundary_time_limit=boundary_time_limit,
                 )
             )
@@ -203,7 +217,7 @@ class DenseMultiTaskEvaluator:
             settings["saliency_maxf_mode"] = self.saliency_maxf_mode
         if "boundary" in kinds:
             settings.update(
-                edge_mode=self.edge_mode,
+                boundary_mode=self.boundary_mode,
                 boundary_tolerance=self.boundary_tolerance,
                 boundary_thresholds=len(BOUNDARY_THRESHOLDS),
             )
@@ -218,13 +232,13 @@ class DenseMultiTaskEvaluator:
         self.num_samples.zero_()
 
     def close(self) -> None:
-        """Stop the boundary worker processes, if any (see `edge_workers`)."""
+        """Stop the boundary worker processes, if any (see `boundary_workers`)."""
         for meter in self.meters.values():
             if isinstance(meter, BoundaryMeter):
                 meter.close()
 
     def flush(self, progress: bool = False) -> None:
-        """Wait for the boundary images still being scored in the background (see `edge_workers`), with a progress
+        """Wait for the boundary images still being scored in the background (see `boundary_workers`), with a progress
         bar and its ETA when `progress`; `compute` does this by itself, silently."""
         from tqdm.auto import tqdm
 

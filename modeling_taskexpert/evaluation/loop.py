@@ -57,7 +57,7 @@ def evaluate_model(
 
     The model is put in eval mode for the pass and restored to its previous mode afterwards.
     """
-    from ..image_processing_taskexpert import logits_to_predictions
+    from ..image_processing_dense_multitask import logits_to_predictions
 
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     show_progress = progress and (accelerator is None or accelerator.is_local_main_process)

@@ -81,9 +81,9 @@ def dataset_identity(metadata: dict, num_samples: int) -> dict:
     return {**{key: metadata.get(key) for key in IDENTITY_FIELDS}, "num_samples": num_samples}
 
 
-def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
+def trivial_baseline_metrics(dataset: str, boundary_mode=BOUNDARY_MODES) -> dict:
     """{"dataset": identity, "metrics": the constant predictors' metrics} on the validation split of `dataset`, with
-    every boundary scorer of `edge_mode` (both by default: the exact scorer's bar is far lower than the approximate
+    every boundary scorer of `boundary_mode` (both by default: the exact scorer's bar is far lower than the approximate
     one's, since it thins a constant map to a one-pixel grid before matching)."""
     metadata = read_dataset_metadata(dataset)
     transform = build_transforms(metadata, train=False)
@@ -91,7 +91,7 @@ def trivial_baseline_metrics(dataset: str, edge_mode=BOUNDARY_MODES) -> dict:
     data = load_multitask_dataset(dataset, "validation").with_transform(transform)
     loader = DataLoader(data, batch_size=16, collate_fn=partial(collate_dense_batch, task_specs=specs))
     statistics = label_statistics(loader, specs)
-    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, edge_mode=edge_mode)
+    evaluator = DenseMultiTaskEvaluator.from_metadata(metadata, boundary_mode=boundary_mode)
     for batch in loader:
         evaluator.update(constant_predictions(batch, statistics, specs), batch["labels"], meta=batch)
     return {"dataset": dataset_identity(metadata, len(data)), "metrics": evaluator.compute(sync=False)}

@@ -48,13 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from ..image_processing_taskexpert import TaskExpertImageProcessor
+    from ..image_processing_dense_multitask import DenseMultiTaskImageProcessor
     from ..loading import load_dense_model
 
     try:
         model = load_dense_model(args.model)
         try:
-            processor = TaskExpertImageProcessor.from_pretrained(args.model)
+            processor = DenseMultiTaskImageProcessor.from_pretrained(args.model)
         except OSError:
             processor = None  # a folder without preprocessor_config.json: the default processor
         result = export_onnx(

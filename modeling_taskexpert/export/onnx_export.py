@@ -214,9 +214,9 @@ def export_onnx(
     except ValueError as error:
         raise OnnxExportError(str(error)) from None
     if processor is None:
-        from ..image_processing_taskexpert import TaskExpertImageProcessor
+        from ..image_processing_dense_multitask import DenseMultiTaskImageProcessor
 
-        processor = TaskExpertImageProcessor(size_divisor=model_geometry(config)[0])
+        processor = DenseMultiTaskImageProcessor(size_divisor=model_geometry(config)[0])
     patch, trained = model_geometry(config)
     canvas = (processor.size["height"], processor.size["width"])
     example_size = _check_size(

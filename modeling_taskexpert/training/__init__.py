@@ -11,7 +11,7 @@ from .checkpoints import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .loss_weighting import LossWeighting
+from .loss_weighting import LossWeighting, build_loss_weighting
 from .provenance import (
     STAGING_PREFIX,
     claim_output_dir,
@@ -33,6 +33,7 @@ __all__ = [
     "LossWeighting",
     "RecipeError",
     "TrainingRecipe",
+    "build_loss_weighting",
     "build_model_card",
     "claim_output_dir",
     "dump_recipe",

@@ -307,6 +307,12 @@ def _save_checkpoint(
     return final
 
 
+def _own_entries(saved: dict, loss_weighting) -> dict:
+    """The saved loss-weighting state this strategy holds. Checkpoints written when every strategy carried every
+    buffer (before one class per strategy) hold more; what the strategy needs must be there (else a KeyError)."""
+    return {name: saved[name] for name in loss_weighting.state_dict()}
+
+
 def load_checkpoint(
     accelerator, checkpoint: Path, state: dict, scheduler, loss_weighting, warn: Callable[[str], None] = print
 ) -> None:
@@ -316,7 +322,9 @@ def load_checkpoint(
         with weights_only_loads():
             accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         scheduler.load_state_dict(json.loads((checkpoint / SCHEDULER_FILE).read_text()))
-        loss_weighting.load_state_dict(load_file(checkpoint / LOSS_WEIGHTING_FILE, device="cpu"))
+        loss_weighting.load_state_dict(
+            _own_entries(load_file(checkpoint / LOSS_WEIGHTING_FILE, device="cpu"), loss_weighting)
+        )
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, KeyError) as error:
         # weights_only refuses anything but tensors and plain containers; a size mismatch means another model.
         raise CheckpointError(

@@ -22,7 +22,7 @@ PROVENANCE_FILE = "provenance.json"
 FINGERPRINT_EXCLUDED = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private",
     "report_to", "num_workers", "logging_steps", "save_steps", "save_total_limit", "eval_steps",
-    "per_device_eval_batch_size", "max_eval_samples", "edge_mode", "final_edge_modes", "edge_workers",
+    "per_device_eval_batch_size", "max_eval_samples", "boundary_mode", "final_boundary_modes", "boundary_workers",
     "single_task_baselines",
 })  # fmt: skip
 REPOSITORY = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import yaml
@@ -61,13 +62,13 @@ class TrainingRecipe:
         seed: seed of the model initialisation, the data order and the augmentations.
     Evaluation, checkpoints, output
         eval_steps: evaluate every N steps (0: only at the end).
-        edge_mode: boundary scorer of the evaluations during training, "approximate" (fast; reported as
+        boundary_mode: boundary scorer of the evaluations during training, "approximate" (fast; reported as
             `edge/odsF_approx`) or "exact" (the protocol's; `edge/odsF`).
-        final_edge_modes: boundary scorers of the final evaluation, whose numbers go to `metrics.json` and the model
+        final_boundary_modes: boundary scorers of the final evaluation, whose numbers go to `metrics.json` and the model
             card: a list of "approximate" and/or "exact" (default: approximate only; the exact one, the protocol's and
             the evaluation command line's default, costs about 1-3 s per 128x128 image and tens of seconds per
             full-size image on one core). "exact" needs `pyEdgeEval`.
-        edge_workers: background processes scoring boundaries in the final evaluation (0: in the main process).
+        boundary_workers: background processes scoring boundaries in the final evaluation (0: in the main process).
         save_steps: checkpoint every N steps (0: never).
         save_total_limit: checkpoints kept.
         logging_steps: log the training loss every N steps.
@@ -111,9 +112,9 @@ class TrainingRecipe:
     dwa_window: int = 50
     seed: int = 0
     eval_steps: int = 0
-    edge_mode: str = "approximate"
-    final_edge_modes: list = field(default_factory=lambda: ["approximate"])
-    edge_workers: int = 0
+    boundary_mode: str = "approximate"
+    final_boundary_modes: list = field(default_factory=lambda: ["approximate"])
+    boundary_workers: int = 0
     save_steps: int = 0
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -129,13 +130,13 @@ class TrainingRecipe:
     def validate(self) -> "TrainingRecipe":
         """Check every field now, so that a bad value fails before any training time is spent."""
         choices = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "loss_weighting": LOSS_WEIGHTINGS, "mixed_precision": MIXED_PRECISION,
-                   "edge_mode": BOUNDARY_MODES}  # fmt: skip
+                   "boundary_mode": BOUNDARY_MODES}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RecipeError(f"Recipe field `{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
-        if not self.final_edge_modes or any(mode not in BOUNDARY_MODES for mode in self.final_edge_modes):
+        if not self.final_boundary_modes or any(mode not in BOUNDARY_MODES for mode in self.final_boundary_modes):
             raise RecipeError(
-                f"Recipe field `final_edge_modes` must list one or both of {BOUNDARY_MODES}, got {self.final_edge_modes!r}."
+                f"Recipe field `final_boundary_modes` must list one or both of {BOUNDARY_MODES}, got {self.final_boundary_modes!r}."
             )
         positive = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                     "gradient_accumulation_steps", "logging_steps", "save_total_limit", "dwa_window")  # fmt: skip
@@ -148,7 +149,7 @@ class TrainingRecipe:
             "warmup_steps",
             "num_workers",
             "seed",
-            "edge_workers",
+            "boundary_workers",
             "shuffle_buffer_size",
         ):
             if getattr(self, name) < 0:
@@ -209,10 +210,6 @@ def _field_types() -> dict[str, Any]:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Check a value against the recipe field's type; strings from the command line are parsed as YAML."""
     fields = _field_types()
-    if name in RENAMED_FIELDS:
-        raise RecipeError(
-            f"Recipe field `{name}` in {source} is now called `{RENAMED_FIELDS[name]}` (same values); rename it."
-        )
     if name not in fields:
         raise RecipeError(f"Unknown recipe field {name!r} in {source}. Valid fields: {', '.join(sorted(fields))}.")
     default = (
@@ -241,8 +238,32 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
-# Fields of earlier releases, refused with their new names so that an old recipe fails loudly rather than silently.
-RENAMED_FIELDS = {"boundary_mode": "edge_mode"}
+# Fields of the previous release under their new names (one name per concept: "boundary" for the task kind and its
+# scorers). The old names are read, with a warning, for one release; then they will be refused.
+RENAMED_FIELDS = {
+    "edge_mode": "boundary_mode",
+    "final_edge_modes": "final_boundary_modes",
+    "edge_workers": "boundary_workers",
+}
+
+
+def current_field_name(name: str, source: str, given: Iterable[str] = ()) -> str:
+    """The field's current name; an earlier name is accepted with a FutureWarning (given together with the current
+    name in one place: refused)."""
+    if name not in RENAMED_FIELDS:
+        return name
+    new = RENAMED_FIELDS[name]
+    if new in given:
+        raise RecipeError(f"{source} gives both `{name}` (the earlier name) and `{new}`; keep `{new}` only.")
+    warnings.warn(
+        f"Recipe field `{name}` in {source} is now called `{new}` (same values); the old name is read until the next "
+        "release. Rename it.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return new
+
+
 _STRING_OR_NONE = {"resume_from_checkpoint", "single_task_baselines", "hub_model_id"}
 _OPTIONAL_TYPES = {"tasks": list, "crop_size": list, "max_eval_samples": int}
 
@@ -267,6 +288,7 @@ def _read_recipe_file(path: Path, seen: tuple = ()) -> dict[str, Any]:
     if base is not None:
         values = _read_recipe_file(path.parent / str(base), seen + (path.resolve(),))
     for key, value in loaded.items():
+        key = current_field_name(key, str(path), loaded)
         value = _coerce(key, value, str(path))
         if key == "model_overrides" and isinstance(value, dict):
             value = {**values.get("model_overrides", {}), **value}
@@ -278,6 +300,7 @@ def load_recipe(path: Optional[str], overrides: Optional[dict] = None) -> Traini
     """Read a YAML recipe (or start from the defaults) and apply overrides; validate everything."""
     values: dict[str, Any] = _read_recipe_file(Path(path)) if path is not None else {}
     for key, value in (overrides or {}).items():
+        key = current_field_name(key, "the command line", overrides)
         value = _coerce(key, value, "the command line")
         if key == "model_overrides" and isinstance(value, dict):
             value = {**values.get("model_overrides", {}), **value}
@@ -366,7 +389,7 @@ def parse_command_line(argv: Optional[list[str]] = None) -> TrainingRecipe:
 
 # Fields that describe this machine's run rather than the recipe: left out of the `recipe.yaml` that goes to the Hub.
 LOCAL_FIELDS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_private", "report_to",
-                "num_workers", "edge_workers")  # fmt: skip
+                "num_workers", "boundary_workers")  # fmt: skip
 PATH_FIELDS = ("model_config", "dataset", "single_task_baselines")
 
 

@@ -59,7 +59,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> list[tuple[str, list[str]]]:
-    """One panel for the training loss (total and per task) and one per task with its main metric(s) at every
+    """One panel for the training loss (total and per task) and one per task with its primary metric(s) at every
     evaluation, legends outside the axes; written atomically with normal permissions. `task_specs`: the model's
     (`config.task_specs`; default: the preset tasks). Returns the task panels as (task, metric keys)."""
     import matplotlib
@@ -72,7 +72,8 @@ def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> 
     evals = [r for r in records if r.get("kind") == "eval"]
     specs = as_specs(task_specs if task_specs is not None else TASKS)
     panels = [
-        (task, [key for key in spec.main_metric_keys if any(key in r for r in evals)]) for task, spec in specs.items()
+        (task, [key for key in spec.primary_metric_keys if any(key in r for r in evals)])
+        for task, spec in specs.items()
     ]
     panels = [(task, keys) for task, keys in panels if keys]
     columns = 4
@@ -108,14 +109,14 @@ def plot_training_curves(log_path: Path, output_path: Path, task_specs=None) -> 
     return panels
 
 
-def main_metric_rows(
+def primary_metric_rows(
     metrics: dict, tasks, chance: Optional[dict] = None
 ) -> list[tuple[str, str, float, Optional[float]]]:
-    """(task, metric label with its direction, value, chance bar or None) of every main metric in `metrics`: the rows
+    """(task, metric label with its direction, value, chance bar or None) of every primary metric in `metrics`: the rows
     of the results table of the model card and of the README. `tasks`: preset task names or {task: TaskSpec}."""
     rows = []
     for task, spec in as_specs(tasks).items():
-        for key in spec.main_metric_keys:
+        for key in spec.primary_metric_keys:
             if key in metrics:
                 direction = "lower is better" if spec.lower_is_better(key) else "higher is better"
                 rows.append((task, f"{spec.card_metric(key)[1]}, {direction}", metrics[key], (chance or {}).get(key)))
@@ -152,7 +153,7 @@ def write_example_maps(model, processor, image, folder: Path) -> dict[str, str]:
     import torch
     from PIL import Image
 
-    from ..visualization_taskexpert import visualize_prediction
+    from ..visualization_dense_multitask import visualize_prediction
 
     specs = model.config.task_specs
     was_training = model.training
@@ -244,15 +245,15 @@ def build_model_card(config, recipe, metrics: dict, metadata: dict, model_name: 
                   f"image = Image.open(cached_file(\"{repo_id}\", \"examples/input.png\")).convert(\"RGB\")  "
                   "# or any photo")  # fmt: skip
 
-    # Results: main metrics per task, against the chance bar when one was recorded for this data.
+    # Results: primary metrics per task, against the chance bar when one was recorded for this data.
     chance = chance_baseline or {}
     rows = [f"| {task} | {label} | {_format(value)} |" + (f" {_format(bar)} |" if chance else "")
-            for task, label, value, bar in main_metric_rows(metrics, specs, chance)]  # fmt: skip
+            for task, label, value, bar in primary_metric_rows(metrics, specs, chance)]  # fmt: skip
     header = (
         "| task | metric | value |" + (" chance |" if chance else "") + "\n|---|---|---|" + ("---|" if chance else "")
     )
     other = [f"| {key} | {_format(value)} |" for key, value in sorted(metrics.items())
-             if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in spec.main_metric_keys for spec in specs.values())]  # fmt: skip
+             if isinstance(value, (int, float)) and "/IoU/" not in key and not any(key in spec.primary_metric_keys for spec in specs.values())]  # fmt: skip
     class_rows = []
     for task in tasks:
         if specs[task].kind.name != "segmentation":
@@ -370,7 +371,7 @@ Every other metric:
 
 Units: mIoU, accuracy, maxF and odsF in %, angles in degrees, depth errors in metres.
 
-![Training loss and the main metric of every task against the step](training_curves.png)
+![Training loss and the primary metric of every task against the step](training_curves.png)
 
 ## Citation
 
@@ -408,7 +409,7 @@ def run_summary(run_folder) -> dict:
 
 def render_readme_results(summary: dict) -> str:
     """The README block: the results table of `make train` against the chance bar, and how it was measured."""
-    rows = main_metric_rows(summary["metrics"], summary["tasks"], summary.get("chance"))
+    rows = primary_metric_rows(summary["metrics"], summary["tasks"], summary.get("chance"))
     lines = ["| task | metric | chance bar | `make train` |", "|---|---|---|---|"]
     lines += [f"| {task} | {label} | {_format(bar)} | {_format(value)} |" for task, label, value, bar in rows]
     lower = {label for _, label, _, _ in rows if "lower is better" in label}

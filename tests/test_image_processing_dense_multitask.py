@@ -1,4 +1,4 @@
-"""TaskExpertImageProcessor against transformers' image-processor conventions (the checks of ImageProcessingTestMixin,
+"""DenseMultiTaskImageProcessor against transformers' image-processor conventions (the checks of ImageProcessingTestMixin,
 written here for this processor), its per-call overrides and their validation, and `load_rgb_image`, the one image
 loader of the package (bit depth, transparency, EXIF orientation, channel layouts, the pixel cap before decoding)."""
 
@@ -13,9 +13,9 @@ from transformers import AutoImageProcessor
 from transformers.testing_utils import check_json_file_has_correct_format
 
 import modeling_taskexpert  # noqa: F401  (registers the processor with AutoImageProcessor)
-from modeling_taskexpert.image_processing_taskexpert import (
+from modeling_taskexpert.image_processing_dense_multitask import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    TaskExpertImageProcessor,
+    DenseMultiTaskImageProcessor,
     load_rgb_image,
     logits_to_predictions,
 )
@@ -53,32 +53,32 @@ def png_bytes(image: Image.Image, **options) -> bytes:
 # Serialisation (ImageProcessingTestMixin: to_json_string, to_json_file, save/load, Auto class, init, from_dict)
 # ---------------------------------------------------------------------------------------------------------------
 def test_to_json_string_holds_every_field():
-    serialised = json.loads(TaskExpertImageProcessor(**PROCESSOR_DICT).to_json_string())
+    serialised = json.loads(DenseMultiTaskImageProcessor(**PROCESSOR_DICT).to_json_string())
     for key, value in PROCESSOR_DICT.items():
         assert serialised[key] == value, key
-    assert serialised["image_processor_type"] == "TaskExpertImageProcessor"
+    assert serialised["image_processor_type"] == "DenseMultiTaskImageProcessor"
 
 
 def test_to_json_file_round_trip(tmp_path):
-    first = TaskExpertImageProcessor(**PROCESSOR_DICT)
+    first = DenseMultiTaskImageProcessor(**PROCESSOR_DICT)
     first.to_json_file(tmp_path / "processor.json")
-    second = TaskExpertImageProcessor.from_json_file(tmp_path / "processor.json")
+    second = DenseMultiTaskImageProcessor.from_json_file(tmp_path / "processor.json")
     assert second.to_dict() == first.to_dict()
 
 
-@pytest.mark.parametrize("loader", [TaskExpertImageProcessor, AutoImageProcessor])
+@pytest.mark.parametrize("loader", [DenseMultiTaskImageProcessor, AutoImageProcessor])
 def test_save_and_load_pretrained(tmp_path, loader):
-    first = TaskExpertImageProcessor(**PROCESSOR_DICT)
+    first = DenseMultiTaskImageProcessor(**PROCESSOR_DICT)
     saved = first.save_pretrained(tmp_path)[0]
     check_json_file_has_correct_format(saved)
     second = loader.from_pretrained(tmp_path)
-    assert type(second) is TaskExpertImageProcessor and second.to_dict() == first.to_dict()
+    assert type(second) is DenseMultiTaskImageProcessor and second.to_dict() == first.to_dict()
     image = random_images(1)[0]
     assert torch.equal(second(image)["pixel_values"], first(image)["pixel_values"])
 
 
 def test_init_without_parameters_gives_the_documented_defaults():
-    processor = TaskExpertImageProcessor()
+    processor = DenseMultiTaskImageProcessor()
     assert processor.size == {"height": 512, "width": 512} and processor.resize_mode == "shrink"
     assert processor.size_divisor == 16 and processor.do_resize and processor.do_normalize and processor.do_convert_rgb
     assert processor.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 50_000_000
@@ -87,37 +87,39 @@ def test_init_without_parameters_gives_the_documented_defaults():
 
 def test_no_pixel_limit_survives_a_round_trip(tmp_path):
     # transformers' to_dict drops None fields unless the class default is not None: the class keeps one.
-    TaskExpertImageProcessor(max_image_pixels=None).save_pretrained(tmp_path)
-    assert TaskExpertImageProcessor.from_pretrained(tmp_path).max_image_pixels is None
+    DenseMultiTaskImageProcessor(max_image_pixels=None).save_pretrained(tmp_path)
+    assert DenseMultiTaskImageProcessor.from_pretrained(tmp_path).max_image_pixels is None
 
 
 def test_from_dict_and_from_pretrained_with_kwargs(tmp_path):
-    processor = TaskExpertImageProcessor.from_dict(PROCESSOR_DICT)
+    processor = DenseMultiTaskImageProcessor.from_dict(PROCESSOR_DICT)
     assert processor.size == {"height": 32, "width": 48}
-    processor = TaskExpertImageProcessor.from_dict(PROCESSOR_DICT, size=40, resize_mode="shrink", max_image_pixels=None)
+    processor = DenseMultiTaskImageProcessor.from_dict(
+        PROCESSOR_DICT, size=40, resize_mode="shrink", max_image_pixels=None
+    )
     assert processor.size == {"height": 40, "width": 40} and processor.resize_mode == "shrink"
     assert processor.max_image_pixels is None
-    TaskExpertImageProcessor(**PROCESSOR_DICT).save_pretrained(tmp_path)
+    DenseMultiTaskImageProcessor(**PROCESSOR_DICT).save_pretrained(tmp_path)
     loaded = AutoImageProcessor.from_pretrained(tmp_path, size={"height": 16, "width": 24}, size_divisor=4)
     assert loaded.size == {"height": 16, "width": 24} and loaded.size_divisor == 4
     # Every field goes through __init__ (the processor's `valid_kwargs`), so a bad one is refused, not just set.
     with pytest.raises(ValueError, match="resize_mode must be one of"):
-        TaskExpertImageProcessor.from_dict(PROCESSOR_DICT, resize_mode="crop")
+        DenseMultiTaskImageProcessor.from_dict(PROCESSOR_DICT, resize_mode="crop")
     with pytest.raises(ValueError, match="size_divisor must be a positive integer"):
         AutoImageProcessor.from_pretrained(tmp_path, size_divisor=0)
 
 
 def test_sizes_are_normalised_like_transformers():
-    assert TaskExpertImageProcessor(size=64).size == {"height": 64, "width": 64}
-    assert TaskExpertImageProcessor(size=(32, 64)).size == {"height": 32, "width": 64}
-    assert TaskExpertImageProcessor(size=[48, 16]).size == {"height": 48, "width": 16}
+    assert DenseMultiTaskImageProcessor(size=64).size == {"height": 64, "width": 64}
+    assert DenseMultiTaskImageProcessor(size=(32, 64)).size == {"height": 32, "width": 64}
+    assert DenseMultiTaskImageProcessor(size=[48, 16]).size == {"height": 48, "width": 16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs: PIL, numpy, torch; single and batched; channels first and last (test_call_pil/numpy/pytorch/4_channels)
 # ---------------------------------------------------------------------------------------------------------------
 def test_pil_numpy_and_torch_inputs_give_the_same_pixels_single_and_batched():
-    processor = TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 64, "width": 64}, size_divisor=8)
     images = random_images(3)
     as_numpy = processor(images)["pixel_values"]
     assert as_numpy.shape == (3, 3, 64, 64) and as_numpy.dtype == torch.float32
@@ -139,7 +141,7 @@ def test_pil_numpy_and_torch_inputs_give_the_same_pixels_single_and_batched():
 
 def test_four_channels_with_input_data_format_and_scalar_mean_std():
     # The mixin's 4-channel call; this processor composites the 4th channel (alpha) on white, so 3 channels come out.
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     rgba = np.random.default_rng(2).integers(0, 256, (20, 24, 4), dtype=np.uint8)
     pixels = processor(rgba, input_data_format="channels_last", image_mean=0.0, image_std=1.0)["pixel_values"]
     alpha = rgba[..., 3:] / 255.0
@@ -165,7 +167,7 @@ def test_ambiguous_layouts_follow_the_input_type_unless_told():
 
 
 def test_return_tensors_and_casting():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     image = random_images(1)[0]
     as_numpy = processor(image, return_tensors="np")["pixel_values"]
     assert isinstance(as_numpy, np.ndarray) and as_numpy.shape == (1, 3, 32, 32)
@@ -179,7 +181,7 @@ def test_return_tensors_and_casting():
 # Per-call overrides
 # ---------------------------------------------------------------------------------------------------------------
 def test_per_call_overrides_apply_to_that_call_only():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     before = processor.to_dict()
     image = np.random.default_rng(4).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     raw = processor(image, do_normalize=False, size={"height": 24, "width": 40})["pixel_values"]
@@ -203,7 +205,7 @@ def test_per_call_overrides_apply_to_that_call_only():
 
 
 def test_do_resize_false_never_resizes_and_do_convert_rgb_false_refuses_other_modes():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     large = np.zeros((40, 20, 3), np.uint8)
     assert processor(large)["pixel_values"].shape == (1, 3, 32, 32)  # shrunk by default
     with pytest.raises(ValueError, match="larger than the canvas 32x32 and do_resize=False"):
@@ -217,7 +219,7 @@ def test_do_resize_false_never_resizes_and_do_convert_rgb_false_refuses_other_mo
 
 def test_max_image_pixels_per_call_and_as_a_field():
     image = np.zeros((100, 101, 3), np.uint8)
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, max_image_pixels=10_000)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, max_image_pixels=10_000)
     with pytest.raises(ValueError, match=r"images\[0\]: 101x100 is 10,100 pixels, more than the limit of 10,000"):
         processor(image)
     assert processor(image, max_image_pixels=10_100)["pixel_values"].shape == (1, 3, 32, 32)
@@ -247,18 +249,18 @@ def test_max_image_pixels_per_call_and_as_a_field():
     ],
 )
 def test_bad_overrides_are_refused_with_the_field_named(overrides, error, message):
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     with pytest.raises(error, match=message.replace("(", r"\(").replace("{", r"\{").replace("[", r"\[")):
         processor(np.zeros((8, 8, 3), np.uint8), **overrides)
 
 
 def test_bad_fields_are_refused_at_construction():
     with pytest.raises(ValueError, match="size_divisor must be a positive integer"):
-        TaskExpertImageProcessor(size_divisor=0)
+        DenseMultiTaskImageProcessor(size_divisor=0)
     with pytest.raises(ValueError, match="multiples of size_divisor=16"):
-        TaskExpertImageProcessor(size={"height": 30, "width": 32})
+        DenseMultiTaskImageProcessor(size={"height": 30, "width": 32})
     with pytest.raises(ValueError, match="image_std must be positive"):
-        TaskExpertImageProcessor(image_std=[0.2, 0.0, 0.2])
+        DenseMultiTaskImageProcessor(image_std=[0.2, 0.0, 0.2])
 
 
 def test_unknown_constructor_arguments_are_reported(caplog):
@@ -266,7 +268,7 @@ def test_unknown_constructor_arguments_are_reported(caplog):
 
     logging.enable_propagation()
     try:
-        TaskExpertImageProcessor(do_normalise=False)
+        DenseMultiTaskImageProcessor(do_normalise=False)
     finally:
         logging.disable_propagation()
     assert "ignoring unknown arguments ['do_normalise']" in caplog.text
@@ -276,7 +278,7 @@ def test_unknown_constructor_arguments_are_reported(caplog):
 # Post-processing
 # ---------------------------------------------------------------------------------------------------------------
 def test_post_processing_detaches_and_takes_tensor_target_sizes():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     weight = torch.ones(1, requires_grad=True)
     logits = {"depth": torch.rand(2, 1, 32, 32) * weight, "semseg": torch.randn(2, 3, 32, 32) * weight}
     results = processor.post_process_dense_predictions(
@@ -290,7 +292,7 @@ def test_post_processing_detaches_and_takes_tensor_target_sizes():
 
 
 def test_post_processing_with_the_preprocessing_overrides():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     pixels = processor(np.zeros((20, 10, 3), np.uint8), size={"height": 24, "width": 48})["pixel_values"]
     logits = {"depth": torch.ones(1, 1, *pixels.shape[-2:])}
     with pytest.raises(ValueError, match=r"not the canvas \(32, 32\)"):
@@ -303,7 +305,7 @@ def test_post_processing_with_the_preprocessing_overrides():
 
 @pytest.mark.parametrize("target_sizes", [[(0, 5)], [(5, 0)], [(-3, 5)], [(2.5, 5)], [(5,)], ["ab"], [None]], ids=str)
 def test_bad_target_sizes_are_refused(target_sizes):
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     with pytest.raises(ValueError, match=r"target_sizes\[0\] must be the original \(height, width\)"):
         processor.post_process_dense_predictions(
             {"logits": {"depth": torch.zeros(1, 1, 32, 32)}}, target_sizes=target_sizes
@@ -420,7 +422,9 @@ def test_the_pixel_cap_is_checked_before_decoding(tmp_path, monkeypatch):
     for source in (str(path), io.BytesIO(path.read_bytes()), Image.open(path)):
         with pytest.raises(ValueError, match="3000x2000 is 6,000,000 pixels, more than the limit of 1,000,000"):
             load_rgb_image(source, max_pixels=1_000_000)
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, max_image_pixels=5_999_999)
+    processor = DenseMultiTaskImageProcessor(
+        size={"height": 32, "width": 32}, size_divisor=8, max_image_pixels=5_999_999
+    )
     with pytest.raises(ValueError, match=r"images\[0\]: 3000x2000 is 6,000,000 pixels"):
         processor(str(path))
 
@@ -457,7 +461,7 @@ PROTOCOL_STD = np.array([0.229, 0.224, 0.225])
 
 
 def test_preprocess_pads_centred_and_normalises_like_the_protocol():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 48}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 48}, size_divisor=8)
     image = np.random.default_rng(0).integers(0, 256, (21, 30, 3), dtype=np.uint8)
     pixels = processor(image)["pixel_values"]
     assert pixels.shape == (1, 3, 32, 48)
@@ -471,19 +475,19 @@ def test_preprocess_pads_centred_and_normalises_like_the_protocol():
 
 
 def test_shrink_resizes_only_large_images_and_geometry_round_trips():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     assert processor.geometry((20, 10)) == (1.0, (20, 10), (6, 11))
     scale, resized, offset = processor.geometry((64, 128))
     assert scale == 0.25 and resized == (16, 32) and offset == (8, 0)
-    fit = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="fit")
+    fit = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="fit")
     assert fit.geometry((8, 16)) == (2.0, (16, 32), (8, 0))
-    strict = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="none")
+    strict = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8, resize_mode="none")
     with pytest.raises(ValueError, match="larger than the canvas"):
         strict.geometry((40, 10))
 
 
 def test_post_process_crops_padding_and_restores_original_size():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     # Logits built so that each pixel's class is known: class 1 inside the image region, 0 in the padding.
     scale, (h, w), (top, left) = processor.geometry((20, 10))
     semseg = torch.zeros(1, 2, 32, 32)
@@ -501,7 +505,7 @@ def test_post_process_crops_padding_and_restores_original_size():
 
 
 def test_depth_is_rescaled_for_resized_images():
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     logits = {"depth": torch.full((1, 1, 32, 32), 2.0)}
     (result,) = processor.post_process_dense_predictions({"logits": logits}, target_sizes=[(64, 64)])
     # The image was shrunk by 0.5: the model sees it twice as far, so the prediction is halved back.
@@ -538,7 +542,7 @@ def test_image_conversions():
     with pytest.raises(ValueError, match="NaN"):
         load_rgb_image(np.full((2, 2, 3), np.nan))
     with pytest.raises(ValueError, match=r"images\[0\]: expected one image of shape"):
-        TaskExpertImageProcessor()([np.zeros((2, 2, 2, 3), dtype=np.uint8)])
+        DenseMultiTaskImageProcessor()([np.zeros((2, 2, 2, 3), dtype=np.uint8)])
     with pytest.raises(ValueError, match="'not an image': no such file"):
         load_rgb_image("not an image")
     with pytest.raises(ValueError, match="expected a file path, a PIL image"):
@@ -546,14 +550,14 @@ def test_image_conversions():
 
 
 def test_processor_save_and_load_round_trip(tmp_path):
-    processor = TaskExpertImageProcessor(size={"height": 64, "width": 96}, resize_mode="fit", size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 64, "width": 96}, resize_mode="fit", size_divisor=8)
     processor.save_pretrained(tmp_path)
-    loaded = TaskExpertImageProcessor.from_pretrained(tmp_path)
+    loaded = DenseMultiTaskImageProcessor.from_pretrained(tmp_path)
     assert loaded.size == {"height": 64, "width": 96} and loaded.resize_mode == "fit"
     image = np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     torch.testing.assert_close(loaded(image)["pixel_values"], processor(image)["pixel_values"])
     with pytest.raises(ValueError, match="multiples of size_divisor"):
-        TaskExpertImageProcessor(size={"height": 30, "width": 32})
+        DenseMultiTaskImageProcessor(size={"height": 30, "width": 32})
 
 
 def test_an_untrusted_processor_config_cannot_ask_for_a_huge_canvas(tmp_path):
@@ -561,21 +565,21 @@ def test_an_untrusted_processor_config_cannot_ask_for_a_huge_canvas(tmp_path):
     allocate about 112 GiB. The canvas is bounded like images, when the config is read."""
     import json
 
-    TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(tmp_path)
+    DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     config["size"] = {"height": 100_000, "width": 100_000}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"canvas of 10,000,000,000 pixels, more than the limit of 50,000,000"):
-        TaskExpertImageProcessor.from_pretrained(tmp_path)
+        DenseMultiTaskImageProcessor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="more than the limit of 1,000"):
-        TaskExpertImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=1000)
+        DenseMultiTaskImageProcessor(size={"height": 64, "width": 64}, size_divisor=8, max_image_pixels=1000)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_a_png_transparency_chunk_is_composited_on_white(mode, tmp_path):
     """Round-3 probe: gray and RGB PNGs with a tRNS chunk (one colour marked transparent) kept that colour (black
     here) where every other transparent image is composited on white."""
-    from modeling_taskexpert.image_processing_taskexpert import load_rgb_image
+    from modeling_taskexpert.image_processing_dense_multitask import load_rgb_image
 
     black = 0 if mode == "L" else (0, 0, 0)
     image = Image.new(mode, (4, 2), black)

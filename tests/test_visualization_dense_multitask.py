@@ -1,9 +1,14 @@
-"""visualization_taskexpert.py: the label palette, colour maps of every task and the colour bar."""
+"""visualization_dense_multitask.py: the label palette, colour maps of every task and the colour bar."""
 
 import numpy as np
 import pytest
 
-from modeling_taskexpert.visualization_taskexpert import colorbar, colorize_labels, label_palette, visualize_prediction
+from modeling_taskexpert.visualization_dense_multitask import (
+    colorbar,
+    colorize_labels,
+    label_palette,
+    visualize_prediction,
+)
 
 
 def test_palette_and_visualisations():

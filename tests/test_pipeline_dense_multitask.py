@@ -16,7 +16,7 @@ from modeling_taskexpert import (
     PIPELINE_TASK,
     MultiTaskDensePredictionPipeline,
     TaskExpertForDensePrediction,
-    TaskExpertImageProcessor,
+    DenseMultiTaskImageProcessor,
 )
 
 CANVAS = 32
@@ -30,7 +30,7 @@ def model_folder(tmp_path_factory):
         torch.nn.init.normal_(layer.gates.token_weight, std=0.5)
     folder = tmp_path_factory.mktemp("pipeline") / "model"
     model.save_pretrained(folder)
-    TaskExpertImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=8).save_pretrained(folder)
+    DenseMultiTaskImageProcessor(size={"height": CANVAS, "width": CANVAS}, size_divisor=8).save_pretrained(folder)
     return folder
 
 
@@ -208,7 +208,7 @@ def test_errors_name_the_input(pipe, tmp_path):
 def test_pipeline_on_a_pil_image(tmp_path):
     torch.manual_seed(0)
     model = TaskExpertForDensePrediction(tiny_config()).eval()
-    processor = TaskExpertImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 32}, size_divisor=8)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     pipe = pipeline(PIPELINE_TASK, model=str(tmp_path), pipeline_class=MultiTaskDensePredictionPipeline)
