@@ -191,3 +191,15 @@ def test_class_names_must_agree_or_be_mapped_explicitly(workspace, tmp_path, cap
     mapping.write_text(json.dumps({"semseg": {reversed_names[0]: "sky"}}))
     assert main([*args, "--output", str(tmp_path / "bad.json"), "--class-mapping", str(mapping)]) == 2
     assert "must map every model class" in capsys.readouterr().err
+
+
+def test_the_earlier_flag_names_are_read_for_one_release():
+    """`--edge-mode` / `--edge-workers` (the previous release's flags) set the same options as `--boundary-*`."""
+    from modeling_taskexpert.evaluation.__main__ import build_parser
+
+    required = ["--model", "m", "--dataset", "d", "--output", "o"]
+    parser = build_parser()
+    earlier = parser.parse_args(required + ["--edge-mode", "approximate", "--edge-workers", "3"])
+    current = parser.parse_args(required + ["--boundary-mode", "approximate", "--boundary-workers", "3"])
+    assert (earlier.boundary_mode, earlier.boundary_workers) == (current.boundary_mode, current.boundary_workers)
+    assert vars(earlier) == vars(current)

@@ -244,3 +244,18 @@ def test_bad_configuration():
         DenseMultiTaskEvaluator(["depth"], boundary_mode="fast")
     with pytest.raises(ValueError, match="saliency_maxf_mode"):
         DenseMultiTaskEvaluator(["saliency"], saliency_maxf_mode="sigmoid")
+
+
+def test_the_earlier_argument_names_are_read_for_one_release():
+    """`edge_mode` / `edge_workers` became `boundary_mode` / `boundary_workers`: code written for the previous release
+    still runs, with a FutureWarning naming the new name; unknown arguments are still refused."""
+    predictions, labels = make_batch(2)
+    with pytest.warns(FutureWarning, match="`edge_mode` is now called `boundary_mode`"):
+        earlier = make_evaluator(edge_mode="approximate")
+    assert earlier.boundary_mode == "approximate"
+    current = make_evaluator(boundary_mode="approximate")
+    for evaluator in (earlier, current):
+        evaluator.update(predictions, labels)
+    assert earlier.compute() == current.compute()
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['boundary_mod'\]"):
+        make_evaluator(boundary_mod="approximate")

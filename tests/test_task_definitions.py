@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import make_labels, tiny_config
 from modsquad_reference import tiny_modsquad_config
+from pinned_outputs import METADATA as PINNED_METADATA
+from pinned_outputs import machine as pinned_machine
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -181,8 +183,15 @@ def test_models_saved_before_task_kinds_load_with_bit_identical_outputs(build):
     with torch.no_grad():
         logits = model(pinned["input"], output_gates=True).logits
     assert sorted(logits) == sorted(k.split("/")[-1] for k in pinned if k.startswith(f"{build}/"))
+    # Bit for bit on a machine like the one that wrote the copy (the pinned outputs' machine); another CPU's kernels
+    # round differently, so a tight tolerance applies there (as in test_pinned_outputs.py).
+    exact = json.loads(PINNED_METADATA.read_text())["machine"] == pinned_machine()
     for task, value in logits.items():
-        assert torch.equal(value, pinned[f"{build}/logits/{task}"]), task
+        expected = pinned[f"{build}/logits/{task}"]
+        if exact:
+            assert torch.equal(value, expected), task
+        else:
+            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=task)
 
 
 def _png(array: np.ndarray, mode=None) -> Image.Image:

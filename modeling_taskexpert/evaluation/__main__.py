@@ -183,7 +183,7 @@ def _check_tasks_agree(
     return class_maps
 
 
-def describe_edge_scoring(evaluator, num_samples: int) -> Optional[str]:
+def describe_boundary_scoring(evaluator, num_samples: int) -> Optional[str]:
     """What the boundary scorer is and what it costs, printed before a long evaluation starts."""
     boundary_tasks = [task for task, spec in evaluator.task_specs.items() if spec.kind.name == "boundary"]
     if not boundary_tasks:
@@ -274,7 +274,7 @@ def evaluate_prepared(args, model, dataloader, evaluator, accelerator, num_sampl
     """Run the evaluation prepared by `prepare`, write the JSON and print the table."""
     from .loop import evaluate_model
 
-    description = describe_edge_scoring(evaluator, num_samples)
+    description = describe_boundary_scoring(evaluator, num_samples)
     if description and accelerator.is_main_process:
         print(description, file=sys.stderr, flush=True)
     try:
