@@ -353,14 +353,27 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
 
 
 def comparisons(collected: dict, summary: dict) -> list[dict]:
-    """Every comparison of the study whose two models were trained."""
-    return [result for result in (compare(c, collected, summary) for c in COMPARISONS) if result is not None]
+    """Every comparison of the study whose two models were trained. The claims with enough seeds are one family:
+    their verdicts use Holm-adjusted p-values (`adjusted_p`, `family_size`), so that the chance of any false verdict
+    among them stays at most 5 %."""
+    results = [result for result in (compare(c, collected, summary) for c in COMPARISONS) if result is not None]
+    family = {
+        r["comparison"].name: r
+        for r in results
+        if r["verdict"] not in (None, paired.TOO_FEW_SEEDS) and r["delta_m"].p_value is not None
+    }
+    adjusted = paired.holm_adjusted({name: r["delta_m"].p_value for name, r in family.items()})
+    for name, result in family.items():
+        result["adjusted_p"], result["family_size"] = adjusted[name], len(family)
+        result["verdict"] = result["delta_m"].verdict(adjusted_p=adjusted[name])
+    return results
 
 
 def comparisons_to_json(results: list[dict]) -> list[dict]:
     return [{
         "name": r["comparison"].name, "variant": r["comparison"].variant, "reference": r["comparison"].reference,
         "claim": r["comparison"].claim, "verdict": r["verdict"], "revisions": r["revisions"],
+        "adjusted_p": r.get("adjusted_p"), "family_size": r.get("family_size"),
         "delta_m": r["delta_m"].to_dict() if r["delta_m"] else None,
         "per_task": {task: {"metric": v["metric"], "higher_is_better": v["higher_is_better"], **v["difference"].to_dict()}
                      for task, v in r["per_task"].items()},

@@ -220,12 +220,24 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
         if difference.low is not None
         else f"{difference.mean:+.2f} points, {difference.n} seed"
     )
+    if difference.p_value is not None:
+        interval += f"; p = {difference.p_value:.3g}"
+        if result.get("adjusted_p") is not None:
+            interval += f", Holm-adjusted over {result['family_size']} claims {result['adjusted_p']:.3g}"
+        if difference.p_sign_flip is not None:
+            interval += f"; sign-flip test p = {difference.p_sign_flip:.3g}"
     if verdict == paired.HOLDS:
         text = f"**{comparison.claim}: holds.** {comparison.variant}'s Δm is above {owner} on average ({interval})."
     elif verdict == paired.FAILS:
         text = f"**{comparison.claim}: fails.** {comparison.variant}'s Δm is below {owner} ({interval})."
     elif verdict == paired.INCONCLUSIVE:
-        text = f"**{comparison.claim}: inconclusive.** The interval contains 0 ({interval})"
+        excludes_zero = difference.low > 0 or difference.high < 0
+        reason = (
+            "The interval excludes 0, but not after Holm's correction" if excludes_zero else "The interval contains 0"
+        )
+        text = f"**{comparison.claim}: inconclusive.** {reason} ({interval})"
+        # What the data still allow: the interval's bounds are the largest effects either way it does not rule out.
+        text += f"; it rules out effects above {difference.high:+.2f} and below {difference.low:+.2f} points"
         text += (
             f"; with this many seeds the study resolves differences of about {resolution:.2f} points."
             if resolution

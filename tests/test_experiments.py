@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 import yaml
 
 from experiments import collect, paired, run, study, write
@@ -37,6 +38,8 @@ METRICS = {  # variant -> seed -> metrics; single-task models give their task on
     "single-depth": {0: {"depth/RMSE": 2.0}, 1: {"depth/RMSE": 2.0}},
     "taskexpert": {0: {"semseg/mIoU": 55.0, "depth/RMSE": 1.8}, 1: {"semseg/mIoU": 45.0, "depth/RMSE": 2.2}},
     "shared-decoder": {0: {"semseg/mIoU": 50.0, "depth/RMSE": 2.0}, 1: {"semseg/mIoU": 50.0, "depth/RMSE": 2.0}},
+    # the reference of the shared-decoder comparison (heads reading both MMoE layers), here as good as taskexpert
+    "all-layer-heads": {0: {"semseg/mIoU": 55.0, "depth/RMSE": 1.8}, 1: {"semseg/mIoU": 45.0, "depth/RMSE": 2.2}},
 }
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -139,7 +142,13 @@ def test_bad_override_fails_before_any_run(tmp_path):
 def test_aggregation_delta_m_and_step_time_match_hand_computation(tmp_path):
     run.run_study(_variant_runs(list(METRICS)), tmp_path, launcher=fake_launcher([]))
     collected = collect.collect(tmp_path)
-    assert list(collected["variants"]) == ["taskexpert", "shared-decoder", "single-semseg", "single-depth"]
+    assert list(collected["variants"]) == [
+        "taskexpert",
+        "all-layer-heads",
+        "shared-decoder",
+        "single-semseg",
+        "single-depth",
+    ]
     summary = collect.aggregate(collected)
     assert summary["baselines"] == {"semseg/mIoU": 50.0, "depth/RMSE": 2.0}
     taskexpert = summary["variants"]["taskexpert"]
@@ -168,7 +177,7 @@ def test_paired_comparisons_of_the_study(tmp_path):
     run.run_study(_variant_runs(list(METRICS)), tmp_path, launcher=fake_launcher([]))
     collected = collect.collect(tmp_path)
     results = {r["comparison"].name: r for r in collect.comparisons(collected, collect.aggregate(collected))}
-    assert set(results) == {"shared-decoder", "multi-task-gain"}  # the other comparisons' models were not trained
+    assert set(results) == {"shared-decoder", "multi-task-gain", "all-layer-heads"}  # the others were not trained
     shared = results["shared-decoder"]
     # Δm differences seed by seed: 10 - 0 and -10 - 0; semseg: +5, -5; depth (lower is better): +0.2, -0.2.
     assert shared["delta_m"].differences == {0: pytest.approx(10.0), 1: pytest.approx(-10.0)}
@@ -188,7 +197,7 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     variants = study.variants_by_name()
     seeds = range(5)
     collected = {"mode": "full", "dataset": "toy", "jobs": 1, "cpu_count": 2, "variants": {}}
-    offsets = {"taskexpert": [0.0] * 5, "uniform-gates": [-2.0, -1.5, -2.5, -1.0, -3.0],
+    offsets = {"taskexpert": [0.0] * 5, "all-layer-heads": [0.0] * 5, "uniform-gates": [-2.0, -1.5, -2.5, -1.0, -3.0],
                "shared-decoder": [1.0, 2.0, 1.5, 2.5, 3.0], "no-memory": [-1.0, 1.0, -0.5, 0.5, 0.2]}  # fmt: skip
     for name, deltas in offsets.items():
         runs = {seed: {"metrics": {"semseg/mIoU": 50.0 * (1 + deltas[seed] / 100)}, "tasks": ["semseg"],
@@ -208,9 +217,30 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     gating = results["gating"]["delta_m"]
     assert "Dynamic gating helps (TaskExpert vs uniform gates): holds.** taskexpert's Δm is above" in notes
     assert f"{gating.mean:+.2f} points, 95 % interval {gating.low:+.2f} to {gating.high:+.2f}, 5 seeds" in notes
-    assert "TaskExpert beats a shared decoder: fails." in notes
-    assert "(TaskExpert vs no memory): inconclusive." in notes
+    assert "TaskExpert beats a shared decoder (same parameters, heads reading the same layers): fails." in notes
+    assert "(heads reading both MMoE layers, with and without memory): inconclusive." in notes
     assert "Code revision** of the runs: all runs: r1." in notes
+    # The claims with five seeds are one family: Holm's adjustment of their two-sided t-test p-values, by hand.
+    family = {name: results[name] for name in ("gating", "memory", "shared-decoder", "multi-task-gain")}
+    # (multi-task-gain: all five differences are 0, no spread: p = 1 by definition, where scipy gives NaN)
+    raw = {
+        name: stats.ttest_1samp(list(r["delta_m"].differences.values()), 0.0).pvalue if r["delta_m"].std else 1.0
+        for name, r in family.items()
+    }
+    ordered = sorted(raw, key=raw.get)
+    expected, running = {}, 0.0
+    for index, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - index) * raw[name]))
+        expected[name] = running
+    for name, result in family.items():
+        assert result["family_size"] == 4
+        assert result["delta_m"].p_value == pytest.approx(raw[name], rel=1e-9)
+        assert result["adjusted_p"] == pytest.approx(expected[name], rel=1e-9)
+    assert f"Holm-adjusted over 4 claims {expected['gating']:.3g}" in notes
+    # The sign-flip test of five same-direction differences cannot go below 2/32.
+    assert results["gating"]["delta_m"].p_sign_flip == 2 / 32 and "sign-flip test p = 0.0625" in notes
+    memory = results["memory"]["delta_m"]
+    assert f"rules out effects above {memory.high:+.2f} and below {memory.low:+.2f} points" in notes
 
 
 def test_mixed_revisions_are_refused_unless_allowed(tmp_path):

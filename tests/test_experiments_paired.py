@@ -56,3 +56,40 @@ def test_bad_input_is_refused():
         paired.t_interval([1.0, float("nan")])
     with pytest.raises(ValueError, match="confidence"):
         paired.t_interval([1.0, 2.0], confidence=1.5)
+
+
+def test_two_sided_t_p_value_against_the_closed_form_of_two_degrees_of_freedom():
+    # Student's t with 2 degrees of freedom has the CDF 1/2 + t / (2 sqrt(2 + t^2)); [1, 2, 3]: mean 2, sd 1.
+    t = 2 / (1 / math.sqrt(3))
+    expected = 2 * (0.5 - t / (2 * math.sqrt(2 + t * t)))
+    assert paired.t_p_value([1.0, 2.0, 3.0]) == pytest.approx(expected, rel=1e-12)
+    assert paired.t_p_value([-1.0, -2.0, -3.0]) == pytest.approx(expected, rel=1e-12)
+    assert paired.t_p_value([2.0, 2.0]) == 0.0 and paired.t_p_value([0.0, 0.0]) == 1.0
+    assert paired.t_p_value([1.0]) is None
+    # Below 0.05 exactly when the 95 % interval excludes 0.
+    for values in ([0.1, 1.9, 2.2, 0.4, 1.5], [0.1, 1.9, -2.2, 0.4, 1.5]):
+        _, _, low, high = paired.t_interval(values)
+        assert (paired.t_p_value(values) < 0.05) == (low > 0 or high < 0)
+
+
+def test_exact_sign_flip_p_values_counted_by_hand():
+    # Magnitudes 1, 2, 3: the eight signed sums are 6, 4, 2, 0, 0, -2, -4, -6.
+    assert paired.sign_flip_p_value([1.0, 2.0, 3.0]) == 2 / 8  # 6 and -6 are as far from 0 as the observed 6
+    assert paired.sign_flip_p_value([1.0, -2.0, 3.0]) == 6 / 8  # every sum but the two zeros reaches |2|
+    assert paired.sign_flip_p_value([-1.0, -2.0, -3.0]) == 2 / 8
+    # Five seeds all in one direction: the smallest p the test can give, 2/32 (never below 0.05).
+    assert paired.sign_flip_p_value([0.5, 1.0, 1.5, 2.0, 2.5]) == 1 / 16
+    assert paired.sign_flip_p_value([]) is None
+    with pytest.raises(ValueError, match="too many"):
+        paired.sign_flip_p_value([1.0] * 21)
+
+
+def test_holm_adjustment_by_hand():
+    # Sorted: a 0.01 x 3 = 0.03; c 0.03 x 2 = 0.06; b 0.04 x 1 = 0.04, raised to the running maximum 0.06.
+    adjusted = paired.holm_adjusted({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert paired.holm_adjusted({"x": 0.6, "y": 0.5}) == {"y": 1.0, "x": 1.0}  # capped at 1
+    assert paired.holm_adjusted({}) == {}
+    # Seven claims: the smallest p is multiplied by 7 (0.014 -> 0.098), so it no longer holds at 0.05.
+    seven = paired.holm_adjusted({f"claim{i}": p for i, p in enumerate([0.014, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])})
+    assert seven["claim0"] == pytest.approx(0.098)

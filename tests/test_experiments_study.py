@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModel
 
 from experiments import study
 from modeling_taskexpert.task_definitions import TASKS
@@ -40,10 +40,10 @@ def test_every_comparison_changes_exactly_one_thing():
     expected_changes = {  # comparison -> the model fields in which its two models differ
         "gating": {"gating"},
         "memory": {"use_memory"},
-        "memory-all-layer-heads": {"use_memory"},
-        "experts": {"num_experts"},
-        "shared-decoder": {"num_experts", "use_memory", "gating"},  # the one factor: the decoder (one shared MLP)
-        "shared-decoder-all-layer-heads": {"num_experts", "use_memory", "gating"},
+        # Mixing, at matched parameters: one expert as large as the four allow.
+        "experts": {"num_experts", "expert_hidden_size"},
+        # The one factor is the decoder (one shared MLP, matched in parameters, reading the same layers).
+        "shared-decoder": {"num_experts", "use_memory", "gating", "expert_hidden_size"},
         "all-layer-heads": {"head_uses_all_layers"},
         "twelve-experts": {"num_experts"},
     }
@@ -61,8 +61,29 @@ def test_every_comparison_changes_exactly_one_thing():
         fields_b = {k: v for k, v in b.to_dict().items() if k not in ("model_overrides", "output_dir")}
         assert fields_a == fields_b, comparison.name
     shared = recipes["shared-decoder"].model_overrides
-    assert shared == {"num_experts": 1, "use_memory": False, "gating": "uniform"}
-    assert recipes["no-memory"].model_overrides == {"use_memory": False}
+    assert shared == {
+        "head_uses_all_layers": True, "num_experts": 1, "use_memory": False, "gating": "uniform",
+        "expert_hidden_size": 42,
+    }  # fmt: skip
+    assert recipes["no-memory"].model_overrides == {"head_uses_all_layers": True, "use_memory": False}
+
+
+def _parameter_count(recipe) -> int:
+    import modeling_taskexpert  # noqa: F401 - registers the model types
+
+    settings = json.loads((REPO_ROOT / recipe.model_config).read_text())
+    settings.update(recipe.model_overrides)
+    return sum(p.numel() for p in AutoModel.from_config(AutoConfig.for_model(**settings)).parameters())
+
+
+@pytest.mark.parametrize("comparison", ["shared-decoder", "experts"])
+def test_baselines_of_the_claims_about_mixing_and_decoders_are_matched_in_parameters(comparison):
+    """The shared decoder and the one-expert model have as many parameters as the model they are compared with
+    (within 5 %): the claims are about mixing and routing, not about size."""
+    recipes = _recipes()
+    pair = next(c for c in study.COMPARISONS if c.name == comparison)
+    variant, reference = _parameter_count(recipes[pair.variant]), _parameter_count(recipes[pair.reference])
+    assert abs(reference / variant - 1) <= 0.05, (comparison, variant, reference)
 
 
 def test_every_study_model_trains_with_the_same_schedule():
@@ -214,3 +235,36 @@ def test_variants_of_a_seed_share_initial_backbone_and_first_batch(synthetic_dat
     # The test can fail: another seed changes both.
     assert not torch.equal(_part(other_seed, "batch/")["pixel_values"], batch["pixel_values"])
     assert not all(torch.equal(value, backbone[key]) for key, value in _part(other_seed, "backbone/").items())
+
+
+def _parameters_without_gradient(variant) -> tuple[list[str], int]:
+    """(names, total size) of the parameters of a study model that get no gradient (None or all zero) from one
+    backward pass of its training loss on random inputs and labels."""
+    from conftest import make_labels
+
+    recipe = _recipes()[variant.name]
+    settings = json.loads((REPO_ROOT / recipe.model_config).read_text())
+    settings.update(recipe.model_overrides)
+    if recipe.tasks:
+        settings["tasks"] = list(recipe.tasks)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(AutoConfig.for_model(**settings)).train()
+    generator = torch.Generator().manual_seed(0)
+    labels = make_labels(2, 64, 64, generator)
+    labels["semseg"] = labels["semseg"] % len(model.config.task_id2label.get("semseg", {0: 0, 1: 1}))
+    labels["human_parts"] = labels["human_parts"] % len(model.config.task_id2label.get("human_parts", {0: 0, 1: 1}))
+    out = model(torch.randn(2, 3, 64, 64, generator=generator), labels={t: labels[t] for t in model.config.tasks})
+    out.loss.backward()
+    idle = [(name, p.numel()) for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    return [name for name, _ in idle], sum(size for _, size in idle)
+
+
+@pytest.mark.parametrize("name", [variant.name for variant in study.VARIANTS])
+def test_every_parameter_of_every_study_model_gets_a_gradient(name):
+    """No study model carries parameters its loss does not reach: an ablation that leaves weights idle (an MMoE layer
+    whose features no head reads) changes more than its one factor (the confound of the earlier memory and
+    shared-decoder comparisons)."""
+    import modeling_taskexpert  # noqa: F401 - registers the model types
+
+    names, size = _parameters_without_gradient(study.variants_by_name()[name])
+    assert not names, f"{name}: {size} parameters get no gradient: {names[:6]}"
