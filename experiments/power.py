@@ -25,7 +25,16 @@ from modeling_taskexpert.file_utils import write_json_atomic
 from . import paired
 from .collect import StudyError, aggregate, collect
 from .paths import DEFAULT_OUTPUT_ROOTS, REPO_ROOT
-from .study import COMPARISONS, DESCRIPTIVE_SEEDS, DESCRIPTIVE_VARIANTS, SEEDS, SINGLE_TASK, VARIANTS, study_runs
+from .study import (
+    COMPARISONS,
+    DESCRIPTIVE_SEEDS,
+    DESCRIPTIVE_VARIANTS,
+    PLAN_CLAIM_SEEDS,
+    SEEDS,
+    SINGLE_TASK,
+    VARIANTS,
+    study_runs,
+)
 
 ALPHA = 1 - paired.CONFIDENCE
 TARGET_DIFFERENCE = 1.0  # Δm points the study should resolve
@@ -210,7 +219,7 @@ def study_plan(estimate: dict, jobs: int, cores: int) -> dict:
         hours += (
             sum(cpu["runs"][kind] for kind in cpu["unmeasured_kinds"]) * cpu["per_run_seconds"]["taskexpert"] / 3600
         )
-    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": estimate["planned_seeds"],
+    return {"command": f"make experiments JOBS={jobs}", "runs": runs, "seeds": dict(PLAN_CLAIM_SEEDS),
             "descriptive_seeds": len(DESCRIPTIVE_SEEDS), "descriptive": list(DESCRIPTIVE_VARIANTS),
             "variants": len(VARIANTS), "cpu_hours": hours, "wall_hours": hours / min(jobs, cores), "cores": cores,
             "jobs": jobs, "unmeasured": cpu["unmeasured_kinds"]}  # fmt: skip

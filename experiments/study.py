@@ -28,11 +28,15 @@ def descriptive_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
     return seeds[: (len(seeds) + 1) // 2]
 
 
-# Seeds of the full study. Chosen from the pilot's power estimate (experiments/power.py, written into
-# experiments/study_notes.md): see there for the resolution this number of seeds buys. The models of the paper's
-# claims train with every seed; the descriptive variants (no claim rests on them) with the first `DESCRIPTIVE_SEEDS`,
-# enough for an interval.
-SEEDS = tuple(range(10))
+# Seeds of the full study: the pre-registered plan (experiments/preregistration.md), fixed before its runs. Each claim
+# gets the seeds that detect a 2-point Δm difference with 80 % power at α = 0.05 / 5 (Holm over the five claims,
+# sized for its strictest step), from the per-comparison noise measured before (`PLAN_NOISE`), capped at
+# `PLAN_SEED_CAP` by the CPU budget; a model trains the most seeds any of its claims needs. The descriptive variants
+# (no claim rests on them) train with the first half of the seeds, enough for an interval.
+PLAN_EFFECT, PLAN_POWER, PLAN_ALPHA, PLAN_SEED_CAP = 2.0, 0.8, 0.05, 10
+PLAN_NOISE = {"gating": 0.97, "memory": 3.39, "experts": 1.78, "shared-decoder": 1.00, "multi-task-gain": 1.65}
+PLAN_CLAIM_SEEDS = {"gating": 7, "memory": 10, "experts": 10, "shared-decoder": 7, "multi-task-gain": 10}
+SEEDS = tuple(range(PLAN_SEED_CAP))
 DESCRIPTIVE_SEEDS = descriptive_seeds(SEEDS)
 DESCRIPTIVE_VARIANTS = ("two-experts", "twelve-experts", "last-layer-only", "modsquad")
 
@@ -172,6 +176,21 @@ def mode_variants(mode: str) -> tuple[str, ...]:
     return tuple(variant.name for variant in VARIANTS)
 
 
+def claim_seed_counts() -> dict[str, int]:
+    """Per model of a claim, the seeds it trains (the most any of its claims needs, `PLAN_CLAIM_SEEDS`); the
+    single-task models train with the multi-task gain's."""
+    counts: dict[str, int] = {}
+    for comparison in COMPARISONS:
+        if comparison.claim is None:
+            continue
+        names = [comparison.variant, comparison.reference]
+        if comparison.reference == SINGLE_TASK:
+            names = [comparison.variant] + [f"single-{task}" for task in TASKS]
+        for name in names:
+            counts[name] = max(counts.get(name, 0), PLAN_CLAIM_SEEDS[comparison.name])
+    return counts
+
+
 def mode_seeds(mode: str, variant: Variant, seed_count: Optional[int] = None) -> tuple[int, ...]:
     """Seeds a variant trains with. `seed_count` (full study only) replaces `SEEDS` by its first `seed_count` seeds,
     e.g. seeds 0-4 of a study cut to fit a smaller CPU budget (the descriptive variants then train with the first half,
@@ -181,7 +200,9 @@ def mode_seeds(mode: str, variant: Variant, seed_count: Optional[int] = None) ->
     if mode == "pilot":
         return PILOT_SEEDS[:1] if variant.name in PILOT_ONE_SEED_VARIANTS else PILOT_SEEDS
     seeds = SEEDS if seed_count is None else tuple(range(seed_count))
-    return descriptive_seeds(seeds) if variant.name in DESCRIPTIVE_VARIANTS else seeds
+    if variant.name in DESCRIPTIVE_VARIANTS:
+        return descriptive_seeds(seeds)
+    return seeds[: claim_seed_counts().get(variant.name, len(seeds))]
 
 
 def study_runs(mode: str = "full", only: tuple[str, ...] = (), seed_count: Optional[int] = None) -> list[Run]:

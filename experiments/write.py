@@ -495,8 +495,9 @@ def build_markdown(report: StudyReport, notes: str) -> str:
 
 def _plan_sentence(plan: dict, estimate: dict) -> str:
     return (
-        f"The full study, `{plan['command']}`, trains {plan['runs']} runs ({plan['variants']} models; "
-        f"{plan['seeds']} seeds each for the models of the claims, {plan['descriptive_seeds']} for "
+        f"The full study, `{plan['command']}`, trains {plan['runs']} runs ({plan['variants']} models; the seeds of "
+        "the pre-registered plan (experiments/preregistration.md) for the models of the claims, "
+        f"{', '.join(f'{name} {seeds}' for name, seeds in plan['seeds'].items())}, {plan['descriptive_seeds']} for "
         f"{', '.join(plan['descriptive'])}); the CPU time measured in the {estimate['mode']} runs gives about "
         f"{plan['cpu_hours']:.1f} CPU-hours, about {plan['wall_hours']:.1f} hours on {plan['cores']} otherwise idle "
         f"cores with `JOBS={plan['jobs']}`."

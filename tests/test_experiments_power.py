@@ -2,12 +2,15 @@
 for, the pooled noise and its upper bound."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import power
+from experiments import power, study
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_power_matches_published_sample_sizes():
@@ -71,3 +74,18 @@ def test_bigger_recipe_is_judged_on_the_same_cpu_time():
         1.0, rel=1e-6
     )
     assert bigger["sigma_ratio"] == pytest.approx(4.0 / bigger["sigma_needed"])
+
+
+def test_the_pre_registered_seeds_follow_from_the_stated_noise_effect_and_cap():
+    """experiments/preregistration.md: each claim's seeds detect a 2-point Δm difference with 80 % power at
+    α = 0.05 / 5 from the per-comparison noise measured before, capped at 10 by the CPU budget."""
+    claims = [c.name for c in study.COMPARISONS if c.claim]
+    assert sorted(study.PLAN_CLAIM_SEEDS) == sorted(claims) == sorted(study.PLAN_NOISE)
+    for name in claims:
+        needed = power.required_seeds(
+            study.PLAN_NOISE[name], study.PLAN_EFFECT, study.PLAN_POWER, study.PLAN_ALPHA / len(claims)
+        )
+        assert study.PLAN_CLAIM_SEEDS[name] == min(needed, study.PLAN_SEED_CAP), name
+    plan = (REPO_ROOT / "experiments" / "preregistration.md").read_text()
+    for name in claims:  # the document states the same numbers
+        assert f"| {name} | {study.PLAN_NOISE[name]:.2f} |" in plan, name
