@@ -588,3 +588,33 @@ def test_a_png_transparency_chunk_is_composited_on_white(mode, tmp_path):
     rgb = load_rgb_image(str(tmp_path / "t.png"))
     assert (rgb[0, 1] == 255).all() and (rgb[1, 3] == 255).all()  # the transparent colour is white
     assert tuple(rgb[0, 0]) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
+
+
+def test_files_and_code_naming_the_earlier_taskexpert_names_keep_working(tmp_path):
+    """The processor, pipeline and colour maps serve every model type under neutral names; a
+    `preprocessor_config.json` written under the earlier name (with its remote-code `auto_map`) loads with the installed
+    class, without a remote-code prompt, and the earlier module names still import."""
+    from modeling_taskexpert import pipeline_dense_multitask, pipeline_taskexpert, visualization_taskexpert
+    from modeling_taskexpert.image_processing_taskexpert import TaskExpertImageProcessor
+
+    processor = DenseMultiTaskImageProcessor(size={"height": 32, "width": 48}, size_divisor=16)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "DenseMultiTaskImageProcessor"
+    saved["image_processor_type"] = "TaskExpertImageProcessor"
+    saved["auto_map"] = {"AutoImageProcessor": "image_processing_taskexpert.TaskExpertImageProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "taskexpert"}))
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)  # no trust_remote_code: the installed class answers
+    assert isinstance(loaded, DenseMultiTaskImageProcessor)
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = processor(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(loaded(image, return_tensors="pt")["pixel_values"], expected)
+    assert torch.equal(
+        TaskExpertImageProcessor(**processor.to_dict())(image, return_tensors="pt")["pixel_values"], expected
+    )
+    assert (
+        pipeline_taskexpert.MultiTaskDensePredictionPipeline
+        is pipeline_dense_multitask.MultiTaskDensePredictionPipeline
+    )
+    assert callable(visualization_taskexpert.visualize_prediction)

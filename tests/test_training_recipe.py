@@ -34,7 +34,7 @@ def test_overrides_and_inheritance():
     )  # fmt: skip
     assert recipe.max_steps == 7 and recipe.tasks == ["depth", "semseg"] and recipe.push_to_hub
     # The ablation's own override survives the command-line one (mappings are merged) ...
-    assert recipe.model_overrides == {"use_memory": False, "num_experts": 3}
+    assert recipe.model_overrides == {"head_uses_all_layers": True, "use_memory": False, "num_experts": 3}
     # ... and fields come from the base: synthetic-tiny.
     assert recipe.model_config == "hub_configs/models/taskexpert-tiny.json"
     assert recipe.per_device_train_batch_size == 8 and recipe.learning_rate == 2.0e-3
