@@ -152,8 +152,9 @@ def test_only_restricts_and_unknown_names_are_reported():
 
 # ---- pairing: what train.py gives each variant of a seed --------------------------------------------------------------
 # Runs train.py (in its own process, as the study does) with the model construction and the model's forward spied on,
-# and saves the backbone's initial weights and the first training batch.
+# and saves the backbone's initial weights and the first training batch (then stops: nothing later is compared).
 SPY = """
+import os
 import sys
 import torch
 from safetensors.torch import save_file
@@ -177,6 +178,9 @@ def spy(config, **kwargs):
             captured["batch/pixel_values"] = kwargs["pixel_values"].detach().clone()
             for task, label in kwargs["labels"].items():
                 captured[f"batch/labels/{task}"] = label.detach().clone()
+            # All that is compared is captured: stop here, before the step, the evaluation and the saved model.
+            save_file({k: v.contiguous() for k, v in captured.items()}, capture_path)
+            os._exit(0)
 
     model.register_forward_pre_hook(first_batch, with_kwargs=True)
     return model
