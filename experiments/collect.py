@@ -380,10 +380,20 @@ def comparisons_to_json(results: list[dict]) -> list[dict]:
     } for r in results]  # fmt: skip
 
 
+def final_training_loss(run: dict) -> Optional[float]:
+    """The training loss of a run's last logged window (None without one)."""
+    losses = [r["loss"] for r in run.get("log") or [] if r.get("kind") == "train" and "loss" in r]
+    return float(losses[-1]) if losses else None
+
+
 def best_run(collected: dict, summary: dict, variant: str = "taskexpert") -> Optional[dict]:
-    """{"seed", "delta_m", "run"} of the seed of `variant` with the highest Δm (None when Δm is not available)."""
-    deltas = _known(summary["variants"].get(variant, {}).get("delta_m_per_seed") or {})
-    if not deltas:
+    """{"seed", "delta_m", "training_loss", "run"} of the seed of `variant` copied for the Space: the one with the
+    lowest final training loss. The choice reads no validation number, so the reported (validation) metrics do not
+    select the model they describe; None when no seed logged a training loss."""
+    runs = collected["variants"].get(variant, {}).get("runs") or {}
+    losses = {seed: loss for seed, run in runs.items() if (loss := final_training_loss(run)) is not None}
+    if not losses:
         return None
-    seed = max(deltas, key=deltas.get)
-    return {"seed": seed, "delta_m": deltas[seed], "run": collected["variants"][variant]["runs"][seed]}
+    seed = min(losses, key=lambda s: (losses[s], s))
+    delta_m = (summary["variants"].get(variant, {}).get("delta_m_per_seed") or {}).get(seed)
+    return {"seed": seed, "delta_m": delta_m, "training_loss": losses[seed], "run": runs[seed]}

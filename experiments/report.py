@@ -120,7 +120,7 @@ def build_report(output_root: Path, output: Path, notes_output: Optional[Path] =
         "mode": collected["mode"], "revisions": revisions(collected), "baselines": summary["baselines"],
         "costs": costs, "usage": usage, "variants": summary["variants"], "comparisons": comparisons_to_json(results),
         "pairing": pairing, "power": estimate, "plan": plan, "no_power_estimate": no_estimate,
-        "best": {"seed": best["seed"], "delta_m": best["delta_m"]} if best else None, "gpu_recipes": gpu_recipes,
+        "best": {k: best[k] for k in ("seed", "delta_m", "training_loss")} if best else None, "gpu_recipes": gpu_recipes,
     }  # fmt: skip
     summary_json = json.loads(json.dumps(summary_json, default=list))
     write_json_atomic(output_root / SUMMARY_FILE, summary_json)

@@ -194,8 +194,9 @@ def recipe_dataset(run: Run) -> str:
 
 
 def promote_best_model(output_root: Path, destination: Path = REPO_ROOT / STUDY_BEST_MODEL_DIR) -> Optional[dict]:
-    """Copy the default TaskExpert's seed with the highest Δm, push-ready, to `destination` (what `make space`
-    serves). Returns {"seed", "delta_m", "folder"} of the copied run, or None when Δm is not available."""
+    """Copy the default TaskExpert's seed with the lowest final training loss (`collect.best_run`), push-ready, to
+    `destination` (what `make space` serves). Returns {"seed", "delta_m", "folder"} of the copied run, or None when
+    no seed logged a training loss."""
     collected = collect(output_root)
     best = best_run(collected, aggregate(collected))
     if best is None:

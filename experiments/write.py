@@ -484,9 +484,12 @@ def build_markdown(report: StudyReport, notes: str) -> str:
 
     lines += ["## Best checkpoint", ""]
     if best is not None:
-        lines += [f"`python -m experiments.run` copies the default TaskExpert's seed {best['seed']} (Δm "
-                  f"{best['delta_m']:+.2f} %, the highest of its seeds), push-ready (weights, config, processor, remote "
-                  f"code, model card), to `{STUDY_BEST_MODEL_DIR}`, which `make space` serves.", ""]  # fmt: skip
+        delta_m = f"Δm {best['delta_m']:+.2f} %, " if best.get("delta_m") is not None else ""
+        lines += [f"`python -m experiments.run` copies the default TaskExpert's seed {best['seed']} ({delta_m}final "
+                  f"training loss {best['training_loss']:.4g}, the lowest of its seeds: the choice reads no validation "
+                  "number, so the numbers reported here do not select the model they describe), push-ready (weights, "
+                  f"config, processor, remote code, model card), to `{STUDY_BEST_MODEL_DIR}`, which `make space` "
+                  "serves.", ""]  # fmt: skip
     else:
         lines += ["No checkpoint is promoted: only the full study's models are served.", ""]
     lines += [gpu_guide(gpu_recipes), ""]

@@ -174,3 +174,28 @@ def test_resolve_task_settings_fills_defaults_and_keeps_bad_values_for_validatio
     assert tasks == "semseg"  # not split into letters
     assert labels == {"semseg": {0: "a", "x": "b"}}
     assert weights == {}  # no task list to weight yet; `tasks` is refused first
+
+
+@pytest.mark.parametrize("kind", ["taskexpert", "modsquad"])
+def test_both_configs_share_the_base_and_read_the_earlier_boundary_weight_name(kind, tmp_path):
+    """The shared task and head fields live in `DenseMultiTaskConfig` only; a config.json written with the earlier
+    `edge_positive_weight` loads into `boundary_positive_weight` and saves under the current name."""
+    from modeling_taskexpert import DenseMultiTaskConfig
+
+    config = tiny_config() if kind == "taskexpert" else ModSquadConfig()
+    assert isinstance(config, DenseMultiTaskConfig)
+    shared = {"tasks", "task_id2label", "task_kinds", "head_hidden_size", "head_norm", "depth_activation",
+              "loss_weights", "boundary_positive_weight", "initializer_range", "output_gates"}  # fmt: skip
+    own_arguments = set(type(config).__init__.__code__.co_varnames[1 : type(config).__init__.__code__.co_argcount])
+    assert not shared & own_arguments  # declared once, in the base
+    written = config.to_dict()
+    del written["boundary_positive_weight"]
+    written["edge_positive_weight"] = 0.8
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is type(config) and loaded.boundary_positive_weight == 0.8
+    loaded.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["boundary_positive_weight"] == 0.8 and "edge_positive_weight" not in saved
+    with pytest.raises(ValueError, match="both `edge_positive_weight` and `boundary_positive_weight`"):
+        type(config)(edge_positive_weight=0.8, boundary_positive_weight=0.7)

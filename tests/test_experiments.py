@@ -66,7 +66,7 @@ def fake_launcher(calls, commit=COMMIT):
         (output_dir / "provenance.json").write_text(json.dumps(provenance(commit)))
         log = [{"kind": "train", "step": 20, "images_per_second": 1.0, "loss": 3.0},  # warm-up window, left out
                {"kind": "train", "step": 40, "images_per_second": 16.0, "loss": 2.0},
-               {"kind": "train", "step": 60, "images_per_second": 32.0 / (seed + 1), "loss": 1.0}]  # fmt: skip
+               {"kind": "train", "step": 60, "images_per_second": 32.0 / (seed + 1), "loss": 1.0 + 0.5 * seed}]  # fmt: skip
         (output_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         run.record_launch(
             output_dir, {"exit_status": 0, "wall_seconds": 10.0, "cpu_seconds": 60.0 * (seed + 1), "threads": 1}
@@ -171,6 +171,13 @@ def test_aggregation_delta_m_and_step_time_match_hand_computation(tmp_path):
     best = collect.best_run(collected, summary)
     assert best["seed"] == 0 and best["delta_m"] == pytest.approx(10.0)
     assert best["run"]["folder"] == tmp_path / "taskexpert" / "seed0"
+
+    # The choice reads the training loss, never the validation metrics: make the seed with the lower Δm the one with
+    # the lower final training loss, and it is chosen.
+    collected["variants"]["taskexpert"]["runs"][1]["log"][-1]["loss"] = 0.25
+    best = collect.best_run(collected, summary)
+    assert best["seed"] == 1 and best["training_loss"] == 0.25
+    assert best["delta_m"] == summary["variants"]["taskexpert"]["delta_m_per_seed"][1] < 10.0
 
 
 def test_paired_comparisons_of_the_study(tmp_path):
