@@ -14,12 +14,12 @@ step-down adjustment of the p-values of several claims tested together (`holm_ad
 any false "holds" among them at most alpha.
 """
 
-import itertools
 import math
 import statistics
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -133,15 +133,12 @@ def sign_flip_p_value(values: list[float]) -> Optional[float]:
         return None
     if len(values) > 20:
         raise ValueError(f"The exact sign-flip test enumerates 2^n patterns; n = {len(values)} is too many.")
-    magnitudes = [abs(value) for value in values]
-    observed = abs(sum(values))
-    tolerance = 1e-12 * max(1.0, sum(magnitudes))  # equal sums computed in another order still count as equal
-    at_least = sum(
-        1
-        for signs in itertools.product((1.0, -1.0), repeat=len(values))
-        if abs(sum(sign * value for sign, value in zip(signs, magnitudes))) >= observed - tolerance
-    )
-    return at_least / 2 ** len(values)
+    magnitudes = np.abs(np.asarray(values, dtype=float))
+    sums = np.zeros(1)
+    for magnitude in magnitudes:  # the signed sums of all 2^k patterns of the first k differences
+        sums = np.concatenate([sums + magnitude, sums - magnitude])
+    tolerance = 1e-12 * max(1.0, float(magnitudes.sum()))  # equal sums reached in another order still count as equal
+    return float(np.count_nonzero(np.abs(sums) >= abs(sum(values)) - tolerance)) / sums.size
 
 
 def holm_adjusted(p_values: dict[str, float]) -> dict[str, float]:

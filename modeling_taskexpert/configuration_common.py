@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from transformers import PretrainedConfig
-from transformers.utils import logging
 
 from .task_definitions import (
     PRESET_CLASS_NAMES,
@@ -23,8 +22,6 @@ from .task_definitions import (
     make_task_spec,
     task_specs_of,
 )
-
-logger = logging.get_logger(__name__)
 
 DEFAULT_TASKS = ["semseg", "human_parts", "saliency", "normals", "edge"]
 # Options of the dense heads every model type shares.
@@ -330,13 +327,3 @@ class DenseMultiTaskConfig(PretrainedConfig):
     def task_specs(self) -> dict[str, TaskSpec]:
         """Every task as a `TaskSpec` (kind, parameters, class names), in config order."""
         return task_specs_of(self)
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Name of every routing layer, in network order: the entries of the routing report (`gates`)."""
-        raise NotImplementedError
-
-    @property
-    def candidate_names(self) -> list[list[str]]:
-        """Per routing layer, the names of the gate's candidates in gate order."""
-        raise NotImplementedError

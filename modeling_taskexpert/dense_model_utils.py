@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .dense_heads import DenseTaskHead, ImageLevelHead
 from .dense_losses import dense_task_losses
-from .loss_weighting import FixedWeighting, LossWeighting
+from .loss_weighting import LossWeighting, weighted_sum
 from .task_definitions import PIPELINE_TASK
 
 logger = logging.get_logger(__name__)
@@ -672,7 +672,7 @@ class DenseMultiTaskPreTrainedModel(
     ) -> DenseMultiTaskModelOutput:
         """The model type's trunk on `tasks`: task feature maps, gates and auxiliary terms (`with_labels`: the pass
         computes a loss)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must provide its trunk (`trunk_outputs`).")
 
     def aux_losses_in_loss(self, trunk: DenseMultiTaskModelOutput, tasks: list[str]) -> Optional[dict]:
         """The auxiliary terms that join the loss of this pass (all the trunk reports, unless a model type says
@@ -717,8 +717,9 @@ class DenseMultiTaskPreTrainedModel(
         task_losses = dense_task_losses(logits, labels, self.config.task_specs, self.config)
         if not task_losses:  # labels for none of the tasks run: nothing to weight
             return task_losses, next(iter(logits.values())).new_zeros(())
-        weighting = loss_weighting if loss_weighting is not None else FixedWeighting.from_config(self.config)
-        return task_losses, weighting(task_losses)
+        if loss_weighting is None:  # the config's fixed weights, as `FixedWeighting` applies them
+            return task_losses, weighted_sum(task_losses, self.config.loss_weights)
+        return task_losses, loss_weighting(task_losses)
 
     def decode_and_loss(
         self,

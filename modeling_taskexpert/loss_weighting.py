@@ -16,10 +16,11 @@ A weighting's state (learned s_t, DWA history) is part of training checkpoints.
 """
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
+
+from .configuration_common import check_number
 
 
 class LossWeighting(nn.Module):
@@ -33,14 +34,7 @@ class LossWeighting(nn.Module):
         for task in tasks:
             if task not in base_weights:
                 raise ValueError(f"`loss_weights` has no weight for task {task!r} (it has {sorted(base_weights)}).")
-            weight = base_weights[task]
-            if (
-                isinstance(weight, bool)
-                or not isinstance(weight, (int, float))
-                or not math.isfinite(weight)
-                or weight < 0
-            ):
-                raise ValueError(f"`loss_weights[{task!r}]` must be a finite number >= 0, got {weight!r}.")
+            check_number(f"loss_weights[{task!r}]", base_weights[task], minimum=0.0)
         self.tasks = list(tasks)
         self.register_buffer("base_weights", torch.tensor([float(base_weights[t]) for t in self.tasks]))
 
@@ -49,7 +43,7 @@ class LossWeighting(nn.Module):
         return self.base_weights
 
     def forward(self, task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define how it combines the task losses (`forward`).")
 
     def _present(self, task_losses: dict[str, torch.Tensor]) -> list[int]:
         present = [i for i, task in enumerate(self.tasks) if task in task_losses]
@@ -68,20 +62,21 @@ class LossWeighting(nn.Module):
         return {f"weight/{task}": float(w) for task, w in zip(self.tasks, self.current_weights())}
 
 
+def weighted_sum(task_losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_t weights[t] * task_losses[t], summed in the order of `task_losses` (the arithmetic the models have always
+    used for their default loss, kept bit for bit)."""
+    reference = next(iter(task_losses.values()))
+    return sum((weights[task] * value for task, value in task_losses.items()), reference.new_zeros(()))
+
+
 class FixedWeighting(LossWeighting):
-    """L = sum_t w_t L_t, summed in task order (the arithmetic the models have always used, kept bit for bit)."""
+    """L = sum_t w_t L_t (`weighted_sum`): a model's loss when its `forward` is given no weighting."""
 
     name = "fixed"
 
-    @classmethod
-    def from_config(cls, config, tasks: Optional[list[str]] = None) -> "FixedWeighting":
-        return cls(list(tasks if tasks is not None else config.tasks), config.loss_weights)
-
     def forward(self, task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
         self._present(task_losses)
-        weights = dict(zip(self.tasks, self.base_weights.tolist()))
-        reference = next(iter(task_losses.values()))
-        return sum((weights[task] * value for task, value in task_losses.items()), reference.new_zeros(()))
+        return weighted_sum(task_losses, dict(zip(self.tasks, self.base_weights.tolist())))
 
 
 class UncertaintyWeighting(LossWeighting):

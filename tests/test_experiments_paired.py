@@ -93,3 +93,13 @@ def test_holm_adjustment_by_hand():
     # Seven claims: the smallest p is multiplied by 7 (0.014 -> 0.098), so it no longer holds at 0.05.
     seven = paired.holm_adjusted({f"claim{i}": p for i, p in enumerate([0.014, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])})
     assert seven["claim0"] == pytest.approx(0.098)
+
+
+def test_sign_flip_p_value_equals_an_explicit_enumeration_of_the_sign_patterns():
+    import itertools
+
+    values = list(np.random.default_rng(7).normal(0.4, 1.0, size=9))
+    observed = abs(sum(values))
+    patterns = list(itertools.product((1, -1), repeat=len(values)))
+    counted = sum(abs(sum(s * abs(v) for s, v in zip(signs, values))) >= observed - 1e-9 for signs in patterns)
+    assert paired.sign_flip_p_value(values) == counted / len(patterns)

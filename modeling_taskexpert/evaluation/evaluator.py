@@ -122,10 +122,8 @@ class DenseMultiTaskEvaluator:
             if old in earlier_names:  # the previous release's names, read for one release
                 warnings.warn(f"`{old}` is now called `{new}`; the old name is read until the next release.",
                               FutureWarning, stacklevel=2)  # fmt: skip
-                if new == "boundary_mode":
-                    boundary_mode = earlier_names.pop(old)
-                else:
-                    boundary_workers = earlier_names.pop(old)
+        boundary_mode = earlier_names.pop("edge_mode", boundary_mode)
+        boundary_workers = earlier_names.pop("edge_workers", boundary_workers)
         if earlier_names:
             raise TypeError(f"DenseMultiTaskEvaluator got unexpected argument(s) {sorted(earlier_names)}.")
         if isinstance(tasks, str) or not tasks:
