@@ -88,6 +88,8 @@ def load_run(folder: Path) -> dict:
         "model_type": config["model_type"], "step_seconds": step_seconds(log, recipe),
         "provenance": provenance, "revision": revision_of(provenance), "short_revision": short_revision(provenance),
         "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if _complete(launches) else None,
+        "wall_seconds": sum(launch["wall_seconds"] for launch in launches) if _complete(launches) else None,
+        "final_training_loss": final_training_loss({"log": log}),
     }  # fmt: skip
 
 

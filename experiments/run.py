@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +32,10 @@ from modeling_taskexpert.data import generate_synthetic_dataset, has_dataset_met
 from modeling_taskexpert.file_utils import write_json_atomic
 from modeling_taskexpert.training import load_recipe
 
-from .collect import StudyError, aggregate, best_run, collect, read_study
+from . import table
+from .collect import StudyError, aggregate, best_run, collect, load_run, read_study
 from .paths import DEFAULT_OUTPUT_ROOTS, LAUNCH_FILE, REPO_ROOT, STUDY_BEST_MODEL_DIR, STUDY_FILE
-from .study import MODES, QUICK_DATASET, Run, study_runs
+from .study import MODES, QUICK_DATASET, STUDY_REVISION, Run, study_runs
 
 
 def run_dir(output_root: Path, run: Run) -> Path:
@@ -89,20 +91,28 @@ def run_study(
     dataset: Optional[str] = None,
     launcher: Callable[[list[str], Path], int] = None,
     jobs: int = 1,
+    code_dir: Optional[Path] = None,
+    results_table: Optional[Path] = None,
 ) -> dict[str, str]:
     """Train the runs that are not finished; returns run name -> "skipped" / "finished" / "failed".
 
-    `launcher(command, log_path)` runs one command and returns its exit status (default: a subprocess in the
-    repository root, its output in `log_path`). A failed run does not stop the others; its log says why. With
-    `jobs` > 1, that many runs train at once, each with an equal share of the CPU threads (small models use many
-    threads poorly, so two one-thread runs finish sooner than two two-thread runs one after the other).
+    `launcher(command, log_path)` runs one command and returns its exit status (default: a subprocess in `code_dir`,
+    the repository root when None, its output in `log_path`). A failed run does not stop the others; its log says
+    why. With `jobs` > 1, that many runs train at once, each with an equal share of the CPU threads (small models use
+    many threads poorly, so two one-thread runs finish sooner than two two-thread runs one after the other).
+    With `results_table`, a run that has a row there is skipped as finished, and every run that finishes adds its
+    row (`experiments/table.py`): the table, committed, carries the study across machines and sessions.
     """
     if jobs < 1:
         raise StudyError(f"jobs must be at least 1, got {jobs}.")
     output_root = Path(output_root)
     if launcher is None:
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-        launcher = functools.partial(_launch_subprocess, threads=threads)
+        launcher = functools.partial(_launch_subprocess, threads=threads, code_dir=code_dir)
+    tabled = set()
+    if results_table is not None and Path(results_table).is_file():
+        tabled = {(row["variant"], row["seed"]) for row in table.read_table(results_table)}
+    table_lock = threading.Lock()
     if mode not in MODES:
         raise StudyError(f"Unknown study mode {mode!r}; the modes are {MODES}.")
     _check_mode(output_root, mode)
@@ -111,17 +121,26 @@ def run_study(
     if dataset is not None:
         read_dataset_metadata(dataset)  # a missing or foreign folder fails before any run starts
     check_runs(runs, dataset)
-    _record_study(output_root, runs, mode, dataset, jobs)
+    _record_study(output_root, runs, mode, dataset or recipe_dataset(runs[0], code_dir), jobs)
 
     def train(index: int, run: Run) -> str:
         folder = run_dir(output_root, run)
+        if (run.variant.name, run.seed) in tabled:
+            print(f"[{index}/{len(runs)}] {run.name}: in {results_table}, skipped", flush=True)
+            return "skipped"
         if is_finished(folder):
             print(f"[{index}/{len(runs)}] {run.name}: finished before, skipped", flush=True)
+            if results_table is not None:
+                with table_lock:
+                    table.add_row(results_table, table.run_row(run.variant, run.seed, load_run(folder)))
             return "skipped"
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         status = launcher(launch_command(run, folder, dataset), folder / "launch.log")
         outcome = "finished" if status == 0 and is_finished(folder) else "failed"
+        if outcome == "finished" and results_table is not None:
+            with table_lock:
+                table.add_row(results_table, table.run_row(run.variant, run.seed, load_run(folder)))
         print(f"[{index}/{len(runs)}] {run.name}: {outcome} in {time.perf_counter() - start:.0f} s"
               + (f" (see {folder / 'launch.log'})" if outcome == "failed" else ""), flush=True)  # fmt: skip
         return outcome
@@ -131,18 +150,25 @@ def run_study(
         return {run.name: future.result() for run, future in zip(runs, futures)}
 
 
-def _launch_subprocess(command: list[str], log_path: Path, threads: Optional[int] = None) -> int:
-    """Run one training command, its output appended to `log_path`; its wall and CPU time (the process and every
-    process it waited for, e.g. train.py under `accelerate launch`) are appended to `launch.json` beside it."""
+def _launch_subprocess(
+    command: list[str], log_path: Path, threads: Optional[int] = None, code_dir: Optional[Path] = None
+) -> int:
+    """Run one training command in `code_dir` (default: the repository root), its output appended to `log_path`; its
+    wall and CPU time (the process and every process it waited for, e.g. train.py under `accelerate launch`) are
+    appended to `launch.json` beside it."""
     environment = dict(os.environ)
     if threads is not None:
         environment["OMP_NUM_THREADS"] = str(threads)
+    if code_dir is not None:  # that checkout's package, not the one installed from the repository
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code_dir), environment.get("PYTHONPATH")]))
     # A launch into a folder without checkpoints trains from the first step: the run's CPU time is complete only
     # when its first launch was such a fresh one (a runner killed mid-run records nothing for that launch).
     fresh = not any((Path(log_path).parent / "checkpoints").glob("*"))
     start = time.perf_counter()
     with open(log_path, "a") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(
+            command, cwd=code_dir or REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment
+        )
         _, wait_status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(wait_status)
     record_launch(Path(log_path).parent, {
@@ -181,16 +207,49 @@ def _record_study(output_root: Path, runs: list[Run], mode: str, dataset: Option
             "description": run.variant.description, "recipe": run.variant.recipe, "overrides": run.all_overrides,
             "folder": str(Path(run.variant.name) / f"seed{run.seed}"),
         }  # fmt: skip
-    dataset = dataset or recipe_dataset(runs[0])
     write_json_atomic(path, {"mode": mode, "dataset": dataset, "jobs": jobs, "cpu_count": os.cpu_count(),
                              "runs": list(entries.values())})  # fmt: skip
 
 
-def recipe_dataset(run: Run) -> str:
-    """The dataset folder of a run's recipe, as an absolute path when it is a local folder of the repository."""
+def recipe_dataset(run: Run, code_dir: Optional[Path] = None) -> str:
+    """The dataset folder of a run's recipe, as an absolute path when it is a local folder of the repository (or of
+    the checkout `code_dir` the runs train in)."""
     with contextlib.chdir(REPO_ROOT):
         dataset = load_recipe(run.variant.recipe).dataset
-    return str(REPO_ROOT / dataset) if (REPO_ROOT / dataset).exists() else dataset
+    root = Path(code_dir) if code_dir is not None else REPO_ROOT
+    return str(root / dataset) if (root / dataset).exists() else dataset
+
+
+def _git(*arguments: str, cwd: Path = REPO_ROOT) -> str:
+    completed = subprocess.run(["git", *arguments], cwd=cwd, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise StudyError(f"git {' '.join(arguments)} failed: {completed.stderr.strip()}")
+    return completed.stdout.strip()
+
+
+def checkout_code(revision: str, output_root: Path) -> Path:
+    """A clean checkout of commit `revision` of this repository in OUTPUT_ROOT/code/COMMIT, holding the embedded
+    synthetic benchmark as that code generates it. Every run of the study trains there, so all of them come from one
+    revision whatever the working tree holds when they run (the runner, the table and the report may be newer)."""
+    commit = _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    folder = Path(output_root) / "code" / commit
+    if not (folder / "train.py").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{commit}."))
+        try:
+            _git("clone", "--quiet", "--shared", "--no-checkout", str(REPO_ROOT), str(staging / "repo"))
+            _git("checkout", "--quiet", "--detach", commit, cwd=staging / "repo")
+            os.replace(staging / "repo", folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    environment = {**os.environ, "PYTHONPATH": str(folder)}
+    command = [sys.executable, "-m", "modeling_taskexpert.data", "synthetic", "--output-dir", "data/synthetic",
+               "--skip-if-exists"]  # fmt: skip
+    completed = subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise StudyError(f"Generating the synthetic benchmark with the code of {commit[:12]} failed:\n"
+                         f"{completed.stderr[-2000:]}")  # fmt: skip
+    return folder
 
 
 def promote_best_model(output_root: Path, destination: Path = REPO_ROOT / STUDY_BEST_MODEL_DIR) -> Optional[dict]:
@@ -239,16 +298,29 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", default=None, help="dataset folder for every run (default: each recipe's)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with CPU cores / JOBS threads (default: 1)")  # fmt: skip
+    code = parser.add_mutually_exclusive_group()
+    code.add_argument("--code-revision", default=None, metavar="COMMIT",
+                      help="train with the code of this commit, checked out under OUTPUT_ROOT/code (default for the "
+                           f"full study: its revision, {STUDY_REVISION or 'not fixed yet'})")  # fmt: skip
+    code.add_argument("--working-tree", action="store_true", help="train with the repository's working tree")
+    parser.add_argument("--results-table", type=Path, default=None,
+                        help=f"runs with a row there are done; finished runs add theirs (default for the full study: "
+                             f"{table.STUDY_TABLE})")  # fmt: skip
     args = parser.parse_args(argv)
     study_mode = "quick" if args.quick else "pilot" if args.pilot else "full"
     output_root = args.output_root or Path(DEFAULT_OUTPUT_ROOTS[study_mode])
+    revision = args.code_revision or (STUDY_REVISION if study_mode == "full" and not args.working_tree else None)
+    results_table = args.results_table or (REPO_ROOT / table.STUDY_TABLE if study_mode == "full" else None)
     try:
         runs = study_runs(study_mode, only=tuple(args.only), seed_count=args.seeds)
+        code_dir = checkout_code(revision, output_root.resolve()) if revision else None
         dataset = str(Path(args.dataset).resolve()) if args.dataset else None
         if dataset is None and study_mode != "quick":
-            read_dataset_metadata(recipe_dataset(runs[0]))  # a missing dataset fails now, with the folder named
-        outcome = run_study(runs, output_root.resolve(), mode=study_mode, dataset=dataset, jobs=args.jobs)
-    except (StudyError, ValueError, FileNotFoundError) as error:
+            # a missing dataset fails now, with the folder named
+            read_dataset_metadata(recipe_dataset(runs[0], code_dir))
+        outcome = run_study(runs, output_root.resolve(), mode=study_mode, dataset=dataset, jobs=args.jobs,
+                            code_dir=code_dir, results_table=results_table)  # fmt: skip
+    except (StudyError, table.TableError, ValueError, FileNotFoundError) as error:
         print(f"experiments.run: {error}", file=sys.stderr)
         return 2
     failed = [name for name, status in outcome.items() if status == "failed"]

@@ -40,10 +40,16 @@ SEEDS = tuple(range(PLAN_SEED_CAP))
 DESCRIPTIVE_SEEDS = descriptive_seeds(SEEDS)
 DESCRIPTIVE_VARIANTS = ("two-experts", "twelve-experts", "last-layer-only", "modsquad")
 
-# Recipe fields every run of the study sets, whatever its recipe: the final evaluation scores boundaries with the
-# approximate scorer only, the one used during training. Every model is compared on the same scorer, and the exact
-# one (the protocol's, for the published numbers) costs more CPU time per run than the training itself.
-STUDY_OVERRIDES = {"final_boundary_modes": ["approximate"]}
+# The commit whose code trains every run of the full study (`python -m experiments.run` checks it out and trains
+# there), so that the study is one revision however long it takes and whatever changes on main meanwhile. None: the
+# working tree.
+STUDY_REVISION: Optional[str] = None
+
+# Recipe fields every run of the study sets, whatever its recipe (experiments/preregistration.md, amendment 1): the
+# final evaluation scores boundaries with both scorers, and the exact one (the protocol's) gives the numbers of the
+# study; no evaluation during training (the study reads the final numbers only, and each evaluation costs CPU time;
+# `eval_steps` does not change what is trained, so the recipe fingerprint leaves it out).
+STUDY_OVERRIDES = {"final_boundary_modes": ["approximate", "exact"], "eval_steps": 0}
 
 # Kinds of variants, in the order the report lists them.
 KINDS = ("taskexpert", "ablation", "baseline", "modsquad", "single-task")
@@ -227,4 +233,6 @@ def study_runs(mode: str = "full", only: tuple[str, ...] = (), seed_count: Optio
         if mode == "quick" and variant.kind != "single-task":
             overrides["tasks"] = list(QUICK_TASKS)
         runs.extend(Run(variant, seed, overrides) for seed in mode_seeds(mode, variant, seed_count))
-    return runs
+    # Seed by seed: a study cut short (it spans several sessions of a CPU budget) holds complete pairs of every
+    # comparison for its first seeds rather than every seed of the first variants.
+    return sorted(runs, key=lambda run: run.seed)
