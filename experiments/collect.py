@@ -16,9 +16,19 @@ import yaml
 from modeling_taskexpert.evaluation import PRIMARY_METRICS, compute_delta_m
 from modeling_taskexpert.evaluation.delta_m import APPROXIMATE_EDGE_METRIC
 
-from . import paired
+from . import paired, table
 from .paths import LAUNCH_FILE, STUDY_FILE
-from .study import COMPARISONS, KINDS, MODES, SINGLE_TASK, Comparison
+from .study import (
+    COMPARISONS,
+    KINDS,
+    MODES,
+    PLAN_CLAIM_SEEDS,
+    SECONDARY_EXCLUDED_TASKS,
+    SINGLE_TASK,
+    Comparison,
+    study_runs,
+    variants_by_name,
+)
 
 PROVENANCE_FILE = "provenance.json"
 UNRECORDED = "unrecorded"  # the revision of a run without provenance.json
@@ -193,6 +203,54 @@ def collect(output_root: Path) -> dict:
             "boundary_scorer": one_boundary_scorer(ordered)}  # fmt: skip
 
 
+def table_run(row: dict, source: str) -> dict:
+    """A run as the report reads it, from its row of a results table (`experiments/table.py`)."""
+    provenance = {"git_commit": row["git_commit"] or None, "git_dirty": row["git_dirty"],
+                  "package_version": row["package_version"] or None, "torch_version": row["torch_version"] or None,
+                  "recipe_sha256": row["recipe_sha256"] or None}  # fmt: skip
+    return {
+        "folder": source, "metrics": table.metric_columns(row), "tasks": row["tasks"].split(";"),
+        "model_type": row["model_type"], "provenance": provenance, "revision": revision_of(provenance),
+        "short_revision": short_revision(provenance), "cpu_seconds": row["cpu_seconds"],
+        "wall_seconds": row["wall_seconds"], "step_seconds": row["step_seconds"],
+        "final_training_loss": row["final_training_loss"],
+    }  # fmt: skip
+
+
+def collect_table(rows: list[dict], mode: str = "full", source: str = "the results table", dataset: str = "",
+                  jobs: int = 1, cpu_count: Optional[int] = None) -> dict:  # fmt: skip
+    """The study as `collect` gives it, from the rows of a results table alone: every variant of the study's `mode`
+    with the seeds that have a row (the planned seeds without one are `missing`)."""
+    known = variants_by_name()
+    planned: dict[str, list[int]] = {}
+    for run in study_runs(mode):
+        planned.setdefault(run.variant.name, []).append(run.seed)
+    variants: dict[str, dict] = {}
+    for name in planned:
+        variant = known[name]
+        variants[name] = {"name": name, "kind": variant.kind, "description": variant.description,
+                          "recipe": variant.recipe, "runs": {}, "missing": []}  # fmt: skip
+    for row in rows:
+        name = row["variant"]
+        if name not in known:
+            raise StudyError(f"{source}: variant {name!r} of seed {row['seed']} is not a variant of the study "
+                             f"({', '.join(known)}).")  # fmt: skip
+        if name not in variants:  # a model trained beyond this mode's plan (e.g. by --only) is reported too
+            variant = known[name]
+            variants[name] = {"name": name, "kind": variant.kind, "description": variant.description,
+                              "recipe": variant.recipe, "runs": {}, "missing": []}  # fmt: skip
+        variants[name]["runs"][row["seed"]] = table_run(row, f"{source} ({name} seed {row['seed']})")
+    for name, seeds in planned.items():
+        variants[name]["missing"] = [seed for seed in seeds if seed not in variants[name]["runs"]]
+    order = {kind: index for index, kind in enumerate(KINDS)}
+    ordered = sorted(variants.values(), key=lambda v: order[v["kind"]])
+    for variant in ordered:
+        variant["runs"] = dict(sorted(variant["runs"].items()))
+    return {"mode": mode, "dataset": dataset, "jobs": jobs, "cpu_count": cpu_count,
+            "variants": {v["name"]: v for v in ordered}, "boundary_scorer": one_boundary_scorer(ordered),
+            "planned": planned}  # fmt: skip
+
+
 def one_boundary_scorer(variants: list[dict]) -> Optional[str]:
     """Compare every model on one boundary scorer: the exact one when every run with boundaries has it, else the
     approximate one, whose keys every run has (the exact keys are then dropped from the runs' metrics). Returns
@@ -249,21 +307,26 @@ def single_task_baselines(collected: dict) -> dict[str, float]:
     return baselines
 
 
-def delta_m_of(run: dict, baselines: dict) -> Optional[float]:
-    """Δm of one multi-task run over its tasks; None when a task has no single-task reference."""
-    if not all(primary_key(task, run["metrics"]) in baselines for task in run["tasks"]):
+def delta_m_of(run: dict, baselines: dict, excluded: tuple[str, ...] = ()) -> Optional[float]:
+    """Δm of one multi-task run over its tasks but `excluded`; None when a task has no single-task reference (or
+    none is left)."""
+    tasks = [task for task in run["tasks"] if task not in excluded]
+    if not tasks or not all(primary_key(task, run["metrics"]) in baselines for task in tasks):
         return None
-    return compute_delta_m(run["metrics"], baselines, tasks=run["tasks"])
+    return compute_delta_m(run["metrics"], baselines, tasks=tasks)
 
 
-def same_seed_delta_m(run: dict, seed: int, singles: dict[str, dict[int, dict]]) -> Optional[float]:
+def same_seed_delta_m(
+    run: dict, seed: int, singles: dict[str, dict[int, dict]], excluded: tuple[str, ...] = ()
+) -> Optional[float]:
     """Δm of a multi-task run against the single-task models of the same seed (None when one is missing)."""
-    if not all(seed in singles.get(task, {}) for task in run["tasks"]):
+    tasks = [task for task in run["tasks"] if task not in excluded]
+    if not all(seed in singles.get(task, {}) for task in tasks):
         return None
     baselines = {}
-    for task in run["tasks"]:
+    for task in tasks:
         baselines.update(singles[task][seed]["metrics"])
-    return delta_m_of(run, baselines)
+    return delta_m_of(run, baselines, excluded)
 
 
 def aggregate(collected: dict) -> dict:
@@ -282,9 +345,7 @@ def aggregate(collected: dict) -> dict:
         missing_keys = [(seed, k) for seed, run in runs.items() for k in metric_keys if k not in run["metrics"]]
         if missing_keys:
             seed, key = missing_keys[0]
-            raise StudyError(
-                f"{runs[seed]['folder'] / 'metrics.json'} has no {key!r}, which the other seeds of {name} have."
-            )
+            raise StudyError(f"{runs[seed]['folder']}: no {key!r}, which the other seeds of {name} have.")
         metrics = {key: mean_std([run["metrics"][key] for run in runs.values()]) for key in sorted(metric_keys)}
         entry = {"seeds": sorted(runs), "missing": variant["missing"], "tasks": first["tasks"], "metrics": metrics,
                  "primary": {task: primary_key(task, first["metrics"]) for task in first["tasks"]},
@@ -301,6 +362,16 @@ def aggregate(collected: dict) -> dict:
             entry["delta_m_same_seed"] = {
                 seed: same_seed_delta_m(run, seed, singles) for seed, run in sorted(runs.items())
             }
+            same_seed = list(entry["delta_m_same_seed"].values())
+            entry["delta_m_same_seed_mean"] = mean_std(same_seed) if same_seed and None not in same_seed else None
+            # The secondary endpoint (experiments/preregistration.md): Δm without the tasks near chance.
+            excluded = SECONDARY_EXCLUDED_TASKS
+            entry["secondary_delta_m_per_seed"] = {
+                seed: delta_m_of(run, baselines, excluded) for seed, run in sorted(runs.items())
+            }
+            entry["secondary_delta_m_same_seed"] = {
+                seed: same_seed_delta_m(run, seed, singles, excluded) for seed, run in sorted(runs.items())
+            }
         summary[name] = entry
     return {"baselines": baselines, "variants": summary}
 
@@ -310,6 +381,15 @@ def aggregate(collected: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 def _known(values: dict) -> dict:
     return {seed: value for seed, value in values.items() if value is not None}
+
+
+def endpoint_keys(mode: str) -> tuple[str, str]:
+    """The per-seed Δm the comparisons of a study use (primary, secondary): in the full study the pre-registered
+    endpoint, Δm against the single-task models of the same seed; in the pilot and the quick mode, whose single-task
+    models train one seed or few, Δm against their seed mean."""
+    if mode == "full":
+        return "delta_m_same_seed", "secondary_delta_m_same_seed"
+    return "delta_m_per_seed", "secondary_delta_m_per_seed"
 
 
 def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[dict]:
@@ -324,16 +404,18 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
         singles = single_task_runs(collected)
         if not all(task in singles for task in tasks):
             return None
-        delta_m = paired.compare(
-            _known(summary["variants"][comparison.variant]["delta_m_same_seed"]), {seed: 0.0 for seed in runs}
-        )
+        entry = summary["variants"][comparison.variant]
+        delta_m = paired.compare(_known(entry["delta_m_same_seed"]), {seed: 0.0 for seed in runs})
+        secondary = paired.compare(_known(entry["secondary_delta_m_same_seed"]), {seed: 0.0 for seed in runs})
         references = {task: singles[task] for task in tasks}
     else:
         if comparison.reference not in variants or not variants[comparison.reference]["runs"]:
             return None
         reference_runs = variants[comparison.reference]["runs"]
-        delta_m = paired.compare(_known(summary["variants"][comparison.variant].get("delta_m_per_seed", {})),
-                                 _known(summary["variants"][comparison.reference].get("delta_m_per_seed", {})))  # fmt: skip
+        entry, reference_entry = summary["variants"][comparison.variant], summary["variants"][comparison.reference]
+        key, secondary_key = endpoint_keys(collected["mode"])
+        delta_m = paired.compare(_known(entry.get(key, {})), _known(reference_entry.get(key, {})))
+        secondary = paired.compare(_known(entry.get(secondary_key, {})), _known(reference_entry.get(secondary_key, {})))
         reference_tasks = summary["variants"][comparison.reference]["tasks"]
         tasks = [task for task in tasks if task in reference_tasks]
         references = {task: reference_runs for task in tasks}
@@ -349,16 +431,30 @@ def compare(comparison: Comparison, collected: dict, summary: dict) -> Optional[
         if difference is not None:
             per_task[task] = {"metric": key, "higher_is_better": higher_is_better(task), "difference": difference}
     compared = list(runs.values()) + [run for task_runs in references.values() for run in task_runs.values()]
-    return {"comparison": comparison, "delta_m": delta_m, "per_task": per_task,
+    return {"comparison": comparison, "delta_m": delta_m, "secondary_delta_m": secondary, "per_task": per_task,
             "verdict": delta_m.verdict() if (delta_m is not None and comparison.claim) else None,
             "revisions": sorted({run["short_revision"] for run in compared})}  # fmt: skip
+
+
+def claim_complete(result: dict) -> bool:
+    """Whether a claim of the full study has every seed the plan gives it (`study.PLAN_CLAIM_SEEDS`)."""
+    difference = result["delta_m"]
+    return difference is not None and difference.n >= PLAN_CLAIM_SEEDS[result["comparison"].name]
 
 
 def comparisons(collected: dict, summary: dict) -> list[dict]:
     """Every comparison of the study whose two models were trained. The claims with enough seeds are one family:
     their verdicts use Holm-adjusted p-values (`adjusted_p`, `family_size`), so that the chance of any false verdict
-    among them stays at most 5 %."""
+    among them stays at most 5 %. In the full study (the pre-registered plan) the family is formed only once every
+    claim has all its planned seeds: until then each claim's verdict is `paired.INTERIM`."""
     results = [result for result in (compare(c, collected, summary) for c in COMPARISONS) if result is not None]
+    claims = [result for result in results if result["comparison"].claim]
+    if collected["mode"] == "full":
+        planned_claims = [c for c in COMPARISONS if c.claim]
+        if len(claims) < len(planned_claims) or not all(claim_complete(result) for result in claims):
+            for result in claims:
+                result["verdict"] = paired.INTERIM
+            return results
     family = {
         r["comparison"].name: r
         for r in results
@@ -377,6 +473,7 @@ def comparisons_to_json(results: list[dict]) -> list[dict]:
         "claim": r["comparison"].claim, "verdict": r["verdict"], "revisions": r["revisions"],
         "adjusted_p": r.get("adjusted_p"), "family_size": r.get("family_size"),
         "delta_m": r["delta_m"].to_dict() if r["delta_m"] else None,
+        "secondary_delta_m": r["secondary_delta_m"].to_dict() if r["secondary_delta_m"] else None,
         "per_task": {task: {"metric": v["metric"], "higher_is_better": v["higher_is_better"], **v["difference"].to_dict()}
                      for task, v in r["per_task"].items()},
     } for r in results]  # fmt: skip
@@ -393,9 +490,9 @@ def best_run(collected: dict, summary: dict, variant: str = "taskexpert") -> Opt
     lowest final training loss. The choice reads no validation number, so the reported (validation) metrics do not
     select the model they describe; None when no seed logged a training loss."""
     runs = collected["variants"].get(variant, {}).get("runs") or {}
-    losses = {seed: loss for seed, run in runs.items() if (loss := final_training_loss(run)) is not None}
+    losses = {seed: loss for seed, run in runs.items() if (loss := run.get("final_training_loss")) is not None}
     if not losses:
         return None
     seed = min(losses, key=lambda s: (losses[s], s))
-    delta_m = (summary["variants"].get(variant, {}).get("delta_m_per_seed") or {}).get(seed)
+    delta_m = (summary["variants"].get(variant, {}).get(endpoint_keys(collected["mode"])[0]) or {}).get(seed)
     return {"seed": seed, "delta_m": delta_m, "training_loss": losses[seed], "run": runs[seed]}

@@ -8,7 +8,7 @@ differences, c the confidence): exact when the differences are normal, and what 
 *holds* when the interval lies above 0 (the paper's direction), *fails* when it lies below 0, and is *inconclusive*
 when it contains 0; with fewer than `MIN_SEEDS` seeds no verdict is given.
 
-Beside the interval: the one-sided p-value of the paired t-test (`t_p_value`), a distribution-free check that does
+Beside the interval: the two-sided p-value of the paired t-test (`t_p_value`), a distribution-free check that does
 not rest on normality (`sign_flip_p_value`: the exact sign-flip permutation test of the mean difference), and Holm's
 step-down adjustment of the p-values of several claims tested together (`holm_adjusted`), which keeps the chance of
 any false "holds" among them at most alpha.
@@ -27,6 +27,7 @@ MIN_SEEDS = 5
 METHOD = "Student t interval of the mean per-seed paired difference"
 
 HOLDS, FAILS, INCONCLUSIVE, TOO_FEW_SEEDS = "holds", "fails", "inconclusive", "too few seeds"
+INTERIM = "interim: no verdict before every planned seed"  # a pre-registered claim whose runs are not all done
 
 
 @dataclass(frozen=True)

@@ -21,3 +21,5 @@ STUDY_FILE = "study.json"  # in the output root: the mode and every run of the s
 LAUNCH_FILE = "launch.json"  # in a run folder: wall and CPU time of every launch of the run
 RESULTS_FILE = "docs/results.md"  # the report of a full study (and of the pilot, until the full study has run)
 STUDY_NOTES_FILE = "experiments/study_notes.md"  # the reading notes, generated with the report
+# Beside the full study's table (experiments/table.py): what was measured on its trained models and dataset.
+MEASUREMENTS_FILE = "experiments/results/study-measurements.json"

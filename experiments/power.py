@@ -14,6 +14,7 @@ runner's `launch.json` gives the CPU time of every pilot run, hence the CPU time
 import argparse
 import contextlib
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,7 +30,10 @@ from .study import (
     COMPARISONS,
     DESCRIPTIVE_SEEDS,
     DESCRIPTIVE_VARIANTS,
+    PLAN_ALPHA,
     PLAN_CLAIM_SEEDS,
+    PLAN_EFFECT,
+    PLAN_POWER,
     SEEDS,
     SINGLE_TASK,
     VARIANTS,
@@ -207,6 +211,28 @@ def estimate_from(collected: dict, summary: dict, study_seeds: Optional[int] = N
     }  # fmt: skip
     result["bigger_recipe"] = bigger_recipe(result)
     return result
+
+
+def claim_power(results: list[dict], cpu_seconds: list[float], remaining_runs: int) -> dict:
+    """The pre-registered study's power, claim by claim, from its own per-seed differences at the seeds run so far:
+    σ of the differences, the difference resolved with the plan's power at Holm's strictest level, the power at the
+    plan's effect; and the CPU time still needed (`remaining_runs` at the mean CPU time of the runs done)."""
+    claims = [r for r in results if r["comparison"].claim]
+    alpha = PLAN_ALPHA / len(PLAN_CLAIM_SEEDS)
+    per_claim = {}
+    for result in claims:
+        difference = result["delta_m"]
+        if difference is None or difference.std is None or difference.std == 0:
+            continue
+        per_claim[result["comparison"].name] = {
+            "sigma": difference.std, "n": difference.n, "planned": PLAN_CLAIM_SEEDS[result["comparison"].name],
+            "resolution": detectable_difference(difference.n, difference.std, PLAN_POWER, alpha),
+            "power_at_effect": power(difference.n, difference.std, PLAN_EFFECT, alpha),
+        }  # fmt: skip
+    mean_cpu = statistics.fmean(cpu_seconds) if cpu_seconds else None
+    return {"claims": per_claim, "alpha": alpha, "effect": PLAN_EFFECT, "target_power": PLAN_POWER,
+            "remaining_runs": remaining_runs, "mean_cpu_seconds": mean_cpu,
+            "remaining_cpu_hours": remaining_runs * mean_cpu / 3600 if mean_cpu is not None else None}  # fmt: skip
 
 
 def study_plan(estimate: dict, jobs: int, cores: int) -> dict:

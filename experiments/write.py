@@ -17,9 +17,10 @@ from modeling_taskexpert.file_utils import atomic_write
 from modeling_taskexpert.task_definitions import TASKS
 
 from . import paired, power
-from .collect import UNRECORDED, primary_key, revisions
-from .paths import STUDY_BEST_MODEL_DIR
-from .study import COMPARISONS, SINGLE_TASK
+from .collect import UNRECORDED, revisions
+from .paths import MEASUREMENTS_FILE, STUDY_BEST_MODEL_DIR
+from .study import COMPARISONS, PLAN_CLAIM_SEEDS, SECONDARY_EXCLUDED_TASKS, SINGLE_TASK
+from .table import STUDY_TABLE
 
 UNITS = "Units: mIoU and maxF/odsF in %, normals in degrees, depth in metres"
 
@@ -35,7 +36,7 @@ class StudyReport:
     comparisons (`collect.comparisons`); costs/usage: parameters, FLOPs and routing of the study's models; figures:
     paths of the figures, relative to the report; estimate/plan: the power estimate and the study plan built from it
     (`power.study_plan`), or `no_estimate` saying why there is none; pairing: the augmentation-pairing measurement;
-    best: the run copied for the Space; gpu_recipes: the costs of the GPU recipes."""
+    best: the run copied for the Space; gpu_recipes: the costs of the GPU recipes; recipe: the study's training size."""
 
     collected: dict
     summary: dict
@@ -49,6 +50,8 @@ class StudyReport:
     no_estimate: Optional[str] = None
     best: Optional[dict] = None
     gpu_recipes: list = field(default_factory=list)
+    recipe: Optional[dict] = None  # {"max_steps", "images_per_step"} of the default TaskExpert's recipe
+    claim_power: Optional[dict] = None  # the pre-registered study's power per claim (`power.claim_power`)
 
 
 def _pyplot():
@@ -65,34 +68,31 @@ def save_figure(figure, path: Path) -> None:
     _pyplot().close(figure)
 
 
-def _mean_curve(runs: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
-    """Mean over seeds of a logged value at the steps every seed logged."""
-    per_seed = [{r["step"]: r[key] for r in run["log"] if r.get("kind") == kind and key in r} for run in runs]
+def _mean_curve(curves: list[list]) -> tuple[list[int], list[float]]:
+    """Mean over seeds of the logged training loss at the steps every seed logged ([[step, loss], ...] per seed)."""
+    per_seed = [dict((step, loss) for step, loss in curve) for curve in curves]
     steps = sorted(set.intersection(*(set(curve) for curve in per_seed))) if per_seed else []
     return steps, [statistics.fmean(curve[step] for curve in per_seed) for step in steps]
 
 
-def plot_curves(collected: dict, path: Path) -> None:
-    """Training loss of the multi-task models, and each task's main validation metric for every model."""
+def plot_curves(collected: dict, training_loss: dict, path: Path) -> None:
+    """Training loss of every model (seed mean over the seeds of `training_loss`: variant -> seed -> curve), the
+    multi-task models and the single-task ones side by side."""
     plt = _pyplot()
-    variants = [v for v in collected["variants"].values() if v["runs"]]
-    tasks = [t for t in TASKS if any(t in run["tasks"] for v in variants for run in v["runs"].values())]
-    figure, axes = plt.subplots(1, 1 + len(tasks), figsize=(4 * (1 + len(tasks)), 3.5), squeeze=False)
-    for number, variant in enumerate(variants):
-        runs = list(variant["runs"].values())
-        style = {"label": variant["name"], "color": f"C{number % 10}"}  # one colour per model in every panel
-        if variant["kind"] != "single-task":
-            axes[0][0].plot(*_mean_curve(runs, "train", "loss"), linewidth=1, **style)
-        for index, task in enumerate(tasks, start=1):
-            if task in runs[0]["tasks"]:
-                key = primary_key(task, runs[0]["metrics"])
-                axes[0][index].plot(*_mean_curve(runs, "eval", key), marker="o", markersize=3, **style)
-                axes[0][index].set_title(key, fontsize=9)
-    axes[0][0].set_title("training loss (multi-task)", fontsize=9)
-    axes[0][0].set_yscale("log")
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False)
+    for number, (name, variant) in enumerate(collected["variants"].items()):
+        curves = list((training_loss.get(name) or {}).values())
+        if not curves:
+            continue
+        axis = axes[0][1] if variant["kind"] == "single-task" else axes[0][0]
+        axis.plot(*_mean_curve(curves), linewidth=1, label=f"{name} ({len(curves)} seeds)", color=f"C{number % 10}")
+    axes[0][0].set_title("training loss, multi-task models (mean over seeds)", fontsize=9)
+    axes[0][1].set_title("training loss, single-task models (mean over seeds)", fontsize=9)
     for axis in axes[0]:
-        axis.legend(fontsize=6)
+        axis.set_yscale("log")
         axis.set_xlabel("step")
+        if axis.get_lines():
+            axis.legend(fontsize=6)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -170,6 +170,16 @@ def _interval(difference: Optional[paired.PairedDifference], digits: int = 2) ->
     return f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
 
 
+def _p(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _seeds_cell(result: dict, mode: str) -> str:
+    """Paired seeds of a claim, "n of N" against the plan in the full study."""
+    n = result["delta_m"].n if result["delta_m"] else 0
+    return f"{n} of {PLAN_CLAIM_SEEDS[result['comparison'].name]}" if mode == "full" else str(n)
+
+
 def _reference_label(reference: str) -> str:
     return "single-task models" if reference == SINGLE_TASK else reference
 
@@ -243,8 +253,16 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
             if resolution
             else "."
         )
+    elif verdict == paired.INTERIM:
+        planned = PLAN_CLAIM_SEEDS[comparison.name]
+        text = (f"**{comparison.claim}: interim** ({interval}; {difference.n} of the {planned} seeds the plan gives "
+                "this claim): no verdict before every planned seed of every claim is in the table.")  # fmt: skip
     else:
         text = f"**{comparison.claim}: not decided** ({interval}; a verdict needs {paired.MIN_SEEDS} or more paired seeds)."
+    secondary = result.get("secondary_delta_m")
+    if secondary is not None and verdict is not None:
+        excluded = " and ".join(SECONDARY_EXCLUDED_TASKS)
+        text += f" Without {excluded} (secondary, no verdict): {_interval(secondary)}."
     better = [
         t
         for t, v in result["per_task"].items()
@@ -285,13 +303,13 @@ def build_notes(report: StudyReport) -> str:
         if "taskexpert" in collected["variants"]
         else None
     )
-    if first is not None and "taskexpert" in costs:
-        recipe = first["recipe"]
+    if first is not None and "taskexpert" in costs and report.recipe:
+        recipe = report.recipe
         lines.append(
             f"- **Size.** {'The pilot' if mode == 'pilot' else 'The study'} trains the tiny models "
             f"({costs['taskexpert']['parameters'] / 1e6:.2f} M parameters for TaskExpert, {recipe['max_steps']} steps of "
-            f"{recipe['per_device_train_batch_size'] * recipe['gradient_accumulation_steps']} images), {seeds} paired "
-            f"seeds per model, {sum(len(v['runs']) for v in collected['variants'].values())} runs."
+            f"{recipe['images_per_step']} images), up to {seeds} paired seeds per model, "
+            f"{sum(len(v['runs']) for v in collected['variants'].values())} runs."
         )
     if estimate is not None:
         lines.append(_power_sentence(estimate, mode))
@@ -300,10 +318,12 @@ def build_notes(report: StudyReport) -> str:
     if estimate is not None and estimate.get("bigger_recipe"):
         lines.append("- **Model size.** " + _size_sentence(estimate))
     resolution = estimate["detectable_difference"] if estimate else None
+    per_claim = (report.claim_power or {}).get("claims", {})
     claims = [r for r in results if r["comparison"].claim]
     if mode == "full" or claims:
         for result in claims:
-            lines.append("- " + _claim_sentence(result, resolution))
+            claim = per_claim.get(result["comparison"].name)
+            lines.append("- " + _claim_sentence(result, claim["resolution"] if claim else resolution))
     others = [r for r in results if not r["comparison"].claim and r["delta_m"] is not None]
     for result in others:
         comparison, difference = result["comparison"], result["delta_m"]
@@ -361,7 +381,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
     mode = collected["mode"]
     variants = summary["variants"]
     lines = ["# Results: TaskExpert on the synthetic benchmark", "",
-             "<!-- Generated by `python -m experiments.report` from the run folders; edit experiments/, not this file. -->", ""]  # fmt: skip
+             "<!-- Generated by `python -m experiments.report` from the study's results table; edit experiments/, not "
+             "this file. -->", ""]  # fmt: skip
     if mode == "quick":
         lines += ["> **QUICK MODE — NOT EVIDENCE.** These numbers come from `make experiments QUICK=1`: a few variants",
                   "> trained for 3 steps on a toy dataset. They only show that the study's machinery (runner, paired",
@@ -372,7 +393,16 @@ def build_markdown(report: StudyReport, notes: str) -> str:
                   "> the study plan*). Their verdicts cover a few models and seeds only; `make experiments` (the full",
                   "> study, on one code revision) replaces this page.", ""]  # fmt: skip
     else:
-        lines += ["Produced by `make experiments` (the full study).", ""]
+        planned = sum(len(seeds) for seeds in collected.get("planned", {}).values())
+        done = sum(len(v["runs"]) for v in collected["variants"].values())
+        lines += [f"Produced by `make experiments` (the full study) from `{STUDY_TABLE}`, one row per run: every number "
+                  "below is computed from that table (parameters, FLOPs, routing and the curves from the measurements "
+                  f"beside it, `{MEASUREMENTS_FILE}`), and `tests/reproduce_results.py` recomputes them with its own "
+                  "arithmetic. The plan it follows, fixed before its runs: `experiments/preregistration.md`.", ""]  # fmt: skip
+        if done < planned:
+            lines += [f"> **INTERIM — {done} of the plan's {planned} runs are in the table.** The study trains over "
+                      "several sessions on one code revision; the numbers below are those of the runs done so far and "
+                      "no claim has a verdict until every planned run is in the table.", ""]  # fmt: skip
     lines += ["## Setup", "",
               f"- Mode: **{mode}**; dataset: `{Path(collected['dataset']).name}`; variants, seeds and comparisons: "
               "`experiments/study.py`; recipes: `hub_configs/`.",
@@ -380,11 +410,21 @@ def build_markdown(report: StudyReport, notes: str) -> str:
               "- Paired design: runs of one seed start from the same backbone weights and see the same data order and "
               "augmentation draws; every ablation changes one thing against the model it is compared with.",
               f"- Verdicts: per-seed paired differences of Δm (and of each task's primary metric), {paired.METHOD} at "
-              f"{paired.CONFIDENCE:.0%}; a claim *holds* when the interval lies above 0, *fails* when it lies below 0, "
-              f"is *inconclusive* when it contains 0, and is not decided with fewer than {paired.MIN_SEEDS} seeds.",
-              "- Δm: `compute_delta_m` against the seed-mean of the single-task models, over the model's tasks (main "
-              "metrics: " + ", ".join(f"{t} {k}" for t, (k, _) in PRIMARY_METRICS.items()) + "); for the multi-task gain, "
-              "against the single-task models of the same seed. Boundary odsF: the "
+              f"{paired.CONFIDENCE:.0%}, the two-sided paired t-test's p and the exact sign-flip test's p beside it. "
+              "The claims are one family: a claim *holds* when its Holm-adjusted p is below "
+              f"{1 - paired.CONFIDENCE:.2f} and the mean difference is in the paper's direction, *fails* when it is "
+              "below in the other direction, and is *inconclusive* otherwise (the interval's bounds are the largest "
+              f"effects the data still allow); fewer than {paired.MIN_SEEDS} seeds: not decided"
+              + ("; in the full study, no verdict before every planned seed (*interim*)." if mode == "full" else "."),
+              f"- Secondary endpoint: Δm without {' and '.join(SECONDARY_EXCLUDED_TASKS)} (near chance at this size), "
+              "against the same references, without verdicts.",
+              "- Δm: `compute_delta_m` over the model's tasks (main metrics: "
+              + ", ".join(f"{t} {k}" for t, (k, _) in PRIMARY_METRICS.items())
+              + ("), against the single-task models of the same seed (the plan's endpoint), for every comparison and "
+                 "in the overview. Boundary odsF: the " if mode == "full" else
+                 "), against the seed-mean of the single-task models; for the multi-task gain, against the "
+                 "single-task models of the same seed. Boundary odsF: the ")
+              + 
               f"{collected['boundary_scorer'] or 'n/a'} scorer for every model. {UNITS}.",
               "- Cost: parameters; FLOPs of one forward pass of one image at the evaluation size, all tasks "
               "(`torch.utils.flop_counter`, a multiply-add = 2 FLOPs); step time = median over logging windows of one "
@@ -398,11 +438,14 @@ def build_markdown(report: StudyReport, notes: str) -> str:
     lines += ["## The paper's claims on this benchmark", ""]
     claims = [r for r in results if r["comparison"].claim]
     rows = [[r["comparison"].claim, f"{r['comparison'].variant} − {_reference_label(r['comparison'].reference)}",
-             _interval(r["delta_m"]), r["delta_m"].n if r["delta_m"] else 0, r["verdict"] or "n/a",
-             ", ".join(f"`{revision}`" for revision in r["revisions"])] for r in claims]  # fmt: skip
+             _interval(r["delta_m"]), _seeds_cell(r, mode), _p(r["delta_m"].p_value if r["delta_m"] else None),
+             _p(r.get("adjusted_p")), _p(r["delta_m"].p_sign_flip if r["delta_m"] else None), r["verdict"] or "n/a",
+             _interval(r.get("secondary_delta_m")), ", ".join(f"`{revision}`" for revision in r["revisions"])]
+            for r in claims]  # fmt: skip
     lines += _table(
-        ["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "verdict", "revision"], rows
-    )
+        ["claim", "paired comparison", "Δm difference, mean [95 % CI]", "seeds", "p", "Holm p", "sign-flip p",
+         "verdict", f"Δm difference without {', '.join(SECONDARY_EXCLUDED_TASKS)}", "revision"], rows
+    )  # fmt: skip
     not_run = [c for c in COMPARISONS if c.claim and c.name not in {r["comparison"].name for r in claims}]
     if not_run:
         lines += [
@@ -430,7 +473,9 @@ def build_markdown(report: StudyReport, notes: str) -> str:
 
     # Power
     lines += ["## Power and the study plan", ""]
-    if estimate is None:
+    if report.claim_power is not None:
+        lines += _claim_power_lines(report.claim_power)
+    elif estimate is None:
         lines += [f"No power estimate: {no_estimate or 'no pilot'}. `make experiments PILOT=1` runs the pilot.", ""]
     else:
         lines += _power_table(estimate)
@@ -443,7 +488,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
          f"{costs[name]['parameters'] / 1e6:.2f}", f"{costs[name]['flops'] / 1e9:.2f}",
          _format(entry["step_seconds"], 3) if entry["step_seconds"] else "n/a",
          _format(tuple(v / 60 if v is not None else None for v in entry["cpu_seconds"]), 1) if entry.get("cpu_seconds") else "n/a",
-         "reference" if collected["variants"][name]["kind"] == "single-task" else _format(entry.get("delta_m"))]
+         "reference" if collected["variants"][name]["kind"] == "single-task"
+         else _format(entry.get("delta_m_same_seed_mean" if mode == "full" else "delta_m"))]
         for name, entry in variants.items() if entry["seeds"]
     ])]  # fmt: skip
     lines += [
@@ -466,8 +512,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
 
     # Figures
     lines += ["## Training curves", "", f"![training curves]({figures['curves']})", "",
-              "Left: total training loss of the multi-task models (seed mean); then each task's main validation metric "
-              "at every evaluation.", "", "## Routing", "",
+              "Total training loss as logged (seed mean over the runs whose curves were measured); the study evaluates "
+              "at the end only.", "", "## Routing", "",
               "Mean routing weight of every candidate (TaskExpert: experts and memory; Mod-Squad: attention and MLP "
               "experts, 0 where the top-k router did not select it) per task and routing layer, on validation images "
               "of the first seed (`routing_summary` of `dense_model_utils`).", ""]  # fmt: skip
@@ -529,6 +575,26 @@ def _size_sentence(estimate: dict) -> str:
         f"below the {estimate['sigma']:.2f} measured at the tiny size. That noise is not measured (a pilot at that "
         "size costs as much as the tiny study), so the study stays at the tiny size, with the resolution stated above."
     )
+
+
+def _claim_power_lines(claim_power: dict) -> list[str]:
+    """The pre-registered study's power per claim, from its own per-seed differences, and what remains to run."""
+    lines = [f"The seeds are the pre-registered plan's (`experiments/preregistration.md`), sized from an earlier "
+             "study's noise. The noise of this study's own per-seed Δm differences, at the seeds run so far, and what "
+             f"it resolves with {claim_power['target_power']:.0%} power at α = {claim_power['alpha']:.3g} (Holm's "
+             "strictest step):", ""]  # fmt: skip
+    rows = [[name, f"{c['sigma']:.2f}", f"{c['n']} of {c['planned']}", f"{c['resolution']:.2f}",
+             f"{c['power_at_effect']:.2f}"] for name, c in claim_power["claims"].items()]  # fmt: skip
+    lines += _table(["claim", "σ of the per-seed differences", "seeds", "difference resolved",
+                     f"power at {claim_power['effect']:g} points"], rows)  # fmt: skip
+    if claim_power["remaining_runs"]:
+        cpu = claim_power["remaining_cpu_hours"]
+        lines += ["", f"Still to run: {claim_power['remaining_runs']} runs of the plan"
+                  + (f", about {cpu:.1f} CPU-hours at the mean CPU time of the runs done "
+                     f"({claim_power['mean_cpu_seconds'] / 60:.1f} min)" if cpu is not None else "")
+                  + " (`make experiments` trains them with the study's code revision and adds their rows to the "
+                  "table).", ""]  # fmt: skip
+    return lines
 
 
 def _power_table(estimate: dict) -> list[str]:

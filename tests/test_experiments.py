@@ -168,21 +168,22 @@ def test_aggregation_delta_m_and_step_time_match_hand_computation(tmp_path):
     assert taskexpert["revisions"] == [f"commit {COMMIT[:12]}, package 0.1.0, torch 2.13.0"]
     assert taskexpert["recipe_sha256"] == {0: "ab" * 32, 1: "ab" * 32}
 
-    best = collect.best_run(collected, summary)
-    assert best["seed"] == 0 and best["delta_m"] == pytest.approx(10.0)
+    best = collect.best_run(collected, summary)  # its Δm: the full study's endpoint (same-seed single-task models)
+    assert best["seed"] == 0 and best["delta_m"] == pytest.approx(23.75)
     assert best["run"]["folder"] == tmp_path / "taskexpert" / "seed0"
 
     # The choice reads the training loss, never the validation metrics: make the seed with the lower Δm the one with
     # the lower final training loss, and it is chosen.
-    collected["variants"]["taskexpert"]["runs"][1]["log"][-1]["loss"] = 0.25
+    collected["variants"]["taskexpert"]["runs"][1]["final_training_loss"] = 0.25
     best = collect.best_run(collected, summary)
     assert best["seed"] == 1 and best["training_loss"] == 0.25
-    assert best["delta_m"] == summary["variants"]["taskexpert"]["delta_m_per_seed"][1] < 10.0
+    assert best["delta_m"] == summary["variants"]["taskexpert"]["delta_m_same_seed"][1] < 23.75
 
 
 def test_paired_comparisons_of_the_study(tmp_path):
     run.run_study(_variant_runs(list(METRICS)), tmp_path, launcher=fake_launcher([]))
     collected = collect.collect(tmp_path)
+    collected["mode"] = "pilot"  # verdicts on whatever seeds there are (the full study waits for its plan's seeds)
     results = {r["comparison"].name: r for r in collect.comparisons(collected, collect.aggregate(collected))}
     assert set(results) == {"shared-decoder", "multi-task-gain", "all-layer-heads"}  # the others were not trained
     shared = results["shared-decoder"]
@@ -198,14 +199,10 @@ def test_paired_comparisons_of_the_study(tmp_path):
     assert json.loads(json.dumps(as_json))[0]["delta_m"]["method"] == paired.METHOD
 
 
-def test_notes_are_templated_from_the_verdicts(tmp_path):
-    """Five seeds, constructed so that one claim holds, one fails and one is inconclusive; the notes say so with the
-    computed numbers."""
+def _constructed_study(tmp_path, mode: str, offsets: dict, seeds) -> dict:
+    """One task (semseg), single-task mIoU 50 for every seed, each model's mIoU offset by the given percentages."""
     variants = study.variants_by_name()
-    seeds = range(5)
-    collected = {"mode": "full", "dataset": "toy", "jobs": 1, "cpu_count": 2, "variants": {}}
-    offsets = {"taskexpert": [0.0] * 5, "all-layer-heads": [0.0] * 5, "uniform-gates": [-2.0, -1.5, -2.5, -1.0, -3.0],
-               "shared-decoder": [1.0, 2.0, 1.5, 2.5, 3.0], "no-memory": [-1.0, 1.0, -0.5, 0.5, 0.2]}  # fmt: skip
+    collected = {"mode": mode, "dataset": "toy", "jobs": 1, "cpu_count": 2, "variants": {}}
     for name, deltas in offsets.items():
         runs = {seed: {"metrics": {"semseg/mIoU": 50.0 * (1 + deltas[seed] / 100)}, "tasks": ["semseg"],
                        "revision": "r1", "short_revision": "r1", "step_seconds": None, "cpu_seconds": None, "folder": tmp_path}
@@ -214,6 +211,15 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     collected["variants"]["single-semseg"] = {"name": "single-semseg", "kind": "single-task", "missing": [], "runs": {
         seed: {"metrics": {"semseg/mIoU": 50.0}, "tasks": ["semseg"], "revision": "r1", "short_revision": "r1", "step_seconds": None,
                "cpu_seconds": None, "folder": tmp_path} for seed in seeds}}  # fmt: skip
+    return collected
+
+
+def test_notes_are_templated_from_the_verdicts(tmp_path):
+    """Five seeds, constructed so that one claim holds, one fails and one is inconclusive; the notes say so with the
+    computed numbers (a pilot: verdicts on the seeds there are)."""
+    offsets = {"taskexpert": [0.0] * 5, "all-layer-heads": [0.0] * 5, "uniform-gates": [-2.0, -1.5, -2.5, -1.0, -3.0],
+               "shared-decoder": [1.0, 2.0, 1.5, 2.5, 3.0], "no-memory": [-1.0, 1.0, -0.5, 0.5, 0.2]}  # fmt: skip
+    collected = _constructed_study(tmp_path, "pilot", offsets, range(5))
     summary = collect.aggregate(collected)
     results = {r["comparison"].name: r for r in collect.comparisons(collected, summary)}
     # Δm of taskexpert minus the other: the negated offsets, in points (one task, baseline 50).
@@ -250,6 +256,35 @@ def test_notes_are_templated_from_the_verdicts(tmp_path):
     assert f"rules out effects above {memory.high:+.2f} and below {memory.low:+.2f} points" in notes
 
 
+def test_the_full_study_gives_verdicts_only_once_every_claim_has_its_planned_seeds(tmp_path):
+    """Pre-registered plan, amendment 1: interim numbers without verdicts (and without a Holm family) until every
+    model of every claim has the seeds the plan gives it; then the five claims are one Holm family."""
+    offsets = {name: [0.0] * 10 for name in ("taskexpert", "all-layer-heads", "no-memory", "one-expert")}
+    offsets["uniform-gates"] = [-2.0, -1.5, -2.5, -1.0, -3.0, -2.0, -1.8, 0, 0, 0]
+    offsets["shared-decoder"] = [1.0, 2.0, 1.5, 2.5, 3.0, 2.0, 2.2, 0, 0, 0]
+    collected = _constructed_study(tmp_path, "full", offsets, range(5))
+    summary = collect.aggregate(collected)
+    results = {r["comparison"].name: r for r in collect.comparisons(collected, summary)}
+    claims = [name for name, r in results.items() if r["comparison"].claim]
+    assert sorted(claims) == sorted(study.PLAN_CLAIM_SEEDS)
+    assert all(results[name]["verdict"] == paired.INTERIM and "adjusted_p" not in results[name] for name in claims)
+    notes = write.build_notes(write.StudyReport(collected, summary, list(results.values())))
+    assert "Dynamic gating helps (TaskExpert vs uniform gates): interim** (" in notes
+    assert "5 of the 7 seeds the plan gives this claim" in notes
+
+    # Every model with the seeds of its claims (the plan's counts): verdicts, one family of five.
+    counts = study.claim_seed_counts()
+    complete = _constructed_study(tmp_path, "full", offsets, range(10))
+    for name, variant in complete["variants"].items():
+        variant["runs"] = {seed: run for seed, run in variant["runs"].items() if seed < counts.get(name, 10)}
+    summary = collect.aggregate(complete)
+    results = {r["comparison"].name: r for r in collect.comparisons(complete, summary)}
+    assert results["gating"]["delta_m"].n == 7 and results["memory"]["delta_m"].n == 10
+    assert {results[name]["family_size"] for name in claims} == {5}
+    assert results["gating"]["verdict"] == paired.HOLDS and results["shared-decoder"]["verdict"] == paired.FAILS
+    assert results["memory"]["verdict"] == paired.INCONCLUSIVE  # all-layer-heads equals no-memory: p = 1
+
+
 def test_mixed_revisions_are_refused_unless_allowed(tmp_path):
     run.run_study(_variant_runs(["taskexpert"]), tmp_path, launcher=fake_launcher([]))
     run.run_study(_variant_runs(["shared-decoder"]), tmp_path, launcher=fake_launcher([], commit="f" * 40))
@@ -281,7 +316,7 @@ def test_best_model_is_promoted_without_checkpoints_and_replaced_atomically(tmp_
     destination.mkdir(parents=True)
     (destination / "stale.txt").write_text("old")
     best = run.promote_best_model(root, destination)
-    assert best["seed"] == 0 and best["delta_m"] == pytest.approx(10.0)
+    assert best["seed"] == 0 and best["delta_m"] == pytest.approx(23.75)
     assert sorted(p.name for p in destination.iterdir()) == [
         "config.json", "metrics.json", "model.safetensors", "provenance.json", "recipe.yaml", "train_log.jsonl",
     ]  # fmt: skip
