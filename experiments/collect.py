@@ -447,14 +447,20 @@ def comparisons(collected: dict, summary: dict) -> list[dict]:
     their verdicts use Holm-adjusted p-values (`adjusted_p`, `family_size`), so that the chance of any false verdict
     among them stays at most 5 %. In the full study (the pre-registered plan) the family is formed only once every
     claim has all its planned seeds: until then each claim's verdict is `paired.INTERIM`."""
-    results = [result for result in (compare(c, collected, summary) for c in COMPARISONS) if result is not None]
+    full = collected["mode"] == "full"
+    results = []
+    for comparison in COMPARISONS:
+        result = compare(comparison, collected, summary)
+        if result is None and full and comparison.claim:  # every claim of the plan is on the page, run or not yet
+            result = {"comparison": comparison, "delta_m": None, "secondary_delta_m": None, "per_task": {},
+                      "verdict": None, "revisions": []}  # fmt: skip
+        if result is not None:
+            results.append(result)
     claims = [result for result in results if result["comparison"].claim]
-    if collected["mode"] == "full":
-        planned_claims = [c for c in COMPARISONS if c.claim]
-        if len(claims) < len(planned_claims) or not all(claim_complete(result) for result in claims):
-            for result in claims:
-                result["verdict"] = paired.INTERIM
-            return results
+    if full and not all(claim_complete(result) for result in claims):
+        for result in claims:
+            result["verdict"] = paired.INTERIM
+        return results
     family = {
         r["comparison"].name: r
         for r in results

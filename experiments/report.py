@@ -120,13 +120,16 @@ def measure_pairing(folders: dict) -> Optional[dict]:
     return measure.augmentation_pairing(folders["dataset"], reference["runs"][seed]["tasks"], seed=seed)
 
 
-def study_data(output_root: Path, mode: str) -> tuple[dict, dict]:
+def study_data(
+    output_root: Path, mode: str, table_path: Optional[Path] = None, measurements_path: Optional[Path] = None
+) -> tuple[dict, dict]:
     """(the collected study from its table, the measurements): for the full study the
     committed table, with the measurements updated from the run folders under `output_root` when there are any;
     for the other modes the table written from their run folders."""
     folders = collect(output_root) if (Path(output_root) / STUDY_FILE).is_file() else None
     if mode == "full":
-        table_path, measurements_path = REPO_ROOT / table.STUDY_TABLE, REPO_ROOT / MEASUREMENTS_FILE
+        table_path = Path(table_path or REPO_ROOT / table.STUDY_TABLE)
+        measurements_path = Path(measurements_path or REPO_ROOT / MEASUREMENTS_FILE)
         try:
             rows = table.read_table(table_path)
         except table.TableError as error:
@@ -147,14 +150,15 @@ def study_data(output_root: Path, mode: str) -> tuple[dict, dict]:
 
 
 def build_report(output_root: Path, output: Path, notes_output: Optional[Path] = None,
-                 allow_mixed_revisions: bool = False, jobs: int = 2, mode: Optional[str] = None) -> dict:  # fmt: skip
+                 allow_mixed_revisions: bool = False, jobs: int = 2, mode: Optional[str] = None,
+                 table_path: Optional[Path] = None, measurements_path: Optional[Path] = None) -> dict:  # fmt: skip
     """Write the markdown report, its figures (next to it, under `figures/`), the notes (to `notes_output` when given)
     and `summary.json`; returns the summary. `mode`: the study's (default: the one `output_root` records, else the
-    full study)."""
+    full study). `table_path`, `measurements_path`: the full study's data (default: the committed files)."""
     output_root, output = Path(output_root), Path(output)
     if mode is None:
         mode = read_study(output_root)["mode"] if (output_root / STUDY_FILE).is_file() else "full"
-    collected, measurements = study_data(output_root, mode)
+    collected, measurements = study_data(output_root, mode, table_path, measurements_path)
     if not any(v["runs"] for v in collected["variants"].values()):
         raise StudyError(f"No finished run in the {mode} study's table: train first (`python -m experiments.run`).")
     check_one_revision(collected, allow_mixed_revisions)
@@ -185,6 +189,9 @@ def build_report(output_root: Path, output: Path, notes_output: Optional[Path] =
     write.plot_paired_differences(results, output.parent / figures["paired"])
     for name, data in usage.items():
         write.plot_routing(name, data, output.parent / figures["usage"][name])
+    for stale in (output.parent / "figures").glob("routing-*.png"):  # of models this report no longer shows
+        if stale.name not in {Path(path).name for path in figures["usage"].values()}:
+            stale.unlink()
     gpu_recipes = [measure.recipe_cost(name) for name in measure.GPU_RECIPES]
     report = write.StudyReport(
         collected=collected, summary=summary, results=results, costs=measurements["costs"], usage=usage,

@@ -227,10 +227,11 @@ def _git(*arguments: str, cwd: Path = REPO_ROOT) -> str:
     return completed.stdout.strip()
 
 
-def checkout_code(revision: str, output_root: Path) -> Path:
+def checkout_code(revision: str, output_root: Path, generate_data: bool = True) -> Path:
     """A clean checkout of commit `revision` of this repository in OUTPUT_ROOT/code/COMMIT, holding the embedded
-    synthetic benchmark as that code generates it. Every run of the study trains there, so all of them come from one
-    revision whatever the working tree holds when they run (the runner, the table and the report may be newer)."""
+    synthetic benchmark as that code generates it (unless not `generate_data`). Every run of the study trains there,
+    so all of them come from one revision whatever the working tree holds when they run (the runner, the table and
+    the report may be newer)."""
     commit = _git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
     folder = Path(output_root) / "code" / commit
     if not (folder / "train.py").is_file():
@@ -242,6 +243,8 @@ def checkout_code(revision: str, output_root: Path) -> Path:
             os.replace(staging / "repo", folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if not generate_data:
+        return folder
     environment = {**os.environ, "PYTHONPATH": str(folder)}
     command = [sys.executable, "-m", "modeling_taskexpert.data", "synthetic", "--output-dir", "data/synthetic",
                "--skip-if-exists"]  # fmt: skip

@@ -279,10 +279,11 @@ def _claim_sentence(result: dict, resolution: Optional[float]) -> str:
             parts.append(f"better on {', '.join(better)}")
         if worse:
             parts.append(f"worse on {', '.join(worse)}")
+        unresolved = len(result["per_task"]) - len(better) - len(worse)
         text += (
             f" Per task (primary metric, same test): {comparison.variant} is "
             + " and ".join(parts)
-            + "; the other tasks are not resolved."
+            + ("; the other tasks are not resolved." if unresolved else ".")
         )
     return text
 
@@ -485,7 +486,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
     # Overview
     lines += ["## Overview", "", *_table(["model", "kind", "seeds", "parameters (M)", "GFLOPs", "s / step", "CPU min / run", "Δm (%)"], [
         [name + _variant_revision(collected, summary, name), collected["variants"][name]["kind"], len(entry["seeds"]),
-         f"{costs[name]['parameters'] / 1e6:.2f}", f"{costs[name]['flops'] / 1e9:.2f}",
+         f"{costs[name]['parameters'] / 1e6:.2f}" if name in costs else "n/a",
+         f"{costs[name]['flops'] / 1e9:.2f}" if name in costs else "n/a",
          _format(entry["step_seconds"], 3) if entry["step_seconds"] else "n/a",
          _format(tuple(v / 60 if v is not None else None for v in entry["cpu_seconds"]), 1) if entry.get("cpu_seconds") else "n/a",
          "reference" if collected["variants"][name]["kind"] == "single-task"
@@ -586,10 +588,10 @@ def _claim_power_lines(claim_power: dict) -> list[str]:
     rows = [[name, f"{c['sigma']:.2f}", f"{c['n']} of {c['planned']}", f"{c['resolution']:.2f}",
              f"{c['power_at_effect']:.2f}"] for name, c in claim_power["claims"].items()]  # fmt: skip
     lines += _table(["claim", "σ of the per-seed differences", "seeds", "difference resolved",
-                     f"power at {claim_power['effect']:g} points"], rows)  # fmt: skip
+                     f"power at {claim_power['effect']:g} points"], rows) + [""]  # fmt: skip
     if claim_power["remaining_runs"]:
         cpu = claim_power["remaining_cpu_hours"]
-        lines += ["", f"Still to run: {claim_power['remaining_runs']} runs of the plan"
+        lines += [f"Still to run: {claim_power['remaining_runs']} runs of the plan"
                   + (f", about {cpu:.1f} CPU-hours at the mean CPU time of the runs done "
                      f"({claim_power['mean_cpu_seconds'] / 60:.1f} min)" if cpu is not None else "")
                   + " (`make experiments` trains them with the study's code revision and adds their rows to the "
