@@ -33,9 +33,9 @@ from modeling_taskexpert.file_utils import write_json_atomic
 from modeling_taskexpert.training import load_recipe
 
 from . import table
-from .collect import StudyError, aggregate, best_run, collect, load_run, read_study
+from .collect import StudyError, aggregate, best_run, collect, collect_table, load_run, read_study
 from .paths import DEFAULT_OUTPUT_ROOTS, LAUNCH_FILE, REPO_ROOT, STUDY_BEST_MODEL_DIR, STUDY_FILE
-from .study import MODES, QUICK_DATASET, STUDY_REVISION, Run, study_runs
+from .study import MODES, QUICK_DATASET, STUDY_OVERRIDES, STUDY_REVISION, Run, study_runs, variants_by_name
 
 
 def run_dir(output_root: Path, run: Run) -> Path:
@@ -255,16 +255,47 @@ def checkout_code(revision: str, output_root: Path, generate_data: bool = True) 
     return folder
 
 
-def promote_best_model(output_root: Path, destination: Path = REPO_ROOT / STUDY_BEST_MODEL_DIR) -> Optional[dict]:
+def promote_best_model(
+    output_root: Path,
+    destination: Path = REPO_ROOT / STUDY_BEST_MODEL_DIR,
+    results_table: Optional[Path] = None,
+    launcher: Callable[[list[str], Path], int] = None,
+    code_dir: Optional[Path] = None,
+) -> Optional[dict]:
     """Copy the default TaskExpert's seed with the lowest final training loss (`collect.best_run`), push-ready, to
     `destination` (what `make space` serves). Returns {"seed", "delta_m", "folder"} of the copied run, or None when
-    no seed logged a training loss."""
-    collected = collect(output_root)
+    no seed logged a training loss.
+
+    With `results_table`, the seed is chosen among every run of the table (a study spanning sessions has only some
+    run folders on this machine); when its folder is missing, the run is trained again with the study's code
+    (`launcher`, `code_dir` as in `run_study`) and its final metrics must equal its row: training is deterministic for
+    a given code revision and machine, and the served model must be the one the table describes."""
+    output_root = Path(output_root)
+    if results_table is None:
+        collected = collect(output_root)
+    else:
+        collected = collect_table(table.read_table(results_table), "full", source=str(results_table))
     best = best_run(collected, aggregate(collected))
     if best is None:
         return None
-    copy_model_folder(best["run"]["folder"], destination)
-    return {"seed": best["seed"], "delta_m": best["delta_m"], "folder": str(best["run"]["folder"])}
+    folder = run_dir(output_root, Run(variants_by_name()["taskexpert"], best["seed"], dict(STUDY_OVERRIDES)))
+    if not is_finished(folder):
+        run_study([Run(variants_by_name()["taskexpert"], best["seed"], dict(STUDY_OVERRIDES))], output_root,
+                  launcher=launcher, code_dir=code_dir)  # fmt: skip
+        if not is_finished(folder):
+            raise StudyError(f"Retraining taskexpert seed {best['seed']} (the best of {results_table}) failed: "
+                             f"see {folder / 'launch.log'}.")  # fmt: skip
+    if results_table is not None:
+        row = table.metric_columns(table.run_row(variants_by_name()["taskexpert"], best["seed"], load_run(folder)))
+        expected = best["run"]["metrics"]
+        differing = sorted(key for key in expected.keys() | row.keys() if expected.get(key) != row.get(key))
+        if differing:
+            raise StudyError(f"{folder}: its final metrics differ from its row in {results_table} ({differing[0]}: "
+                             f"{row.get(differing[0])} against {expected.get(differing[0])}); the served model would "
+                             "not be the one the table describes. Was it trained with other code or on another "
+                             "machine?")  # fmt: skip
+    copy_model_folder(folder, destination)
+    return {"seed": best["seed"], "delta_m": best["delta_m"], "folder": str(folder)}
 
 
 def copy_model_folder(source: Path, destination: Path) -> None:
@@ -331,8 +362,12 @@ def main(argv=None) -> int:
         print(f"experiments.run: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     if study_mode == "full":
-        with contextlib.chdir(REPO_ROOT):  # run folders name their datasets relative to the repository root
-            best = promote_best_model(output_root.resolve())
+        try:
+            with contextlib.chdir(REPO_ROOT):  # run folders name their datasets relative to the repository root
+                best = promote_best_model(output_root.resolve(), results_table=results_table, code_dir=code_dir)
+        except (StudyError, table.TableError) as error:
+            print(f"experiments.run: the best model was not copied: {error}", file=sys.stderr)
+            return 1
         if best is not None:
             print(f"Best TaskExpert seed {best['seed']} (Δm {best['delta_m']:+.2f} %) copied to {STUDY_BEST_MODEL_DIR}")
     return 0

@@ -99,6 +99,35 @@ def test_the_runner_adds_a_row_per_finished_run_and_skips_runs_the_table_has(tmp
     assert len(launched) == 1 and len(table.read_table(path)) == len(runs)
 
 
+def test_the_best_seed_is_chosen_from_the_table_and_retrained_when_its_folder_is_elsewhere(tmp_path):
+    """A study spanning sessions: the seed with the lowest final training loss among all rows is served; without its
+    folder on this machine it is trained again, and its metrics must equal its row."""
+    from test_experiments import _variant_runs, fake_launcher
+
+    runs, root, path = (
+        _variant_runs(["taskexpert", "single-semseg", "single-depth"]),
+        tmp_path / "runs",
+        tmp_path / "t.csv",
+    )
+    run.run_study(runs, root, launcher=fake_launcher([]), results_table=path)
+    subprocess.run(["rm", "-rf", str(root / "taskexpert" / "seed0")], check=True)  # the best (loss 1.0 < 1.5)
+    launched = []
+    best = run.promote_best_model(root, tmp_path / "best", results_table=path, launcher=fake_launcher(launched))
+    assert best["seed"] == 0 and launched == ["taskexpert"]
+    assert json.loads((tmp_path / "best" / "metrics.json").read_text()) == table.metric_columns(
+        next(r for r in table.read_table(path) if (r["variant"], r["seed"]) == ("taskexpert", 0))
+    )
+    # The table says something else than what training gives: refused, nothing served from it.
+    rows = table.read_table(path)
+    next(r for r in rows if (r["variant"], r["seed"]) == ("taskexpert", 0))["semseg/mIoU"] += 1.0
+    table.write_table(path, rows)
+    with pytest.raises(
+        collect.StudyError, match=r"seed0: its final metrics differ from its row .* \(semseg/mIoU: 55.0 against 56.0\)"
+    ):
+        run.promote_best_model(root, tmp_path / "best2", results_table=path)
+    assert not (tmp_path / "best2").exists()
+
+
 def test_the_study_trains_with_the_code_of_its_fixed_revision(tmp_path):
     """A clean checkout of the commit, apart from the working tree; the launched processes import its package."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
