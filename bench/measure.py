@@ -19,6 +19,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from modeling_taskexpert.training.provenance import cpu_model
+
 try:  # psutil reads the current RSS portably; /proc/self/statm is the fallback on Linux.
     import psutil
 except ImportError:  # pragma: no cover - psutil ships with the test extra
@@ -145,15 +147,6 @@ def machine_info() -> dict:
     import numpy
     import transformers
 
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     memory_bytes = None
     try:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -161,7 +154,7 @@ def machine_info() -> dict:
         pass
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(memory_bytes / 2**30, 1) if memory_bytes else None,

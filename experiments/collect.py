@@ -99,6 +99,8 @@ def load_run(folder: Path) -> dict:
         "provenance": provenance, "revision": revision_of(provenance), "short_revision": short_revision(provenance),
         "cpu_seconds": sum(launch["cpu_seconds"] for launch in launches) if _complete(launches) else None,
         "wall_seconds": sum(launch["wall_seconds"] for launch in launches) if _complete(launches) else None,
+        # The machine(s) it trained on: one seed gives the same numbers on one machine, not across CPU models.
+        "machine": "; ".join(dict.fromkeys(launch.get("machine") or "not recorded" for launch in launches)) or None,
         "final_training_loss": final_training_loss({"log": log}),
     }  # fmt: skip
 
@@ -213,7 +215,7 @@ def table_run(row: dict, source: str) -> dict:
         "model_type": row["model_type"], "provenance": provenance, "revision": revision_of(provenance),
         "short_revision": short_revision(provenance), "cpu_seconds": row["cpu_seconds"],
         "wall_seconds": row["wall_seconds"], "step_seconds": row["step_seconds"],
-        "final_training_loss": row["final_training_loss"],
+        "final_training_loss": row["final_training_loss"], "machine": row["machine"] or None,
     }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 from modeling_taskexpert.data import generate_synthetic_dataset, has_dataset_metadata, read_dataset_metadata
 from modeling_taskexpert.file_utils import write_json_atomic
 from modeling_taskexpert.training import load_recipe
+from modeling_taskexpert.training.provenance import cpu_model
 
 from . import table
 from .collect import StudyError, aggregate, best_run, collect, collect_table, load_run, read_study
@@ -174,6 +175,7 @@ def _launch_subprocess(
     record_launch(Path(log_path).parent, {
         "exit_status": process.returncode, "wall_seconds": time.perf_counter() - start,
         "cpu_seconds": usage.ru_utime + usage.ru_stime, "threads": threads, "fresh": fresh,
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs",
     })  # fmt: skip
     return process.returncode
 

@@ -7,7 +7,8 @@ numbers (`experiments/report.py`), so every number of `docs/results.md` can be r
 - `variant`, `kind`, `seed`: which model of the study (`experiments/study.py`) and which seed;
 - `tasks` (names joined by ";"), `model_type`;
 - `git_commit`, `git_dirty`, `package_version`, `torch_version`: the code that trained it (`provenance.json`),
-  `recipe_sha256`: the fingerprint of its resolved recipe;
+  `recipe_sha256`: the fingerprint of its resolved recipe; `machine`: the CPU model and logical CPUs it trained on
+  (recorded by the runner; one seed gives the same numbers on one machine, not bit for bit across CPU models);
 - `cpu_seconds`, `wall_seconds`: what the run cost (empty when it was resumed from a runner that recorded nothing),
   `step_seconds`: median wall time of one optimiser step, `final_training_loss`: the last logged training loss;
 - one column per metric of `metrics.json` (`semseg/mIoU`, `edge/odsF`, ...), empty where a run has no such metric.
@@ -26,7 +27,7 @@ from modeling_taskexpert.file_utils import write_text_atomic
 STUDY_TABLE = "experiments/results/study-runs.csv"
 RUN_COLUMNS = (
     "variant", "kind", "seed", "tasks", "model_type", "git_commit", "git_dirty", "package_version", "torch_version",
-    "recipe_sha256", "cpu_seconds", "wall_seconds", "step_seconds", "final_training_loss",
+    "recipe_sha256", "machine", "cpu_seconds", "wall_seconds", "step_seconds", "final_training_loss",
 )  # fmt: skip
 _FLOAT_COLUMNS = ("cpu_seconds", "wall_seconds", "step_seconds", "final_training_loss")
 
@@ -43,6 +44,7 @@ def run_row(variant, seed: int, run: dict) -> dict:
         "model_type": run["model_type"], "git_commit": provenance.get("git_commit") or "",
         "git_dirty": provenance.get("git_dirty"), "package_version": provenance.get("package_version") or "",
         "torch_version": provenance.get("torch_version") or "", "recipe_sha256": provenance.get("recipe_sha256") or "",
+        "machine": run.get("machine") or "",
         "cpu_seconds": run.get("cpu_seconds"), "wall_seconds": run.get("wall_seconds"), "step_seconds": run.get("step_seconds"),
         "final_training_loss": run.get("final_training_loss"),
     }  # fmt: skip

@@ -194,6 +194,15 @@ def _revision_text(collected: dict) -> str:
     )
 
 
+def _machines_text(collected: dict) -> str:
+    counts: dict[str, int] = {}
+    for variant in collected["variants"].values():
+        for run in variant["runs"].values():
+            machine = run.get("machine") or "not recorded"
+            counts[machine] = counts.get(machine, 0) + 1
+    return "; ".join(f"{machine}: {count} run(s)" for machine, count in counts.items())
+
+
 def _variant_revision(collected: dict, summary: dict, name: str) -> str:
     """The revision of a variant's runs, shown beside its name when the study mixes revisions or it is Mod-Squad's."""
     mixed = len(revisions(collected)) > 1
@@ -408,6 +417,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
               f"- Mode: **{mode}**; dataset: `{Path(collected['dataset']).name}`; variants, seeds and comparisons: "
               "`experiments/study.py`; recipes: `hub_configs/`.",
               f"- Code revision: {_revision_text(collected)}.",
+              f"- Machines (CPU model of each run; one seed gives the same numbers on one machine, not bit for bit "
+              f"across CPU models): {_machines_text(collected)}.",
               "- Paired design: runs of one seed start from the same backbone weights and see the same data order and "
               "augmentation draws; every ablation changes one thing against the model it is compared with.",
               f"- Verdicts: per-seed paired differences of Δm (and of each task's primary metric), {paired.METHOD} at "

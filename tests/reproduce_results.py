@@ -33,7 +33,8 @@ PRIMARY = {"semseg": ("semseg/mIoU", True), "human_parts": ("human_parts/mIoU", 
 APPROXIMATE_EDGE = "edge/odsF_approx"
 SECONDARY_EXCLUDED = ("human_parts",)
 RUN_COLUMNS = {"variant", "kind", "seed", "tasks", "model_type", "git_commit", "git_dirty", "package_version",
-               "torch_version", "recipe_sha256", "cpu_seconds", "wall_seconds", "step_seconds", "final_training_loss"}  # fmt: skip
+               "torch_version", "recipe_sha256", "machine", "cpu_seconds", "wall_seconds", "step_seconds",
+               "final_training_loss"}  # fmt: skip
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
@@ -78,7 +79,7 @@ def read_rows(path: Path) -> list[dict]:
             row = {}
             for column, text in cells.items():
                 if column in ("variant", "kind", "tasks", "model_type", "git_commit", "git_dirty", "package_version",
-                              "torch_version", "recipe_sha256"):  # fmt: skip
+                              "torch_version", "recipe_sha256", "machine"):  # fmt: skip
                     row[column] = text
                 elif column == "seed":
                     row[column] = int(text)

@@ -3,6 +3,7 @@ CPU time per launch, aggregation, Δm, paired comparisons, revisions, the templa
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def test_the_default_launcher_gives_threads_and_records_the_cpu_time(tmp_path):
     launches = json.loads((tmp_path / "launch.json").read_text())
     assert [launch["exit_status"] for launch in launches] == [0, 4]  # a resumed run has several launches
     assert launches[0]["threads"] == 3 and 0 < launches[0]["cpu_seconds"] and launches[0]["wall_seconds"] > 0
+    from modeling_taskexpert.training.provenance import cpu_model
+
+    assert launches[0]["machine"] == f"{cpu_model()}, {os.cpu_count()} logical CPUs"  # the run's machine, for its row
 
 
 def test_bad_override_fails_before_any_run(tmp_path):

@@ -24,7 +24,8 @@ def _row(variant: str, seed: int, metrics: dict, **fields) -> dict:
     known = study.variants_by_name()[variant]
     row = {"variant": variant, "kind": known.kind, "seed": seed, "tasks": fields.pop("tasks", "semseg;depth"),
            "model_type": "taskexpert", "git_commit": COMMIT, "git_dirty": False, "package_version": "0.1.0",
-           "torch_version": "2.13.0+cpu", "recipe_sha256": "ab" * 32, "cpu_seconds": 300.5, "wall_seconds": 160.25,
+           "torch_version": "2.13.0+cpu", "recipe_sha256": "ab" * 32, "machine": "Some CPU, 2 logical CPUs",
+           "cpu_seconds": 300.5, "wall_seconds": 160.25,
            "step_seconds": 0.25, "final_training_loss": 11.5}  # fmt: skip
     return {**row, **fields, **metrics}
 
@@ -61,7 +62,7 @@ def test_a_bad_table_is_refused_naming_the_file_line_and_column(tmp_path):
     with pytest.raises(table.TableError, match="two rows for taskexpert seed 0"):
         table.read_table(path)
     path.write_text(good.rstrip("\n") + ",1\n")
-    with pytest.raises(table.TableError, match="line 2: 16 cells, the header has 15"):
+    with pytest.raises(table.TableError, match="line 2: 17 cells, the header has 16"):
         table.read_table(path)
 
 

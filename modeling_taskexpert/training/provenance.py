@@ -11,6 +11,7 @@ resumed by accident.
 import datetime
 import hashlib
 import json
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,6 +56,19 @@ def _git(*arguments: str) -> Optional[str]:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), e.g. to tell runs of different machines apart:
+    the same code and seed give the same numbers on one machine, not bit for bit across CPU models."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def collect_provenance(recipe_sha256: str) -> dict:
