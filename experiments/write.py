@@ -194,6 +194,18 @@ def _revision_text(collected: dict) -> str:
     )
 
 
+def _seed_ranges(seeds: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    ranges, start = [], None
+    for index, seed in enumerate(sorted(seeds)):
+        if start is None:
+            start = seed
+        if index + 1 == len(seeds) or sorted(seeds)[index + 1] != seed + 1:
+            ranges.append(str(start) if start == seed else f"{start}-{seed}")
+            start = None
+    return ", ".join(ranges)
+
+
 def _machines_text(collected: dict) -> str:
     counts: dict[str, int] = {}
     for variant in collected["variants"].values():
@@ -444,7 +456,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
               ""]  # fmt: skip
     missing = {name: v["missing"] for name, v in variants.items() if v["missing"]}
     if missing:
-        lines += ["**Unfinished runs** (left out): " + "; ".join(f"{n} seeds {s}" for n, s in missing.items()), ""]
+        lines += ["**Runs not finished yet** (left out): " + "; ".join(
+            f"{name} seeds {_seed_ranges(seeds)}" for name, seeds in missing.items()) + ".", ""]  # fmt: skip
 
     # Claims
     lines += ["## The paper's claims on this benchmark", ""]

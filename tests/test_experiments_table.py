@@ -235,6 +235,7 @@ def test_an_interim_page_gives_no_verdict_and_says_what_remains(tmp_path):
     assert f"INTERIM — {len(rows)} of the plan's 134 runs are in the table" in text
     assert text.count(f"| {paired.INTERIM} |") == 5 and "| holds |" not in text and "| 3 of 7 |" in text
     assert f"Still to run: {134 - len(rows)} runs of the plan" in text
+    assert "taskexpert seeds 3-9; " in text and "two-experts seeds 3-4; " in text  # what is missing, as ranges
     check = reproduce_results.reproduce(tmp_path / "study-runs.csv", page, tmp_path / "none.json",
                                         REPO_ROOT / "experiments" / "preregistration.md")  # fmt: skip
     assert check.errors == [] and check.checked > 300
