@@ -1,7 +1,7 @@
 """Build `docs/results.md`, its figures and the reading notes from the study's results table.
 
     python -m experiments.report                                       # the full study: its committed table
-    python -m experiments.report --output-root outputs/experiments-pilot
+    python -m experiments.report --output-root outputs/experiments-pilot   # -> outputs/experiments-pilot/results.md
     python -m experiments.report --output-root outputs/experiments-quick   # -> outputs/experiments-quick/results.md
 
 Every number of the results comes from the table of runs (`experiments/table.py`): for the full study the committed
@@ -10,8 +10,9 @@ and the quick mode a table written from their run folders into the output root. 
 dataset (parameters, FLOPs, routing, the augmentation pairing, the training-loss curves) is measured from the run
 folders where they exist and kept beside the table (`study-measurements.json`); a fresh clone reads it from there.
 Three steps: `collect` (table -> metrics per seed, Δm, revisions, paired comparisons), `measure` and `write` (figures,
-markdown, notes). The report refuses runs of several code revisions unless `--allow-mixed-revisions`. The full and
-the pilot study write `docs/results.md` and `experiments/study_notes.md`; every mode writes `OUTPUT_ROOT/summary.json`.
+markdown, notes). The report refuses runs of several code revisions unless `--allow-mixed-revisions`. The full study
+writes `docs/results.md` and `experiments/study_notes.md`, the others `OUTPUT_ROOT/results.md`; every mode writes
+`OUTPUT_ROOT/summary.json`.
 """
 
 import argparse
@@ -224,13 +225,13 @@ def main(argv=None) -> int:
         "--output-root", type=Path, default=Path(DEFAULT_OUTPUT_ROOTS["full"]), help="the runner's output root"
     )
     parser.add_argument("--output", type=Path, default=None,
-                        help=f"the markdown report (default: {RESULTS_FILE} for the full study and the pilot, "
-                             "OUTPUT_ROOT/results.md for the quick mode)")  # fmt: skip
+                        help=f"the markdown report (default: {RESULTS_FILE} for the full study, OUTPUT_ROOT/results.md "
+                             "for the pilot and the quick mode)")  # fmt: skip
     parser.add_argument(
         "--notes",
         type=Path,
         default=None,
-        help=f"where the reading notes go too (default: {STUDY_NOTES_FILE}, not in the quick mode)",
+        help=f"where the reading notes go too (default: {STUDY_NOTES_FILE} for the full study)",
     )
     parser.add_argument(
         "--allow-mixed-revisions",
@@ -243,9 +244,10 @@ def main(argv=None) -> int:
         with contextlib.chdir(REPO_ROOT):  # run folders name their datasets relative to the repository root
             output_root = args.output_root.resolve()
             has_study = (output_root / STUDY_FILE).is_file()
-            quick = has_study and read_study(output_root)["mode"] == "quick"
-            output = args.output or (output_root / "results.md" if quick else Path(RESULTS_FILE))
-            notes = args.notes or (None if quick else Path(STUDY_NOTES_FILE))
+            # Only the full study writes the committed page: a pilot or a smoke test writes beside its runs.
+            full = not has_study or read_study(output_root)["mode"] == "full"
+            output = args.output or (Path(RESULTS_FILE) if full else output_root / "results.md")
+            notes = args.notes or (Path(STUDY_NOTES_FILE) if full else None)
             build_report(output_root, output.resolve(), notes.resolve() if notes else None,
                          args.allow_mixed_revisions, args.jobs)  # fmt: skip
     except StudyError as error:

@@ -412,8 +412,8 @@ def build_markdown(report: StudyReport, notes: str) -> str:
     elif mode == "pilot":
         lines += ["> **PILOT — NOT THE STUDY.** These runs (`make experiments PILOT=1`) measure the seed noise of the",
                   "> paired comparisons, from which the number of seeds of the full study is chosen (section *Power and",
-                  "> the study plan*). Their verdicts cover a few models and seeds only; `make experiments` (the full",
-                  "> study, on one code revision) replaces this page.", ""]  # fmt: skip
+                  "> the study plan*). Their verdicts cover a few models and seeds only; the full study (`make",
+                  "> experiments`, on one code revision) is reported in `docs/results.md`.", ""]  # fmt: skip
     else:
         planned = sum(len(seeds) for seeds in collected.get("planned", {}).values())
         done = sum(len(v["runs"]) for v in collected["variants"].values())
