@@ -227,21 +227,22 @@ def collect_table(rows: list[dict], mode: str = "full", source: str = "the resul
     planned: dict[str, list[int]] = {}
     for run in study_runs(mode):
         planned.setdefault(run.variant.name, []).append(run.seed)
-    variants: dict[str, dict] = {}
-    for name in planned:
+
+    def entry(name: str) -> dict:
         variant = known[name]
-        variants[name] = {"name": name, "kind": variant.kind, "description": variant.description,
-                          "recipe": variant.recipe, "runs": {}, "missing": []}  # fmt: skip
+        return {"name": name, "kind": variant.kind, "description": variant.description, "recipe": variant.recipe,
+                "runs": {}, "missing": []}  # fmt: skip
+
+    variants = {name: entry(name) for name in planned}
     for row in rows:
         name = row["variant"]
         if name not in known:
             raise StudyError(f"{source}: variant {name!r} of seed {row['seed']} is not a variant of the study "
                              f"({', '.join(known)}).")  # fmt: skip
-        if name not in variants:  # a model trained beyond this mode's plan (e.g. by --only) is reported too
-            variant = known[name]
-            variants[name] = {"name": name, "kind": variant.kind, "description": variant.description,
-                              "recipe": variant.recipe, "runs": {}, "missing": []}  # fmt: skip
-        variants[name]["runs"][row["seed"]] = table_run(row, f"{source} ({name} seed {row['seed']})")
+        # a model trained beyond this mode's plan (e.g. by --only) is reported too
+        variants.setdefault(name, entry(name))["runs"][row["seed"]] = table_run(
+            row, f"{source} ({name} seed {row['seed']})"
+        )
     for name, seeds in planned.items():
         variants[name]["missing"] = [seed for seed in seeds if seed not in variants[name]["runs"]]
     order = {kind: index for index, kind in enumerate(KINDS)}
