@@ -3,6 +3,7 @@ validation images (through the routing report shared by both model types), and h
 augmentations are paired with the multi-task models'."""
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Optional
@@ -97,7 +98,13 @@ GPU_RECIPES = ("pascal-context-vits", "pascal-context-vitb", "pascal-context-vit
 def recipe_cost(name: str) -> dict:
     """Parameters and FLOPs of one forward pass of one image at the evaluation size of a real-benchmark recipe
     (`hub_configs/NAME.yaml`): its model config with the tasks and classes of its dataset's source description, built
-    on the meta device (no weights, no download), plus the recipe's optimisation settings."""
+    on the meta device (no weights, no download), plus the recipe's optimisation settings. Counted once per process
+    (the recipes do not change while it runs); each call gets its own copy."""
+    return json.loads(_recipe_cost(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _recipe_cost(name: str) -> str:
     from transformers import AutoConfig, AutoModel
 
     from bench.measure import count_flops
@@ -119,11 +126,11 @@ def recipe_cost(name: str) -> dict:
     pixel_values = torch.zeros(1, 3, height, width, device="meta")
     with torch.no_grad():
         flops = count_flops(lambda: model(pixel_values=pixel_values))
-    return {
+    return json.dumps({
         "recipe": name, "dataset": source.name, "tasks": settings["tasks"], "eval_size": [height, width],
         "boundary_tolerance": source.boundary_tolerance, "parameters": sum(p.numel() for p in model.parameters()),
         "flops": flops, "optimizer": recipe.optimizer, "learning_rate": recipe.learning_rate,
         "weight_decay": recipe.weight_decay, "max_steps": recipe.max_steps, "batch": recipe.per_device_train_batch_size,
         "max_grad_norm": recipe.max_grad_norm, "mixed_precision": recipe.mixed_precision,
         "backbone_checkpoint": recipe.model_overrides.get("backbone_checkpoint"),
-    }  # fmt: skip
+    })  # fmt: skip
