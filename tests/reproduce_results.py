@@ -108,17 +108,18 @@ def delta_m(row: dict, baseline: dict, tasks: list[str], keys: dict) -> float:
 def t_stats(values: list[float]) -> dict:
     n = len(values)
     mean = sum(values) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None, "p": None, "flip": None}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    p = (0.0 if mean != 0 else 1.0) if sd == 0 else 2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
+    # The exact sign-flip test: the share of the 2^n sign patterns whose sum is at least as far from 0 as observed.
     observed = abs(sum(values))
     tolerance = 1e-12 * max(1.0, sum(abs(v) for v in values))
     patterns = list(itertools.product((1, -1), repeat=n))
     extreme = sum(abs(sum(s * abs(v) for s, v in zip(signs, values))) >= observed - tolerance for signs in patterns)
-    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "p": p,
-            "flip": extreme / len(patterns)}  # fmt: skip
+    flip = extreme / len(patterns)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None, "p": None, "flip": flip}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    p = (0.0 if mean != 0 else 1.0) if sd == 0 else 2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "p": p, "flip": flip}
 
 
 def holm(p_values: dict) -> dict:
