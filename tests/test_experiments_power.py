@@ -89,3 +89,13 @@ def test_the_pre_registered_seeds_follow_from_the_stated_noise_effect_and_cap():
     plan = (REPO_ROOT / "experiments" / "preregistration.md").read_text()
     for name in claims:  # the document states the same numbers
         assert f"| {name} | {study.PLAN_NOISE[name]:.2f} |" in plan, name
+
+
+@pytest.mark.parametrize("n, sigma, difference, alpha", [(2, 2.5, 2.0, 0.01), (2, 0.23, 2.0, 0.01), (5, 1.0, 1.0, 0.05),
+                                                         (40, 3.39, 2.0, 0.01)])  # fmt: skip
+def test_power_equals_the_noncentral_t_at_any_degrees_of_freedom(n, sigma, difference, alpha):
+    """P(|T| > c) for T noncentral t (scipy) with n - 1 degrees of freedom. With one degree of freedom the earlier
+    integration over V gave about 1e-44 for the first case (the χ² density's pole at 0 was missed)."""
+    df, critical, shift = n - 1, stats.t.ppf(1 - alpha / 2, n - 1), difference * math.sqrt(n) / sigma
+    expected = stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift)
+    assert power.power(n, sigma, difference, alpha) == pytest.approx(expected, rel=1e-6)
