@@ -101,7 +101,7 @@ def load_run(folder: Path) -> dict:
         "wall_seconds": sum(launch["wall_seconds"] for launch in launches) if _complete(launches) else None,
         # The machine(s) it trained on: one seed gives the same numbers on one machine, not across CPU models.
         "machine": "; ".join(dict.fromkeys(launch.get("machine") or "not recorded" for launch in launches)) or None,
-        "final_training_loss": final_training_loss({"log": log}),
+        "final_training_loss": final_training_loss(log),
     }  # fmt: skip
 
 
@@ -488,9 +488,9 @@ def comparisons_to_json(results: list[dict]) -> list[dict]:
     } for r in results]  # fmt: skip
 
 
-def final_training_loss(run: dict) -> Optional[float]:
+def final_training_loss(log: list[dict]) -> Optional[float]:
     """The training loss of a run's last logged window (None without one)."""
-    losses = [r["loss"] for r in run.get("log") or [] if r.get("kind") == "train" and "loss" in r]
+    losses = [r["loss"] for r in log if r.get("kind") == "train" and "loss" in r]
     return float(losses[-1]) if losses else None
 
 

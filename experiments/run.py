@@ -114,6 +114,12 @@ def run_study(
     if results_table is not None and Path(results_table).is_file():
         tabled = {(row["variant"], row["seed"]) for row in table.read_table(results_table)}
     table_lock = threading.Lock()
+
+    def add_row(run: Run, folder: Path) -> None:
+        if results_table is not None:
+            with table_lock:  # runs finishing at once rewrite the table one after the other
+                table.add_row(results_table, table.run_row(run.variant, run.seed, load_run(folder)))
+
     if mode not in MODES:
         raise StudyError(f"Unknown study mode {mode!r}; the modes are {MODES}.")
     _check_mode(output_root, mode)
@@ -131,17 +137,14 @@ def run_study(
             return "skipped"
         if is_finished(folder):
             print(f"[{index}/{len(runs)}] {run.name}: finished before, skipped", flush=True)
-            if results_table is not None:
-                with table_lock:
-                    table.add_row(results_table, table.run_row(run.variant, run.seed, load_run(folder)))
+            add_row(run, folder)
             return "skipped"
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         status = launcher(launch_command(run, folder, dataset), folder / "launch.log")
         outcome = "finished" if status == 0 and is_finished(folder) else "failed"
-        if outcome == "finished" and results_table is not None:
-            with table_lock:
-                table.add_row(results_table, table.run_row(run.variant, run.seed, load_run(folder)))
+        if outcome == "finished":
+            add_row(run, folder)
         print(f"[{index}/{len(runs)}] {run.name}: {outcome} in {time.perf_counter() - start:.0f} s"
               + (f" (see {folder / 'launch.log'})" if outcome == "failed" else ""), flush=True)  # fmt: skip
         return outcome
@@ -280,10 +283,10 @@ def promote_best_model(
     best = best_run(collected, aggregate(collected))
     if best is None:
         return None
-    folder = run_dir(output_root, Run(variants_by_name()["taskexpert"], best["seed"], dict(STUDY_OVERRIDES)))
+    best_training = Run(variants_by_name()["taskexpert"], best["seed"], dict(STUDY_OVERRIDES))
+    folder = run_dir(output_root, best_training)
     if not is_finished(folder):
-        run_study([Run(variants_by_name()["taskexpert"], best["seed"], dict(STUDY_OVERRIDES))], output_root,
-                  launcher=launcher, code_dir=code_dir)  # fmt: skip
+        run_study([best_training], output_root, launcher=launcher, code_dir=code_dir)
         if not is_finished(folder):
             raise StudyError(f"Retraining taskexpert seed {best['seed']} (the best of {results_table}) failed: "
                              f"see {folder / 'launch.log'}.")  # fmt: skip
